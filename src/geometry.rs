@@ -1,0 +1,141 @@
+//! Shapes of one CALM layer applied to a dataset, with the SPEC's names.
+
+use serde::{Deserialize, Serialize};
+
+/// The layer's hyper-parameters: `K` kernels of `w x w`, zero padding `p`, stride 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerConfig {
+    pub kernels: usize,
+    pub width: usize,
+    pub pad: usize,
+}
+
+/// Everything derived from a layer and an image shape `C x H x W`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Channels `C`.
+    pub c: usize,
+    /// Image height `H` and width `W` before padding.
+    pub h: usize,
+    pub w: usize,
+    /// Kernels `K`.
+    pub k: usize,
+    /// Kernel width `w` (square kernels).
+    pub kw: usize,
+    /// Zero padding `p`.
+    pub pad: usize,
+    /// Padded image size `H + 2p`, `W + 2p`.
+    pub hp: usize,
+    pub wp: usize,
+    /// Patch positions per axis: `Ho = H + 2p - w + 1`, `Wo = W + 2p - w + 1`.
+    pub ho: usize,
+    pub wo: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GeometryError {
+    #[error("--kernels must be at least 1 (got 0)")]
+    NoKernels,
+    #[error("--width must be at least 1 (got 0)")]
+    ZeroWidth,
+    #[error("images have 0 channels; at least 1 is needed")]
+    NoChannels,
+    #[error(
+        "kernel width {kw} does not fit images of {h}x{w} with padding {pad}: need w <= H + 2p and w <= W + 2p"
+    )]
+    KernelTooLarge { kw: usize, h: usize, w: usize, pad: usize },
+}
+
+impl Geometry {
+    pub fn new(layer: LayerConfig, c: usize, h: usize, w: usize) -> Result<Self, GeometryError> {
+        if layer.kernels == 0 {
+            return Err(GeometryError::NoKernels);
+        }
+        if layer.width == 0 {
+            return Err(GeometryError::ZeroWidth);
+        }
+        if c == 0 {
+            return Err(GeometryError::NoChannels);
+        }
+        let hp = h + 2 * layer.pad;
+        let wp = w + 2 * layer.pad;
+        if layer.width > hp || layer.width > wp {
+            return Err(GeometryError::KernelTooLarge { kw: layer.width, h, w, pad: layer.pad });
+        }
+        Ok(Self {
+            c,
+            h,
+            w,
+            k: layer.kernels,
+            kw: layer.width,
+            pad: layer.pad,
+            hp,
+            wp,
+            ho: hp - layer.width + 1,
+            wo: wp - layer.width + 1,
+        })
+    }
+
+    pub fn layer(&self) -> LayerConfig {
+        LayerConfig { kernels: self.k, width: self.kw, pad: self.pad }
+    }
+
+    /// Length of one kernel, `R = C * w * w` (the GEMMs' reduction length in the E-step).
+    pub fn r(&self) -> usize {
+        self.c * self.kw * self.kw
+    }
+
+    /// Patch positions per image, `Ho * Wo`.
+    pub fn positions(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// Floats in one padded image, `C * (H + 2p) * (W + 2p)`.
+    pub fn padded_len(&self) -> usize {
+        self.c * self.hp * self.wp
+    }
+
+    /// SPEC's cost of one step (E or M) over `n` images: `2 N K Ho Wo C w w`.
+    pub fn step_flops(&self, n: usize) -> f64 {
+        2.0 * n as f64 * self.k as f64 * self.positions() as f64 * self.r() as f64
+    }
+
+    /// SPEC's cost of one EM epoch over `n` images (E-step plus M-step).
+    pub fn epoch_flops(&self, n: usize) -> f64 {
+        2.0 * self.step_flops(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mnist_protocol_cost_matches_spec() {
+        let g = Geometry::new(LayerConfig { kernels: 64, width: 20, pad: 2 }, 1, 28, 28).unwrap();
+        assert_eq!((g.ho, g.wo), (13, 13));
+        // SPEC: about 0.52 TFLOP per step on 60,000 images.
+        let step = g.step_flops(60_000);
+        assert!((step / 1e12 - 0.519).abs() < 0.01, "{step}");
+    }
+
+    #[test]
+    fn stl10_protocol_cost_matches_spec() {
+        let g = Geometry::new(LayerConfig { kernels: 200, width: 15, pad: 0 }, 3, 96, 96).unwrap();
+        assert_eq!(g.ho, 82);
+        let step = g.step_flops(105_000);
+        assert!((step / 1.9e14 - 1.0).abs() < 0.02, "{step}");
+    }
+
+    #[test]
+    fn rejects_impossible_shapes() {
+        let l = |k, w, p| LayerConfig { kernels: k, width: w, pad: p };
+        assert_eq!(Geometry::new(l(0, 3, 0), 1, 8, 8), Err(GeometryError::NoKernels));
+        assert!(matches!(
+            Geometry::new(l(2, 9, 0), 1, 8, 8),
+            Err(GeometryError::KernelTooLarge { .. })
+        ));
+        assert!(Geometry::new(l(2, 12, 2), 1, 8, 8).is_ok());
+        assert!(Geometry::new(l(2, 13, 2), 1, 8, 20).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! calm-gpu: convolutional Gaussian-mixture layers fitted by EM, on any GPU through WGSL, with a
+//! CPU reference engine. `SPEC.md`'s names are used throughout: `theta`, `L`, `logp`, `gamma`,
+//! counts `B`, statistics `T`, the log likelihood `LL`.
+
+pub mod data;
+pub mod geometry;
+
+pub use geometry::{Geometry, LayerConfig};
