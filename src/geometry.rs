@@ -43,7 +43,12 @@ pub enum GeometryError {
     #[error(
         "kernel width {kw} does not fit images of {h}x{w} with padding {pad}: need w <= H + 2p and w <= W + 2p"
     )]
-    KernelTooLarge { kw: usize, h: usize, w: usize, pad: usize },
+    KernelTooLarge {
+        kw: usize,
+        h: usize,
+        w: usize,
+        pad: usize,
+    },
 }
 
 impl Geometry {
@@ -60,7 +65,12 @@ impl Geometry {
         let hp = h + 2 * layer.pad;
         let wp = w + 2 * layer.pad;
         if layer.width > hp || layer.width > wp {
-            return Err(GeometryError::KernelTooLarge { kw: layer.width, h, w, pad: layer.pad });
+            return Err(GeometryError::KernelTooLarge {
+                kw: layer.width,
+                h,
+                w,
+                pad: layer.pad,
+            });
         }
         Ok(Self {
             c,
@@ -77,7 +87,11 @@ impl Geometry {
     }
 
     pub fn layer(&self) -> LayerConfig {
-        LayerConfig { kernels: self.k, width: self.kw, pad: self.pad }
+        LayerConfig {
+            kernels: self.k,
+            width: self.kw,
+            pad: self.pad,
+        }
     }
 
     /// Length of one kernel, `R = C * w * w` (the GEMMs' reduction length in the E-step).
@@ -112,7 +126,17 @@ mod tests {
 
     #[test]
     fn mnist_protocol_cost_matches_spec() {
-        let g = Geometry::new(LayerConfig { kernels: 64, width: 20, pad: 2 }, 1, 28, 28).unwrap();
+        let g = Geometry::new(
+            LayerConfig {
+                kernels: 64,
+                width: 20,
+                pad: 2,
+            },
+            1,
+            28,
+            28,
+        )
+        .unwrap();
         assert_eq!((g.ho, g.wo), (13, 13));
         // SPEC: about 0.52 TFLOP per step on 60,000 images.
         let step = g.step_flops(60_000);
@@ -121,7 +145,17 @@ mod tests {
 
     #[test]
     fn stl10_protocol_cost_matches_spec() {
-        let g = Geometry::new(LayerConfig { kernels: 200, width: 15, pad: 0 }, 3, 96, 96).unwrap();
+        let g = Geometry::new(
+            LayerConfig {
+                kernels: 200,
+                width: 15,
+                pad: 0,
+            },
+            3,
+            96,
+            96,
+        )
+        .unwrap();
         assert_eq!(g.ho, 82);
         let step = g.step_flops(105_000);
         assert!((step / 1.9e14 - 1.0).abs() < 0.02, "{step}");
@@ -129,8 +163,15 @@ mod tests {
 
     #[test]
     fn rejects_impossible_shapes() {
-        let l = |k, w, p| LayerConfig { kernels: k, width: w, pad: p };
-        assert_eq!(Geometry::new(l(0, 3, 0), 1, 8, 8), Err(GeometryError::NoKernels));
+        let l = |k, w, p| LayerConfig {
+            kernels: k,
+            width: w,
+            pad: p,
+        };
+        assert_eq!(
+            Geometry::new(l(0, 3, 0), 1, 8, 8),
+            Err(GeometryError::NoKernels)
+        );
         assert!(matches!(
             Geometry::new(l(2, 9, 0), 1, 8, 8),
             Err(GeometryError::KernelTooLarge { .. })

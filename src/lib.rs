@@ -6,3 +6,10 @@ pub mod data;
 pub mod geometry;
 
 pub use geometry::{Geometry, LayerConfig};
+pub mod cpu;
+pub mod engine;
+pub mod error;
+
+pub use engine::{Engine, EpochStats};
+pub use error::{CalmError, Result};
+pub mod gpu;

@@ -9,7 +9,10 @@ use ndarray::Array4;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Format { path: String, msg: String },
     #[error("{0}")]

@@ -1,0 +1,23 @@
+// Shared by every kernel (prepended to each shader's text at pipeline creation); mirrors
+// `gpu::Params` in Rust. One uniform per batch, written once when the engine is built.
+struct Params {
+    n_images: u32,       // images in this batch
+    x_offset: u32,       // index of the batch's first image inside the bound data buffer
+    k: u32,              // K kernels
+    r: u32,              // R = C * w * w
+    positions: u32,      // P = Ho * Wo
+    wo: u32,             // Wo
+    wp: u32,             // padded image width W + 2p
+    img_stride: u32,     // floats per padded image, C * (H + 2p) * (W + 2p)
+    logp_offset: u32,    // index of the batch's first image within the epoch (logp_all)
+    imgs_per_chunk: u32, // M-step: images per reduction chunk (one partial sum each)
+    n_chunks: u32,       // M-step: number of chunks in this batch
+    n_total: u32,        // images in the whole dataset
+}
+
+@group(0) @binding(0) var<uniform> prm: Params;
+
+// True unless v is NaN or +-infinity (WGSL has no isnan/isinf).
+fn is_finite_f32(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}

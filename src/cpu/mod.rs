@@ -1,0 +1,7 @@
+//! CPU engines: the f64 reference (plain loops, the twin of every shader) and the fast engine
+//! (the same two products through a GEMM crate on all cores).
+
+pub mod fast;
+pub mod reference;
+
+pub use fast::CpuEngine;

@@ -1,0 +1,196 @@
+//! The CPU reference: SPEC.md's formulas as plain loops, in f64. Each function is the twin of one
+//! GPU kernel (named in its doc) and is what `validate` and the tests compare the GPU against.
+//! It is written for clarity, not speed; [`super::fast`] is the CPU engine users run.
+
+use crate::geometry::Geometry;
+
+/// Zero-pads `n` images `(C, H, W)` to `(C, H + 2p, W + 2p)`.
+pub fn pad_images(g: &Geometry, x: &[f32], n: usize) -> Vec<f32> {
+    let (c, h, w, p) = (g.c, g.h, g.w, g.pad);
+    let mut out = vec![0f32; n * g.padded_len()];
+    for img in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                let src = ((img * c + ch) * h + y) * w;
+                let dst = ((img * c + ch) * g.hp + y + p) * g.wp + p;
+                out[dst..dst + w].copy_from_slice(&x[src..src + w]);
+            }
+        }
+    }
+    out
+}
+
+/// `bias[k] = -0.5 * ||theta_k||^2`.
+pub fn bias(g: &Geometry, theta: &[f32]) -> Vec<f64> {
+    let r = g.r();
+    (0..g.k)
+        .map(|k| {
+            -0.5 * theta[k * r..(k + 1) * r]
+                .iter()
+                .map(|&t| (t as f64) * (t as f64))
+                .sum::<f64>()
+        })
+        .collect()
+}
+
+/// Twin of `shaders/estep.wgsl`: `L[n,k,h,w] = sum_{c,i,j} theta[k,c,i,j] Xpad[n,c,h+i,w+j] + bias[k]`,
+/// laid out `(n, k, h, w)`.
+pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32]) -> Vec<f64> {
+    let b = bias(g, theta);
+    let (k_, kw, p_) = (g.k, g.kw, g.positions());
+    let mut l = vec![0f64; n * k_ * p_];
+    for img in 0..n {
+        for k in 0..k_ {
+            for h in 0..g.ho {
+                for w in 0..g.wo {
+                    let mut acc = b[k];
+                    for c in 0..g.c {
+                        for i in 0..kw {
+                            for j in 0..kw {
+                                let t = theta[((k * g.c + c) * kw + i) * kw + j] as f64;
+                                let x =
+                                    xpad[((img * g.c + c) * g.hp + h + i) * g.wp + w + j] as f64;
+                                acc += t * x;
+                            }
+                        }
+                    }
+                    l[(img * k_ + k) * p_ + h * g.wo + w] = acc;
+                }
+            }
+        }
+    }
+    l
+}
+
+/// Numerically stable `log(sum(exp(v)))`.
+pub fn logsumexp(v: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = v.clone().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return m;
+    }
+    m + v.map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// Twin of `shaders/logsumexp.wgsl`: `logp[n] = logsumexp over (k,h,w) of L[n,k,h,w]`.
+pub fn logp(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
+    let per = g.k * g.positions();
+    (0..n)
+        .map(|img| logsumexp(l[img * per..(img + 1) * per].iter().copied()))
+        .collect()
+}
+
+/// Twin of `shaders/features.wgsl`: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]`, laid out `(n, k)`.
+pub fn features(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
+    let p = g.positions();
+    (0..n * g.k)
+        .map(|nk| logsumexp(l[nk * p..(nk + 1) * p].iter().copied()))
+        .collect()
+}
+
+/// Sufficient statistics of one EM epoch, accumulated in f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    /// Counts `B[k] = sum_{n,h,w} exp(gamma[n,k,h,w])`.
+    pub b: Vec<f64>,
+    /// `T[k,c,i,j] = sum_{n,h,w} exp(gamma[n,k,h,w]) Xpad[n,c,h+i,w+j]`, laid out `(k, c, i, j)`.
+    pub t: Vec<f64>,
+    /// `LL = sum_n logp[n]`.
+    pub ll: f64,
+}
+
+impl Stats {
+    pub fn zeros(g: &Geometry) -> Self {
+        Self {
+            b: vec![0.0; g.k],
+            t: vec![0.0; g.k * g.r()],
+            ll: 0.0,
+        }
+    }
+}
+
+/// Twin of `shaders/mstep.wgsl` + `shaders/reduce_stats.wgsl`: adds one batch's `B`, `T` and `LL`
+/// into `stats`, given the batch's `L` and `logp`.
+pub fn accumulate(
+    g: &Geometry,
+    xpad: &[f32],
+    n: usize,
+    l: &[f64],
+    logp: &[f64],
+    stats: &mut Stats,
+) {
+    let (k_, kw, p_, r) = (g.k, g.kw, g.positions(), g.r());
+    for img in 0..n {
+        stats.ll += logp[img];
+        for k in 0..k_ {
+            for h in 0..g.ho {
+                for w in 0..g.wo {
+                    let gam = (l[(img * k_ + k) * p_ + h * g.wo + w] - logp[img]).exp();
+                    stats.b[k] += gam;
+                    for c in 0..g.c {
+                        for i in 0..kw {
+                            for j in 0..kw {
+                                let x =
+                                    xpad[((img * g.c + c) * g.hp + h + i) * g.wp + w + j] as f64;
+                                stats.t[k * r + (c * kw + i) * kw + j] += gam * x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The end-of-epoch update (twin of `shaders/update.wgsl`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    /// New weights `theta = T / B'`, `(k, c, i, j)`.
+    pub theta: Vec<f64>,
+    /// `B'[k] = (B[k] + 1/S) * S / (S + 1)` with `S = sum_k B[k]`.
+    pub counts: Vec<f64>,
+    /// `S = sum_k B[k]` (equals the number of images up to rounding).
+    pub count_sum: f64,
+}
+
+impl Update {
+    /// True when every statistic and the new weights are finite (SPEC's stopping rule).
+    pub fn is_finite(&self) -> bool {
+        self.count_sum.is_finite()
+            && self.counts.iter().all(|v| v.is_finite())
+            && self.theta.iter().all(|v| v.is_finite())
+    }
+}
+
+pub fn update(g: &Geometry, stats: &Stats) -> Update {
+    let r = g.r();
+    let s: f64 = stats.b.iter().sum();
+    let counts: Vec<f64> = stats
+        .b
+        .iter()
+        .map(|&b| (b + 1.0 / s) * s / (s + 1.0))
+        .collect();
+    let theta = (0..g.k * r).map(|e| stats.t[e] / counts[e / r]).collect();
+    Update {
+        theta,
+        counts,
+        count_sum: s,
+    }
+}
+
+/// One whole EM epoch over `x` (`n` unpadded images) in batches of `batch`: returns the epoch's
+/// statistics (under `theta`) and the update. The slow, obviously-correct path.
+pub fn epoch(g: &Geometry, x: &[f32], n: usize, theta: &[f32], batch: usize) -> (Stats, Update) {
+    let per = g.c * g.h * g.w;
+    let mut stats = Stats::zeros(g);
+    let mut start = 0;
+    while start < n {
+        let nb = batch.min(n - start);
+        let xpad = pad_images(g, &x[start * per..(start + nb) * per], nb);
+        let l = estep(g, &xpad, nb, theta);
+        let lp = logp(g, &l, nb);
+        accumulate(g, &xpad, nb, &l, &lp, &mut stats);
+        start += nb;
+    }
+    let up = update(g, &stats);
+    (stats, up)
+}

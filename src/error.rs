@@ -1,0 +1,34 @@
+//! The library's error type: every failure a user can cause becomes one line of text.
+
+use crate::data::DataError;
+use crate::geometry::GeometryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalmError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    #[error("{0}")]
+    Gpu(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = CalmError> = std::result::Result<T, E>;
+
+impl CalmError {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+}

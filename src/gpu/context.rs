@@ -1,0 +1,200 @@
+//! The device: adapter choice, limits, and the one readback helper.
+
+use std::fmt;
+
+use crate::error::{CalmError, Result};
+
+/// Which graphics API to run on. `Auto` takes the best real GPU on any API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuBackend {
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl GpuBackend {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            GpuBackend::Auto => wgpu::Backends::all(),
+            GpuBackend::Vulkan => wgpu::Backends::VULKAN,
+            GpuBackend::Metal => wgpu::Backends::METAL,
+            GpuBackend::Dx12 => wgpu::Backends::DX12,
+            GpuBackend::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+impl fmt::Display for GpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            GpuBackend::Auto => "auto",
+            GpuBackend::Vulkan => "vulkan",
+            GpuBackend::Metal => "metal",
+            GpuBackend::Dx12 => "dx12",
+            GpuBackend::Gl => "gl",
+        };
+        f.write_str(s)
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // WGPU_BACKEND, when set, narrows the choice further (wgpu's convention).
+    desc.backends = wgpu::Backends::from_env().map_or(backends, |env| env & backends);
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu can see, on every backend.
+pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    let inst = instance(wgpu::Backends::all());
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .map(|a| a.get_info())
+        .collect()
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// True for a hardware GPU (not a software rasteriser such as lavapipe or llvmpipe).
+pub fn is_real_gpu(info: &wgpu::AdapterInfo) -> bool {
+    matches!(
+        info.device_type,
+        wgpu::DeviceType::DiscreteGpu
+            | wgpu::DeviceType::IntegratedGpu
+            | wgpu::DeviceType::VirtualGpu
+    )
+}
+
+/// A device and its queue, created once and shared by every kernel.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+}
+
+impl GpuContext {
+    /// Opens the best adapter of `backend`: a discrete GPU before an integrated one before a
+    /// software one. `WGPU_ADAPTER_NAME` (a substring, case-insensitive) picks one by name.
+    /// With `require_real_gpu`, software adapters are refused (used by `--backend auto`).
+    pub fn new(backend: GpuBackend, require_real_gpu: bool) -> Result<Self> {
+        let inst = instance(backend.backends());
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(backend.backends()));
+        if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME") {
+            let name = name.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&name));
+        }
+        if require_real_gpu {
+            adapters.retain(|a| is_real_gpu(&a.get_info()));
+        }
+        adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        let adapter = adapters.into_iter().next().ok_or_else(|| {
+            CalmError::Gpu(format!(
+                "no {} adapter found{}; `calm-gpu devices` lists what wgpu sees (install a driver, e.g. mesa-vulkan-drivers for a software Vulkan device, or use --backend cpu)",
+                if require_real_gpu { "hardware GPU".to_string() } else { format!("{backend} GPU") },
+                std::env::var("WGPU_ADAPTER_NAME").map(|n| format!(" matching WGPU_ADAPTER_NAME={n}")).unwrap_or_default()
+            ))
+        })?;
+        let info = adapter.get_info();
+        // Ask for everything the adapter allows: bigger bindings and workgroup memory than
+        // wgpu's portable defaults (128 MiB, 16 KiB) mean bigger batches and tiles.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("calm-gpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| {
+            CalmError::Gpu(format!(
+                "could not open {} ({:?}): {e}",
+                info.name, info.backend
+            ))
+        })?;
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+        })
+    }
+
+    /// One line naming the adapter, for the user.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}{})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            if self.info.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", {} {}", self.info.driver, self.info.driver_info)
+            }
+        )
+    }
+
+    /// Copies `size` bytes of `buffer` from `offset` back to the host and waits for them.
+    pub fn read_buffer<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<T>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match pollster::block_on(rx.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                return Err(CalmError::Gpu(format!(
+                    "reading results back from the GPU failed: {e}"
+                )));
+            }
+            None => {
+                return Err(CalmError::Gpu(
+                    "reading results back from the GPU failed: no answer".into(),
+                ));
+            }
+        }
+        let out = {
+            let view = staging.slice(..).get_mapped_range().map_err(|e| {
+                CalmError::Gpu(format!("reading results back from the GPU failed: {e}"))
+            })?;
+            bytemuck::cast_slice(&view).to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| CalmError::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+}

@@ -1,0 +1,590 @@
+//! The GPU engine: uploads the dataset once, keeps data, `theta` and the statistics resident on
+//! the device for the whole run, and reads back four scalars per epoch.
+//!
+//! Per batch (one command buffer): `estep` -> `logsumexp` -> `mstep` -> `reduce_stats`.
+//! Per epoch: `update` -> `summary`, read `[LL hi, LL lo, S, finite]`; if finite, copy
+//! `theta_next` over `theta`.
+//!
+//! A dataset larger than one storage binding is split over several resident buffers of whole
+//! images; batches never straddle two of them, so a batch may be shorter than `--batch` at a
+//! buffer's end, which changes nothing but rounding.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ndarray::Array2;
+use wgpu::util::DeviceExt;
+
+use super::context::GpuContext;
+use super::kernels::{Params, Pipelines, Tiles};
+use crate::cpu::reference::pad_images;
+use crate::data::ImageSource;
+use crate::engine::{Engine, EpochStats};
+use crate::error::{CalmError, Result};
+use crate::geometry::Geometry;
+
+/// Knobs for tests and tuning; the defaults are right for users.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Largest batch (images per E-step), bounding memory; also limited by the device.
+    pub batch: usize,
+    /// Pretend storage bindings and buffers can hold at most this many bytes (to test the
+    /// split of large datasets on a small problem).
+    pub binding_cap: Option<u64>,
+    /// Tile shapes; `None` picks them from the adapter (or `CALM_TILES`).
+    pub tiles: Option<Tiles>,
+}
+
+struct Batch {
+    n_images: usize,
+    /// Bind groups, built once: estep, logsumexp, mstep, reduce_stats, features.
+    estep: wgpu::BindGroup,
+    lse: wgpu::BindGroup,
+    mstep: wgpu::BindGroup,
+    reduce: wgpu::BindGroup,
+    features: wgpu::BindGroup,
+    /// Workgroups of estep (x) and mstep (z).
+    estep_groups: u32,
+    n_chunks: u32,
+}
+
+/// Buffers that live for the whole run.
+struct Resident {
+    theta: wgpu::Buffer,
+    bias: wgpu::Buffer,
+    theta_next: wgpu::Buffer,
+    bias_next: wgpu::Buffer,
+    counts: wgpu::Buffer,
+    counts_next: wgpu::Buffer,
+    l: wgpu::Buffer,
+    logp_all: wgpu::Buffer,
+    t_acc: wgpu::Buffer,
+    t_comp: wgpu::Buffer,
+    summary: wgpu::Buffer,
+    f: wgpu::Buffer,
+    _x: Vec<wgpu::Buffer>,
+}
+
+pub struct GpuEngine {
+    ctx: Arc<GpuContext>,
+    g: Geometry,
+    n: usize,
+    tiles: Tiles,
+    pipes: Pipelines,
+    buf: Resident,
+    batches: Vec<Batch>,
+    update_bg: wgpu::BindGroup,
+    summary_bg: wgpu::BindGroup,
+    max_batch: usize,
+}
+
+/// What the engine holds after an epoch, read back for validation.
+pub struct GpuState {
+    /// `L` of the last batch run, `(n_images, K, P)`.
+    pub l_last: Vec<f32>,
+    pub logp_all: Vec<f32>,
+    /// Statistics `(K, R + 1)`, column `R` holding `B`.
+    pub t: Vec<f32>,
+    pub theta_next: Vec<f32>,
+    pub bias_next: Vec<f32>,
+    pub counts_next: Vec<f32>,
+}
+
+fn storage(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(4),
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+fn init(ctx: &GpuContext, label: &str, data: &[u8]) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: data,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipe.get_bind_group_layout(0),
+        entries: &entries,
+    })
+}
+
+fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>) -> Result<Tiles> {
+    let tiles = match (opt, std::env::var("CALM_TILES")) {
+        (Some(t), _) => t,
+        (None, Ok(s)) => Tiles::parse(&s)?,
+        (None, Err(_)) => Tiles::default(),
+    };
+    let (e, m) = tiles.workgroup_bytes();
+    let max = ctx.limits.max_compute_workgroup_storage_size;
+    if e.max(m) > max {
+        return Err(CalmError::Gpu(format!(
+            "tiles {tiles} need {} bytes of workgroup memory; {} allows {max}",
+            e.max(m),
+            ctx.info.name
+        )));
+    }
+    Ok(tiles)
+}
+
+impl GpuEngine {
+    /// Uploads `source` (padded) and `theta` and builds every pipeline and bind group.
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        g: Geometry,
+        source: &dyn ImageSource,
+        theta: &[f32],
+        opts: GpuOptions,
+    ) -> Result<Self> {
+        let n = source.len();
+        if n == 0 {
+            return Err(CalmError::Invalid("the dataset holds no images".into()));
+        }
+        assert_eq!(theta.len(), g.k * g.r());
+        let tiles = tiles_for(&ctx, opts.tiles)?;
+        let pipes = Pipelines::new(&ctx.device, &tiles)?;
+
+        let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);
+        let mut cap = ctx
+            .limits
+            .max_storage_buffer_binding_size
+            .min(ctx.limits.max_buffer_size);
+        if let Some(c) = opts.binding_cap {
+            cap = cap.min(c);
+        }
+        let img_bytes = g.padded_len() as u64 * 4;
+        let per_x_buffer = (cap / img_bytes) as usize;
+        // Images per M-step chunk: about 2,048 positions each, so a batch of MNIST digits gives
+        // hundreds of workgroups (PERF.md: split the long reduction).
+        let ipc = (2048 / g.positions()).clamp(1, 64);
+        let stat_bytes = k * (r + 1) * 4;
+        let by_l = (cap / (k * p * 4)) as usize;
+        let by_partials = (cap / stat_bytes) as usize * ipc;
+        let (tm, _) = (16 * tiles.e_rm as usize, 16 * tiles.e_rn as usize);
+        let by_dispatch = (65535usize * tm / g.positions() as usize).min(65535);
+        let max_batch = opts
+            .batch
+            .max(1)
+            .min(by_l)
+            .min(by_partials)
+            .min(per_x_buffer)
+            .min(by_dispatch)
+            .min(n);
+        if max_batch == 0 || g.k * g.r() * 4 > cap as usize {
+            return Err(CalmError::Gpu(format!(
+                "one image's data does not fit {}'s {} MiB storage binding limit for K={}, {}x{} positions",
+                ctx.info.name,
+                cap >> 20,
+                g.k,
+                g.ho,
+                g.wo
+            )));
+        }
+
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        // Dataset: resident buffers of whole padded images.
+        let mut x_bufs = Vec::new();
+        let mut x_ranges = Vec::new();
+        let per = g.c * g.h * g.w;
+        let mut start = 0;
+        while start < n {
+            let cnt = per_x_buffer.min(n - start);
+            let buf = storage(&ctx, "x", cnt as u64 * img_bytes);
+            let mut done = 0;
+            let piece = (64 << 20) / (per * 4).max(1);
+            let mut host = Vec::new();
+            while done < cnt {
+                let m = piece.max(1).min(cnt - done);
+                host.resize(m * per, 0.0);
+                source.read_into(start + done, m, &mut host)?;
+                if let Some(i) = host.iter().position(|v| !v.is_finite()) {
+                    return Err(CalmError::Invalid(format!(
+                        "image {} holds a non-finite value (NaN or infinity); clean the data first",
+                        start + done + i / per
+                    )));
+                }
+                let padded = pad_images(&g, &host, m);
+                ctx.queue.write_buffer(
+                    &buf,
+                    done as u64 * img_bytes,
+                    bytemuck::cast_slice(&padded),
+                );
+                // Flush the staging memory now and then so a large upload stays bounded.
+                ctx.queue.submit([]);
+                done += m;
+            }
+            x_ranges.push((x_bufs.len(), start, cnt));
+            x_bufs.push(buf);
+            start += cnt;
+        }
+
+        let bias: Vec<f32> = crate::cpu::fast::bias_f32(&g, theta);
+        let off: Vec<u32> = (0..g.c)
+            .flat_map(|c| {
+                (0..g.kw)
+                    .flat_map(move |i| (0..g.kw).map(move |j| ((c * g.hp + i) * g.wp + j) as u32))
+            })
+            .collect();
+        let pos_off: Vec<u32> = (0..g.ho)
+            .flat_map(|h| (0..g.wo).map(move |w| (h * g.wp + w) as u32))
+            .collect();
+        let n_chunks_max = max_batch.div_ceil(ipc) as u64;
+        let buf = Resident {
+            theta: init(&ctx, "theta", bytemuck::cast_slice(theta)),
+            bias: init(&ctx, "bias", bytemuck::cast_slice(&bias)),
+            theta_next: storage(&ctx, "theta_next", k * r * 4),
+            bias_next: storage(&ctx, "bias_next", k * 4),
+            counts: storage(&ctx, "counts", k * 4),
+            counts_next: storage(&ctx, "counts_next", k * 4),
+            l: storage(&ctx, "L", max_batch as u64 * k * p * 4),
+            logp_all: storage(&ctx, "logp_all", n as u64 * 4),
+            t_acc: storage(&ctx, "t_acc", stat_bytes),
+            t_comp: storage(&ctx, "t_comp", stat_bytes),
+            summary: storage(&ctx, "summary", 16),
+            f: storage(&ctx, "features", max_batch as u64 * k * 4),
+            _x: x_bufs,
+        };
+        let off_buf = init(&ctx, "off", bytemuck::cast_slice(&off));
+        let pos_buf = init(&ctx, "pos_off", bytemuck::cast_slice(&pos_off));
+        let partials = storage(&ctx, "partials", n_chunks_max * stat_bytes);
+        let bad = storage(&ctx, "bad", k * 4);
+
+        let base = Params {
+            k: g.k as u32,
+            r: g.r() as u32,
+            positions: g.positions() as u32,
+            wo: g.wo as u32,
+            wp: g.wp as u32,
+            img_stride: g.padded_len() as u32,
+            imgs_per_chunk: ipc as u32,
+            n_total: n as u32,
+            ..Default::default()
+        };
+        let mut batches = Vec::new();
+        for &(xi, first, cnt) in &x_ranges {
+            let xb = &buf._x[xi];
+            let mut s = 0;
+            while s < cnt {
+                let nb = max_batch.min(cnt - s);
+                let n_chunks = nb.div_ceil(ipc) as u32;
+                let prm = Params {
+                    n_images: nb as u32,
+                    x_offset: s as u32,
+                    logp_offset: (first + s) as u32,
+                    n_chunks,
+                    ..base
+                };
+                let pb = ctx
+                    .device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("params"),
+                        contents: bytemuck::bytes_of(&prm),
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    });
+                batches.push(Batch {
+                    n_images: nb,
+                    estep: bind(
+                        &ctx,
+                        &pipes.estep,
+                        &[&pb, xb, &buf.theta, &buf.bias, &off_buf, &buf.l],
+                    ),
+                    lse: bind(&ctx, &pipes.logsumexp, &[&pb, &buf.l, &buf.logp_all]),
+                    mstep: bind(
+                        &ctx,
+                        &pipes.mstep,
+                        &[
+                            &pb,
+                            &buf.l,
+                            &buf.logp_all,
+                            xb,
+                            &off_buf,
+                            &pos_buf,
+                            &partials,
+                        ],
+                    ),
+                    reduce: bind(
+                        &ctx,
+                        &pipes.reduce_stats,
+                        &[&pb, &partials, &buf.t_acc, &buf.t_comp],
+                    ),
+                    features: bind(&ctx, &pipes.features, &[&pb, &buf.l, &buf.f]),
+                    estep_groups: (nb * g.positions()).div_ceil(tm) as u32,
+                    n_chunks,
+                });
+                s += nb;
+            }
+        }
+        let gp = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params-global"),
+                contents: bytemuck::bytes_of(&base),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let update_bg = bind(
+            &ctx,
+            &pipes.update,
+            &[
+                &gp,
+                &buf.t_acc,
+                &buf.t_comp,
+                &buf.theta_next,
+                &buf.bias_next,
+                &buf.counts_next,
+                &bad,
+            ],
+        );
+        let summary_bg = bind(
+            &ctx,
+            &pipes.summary,
+            &[
+                &gp,
+                &buf.logp_all,
+                &buf.t_acc,
+                &buf.t_comp,
+                &bad,
+                &buf.summary,
+            ],
+        );
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(CalmError::Gpu(format!(
+                "{} ran out of memory holding the dataset and statistics ({e}); try a smaller --batch or fewer images",
+                ctx.info.name
+            )));
+        }
+        ctx.wait()?;
+        Ok(Self {
+            ctx,
+            g,
+            n,
+            tiles,
+            pipes,
+            buf,
+            batches,
+            update_bg,
+            summary_bg,
+            max_batch,
+        })
+    }
+
+    pub fn tiles(&self) -> Tiles {
+        self.tiles
+    }
+
+    /// The largest batch the engine runs (the user's, or less where the device requires).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    fn record_estep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
+        let tn = 16 * self.tiles.e_rn as usize;
+        pass.set_pipeline(&self.pipes.estep);
+        pass.set_bind_group(0, &b.estep, &[]);
+        pass.dispatch_workgroups(b.estep_groups, self.g.k.div_ceil(tn) as u32, 1);
+    }
+
+    /// Submits the statistics of every batch; calls `progress` as batches finish. At most two
+    /// batches are in flight, which keeps the GPU busy and the progress honest.
+    fn accumulate(&mut self, progress: &mut dyn FnMut(usize)) -> Result<()> {
+        let g = self.g;
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.buf.t_acc, 0, None);
+        enc.clear_buffer(&self.buf.t_comp, 0, None);
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut in_flight = std::collections::VecDeque::new();
+        let tr = 16 * self.tiles.m_rr as usize;
+        let tk = 16 * self.tiles.m_rk as usize;
+        for b in &self.batches {
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                self.record_estep(&mut pass, b);
+                pass.set_pipeline(&self.pipes.logsumexp);
+                pass.set_bind_group(0, &b.lse, &[]);
+                pass.dispatch_workgroups(b.n_images as u32, 1, 1);
+                pass.set_pipeline(&self.pipes.mstep);
+                pass.set_bind_group(0, &b.mstep, &[]);
+                pass.dispatch_workgroups(
+                    (g.r() + 1).div_ceil(tr) as u32,
+                    g.k.div_ceil(tk) as u32,
+                    b.n_chunks,
+                );
+                pass.set_pipeline(&self.pipes.reduce_stats);
+                pass.set_bind_group(0, &b.reduce, &[]);
+                let groups = (g.k * (g.r() + 1)).div_ceil(256) as u32;
+                pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
+            }
+            let idx = self.ctx.queue.submit([enc.finish()]);
+            let (d, nb) = (done.clone(), b.n_images);
+            self.ctx.queue.on_submitted_work_done(move || {
+                d.fetch_add(nb, Ordering::SeqCst);
+            });
+            in_flight.push_back(idx);
+            if in_flight.len() > 2 {
+                let old = in_flight.pop_front().expect("non-empty");
+                self.ctx
+                    .device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(old),
+                        timeout: None,
+                    })
+                    .map_err(|e| CalmError::Gpu(format!("waiting for the GPU failed: {e}")))?;
+                progress(done.load(Ordering::SeqCst));
+            }
+            enc = self.ctx.device.create_command_encoder(&Default::default());
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.wait()?;
+        progress(done.load(Ordering::SeqCst));
+        Ok(())
+    }
+
+    /// Runs `update` and `summary` and reads back `[LL hi, LL lo, S, finite]`.
+    fn finish_epoch(&mut self) -> Result<[f32; 4]> {
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipes.update);
+            pass.set_bind_group(0, &self.update_bg, &[]);
+            pass.dispatch_workgroups(self.g.k as u32, 1, 1);
+            pass.set_pipeline(&self.pipes.summary);
+            pass.set_bind_group(0, &self.summary_bg, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        let s: Vec<f32> = self.ctx.read_buffer(&self.buf.summary, 0, 16)?;
+        Ok([s[0], s[1], s[2], s[3]])
+    }
+
+    fn commit_update(&mut self) {
+        let (k, r) = (self.g.k as u64, self.g.r() as u64);
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.buf.theta_next, 0, &self.buf.theta, 0, k * r * 4);
+        enc.copy_buffer_to_buffer(&self.buf.bias_next, 0, &self.buf.bias, 0, k * 4);
+        enc.copy_buffer_to_buffer(&self.buf.counts_next, 0, &self.buf.counts, 0, k * 4);
+        self.ctx.queue.submit([enc.finish()]);
+    }
+
+    /// Reads back every intermediate the kernels left (for `validate` and tests).
+    pub fn read_state(&self) -> Result<GpuState> {
+        let (k, r, p) = (
+            self.g.k as u64,
+            self.g.r() as u64,
+            self.g.positions() as u64,
+        );
+        let last = self.batches.last().map_or(0, |b| b.n_images) as u64;
+        let acc: Vec<f32> = self.ctx.read_buffer(&self.buf.t_acc, 0, k * (r + 1) * 4)?;
+        let comp: Vec<f32> = self.ctx.read_buffer(&self.buf.t_comp, 0, k * (r + 1) * 4)?;
+        Ok(GpuState {
+            l_last: self.ctx.read_buffer(&self.buf.l, 0, last * k * p * 4)?,
+            logp_all: self
+                .ctx
+                .read_buffer(&self.buf.logp_all, 0, self.n as u64 * 4)?,
+            t: acc.iter().zip(&comp).map(|(a, c)| a - c).collect(),
+            theta_next: self.ctx.read_buffer(&self.buf.theta_next, 0, k * r * 4)?,
+            bias_next: self.ctx.read_buffer(&self.buf.bias_next, 0, k * 4)?,
+            counts_next: self.ctx.read_buffer(&self.buf.counts_next, 0, k * 4)?,
+        })
+    }
+
+    /// Times the E-step alone over every batch (for benchmarks); returns seconds.
+    pub fn time_estep(&mut self) -> Result<f64> {
+        let t0 = std::time::Instant::now();
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for b in &self.batches {
+                self.record_estep(&mut pass, b);
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.wait()?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Features `f[n,k]` of the engine's dataset under the current `theta`, `(N, K)`.
+    pub fn features(&mut self, progress: &mut dyn FnMut(usize)) -> Result<Array2<f32>> {
+        let k = self.g.k;
+        let mut out = Array2::<f32>::zeros((self.n, k));
+        let mut start = 0;
+        for b in &self.batches {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                self.record_estep(&mut pass, b);
+                pass.set_pipeline(&self.pipes.features);
+                pass.set_bind_group(0, &b.features, &[]);
+                pass.dispatch_workgroups(k as u32, b.n_images as u32, 1);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            let f: Vec<f32> = self
+                .ctx
+                .read_buffer(&self.buf.f, 0, (b.n_images * k * 4) as u64)?;
+            out.as_slice_mut().expect("standard layout")[start * k..(start + b.n_images) * k]
+                .copy_from_slice(&f);
+            start += b.n_images;
+            progress(start);
+        }
+        Ok(out)
+    }
+}
+
+impl Engine for GpuEngine {
+    fn describe(&self) -> String {
+        format!("GPU: {}", self.ctx.describe())
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats> {
+        self.accumulate(progress)?;
+        let [hi, lo, s, finite] = self.finish_epoch()?;
+        let finite = finite == 1.0;
+        if finite {
+            self.commit_update();
+        }
+        Ok(EpochStats {
+            loglik: hi as f64 + lo as f64,
+            count_sum: s as f64,
+            finite,
+        })
+    }
+
+    fn theta(&mut self) -> Result<Vec<f32>> {
+        let (k, r) = (self.g.k as u64, self.g.r() as u64);
+        self.ctx.read_buffer(&self.buf.theta, 0, k * r * 4)
+    }
+
+    fn counts(&mut self) -> Result<Vec<f32>> {
+        self.ctx
+            .read_buffer(&self.buf.counts, 0, self.g.k as u64 * 4)
+    }
+}

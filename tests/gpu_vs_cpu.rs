@@ -1,0 +1,124 @@
+//! Every GPU kernel against its CPU twin (`cpu::reference`) on random problems.
+
+mod common;
+
+use std::sync::Arc;
+
+use calm_gpu::cpu::reference;
+use calm_gpu::data::ImageSource;
+use calm_gpu::gpu::{GpuEngine, GpuOptions};
+use calm_gpu::{Engine, Geometry, LayerConfig};
+use common::*;
+
+/// f32 kernels against an f64 reference: sums of a few hundred products lose ~1e-6 relative;
+/// exp() of log posteriors near -20..0 amplifies L's absolute error ~1e-5 into B and T.
+const TOL: f64 = 2e-4;
+
+fn check(
+    seed: u64,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    kw: usize,
+    pad: usize,
+    batch: usize,
+) {
+    let Some(ctx) = gpu() else { return };
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: k,
+            width: kw,
+            pad,
+        },
+        c,
+        h,
+        w,
+    )
+    .unwrap();
+    let data = random_images(seed, n, c, h, w);
+    // Scaled so that posteriors spread over several kernels (N(0,1) weights put all mass on one).
+    let theta = random_theta(seed + 1, g.k * g.r(), 0.1);
+    let mut eng = GpuEngine::new(
+        Arc::clone(&ctx),
+        g,
+        &data,
+        &theta,
+        GpuOptions {
+            batch,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stats = eng.epoch(&mut |_| {}).unwrap();
+    let st = eng.read_state().unwrap();
+
+    let x = data.images.as_slice().unwrap();
+    let (ref_stats, ref_up) = reference::epoch(&g, x, n, &theta, batch);
+    // L of the last batch.
+    let last = {
+        let m = n % eng.max_batch();
+        if m == 0 { eng.max_batch() } else { m }
+    };
+    let per = c * h * w;
+    let xpad = reference::pad_images(&g, &x[(n - last) * per..], last);
+    let l_ref = reference::estep(&g, &xpad, last, &theta);
+    let shape = format!("n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}");
+    let e = rel_err(&st.l_last, &l_ref);
+    assert!(e < 1e-5, "estep {shape}: {e}");
+    let all_l = reference::estep(&g, &reference::pad_images(&g, x, n), n, &theta);
+    let lp = reference::logp(&g, &all_l, n);
+    let e = rel_err(&st.logp_all, &lp);
+    assert!(e < 1e-5, "logsumexp {shape}: {e}");
+    let t_gpu: Vec<f32> = (0..k)
+        .flat_map(|kk| st.t[kk * (g.r() + 1)..kk * (g.r() + 1) + g.r()].to_vec())
+        .collect();
+    let b_gpu: Vec<f32> = (0..k).map(|kk| st.t[kk * (g.r() + 1) + g.r()]).collect();
+    let e = rel_err(&t_gpu, &ref_stats.t);
+    assert!(e < TOL, "mstep T {shape}: {e}");
+    let e = rel_err(&b_gpu, &ref_stats.b);
+    assert!(e < TOL, "mstep B {shape}: {e}");
+    let e = rel_err(&st.theta_next, &ref_up.theta);
+    assert!(e < TOL, "update theta {shape}: {e}");
+    let e = rel_err(&st.counts_next, &ref_up.counts);
+    assert!(e < TOL, "update counts {shape}: {e}");
+    assert!(
+        (stats.loglik - ref_stats.ll).abs() <= 1e-5 * ref_stats.ll.abs().max(1.0),
+        "LL {shape}: {} vs {}",
+        stats.loglik,
+        ref_stats.ll
+    );
+    assert!(
+        (stats.count_sum - n as f64).abs() < 1e-3 * n as f64,
+        "S {shape}: {}",
+        stats.count_sum
+    );
+    assert!(stats.finite);
+    eprintln!(
+        "{shape}: LL gpu {} ref {} on {}",
+        stats.loglik,
+        ref_stats.ll,
+        ctx.describe()
+    );
+}
+
+#[test]
+fn single_channel_padded() {
+    check(1, 10, 1, 12, 12, 5, 5, 2, 4);
+}
+
+#[test]
+fn three_channels_unpadded_non_square() {
+    check(2, 7, 3, 9, 13, 6, 4, 0, 7);
+}
+
+#[test]
+fn odd_sizes_k_not_power_of_two() {
+    check(3, 11, 2, 11, 7, 13, 3, 1, 3);
+}
+
+#[test]
+fn mnist_like_shape() {
+    check(4, 9, 1, 28, 28, 64, 20, 2, 5);
+}
