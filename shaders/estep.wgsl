@@ -8,7 +8,8 @@
 // row_base(m) = (x_offset + n) * img_stride + h * Wp + w and off[r] = (c * Hp + i) * Wp + j:
 // no im2col buffer and no division in the inner loop.
 //
-// Shapes: x (images of this data buffer, C, Hp, Wp); theta (K, R); bias (K); off (R);
+// Shapes: x (images of this data buffer, C, Hp, Wp); theta_t (R, KP), theta transposed with
+//         rows padded by zeros to KP = kpad(); bias (K); off (R);
 //         l (n_images, K, Ho*Wo), the layout of SPEC's L.
 // Tiling: a workgroup of 16 x 16 threads computes a TM x TN tile (TM positions, TN kernels);
 // each thread an RM x RN block (RM contiguous positions, RN contiguous kernels) held in registers.
@@ -24,7 +25,7 @@ const TM4: u32 = TM / 4u;
 const TN4: u32 = TN / 4u;
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> theta: array<f32>;
+@group(0) @binding(2) var<storage, read> theta_t: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> off: array<u32>;
 @group(0) @binding(5) var<storage, read_write> l: array<f32>;
@@ -41,6 +42,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let m0 = wid.x * TM;
     let n0 = wid.y * TN;
     let mtot = prm.n_images * prm.positions;
+    let kp = kpad();
 
     // Where each of the tile's patches starts in x (the only divisions of the kernel).
     for (var i = lid; i < TM; i += WG * WG) {
@@ -76,21 +78,17 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             }
             a_tile[e] = v;
         }
-        // theta tile: BK x TN, four consecutive kernels per vec4.
+        // theta tile: BK x TN, four consecutive kernels per vec4 (zero beyond K).
         for (var e = lid; e < BK * TN4; e += WG * WG) {
-            let kq = e / BK;
-            let kk = e - kq * BK;
+            let kk = e / TN4;
+            let kq = e - kk * TN4;
             let r = r0 + kk;
+            let k = n0 + kq * 4u;
             var v = vec4<f32>(0.0);
-            if (r < prm.r) {
-                for (var q = 0u; q < 4u; q++) {
-                    let k = n0 + kq * 4u + q;
-                    if (k < prm.k) {
-                        v[q] = theta[k * prm.r + r];
-                    }
-                }
+            if (r < prm.r && k < kp) {
+                v = theta_t[(r * kp + k) / 4u];
             }
-            b_tile[kk * TN4 + kq] = v;
+            b_tile[e] = v;
         }
         workgroupBarrier();
 

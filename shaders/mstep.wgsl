@@ -1,15 +1,15 @@
 // M-step statistics of one batch, as partial sums over chunks of images.
 //
-//   T[k, r]  = sum_{n,h,w} exp(L[n,k,h,w] - logp[n]) * Xpad[n, c, h+i, w+j],   r = (c, i, j) < R
-//   T[k, R]  = sum_{n,h,w} exp(L[n,k,h,w] - logp[n])                  (= B[k]: a column of ones)
+//   T[k, r]  = sum_{n,h,w} G[n,h,w,k] * Xpad[n, c, h+i, w+j],   r = (c, i, j) < R
+//   T[k, R]  = sum_{n,h,w} G[n,h,w,k]                  (= B[k]: a column of ones)
 //
-// i.e. the GEMM  T[K x (R+1)] = G[K x M] A[M x (R+1)]  with G = exp(gamma) computed while the
-// tile is loaded (never stored) and A read from the padded images as in the E-step. The long
+// with G = exp(L - logp) from posterior.wgsl, i.e. the GEMM  T[K x (R+1)] = G^T[K x M] A[M x (R+1)]
+// with A read from the padded images as in the E-step. The long
 // reduction over M = n_images * P is split: workgroup (x, y, z) handles column tile x, kernel tile
 // y and images [z * imgs_per_chunk, (z+1) * imgs_per_chunk) of the batch, and writes its partial
 // sum to partials[z]; reduce_stats.wgsl adds the partials in a fixed order.
 //
-// Shapes: l (n_images, K, P); logp_all (N); x (images, C, Hp, Wp); off (R); pos_off (P), the
+// Shapes: gpost (n_images, P, KP); x (images, C, Hp, Wp); off (R); pos_off (P), the
 //         offset h * Wp + w of position p; partials (n_chunks, K, R + 1).
 // Tiling: 16 x 16 threads, a TK x TR tile, each thread RK contiguous kernels x RR contiguous
 // columns. Positions advance BK at a time within one image, so n is fixed per stage.
@@ -23,12 +23,11 @@ const TR: u32 = WG * RR;
 const TK4: u32 = TK / 4u;
 const TR4: u32 = TR / 4u;
 
-@group(0) @binding(1) var<storage, read> l: array<f32>;
-@group(0) @binding(2) var<storage, read> logp_all: array<f32>;
-@group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> off: array<u32>;
-@group(0) @binding(5) var<storage, read> pos_off: array<u32>;
-@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(1) var<storage, read> gpost: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> off: array<u32>;
+@group(0) @binding(4) var<storage, read> pos_off: array<u32>;
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 
 var<workgroup> g_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4]
 var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4]
@@ -43,28 +42,24 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let r1 = prm.r + 1u;
     let n_begin = wid.z * prm.imgs_per_chunk;
     let n_end = min(n_begin + prm.imgs_per_chunk, prm.n_images);
+    let kp = kpad();
 
     var acc: array<array<f32, RR>, RK>;
     for (var n = n_begin; n < n_end; n++) {
-        let lp = logp_all[prm.logp_offset + n];
-        let lbase = n * prm.k * prm.positions;
+        let gbase = n * prm.positions;
         let xbase = (prm.x_offset + n) * prm.img_stride;
         for (var p0 = 0u; p0 < prm.positions; p0 += BK) {
-            // G tile: BK positions x TK kernels, exp(L - logp) computed here.
+            // G tile: BK positions x TK kernels, four kernels per vec4 (zero beyond K).
             for (var e = lid; e < BK * TK4; e += WG * WG) {
-                let kq = e / BK;
-                let kk = e - kq * BK;
+                let kk = e / TK4;
+                let kq = e - kk * TK4;
                 let p = p0 + kk;
+                let k = k0 + kq * 4u;
                 var v = vec4<f32>(0.0);
-                if (p < prm.positions) {
-                    for (var q = 0u; q < 4u; q++) {
-                        let k = k0 + kq * 4u + q;
-                        if (k < prm.k) {
-                            v[q] = exp(l[lbase + k * prm.positions + p] - lp);
-                        }
-                    }
+                if (p < prm.positions && k < kp) {
+                    v = gpost[((gbase + p) * kp + k) / 4u];
                 }
-                g_tile[kk * TK4 + kq] = v;
+                g_tile[e] = v;
             }
             // A tile: BK positions x TR columns of patch values (column R is the constant 1).
             for (var e = lid; e < BK * TR4; e += WG * WG) {

@@ -21,3 +21,9 @@ struct Params {
 fn is_finite_f32(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
+
+// K rounded up to a multiple of 8: the row length of theta_t (R, KP) and of the posteriors
+// G (n, P, KP), so that kernels can be read four or eight at a time as vec4.
+fn kpad() -> u32 {
+    return (prm.k + 7u) / 8u * 8u;
+}

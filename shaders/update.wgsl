@@ -1,11 +1,12 @@
 // The end-of-epoch update, one workgroup per kernel k:
 //
 //   S = sum_k B[k],  B'[k] = (B[k] + 1/S) * S / (S + 1),  theta_next[k, r] = T[k, r] / B'[k],
+//   theta_t_next[r, k] = theta_next[k, r]  (the E-step's layout, rows padded to KP = kpad()),
 //   bias_next[k] = -0.5 * ||theta_next_k||^2,  counts_next[k] = B'[k],
 //   bad[k] = 1 if any of these is not finite (SPEC's stopping rule), else 0.
 //
 // Shapes: t_acc, t_comp (K, R + 1) with B in column R (true value t_acc - t_comp);
-//         theta_next (K, R); bias_next, counts_next (K); bad (K).
+//         theta_next (K, R); theta_t_next (R, KP); bias_next, counts_next (K); bad (K).
 // theta itself is not touched here: the host copies theta_next over it only when the epoch was
 // finite, so the last finite theta survives a numerical failure.
 
@@ -17,6 +18,7 @@ const WGS: u32 = 256u;
 @group(0) @binding(4) var<storage, read_write> bias_next: array<f32>;
 @group(0) @binding(5) var<storage, read_write> counts_next: array<f32>;
 @group(0) @binding(6) var<storage, read_write> bad: array<u32>;
+@group(0) @binding(7) var<storage, read_write> theta_t_next: array<f32>;
 
 var<workgroup> red: array<f32, WGS>;
 var<workgroup> red_bad: array<u32, WGS>;
@@ -57,6 +59,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     for (var r = lid; r < prm.r; r += WGS) {
         let t = stat(k * r1 + r) / b_prime;
         theta_next[k * prm.r + r] = t;
+        theta_t_next[r * kpad() + k] = t;
         sq = fma(t, t, sq);
         if (!is_finite_f32(t)) {
             nonfinite = 1u;

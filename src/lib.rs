@@ -12,4 +12,8 @@ pub mod error;
 
 pub use engine::{Engine, EpochStats};
 pub use error::{CalmError, Result};
+pub mod bench;
+pub mod em;
 pub mod gpu;
+pub mod model;
+pub mod validate;

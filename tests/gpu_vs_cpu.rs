@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use calm_gpu::cpu::reference;
 use calm_gpu::data::ImageSource;
+use calm_gpu::gpu::kernels::Variant;
 use calm_gpu::gpu::{GpuEngine, GpuOptions};
 use calm_gpu::{Engine, Geometry, LayerConfig};
 use common::*;
@@ -14,7 +15,9 @@ use common::*;
 /// exp() of log posteriors near -20..0 amplifies L's absolute error ~1e-5 into B and T.
 const TOL: f64 = 2e-4;
 
-fn check(
+#[allow(clippy::too_many_arguments)]
+fn check_variant(
+    variant: Variant,
     seed: u64,
     n: usize,
     c: usize,
@@ -47,6 +50,7 @@ fn check(
         &theta,
         GpuOptions {
             batch,
+            variant: Some(variant),
             ..Default::default()
         },
     )
@@ -64,7 +68,7 @@ fn check(
     let per = c * h * w;
     let xpad = reference::pad_images(&g, &x[(n - last) * per..], last);
     let l_ref = reference::estep(&g, &xpad, last, &theta);
-    let shape = format!("n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}");
+    let shape = format!("{variant:?} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}");
     let e = rel_err(&st.l_last, &l_ref);
     assert!(e < 1e-5, "estep {shape}: {e}");
     let all_l = reference::estep(&g, &reference::pad_images(&g, x, n), n, &theta);
@@ -101,6 +105,24 @@ fn check(
         ref_stats.ll,
         ctx.describe()
     );
+}
+
+/// Both implementations of the GEMM kernels, whichever the adapter would pick.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    seed: u64,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    kw: usize,
+    pad: usize,
+    batch: usize,
+) {
+    for v in [Variant::Staged, Variant::Direct] {
+        check_variant(v, seed, n, c, h, w, k, kw, pad, batch);
+    }
 }
 
 #[test]

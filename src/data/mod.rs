@@ -3,7 +3,23 @@
 //! Every engine reads images through [`ImageSource`], so a dataset can live in memory
 //! ([`Dataset`]) or stream from a file in chunks (large files such as STL-10's unlabeled split).
 
+use std::path::Path;
+
 use ndarray::Array4;
+
+pub mod cifar;
+pub mod embedded;
+pub mod folder;
+pub mod idx;
+mod input;
+pub mod npy;
+pub mod preprocess;
+pub mod stl10;
+
+pub use embedded::{Split, embedded_digits};
+pub use npy::NpyFile;
+pub use preprocess::{Concat, Preprocess, Preprocessed};
+pub use stl10::Stl10File;
 
 /// What can go wrong while reading data. Each message is one line saying what and where.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +66,20 @@ impl Dataset {
         Self { images, labels }
     }
 
+    /// Attaches labels, refusing a count that differs from the number of images (a frequent
+    /// mistake is pairing a train images file with test labels).
+    pub fn with_labels(mut self, labels: Vec<u8>) -> Result<Self, DataError> {
+        let n = self.images.shape()[0];
+        if labels.len() != n {
+            return Err(DataError::Invalid(format!(
+                "{} labels for {n} images",
+                labels.len()
+            )));
+        }
+        self.labels = Some(labels);
+        Ok(self)
+    }
+
     /// Fails on the first NaN or infinity, naming the image.
     pub fn check_finite(&self, what: &str) -> Result<(), DataError> {
         let per = self.images.len() / self.images.shape()[0].max(1);
@@ -72,9 +102,293 @@ impl ImageSource for Dataset {
         (s[1], s[2], s[3])
     }
     fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
-        let per = self.images.len() / self.len().max(1);
-        let flat = self.images.as_slice().expect("standard layout");
-        out.copy_from_slice(&flat[start * per..(start + count) * per]);
+        let (c, h, w) = self.shape();
+        let per = c * h * w;
+        check_request(self.len(), per, start, count, out.len())?;
+        // `new` makes the layout standard, but the fields are public, so fall back to a copy
+        // rather than trusting it.
+        match self.images.as_slice() {
+            Some(flat) => out.copy_from_slice(&flat[start * per..(start + count) * per]),
+            None => {
+                let part = self
+                    .images
+                    .slice(ndarray::s![start..start + count, .., .., ..]);
+                for (o, v) in out.iter_mut().zip(part.iter()) {
+                    *o = *v;
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Validates a `read_into` request so that sources fail with a message instead of panicking on a
+/// bad range or buffer.
+pub fn check_request(
+    len: usize,
+    per: usize,
+    start: usize,
+    count: usize,
+    out_len: usize,
+) -> Result<(), DataError> {
+    let end = start.checked_add(count);
+    if end.is_none_or(|e| e > len) {
+        return Err(DataError::Invalid(format!(
+            "asked for images {start}..{} but the source holds {len}",
+            start.saturating_add(count)
+        )));
+    }
+    if count.checked_mul(per) != Some(out_len) {
+        return Err(DataError::Invalid(format!(
+            "output buffer holds {out_len} values but {count} images of {per} pixels need {}",
+            count.saturating_mul(per)
+        )));
+    }
+    Ok(())
+}
+
+/// The element type a file stored, which decides the default preprocessing: byte images are
+/// scaled to [0, 1], float images are taken as already prepared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelKind {
+    /// 0..=255 integers (IDX, uint8 `.npy`, STL-10, CIFAR, PNG/JPEG).
+    U8,
+    /// float32 values used as they are.
+    F32,
+}
+
+impl<T: ImageSource + ?Sized> ImageSource for Box<T> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (**self).shape()
+    }
+    fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
+        (**self).read_into(start, count, out)
+    }
+}
+
+impl<T: ImageSource + ?Sized> ImageSource for std::sync::Arc<T> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (**self).shape()
+    }
+    fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
+        (**self).read_into(start, count, out)
+    }
+}
+
+impl<T: ImageSource + ?Sized> ImageSource for &T {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (**self).shape()
+    }
+    fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
+        (**self).read_into(start, count, out)
+    }
+}
+
+/// The formats [`load`] understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileFormat {
+    /// MNIST's IDX (`00 00 08 03` images, `00 00 08 01` labels), plain or gzipped.
+    Idx,
+    /// NumPy `.npy`, plain or gzipped.
+    Npy,
+    /// STL-10 `*_X.bin` images / `*_y.bin` labels (no header: recognised by name).
+    Stl10,
+    /// CIFAR-10 `data_batch_*.bin` / `test_batch.bin` (no header: recognised by name).
+    Cifar10,
+    /// A folder `root/<class>/*.png|jpg`.
+    Folder,
+}
+
+impl std::fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileFormat::Idx => "idx",
+            FileFormat::Npy => "npy",
+            FileFormat::Stl10 => "stl10",
+            FileFormat::Cifar10 => "cifar10",
+            FileFormat::Folder => "folder",
+        })
+    }
+}
+
+impl std::str::FromStr for FileFormat {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "idx" | "mnist" => Ok(FileFormat::Idx),
+            "npy" => Ok(FileFormat::Npy),
+            "stl10" | "stl-10" => Ok(FileFormat::Stl10),
+            "cifar10" | "cifar-10" | "cifar" => Ok(FileFormat::Cifar10),
+            "folder" => Ok(FileFormat::Folder),
+            _ => Err(DataError::Invalid(format!(
+                "unknown data format '{s}': expected one of idx, npy, stl10, cifar10, folder"
+            ))),
+        }
+    }
+}
+
+/// True for STL-10's `*_y.bin` label files, which share the format tag with the image files.
+fn is_stl10_labels(path: &Path) -> bool {
+    path.file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase().ends_with("_y.bin"))
+        .unwrap_or(false)
+}
+
+/// The error for an STL-10 file passed in the wrong role.
+fn stl10_role_error(path: &Path, labels_wanted: bool) -> DataError {
+    DataError::Format {
+        path: path.display().to_string(),
+        msg: if labels_wanted {
+            "is an STL-10 image file; its labels are in the matching *_y.bin".into()
+        } else {
+            "is an STL-10 labels file; images are in the matching *_X.bin".into()
+        },
+    }
+}
+
+/// What the name alone says, for the formats that have no header.
+fn format_from_name(path: &Path) -> Option<FileFormat> {
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with("_x.bin") || name.ends_with("_y.bin") {
+        Some(FileFormat::Stl10)
+    } else if name.ends_with(".bin")
+        && (name.starts_with("data_batch") || name.starts_with("test_batch"))
+    {
+        Some(FileFormat::Cifar10)
+    } else {
+        None
+    }
+}
+
+/// Decides the format: a folder is [`FileFormat::Folder`]; STL-10 and CIFAR-10 files, which have
+/// no header, are known by their published names (`*_X.bin`, `*_y.bin`, `data_batch_*.bin`,
+/// `test_batch.bin`); everything else by content, not name: IDX starts `00 00 <type>`, `.npy`
+/// starts `\x93NUMPY`, and either may be gzipped.
+pub fn detect_format(path: &Path) -> Result<FileFormat, DataError> {
+    if path.is_dir() {
+        return Ok(FileFormat::Folder);
+    }
+    if let Some(f) = format_from_name(path) {
+        return Ok(f);
+    }
+    let mut input = input::Input::open(path)?;
+    let head = input.peek(6)?;
+    if head.as_slice() == npy::MAGIC {
+        Ok(FileFormat::Npy)
+    } else if head.len() >= 4
+        && head[0] == 0
+        && head[1] == 0
+        && matches!(head[2], 0x08 | 0x09 | 0x0B..=0x0E)
+    {
+        Ok(FileFormat::Idx)
+    } else {
+        let hex: Vec<String> = head.iter().map(|b| format!("{b:02x}")).collect();
+        Err(input.format_err(format!(
+            "unrecognised format: not IDX (starts 00 00 08 ..) nor .npy (starts \\x93NUMPY){}, nor named like STL-10 (*_X.bin) or CIFAR-10 (data_batch_*.bin); first bytes{}: {}",
+            if input.gz { " inside the gzip" } else { "" },
+            if input.gz { " after decompression" } else { "" },
+            if hex.is_empty() { "(the file is empty)".to_string() } else { hex.join(" ") }
+        )))
+    }
+}
+
+/// Loads images with the default preprocessing for the element type (bytes become
+/// `byte / 255`, floats are kept). NaN and infinity are refused. The format is found by
+/// [`detect_format`]. Labels come with CIFAR-10 batches and class folders; for the others see
+/// [`load_labels`] and [`load_labelled`]. For STL-10's 100,000 unlabeled images prefer
+/// [`open_source`], which streams.
+pub fn load(path: &Path) -> Result<Dataset, DataError> {
+    load_with(path, None)
+}
+
+/// [`load`] with a chosen preprocessing (`None`: the default for the element type).
+pub fn load_with(path: &Path, pre: Option<Preprocess>) -> Result<Dataset, DataError> {
+    let (mut data, kind) = load_raw(path)?;
+    pre.unwrap_or(Preprocess::default_for(kind))
+        .apply_dataset(&mut data)?;
+    data.check_finite(&path.display().to_string())?;
+    Ok(data)
+}
+
+/// Loads images keeping byte values as 0..=255, with the element type the file held, for callers
+/// that apply a preprocessing of their own choosing.
+pub fn load_raw(path: &Path) -> Result<(Dataset, PixelKind), DataError> {
+    let (data, kind) = match detect_format(path)? {
+        FileFormat::Idx => (idx::read_images_raw(path)?, PixelKind::U8),
+        FileFormat::Npy => npy::read_images_raw(path)?,
+        FileFormat::Stl10 if is_stl10_labels(path) => return Err(stl10_role_error(path, false)),
+        FileFormat::Stl10 => (stl10::read_images_raw(path)?, PixelKind::U8),
+        FileFormat::Cifar10 => (cifar::read_batches_raw(&[path])?, PixelKind::U8),
+        FileFormat::Folder => (folder::read_folder_raw(path)?.0, PixelKind::U8),
+    };
+    data.check_finite(&path.display().to_string())?;
+    Ok((data, kind))
+}
+
+/// Uncompressed `.npy` files larger than this are streamed by [`open_source`] rather than loaded.
+pub const STREAM_ABOVE_BYTES: u64 = 2 << 30;
+
+/// Opens images as a source, preprocessed with `pre` (`None`: the default for the element type).
+/// STL-10 `_X.bin` files, and uncompressed C-order `.npy` files above [`STREAM_ABOVE_BYTES`],
+/// stream from disk and are preprocessed chunk by chunk as they are read; everything else is
+/// loaded into memory as [`load_with`] does.
+pub fn open_source(
+    path: &Path,
+    pre: Option<Preprocess>,
+) -> Result<Box<dyn ImageSource>, DataError> {
+    match detect_format(path)? {
+        FileFormat::Stl10 => {
+            if is_stl10_labels(path) {
+                return Err(stl10_role_error(path, false));
+            }
+            let file = stl10::Stl10File::open(path)?;
+            let pre = pre.unwrap_or(Preprocess::default_for(PixelKind::U8));
+            return Ok(Box::new(Preprocessed::new(file, pre)));
+        }
+        FileFormat::Npy
+            if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) > STREAM_ABOVE_BYTES =>
+        {
+            // Gzip and Fortran order cannot stream; those fall through to loading.
+            if let Ok(file) = npy::NpyFile::open(path) {
+                let pre = pre.unwrap_or(Preprocess::default_for(file.kind()));
+                return Ok(Box::new(Preprocessed::new(file, pre)));
+            }
+        }
+        _ => {}
+    }
+    Ok(Box::new(load_with(path, pre)?))
+}
+
+/// Loads labels: IDX labels, a 1-D integer `.npy`, or STL-10's `*_y.bin` (1..=10 become 0..=9).
+pub fn load_labels(path: &Path) -> Result<Vec<u8>, DataError> {
+    match detect_format(path)? {
+        FileFormat::Idx => idx::read_labels(path),
+        FileFormat::Npy => npy::read_labels(path),
+        FileFormat::Stl10 if !is_stl10_labels(path) => Err(stl10_role_error(path, true)),
+        FileFormat::Stl10 => stl10::read_labels(path),
+        FileFormat::Cifar10 => Ok(cifar::read_batches_raw(&[path])?.labels.unwrap_or_default()),
+        FileFormat::Folder => Ok(folder::read_folder_raw(path)?.0.labels.unwrap_or_default()),
+    }
+}
+
+/// [`load`] plus the labels from a second file; the counts must agree.
+pub fn load_labelled(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
+    let data = load(images)?;
+    let values = load_labels(labels)?;
+    data.with_labels(values).map_err(|e| {
+        DataError::Invalid(format!(
+            "{} with {}: {e}",
+            images.display(),
+            labels.display()
+        ))
+    })
 }

@@ -16,7 +16,7 @@ use ndarray::Array2;
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{Params, Pipelines, Tiles};
+use super::kernels::{Params, Pipelines, Tiles, Variant};
 use crate::cpu::reference::pad_images;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
@@ -33,6 +33,8 @@ pub struct GpuOptions {
     pub binding_cap: Option<u64>,
     /// Tile shapes; `None` picks them from the adapter (or `CALM_TILES`).
     pub tiles: Option<Tiles>,
+    /// Kernel implementation; `None` picks it from the adapter (or `CALM_KERNELS`).
+    pub variant: Option<Variant>,
 }
 
 struct Batch {
@@ -40,6 +42,7 @@ struct Batch {
     /// Bind groups, built once: estep, logsumexp, mstep, reduce_stats, features.
     estep: wgpu::BindGroup,
     lse: wgpu::BindGroup,
+    posterior: wgpu::BindGroup,
     mstep: wgpu::BindGroup,
     reduce: wgpu::BindGroup,
     features: wgpu::BindGroup,
@@ -51,6 +54,9 @@ struct Batch {
 /// Buffers that live for the whole run.
 struct Resident {
     theta: wgpu::Buffer,
+    theta_t: wgpu::Buffer,
+    theta_t_next: wgpu::Buffer,
+    gpost: wgpu::Buffer,
     bias: wgpu::Buffer,
     theta_next: wgpu::Buffer,
     bias_next: wgpu::Buffer,
@@ -76,6 +82,7 @@ pub struct GpuEngine {
     update_bg: wgpu::BindGroup,
     summary_bg: wgpu::BindGroup,
     max_batch: usize,
+    device_bytes: u64,
 }
 
 /// What the engine holds after an epoch, read back for validation.
@@ -161,7 +168,12 @@ impl GpuEngine {
         }
         assert_eq!(theta.len(), g.k * g.r());
         let tiles = tiles_for(&ctx, opts.tiles)?;
-        let pipes = Pipelines::new(&ctx.device, &tiles)?;
+        let variant = match opts.variant {
+            Some(v) => v,
+            None => Variant::for_adapter(&ctx.info)?,
+        };
+        let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
+        let kp = g.k.div_ceil(8) as u64 * 8;
 
         let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);
         let mut cap = ctx
@@ -177,7 +189,7 @@ impl GpuEngine {
         // hundreds of workgroups (PERF.md: split the long reduction).
         let ipc = (2048 / g.positions()).clamp(1, 64);
         let stat_bytes = k * (r + 1) * 4;
-        let by_l = (cap / (k * p * 4)) as usize;
+        let by_l = (cap / (kp * p * 4)) as usize;
         let by_partials = (cap / stat_bytes) as usize * ipc;
         let (tm, _) = (16 * tiles.e_rm as usize, 16 * tiles.e_rn as usize);
         let by_dispatch = (65535usize * tm / g.positions() as usize).min(65535);
@@ -250,6 +262,13 @@ impl GpuEngine {
         let n_chunks_max = max_batch.div_ceil(ipc) as u64;
         let buf = Resident {
             theta: init(&ctx, "theta", bytemuck::cast_slice(theta)),
+            theta_t: init(
+                &ctx,
+                "theta_t",
+                bytemuck::cast_slice(&transpose_padded(&g, theta)),
+            ),
+            theta_t_next: storage(&ctx, "theta_t_next", r * kp * 4),
+            gpost: storage(&ctx, "G", max_batch as u64 * p * kp * 4),
             bias: init(&ctx, "bias", bytemuck::cast_slice(&bias)),
             theta_next: storage(&ctx, "theta_next", k * r * 4),
             bias_next: storage(&ctx, "bias_next", k * 4),
@@ -305,21 +324,18 @@ impl GpuEngine {
                     estep: bind(
                         &ctx,
                         &pipes.estep,
-                        &[&pb, xb, &buf.theta, &buf.bias, &off_buf, &buf.l],
+                        &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
                     ),
                     lse: bind(&ctx, &pipes.logsumexp, &[&pb, &buf.l, &buf.logp_all]),
+                    posterior: bind(
+                        &ctx,
+                        &pipes.posterior,
+                        &[&pb, &buf.l, &buf.logp_all, &buf.gpost],
+                    ),
                     mstep: bind(
                         &ctx,
                         &pipes.mstep,
-                        &[
-                            &pb,
-                            &buf.l,
-                            &buf.logp_all,
-                            xb,
-                            &off_buf,
-                            &pos_buf,
-                            &partials,
-                        ],
+                        &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
                     ),
                     reduce: bind(
                         &ctx,
@@ -327,7 +343,10 @@ impl GpuEngine {
                         &[&pb, &partials, &buf.t_acc, &buf.t_comp],
                     ),
                     features: bind(&ctx, &pipes.features, &[&pb, &buf.l, &buf.f]),
-                    estep_groups: (nb * g.positions()).div_ceil(tm) as u32,
+                    estep_groups: match variant {
+                        Variant::Staged => (nb * g.positions()).div_ceil(tm) as u32,
+                        Variant::Direct => (nb * g.positions()).div_ceil(8 * 64) as u32,
+                    },
                     n_chunks,
                 });
                 s += nb;
@@ -351,6 +370,7 @@ impl GpuEngine {
                 &buf.bias_next,
                 &buf.counts_next,
                 &bad,
+                &buf.theta_t_next,
             ],
         );
         let summary_bg = bind(
@@ -372,7 +392,32 @@ impl GpuEngine {
             )));
         }
         ctx.wait()?;
+        let device_bytes = [
+            &buf.theta,
+            &buf.theta_t,
+            &buf.theta_t_next,
+            &buf.gpost,
+            &buf.bias,
+            &buf.theta_next,
+            &buf.bias_next,
+            &buf.counts,
+            &buf.counts_next,
+        ]
+        .into_iter()
+        .chain([
+            &buf.l,
+            &buf.logp_all,
+            &buf.t_acc,
+            &buf.t_comp,
+            &buf.summary,
+            &buf.f,
+        ])
+        .chain([&partials, &off_buf, &pos_buf, &bad])
+        .chain(buf._x.iter())
+        .map(|b| b.size())
+        .sum();
         Ok(Self {
+            device_bytes,
             ctx,
             g,
             n,
@@ -384,6 +429,11 @@ impl GpuEngine {
             summary_bg,
             max_batch,
         })
+    }
+
+    /// Bytes of every buffer the engine allocated on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.device_bytes
     }
 
     pub fn tiles(&self) -> Tiles {
@@ -400,10 +450,42 @@ impl GpuEngine {
     }
 
     fn record_estep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
-        let tn = 16 * self.tiles.e_rn as usize;
+        let tn = match self.pipes.variant {
+            Variant::Staged => 16 * self.tiles.e_rn as usize,
+            Variant::Direct => 8,
+        };
         pass.set_pipeline(&self.pipes.estep);
         pass.set_bind_group(0, &b.estep, &[]);
         pass.dispatch_workgroups(b.estep_groups, self.g.k.div_ceil(tn) as u32, 1);
+    }
+
+    fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
+        let g = self.g;
+        let kp = g.k.div_ceil(8) * 8;
+        pass.set_pipeline(&self.pipes.posterior);
+        pass.set_bind_group(0, &b.posterior, &[]);
+        pass.dispatch_workgroups(
+            kp.div_ceil(64) as u32,
+            g.positions().div_ceil(4) as u32,
+            b.n_images as u32,
+        );
+        pass.set_pipeline(&self.pipes.mstep);
+        pass.set_bind_group(0, &b.mstep, &[]);
+        match self.pipes.variant {
+            Variant::Staged => {
+                let tr = 16 * self.tiles.m_rr as usize;
+                let tk = 16 * self.tiles.m_rk as usize;
+                pass.dispatch_workgroups(
+                    (g.r() + 1).div_ceil(tr) as u32,
+                    g.k.div_ceil(tk) as u32,
+                    b.n_chunks,
+                )
+            }
+            Variant::Direct => {
+                let blocks = (g.r() + 1).div_ceil(8) * (kp / 8);
+                pass.dispatch_workgroups(blocks.div_ceil(64) as u32, 1, b.n_chunks)
+            }
+        }
     }
 
     /// Submits the statistics of every batch; calls `progress` as batches finish. At most two
@@ -415,8 +497,6 @@ impl GpuEngine {
         enc.clear_buffer(&self.buf.t_comp, 0, None);
         let done = Arc::new(AtomicUsize::new(0));
         let mut in_flight = std::collections::VecDeque::new();
-        let tr = 16 * self.tiles.m_rr as usize;
-        let tk = 16 * self.tiles.m_rk as usize;
         for b in &self.batches {
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
@@ -424,13 +504,7 @@ impl GpuEngine {
                 pass.set_pipeline(&self.pipes.logsumexp);
                 pass.set_bind_group(0, &b.lse, &[]);
                 pass.dispatch_workgroups(b.n_images as u32, 1, 1);
-                pass.set_pipeline(&self.pipes.mstep);
-                pass.set_bind_group(0, &b.mstep, &[]);
-                pass.dispatch_workgroups(
-                    (g.r() + 1).div_ceil(tr) as u32,
-                    g.k.div_ceil(tk) as u32,
-                    b.n_chunks,
-                );
+                self.record_mstep(&mut pass, b);
                 pass.set_pipeline(&self.pipes.reduce_stats);
                 pass.set_bind_group(0, &b.reduce, &[]);
                 let groups = (g.k * (g.r() + 1)).div_ceil(256) as u32;
@@ -482,6 +556,13 @@ impl GpuEngine {
         let (k, r) = (self.g.k as u64, self.g.r() as u64);
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(&self.buf.theta_next, 0, &self.buf.theta, 0, k * r * 4);
+        enc.copy_buffer_to_buffer(
+            &self.buf.theta_t_next,
+            0,
+            &self.buf.theta_t,
+            0,
+            self.buf.theta_t.size(),
+        );
         enc.copy_buffer_to_buffer(&self.buf.bias_next, 0, &self.buf.bias, 0, k * 4);
         enc.copy_buffer_to_buffer(&self.buf.counts_next, 0, &self.buf.counts, 0, k * 4);
         self.ctx.queue.submit([enc.finish()]);
@@ -549,6 +630,18 @@ impl GpuEngine {
         }
         Ok(out)
     }
+}
+
+/// `theta` `(K, R)` as the E-step reads it: transposed to `(R, KP)`, rows padded with zeros.
+fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
+    let kp = g.k.div_ceil(8) * 8;
+    let mut t = vec![0f32; g.r() * kp];
+    for k in 0..g.k {
+        for r in 0..g.r() {
+            t[r * kp + k] = theta[k * g.r() + r];
+        }
+    }
+    t
 }
 
 impl Engine for GpuEngine {

@@ -8,6 +8,9 @@ use crate::error::{CalmError, Result};
 
 const PARAMS: &str = include_str!("../../shaders/params.wgsl");
 pub const ESTEP: &str = include_str!("../../shaders/estep.wgsl");
+pub const ESTEP_DIRECT: &str = include_str!("../../shaders/estep_direct.wgsl");
+pub const POSTERIOR: &str = include_str!("../../shaders/posterior.wgsl");
+pub const MSTEP_DIRECT: &str = include_str!("../../shaders/mstep_direct.wgsl");
 pub const LOGSUMEXP: &str = include_str!("../../shaders/logsumexp.wgsl");
 pub const MSTEP: &str = include_str!("../../shaders/mstep.wgsl");
 pub const REDUCE_STATS: &str = include_str!("../../shaders/reduce_stats.wgsl");
@@ -16,8 +19,11 @@ pub const SUMMARY: &str = include_str!("../../shaders/summary.wgsl");
 pub const FEATURES: &str = include_str!("../../shaders/features.wgsl");
 
 /// Every kernel with its name, for validation and tests.
-pub const ALL: [(&str, &str); 7] = [
+pub const ALL: [(&str, &str); 10] = [
     ("estep", ESTEP),
+    ("estep_direct", ESTEP_DIRECT),
+    ("posterior", POSTERIOR),
+    ("mstep_direct", MSTEP_DIRECT),
     ("logsumexp", LOGSUMEXP),
     ("mstep", MSTEP),
     ("reduce_stats", REDUCE_STATS),
@@ -141,8 +147,36 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
     format!("{PARAMS}\n{body}")
 }
 
+/// Which implementation of the two GEMM kernels to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Tiles staged through workgroup memory (`estep.wgsl`, `mstep.wgsl`): for real GPUs.
+    Staged,
+    /// Register blocks read straight from device memory (`*_direct.wgsl`): for software
+    /// adapters, where workgroup memory and barriers are slow.
+    Direct,
+}
+
+impl Variant {
+    /// Direct on CPU adapters (lavapipe, llvmpipe, WARP), staged elsewhere; `CALM_KERNELS`
+    /// (`staged` or `direct`) overrides.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Result<Self> {
+        match std::env::var("CALM_KERNELS").as_deref() {
+            Ok("staged") => Ok(Variant::Staged),
+            Ok("direct") => Ok(Variant::Direct),
+            Ok(other) => Err(CalmError::Invalid(format!(
+                "CALM_KERNELS={other}: expected staged or direct"
+            ))),
+            Err(_) if info.device_type == wgpu::DeviceType::Cpu => Ok(Variant::Direct),
+            Err(_) => Ok(Variant::Staged),
+        }
+    }
+}
+
 pub struct Pipelines {
+    pub variant: Variant,
     pub estep: wgpu::ComputePipeline,
+    pub posterior: wgpu::ComputePipeline,
     pub logsumexp: wgpu::ComputePipeline,
     pub mstep: wgpu::ComputePipeline,
     pub reduce_stats: wgpu::ComputePipeline,
@@ -174,12 +208,21 @@ fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputeP
 }
 
 impl Pipelines {
-    pub fn new(device: &wgpu::Device, tiles: &Tiles) -> Result<Self> {
+    pub fn new(device: &wgpu::Device, tiles: &Tiles, variant: Variant) -> Result<Self> {
         let b = |name, kernel| build(device, name, &source(kernel, tiles));
+        let (estep, mstep) = match variant {
+            Variant::Staged => (b("estep", ESTEP)?, b("mstep", MSTEP)?),
+            Variant::Direct => (
+                b("estep_direct", ESTEP_DIRECT)?,
+                b("mstep_direct", MSTEP_DIRECT)?,
+            ),
+        };
         Ok(Self {
-            estep: b("estep", ESTEP)?,
+            variant,
+            estep,
+            posterior: b("posterior", POSTERIOR)?,
             logsumexp: b("logsumexp", LOGSUMEXP)?,
-            mstep: b("mstep", MSTEP)?,
+            mstep,
             reduce_stats: b("reduce_stats", REDUCE_STATS)?,
             update: b("update", UPDATE)?,
             summary: b("summary", SUMMARY)?,

@@ -1,0 +1,163 @@
+//! Timing of the engines (`calm-gpu bench`, `benches/`): wall clock of whole epochs after a
+//! warm-up, with the queue drained before the clock is read, and SPEC's FLOP count beside it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::Array4;
+use rand::RngExt;
+use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
+use serde::Serialize;
+
+use crate::cpu::CpuEngine;
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::geometry::Geometry;
+use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
+
+pub fn random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Dataset {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+    Dataset::new(
+        Array4::from_shape_vec((n, c, h, w), x).expect("shape"),
+        None,
+    )
+}
+
+/// One line of the benchmark table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub engine: String,
+    pub adapter: String,
+    pub shape: String,
+    pub images: usize,
+    pub batch: usize,
+    /// Median seconds of the E-step alone over all images (GPU only).
+    pub estep_s: Option<f64>,
+    /// Median seconds of a whole epoch (E-step, log-sum-exp, M-step, update).
+    pub epoch_s: f64,
+    pub estep_gflops: Option<f64>,
+    pub epoch_gflops: f64,
+    /// Bytes of device buffers the engine allocated (GPU only).
+    pub device_bytes: Option<u64>,
+    pub tiles: Option<String>,
+}
+
+impl Row {
+    pub fn header() -> String {
+        format!(
+            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>10}",
+            "engine",
+            "adapter",
+            "shape",
+            "E-step ms",
+            "GFLOP/s",
+            "epoch ms",
+            "GFLOP/s",
+            "device MB"
+        )
+    }
+    pub fn line(&self) -> String {
+        let opt =
+            |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+        format!(
+            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
+            self.engine,
+            self.adapter.chars().take(40).collect::<String>(),
+            self.shape,
+            opt(self.estep_s.map(|s| s * 1e3), 1),
+            opt(self.estep_gflops, 1),
+            self.epoch_s * 1e3,
+            self.epoch_gflops,
+            self.device_bytes
+                .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
+        )
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn shape(g: &Geometry, n: usize) -> String {
+    format!("{n}x{}x{}x{} K{} w{} p{}", g.c, g.h, g.w, g.k, g.kw, g.pad)
+}
+
+pub fn time_gpu(
+    ctx: &Arc<GpuContext>,
+    g: Geometry,
+    data: &Dataset,
+    theta: &[f32],
+    batch: usize,
+    epochs: usize,
+) -> Result<Row> {
+    let n = data.images.shape()[0];
+    let mut eng = GpuEngine::new(
+        Arc::clone(ctx),
+        g,
+        data,
+        theta,
+        GpuOptions {
+            batch,
+            ..Default::default()
+        },
+    )?;
+    eng.epoch(&mut |_| {})?; // warm-up: pipeline compilation, first-touch of memory
+    eng.time_estep()?;
+    let mut es = Vec::new();
+    let mut ep = Vec::new();
+    for _ in 0..epochs.max(1) {
+        es.push(eng.time_estep()?);
+        let t0 = Instant::now();
+        eng.epoch(&mut |_| {})?;
+        ep.push(t0.elapsed().as_secs_f64());
+    }
+    let (e, p) = (median(es), median(ep));
+    Ok(Row {
+        engine: format!("{:?}", ctx.info.backend).to_lowercase(),
+        adapter: ctx.info.name.clone(),
+        shape: shape(&g, n),
+        images: n,
+        batch: eng.max_batch(),
+        estep_s: Some(e),
+        epoch_s: p,
+        estep_gflops: Some(g.step_flops(n) / e / 1e9),
+        epoch_gflops: g.epoch_flops(n) / p / 1e9,
+        device_bytes: Some(eng.device_bytes()),
+        tiles: Some(eng.tiles().to_string()),
+    })
+}
+
+pub fn time_cpu(
+    g: Geometry,
+    data: Arc<Dataset>,
+    theta: &[f32],
+    batch: usize,
+    epochs: usize,
+) -> Result<Row> {
+    let n = data.images.shape()[0];
+    let mut eng = CpuEngine::new(g, data, theta.to_vec(), batch);
+    let mut ep = Vec::new();
+    for _ in 0..epochs.max(1) {
+        let t0 = Instant::now();
+        eng.epoch(&mut |_| {})?;
+        ep.push(t0.elapsed().as_secs_f64());
+    }
+    let p = median(ep);
+    Ok(Row {
+        engine: "cpu".into(),
+        adapter: format!("gemm, {} threads", rayon::current_num_threads()),
+        shape: shape(&g, n),
+        images: n,
+        batch,
+        estep_s: None,
+        epoch_s: p,
+        estep_gflops: None,
+        epoch_gflops: g.epoch_flops(n) / p / 1e9,
+        device_bytes: None,
+        tiles: None,
+    })
+}

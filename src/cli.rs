@@ -1,0 +1,594 @@
+//! The command line: argument definitions (clap derive) and one function per command.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use calm_gpu::cpu::CpuEngine;
+use calm_gpu::data::{self, Dataset, ImageSource};
+use calm_gpu::em::{self, Event};
+use calm_gpu::gpu::{GpuBackend, GpuContext, GpuEngine, GpuOptions};
+use calm_gpu::model::{self, Model, ModelMeta};
+use calm_gpu::{Engine, Geometry, LayerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "calm-gpu",
+    version,
+    about = "Learn convolution weights without labels: a convolutional Gaussian mixture fitted by EM on any GPU",
+    long_about = "calm-gpu fits a convolution layer as a Gaussian mixture over image patches by batch EM \
+                  (no labels, no backpropagation). The E-step is a convolution plus a log-sum-exp per image, \
+                  the M-step a convolution of each image with its own posterior map. It runs on Vulkan, Metal, \
+                  DX12 or GL through WGSL compute shaders, or on the CPU."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fit a layer by batch EM and write it as safetensors
+    Train(TrainArgs),
+    /// Write image-wide features f[n,k] = logsumexp_{h,w} L[n,k,h,w] of a dataset as .npy (N, K)
+    Features(FeaturesArgs),
+    /// Check every GPU kernel against the CPU reference on random problems; non-zero exit on failure
+    Validate(ValidateArgs),
+    /// List the GPU adapters wgpu can see
+    Devices,
+    /// Time the E-step and whole epochs on random data of a protocol's shape; GFLOP/s by SPEC's count
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// A hardware GPU if there is one, else the CPU engine
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+    /// The CPU engine (GEMM on all cores)
+    Cpu,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training data: MNIST/Fashion-MNIST IDX (raw or .gz, pixels / 255) or .npy float32 (N,C,H,W) or
+    /// (N,H,W). May be given several times (same image shape). Without it, the 8,000 real MNIST
+    /// digits shipped inside calm-gpu are used.
+    #[arg(long, value_name = "PATH")]
+    pub data: Vec<PathBuf>,
+    /// Where to run
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Number of kernels K
+    #[arg(long, default_value_t = 64)]
+    pub kernels: usize,
+    /// Kernel width w (kernels are w x w)
+    #[arg(long, default_value_t = 20)]
+    pub width: usize,
+    /// Zero padding p
+    #[arg(long, default_value_t = 2)]
+    pub pad: usize,
+    /// Images per batch; bounds memory only (theta is fixed for the whole epoch)
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// EM iterations (passes over the data)
+    #[arg(long, default_value_t = 15)]
+    pub epochs: usize,
+    /// Seed of the N(0,1) initial weights
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Start from these weights instead: a .npy float32 (K,C,w,w) or a saved model
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// The model file to write (safetensors)
+    #[arg(long, default_value = "calm-model.safetensors", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write one JSON object per epoch to this file (JSON lines)
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// Replace --out and --metrics if they exist (otherwise an existing file is refused)
+    #[arg(long)]
+    pub force: bool,
+    /// Print only the final summary
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// A model written by `calm-gpu train`
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The images (same formats as `train --data`); without it, the shipped sample's test split
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// The .npy file to write, float32 (N, K)
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Replace --out if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    /// The GPU backend to check (auto takes the best adapter, software ones included)
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train(a),
+        Command::Features(a) => features(a),
+        Command::Validate(a) => validate(a),
+        Command::Devices => devices(),
+        Command::Bench(a) => bench(a),
+    }
+}
+
+fn gpu_backend(b: Backend) -> Option<GpuBackend> {
+    match b {
+        Backend::Auto => Some(GpuBackend::Auto),
+        Backend::Vulkan => Some(GpuBackend::Vulkan),
+        Backend::Metal => Some(GpuBackend::Metal),
+        Backend::Dx12 => Some(GpuBackend::Dx12),
+        Backend::Gl => Some(GpuBackend::Gl),
+        Backend::Cpu => None,
+    }
+}
+
+/// Loads and concatenates the datasets (or the shipped sample), rejecting NaN and infinity.
+pub fn load_data(paths: &[PathBuf]) -> Result<(Dataset, Vec<String>)> {
+    if paths.is_empty() {
+        return Ok((
+            data::embedded_digits(data::Split::Train),
+            vec!["embedded:digits-train".into()],
+        ));
+    }
+    let mut sets = Vec::new();
+    for p in paths {
+        let d = data::load(p)?;
+        d.check_finite(&p.display().to_string())?;
+        sets.push(d);
+    }
+    let names = paths.iter().map(|p| p.display().to_string()).collect();
+    if sets.len() == 1 {
+        return Ok((sets.pop().expect("one"), names));
+    }
+    let shape = sets[0].shape();
+    for (s, p) in sets.iter().zip(paths) {
+        if s.shape() != shape {
+            bail!(
+                "{}: images are {:?} (C,H,W) but {} holds {:?}",
+                p.display(),
+                s.shape(),
+                paths[0].display(),
+                shape
+            );
+        }
+    }
+    let views: Vec<_> = sets.iter().map(|s| s.images.view()).collect();
+    let images = ndarray::concatenate(ndarray::Axis(0), &views)?;
+    Ok((Dataset::new(images, None), names))
+}
+
+/// The engine for `backend`; `auto` prefers a hardware GPU and falls back to the CPU engine.
+fn make_engine(
+    backend: Backend,
+    g: Geometry,
+    data: Arc<Dataset>,
+    theta: Vec<f32>,
+    batch: usize,
+) -> Result<Box<dyn Engine>> {
+    let gpu = match backend {
+        Backend::Cpu => None,
+        Backend::Auto => GpuContext::new(GpuBackend::Auto, true).ok(),
+        b => Some(GpuContext::new(
+            gpu_backend(b).expect("a GPU backend"),
+            false,
+        )?),
+    };
+    Ok(match gpu {
+        Some(ctx) => Box::new(GpuEngine::new(
+            Arc::new(ctx),
+            g,
+            data.as_ref(),
+            &theta,
+            GpuOptions {
+                batch,
+                ..Default::default()
+            },
+        )?),
+        None => Box::new(CpuEngine::new(g, data, theta, batch)),
+    })
+}
+
+fn check_positive(name: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("--{name} must be at least 1");
+    }
+    Ok(())
+}
+
+/// Refuses to overwrite `path` without --force, before any work is done.
+fn check_output(path: &Path, force: bool) -> Result<()> {
+    if path.is_dir() {
+        bail!("{} is a directory; give a file name", path.display());
+    }
+    if path.exists() && !force {
+        bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    check_positive("kernels", a.kernels)?;
+    check_positive("width", a.width)?;
+    check_positive("batch", a.batch)?;
+    check_positive("epochs", a.epochs)?;
+    check_output(&a.out, a.force)?;
+    if let Some(m) = &a.metrics {
+        check_output(m, a.force)?;
+    }
+    let (data, names) = load_data(&a.data)?;
+    let (c, h, w) = data.shape();
+    let layer = LayerConfig {
+        kernels: a.kernels,
+        width: a.width,
+        pad: a.pad,
+    };
+    let g = Geometry::new(layer, c, h, w)?;
+    let theta = match &a.init {
+        Some(p) => model::load_init(p, &g)?,
+        None => em::init_theta(&g, a.seed),
+    };
+    let n = data.len();
+    let data = Arc::new(data);
+    let mut engine = make_engine(a.backend, g, data, theta, a.batch)?;
+    let say = |s: String| {
+        if !a.quiet {
+            println!("{s}");
+        }
+    };
+    say(format!("engine: {}", engine.describe()));
+    say(format!(
+        "data: {n} images of {c}x{h}x{w} from {}; K={} w={} p={} (Ho={}, Wo={}); {:.1} GFLOP per epoch",
+        names.join(", "),
+        g.k,
+        g.kw,
+        g.pad,
+        g.ho,
+        g.wo,
+        g.epoch_flops(n) / 1e9
+    ));
+    let mut metrics = match &a.metrics {
+        Some(p) => {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+            }
+            Some(std::fs::File::create(p).with_context(|| p.display().to_string())?)
+        }
+        None => None,
+    };
+    let bar = progress_bar(a.quiet, n);
+    let stop = AtomicBool::new(false);
+    let mut io_err: Option<std::io::Error> = None;
+    let outcome = em::run(engine.as_mut(), 1, a.epochs, &stop, &mut |ev| match ev {
+        Event::EpochStart { epoch, epochs } => {
+            if let Some(b) = &bar {
+                b.reset();
+                b.set_message(format!("epoch {epoch}/{epochs}"));
+            }
+        }
+        Event::Progress { images } => {
+            if let Some(b) = &bar {
+                b.set_position(images as u64);
+            }
+        }
+        Event::EpochEnd(r) => {
+            let line = format!(
+                "epoch {:>3}/{}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
+                r.epoch, a.epochs, r.loglik, r.loglik_per_image, r.seconds, r.gflops
+            );
+            match &bar {
+                Some(b) => b.println(line),
+                None => say(line),
+            }
+            if let Some(f) = metrics.as_mut() {
+                let j = serde_json::to_string(r).expect("plain numbers serialise");
+                if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
+                    io_err.get_or_insert(e);
+                }
+            }
+        }
+        Event::PrecisionLimit { epoch } => {
+            let line = format!(
+                "numerical precision limit reached at epoch {epoch}; keeping the last finite theta"
+            );
+            match &bar {
+                Some(b) => b.println(line),
+                None => println!("{line}"),
+            }
+        }
+    })?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = io_err {
+        bail!("writing --metrics failed: {e}");
+    }
+    let model = Model {
+        meta: ModelMeta {
+            layer,
+            channels: c,
+            height: h,
+            width: w,
+            seed: a.seed,
+            batch: a.batch,
+            epochs_requested: a.epochs,
+            preprocess: "none".into(),
+            engine: engine.describe(),
+            images: n,
+            data: names,
+            history: outcome.history.clone(),
+            stopped: outcome.stopped.clone(),
+            calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        theta: engine.theta()?,
+        counts: engine.counts()?,
+    };
+    model.save(&a.out, a.force)?;
+    let secs: f64 = outcome.history.iter().map(|r| r.seconds).sum();
+    println!(
+        "wrote {} after {} epochs in {:.2} s{}",
+        a.out.display(),
+        outcome.history.len(),
+        secs,
+        outcome
+            .history
+            .last()
+            .map(|r| format!(" (LL/image {:.4})", r.loglik_per_image))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn progress_bar(quiet: bool, n: usize) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(n as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(b)
+}
+
+fn features(a: FeaturesArgs) -> Result<()> {
+    check_positive("batch", a.batch)?;
+    check_output(&a.out, a.force)?;
+    let model = Model::load(&a.model)?;
+    let (data, _) = match &a.data {
+        Some(p) => load_data(std::slice::from_ref(p))?,
+        None => (data::embedded_digits(data::Split::Test), vec![]),
+    };
+    let g_model = model.geometry()?;
+    let (c, h, w) = data.shape();
+    if c != g_model.c {
+        bail!(
+            "the model was trained on {}-channel images but the data has {c} channels",
+            g_model.c
+        );
+    }
+    let g = Geometry::new(model.meta.layer, c, h, w)?;
+    let f = match gpu_backend(a.backend)
+        .and_then(|b| GpuContext::new(b, a.backend != Backend::Auto).ok())
+    {
+        Some(ctx) => {
+            let mut eng = GpuEngine::new(
+                Arc::new(ctx),
+                g,
+                &data,
+                &model.theta,
+                GpuOptions {
+                    batch: a.batch,
+                    ..Default::default()
+                },
+            )?;
+            eng.features(&mut |_| {})?
+        }
+        None if a.backend == Backend::Auto || a.backend == Backend::Cpu => {
+            calm_gpu::cpu::fast::features(&g, &data, &model.theta, a.batch, &mut |_| {})?
+        }
+        None => {
+            GpuContext::new(gpu_backend(a.backend).expect("gpu"), false)?;
+            unreachable!("GpuContext::new failed above")
+        }
+    };
+    let mut bytes = Vec::new();
+    ndarray_npy::WriteNpyExt::write_npy(&f, &mut bytes)?;
+    model::write_atomic(&a.out, &bytes, a.force)?;
+    println!(
+        "wrote {} ({} x {} float32)",
+        a.out.display(),
+        f.nrows(),
+        f.ncols()
+    );
+    Ok(())
+}
+
+fn validate(a: ValidateArgs) -> Result<()> {
+    let Some(b) = gpu_backend(a.backend) else {
+        bail!(
+            "validate compares a GPU backend with the CPU reference; choose --backend vulkan, metal, dx12, gl or auto"
+        );
+    };
+    let ctx = Arc::new(GpuContext::new(b, false)?);
+    println!("adapter: {}", ctx.describe());
+    let t0 = std::time::Instant::now();
+    let rows = calm_gpu::validate::run(&ctx)?;
+    println!(
+        "{:<14} {:<34} {:>12} {:>10}  result",
+        "kernel", "shape", "max rel err", "tolerance"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        println!(
+            "{:<14} {:<34} {:>12.3e} {:>10.1e}  {}",
+            r.kernel,
+            r.shape,
+            r.error,
+            r.tolerance,
+            if r.pass() { "pass" } else { "FAIL" }
+        );
+        failed += usize::from(!r.pass());
+    }
+    println!(
+        "{} checks, {} failed, {:.1} s",
+        rows.len(),
+        failed,
+        t0.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!(
+            "{failed} of {} kernel checks failed on {}",
+            rows.len(),
+            ctx.info.name
+        );
+    }
+    Ok(())
+}
+
+fn devices() -> Result<()> {
+    let list = calm_gpu::gpu::list_adapters();
+    if list.is_empty() {
+        println!("no GPU adapters found (the CPU engine, --backend cpu, still works)");
+    }
+    println!("{:<44} {:<8} {:<14} driver", "name", "backend", "type");
+    for i in list {
+        println!(
+            "{:<44} {:<8} {:<14} {} {}",
+            i.name,
+            format!("{:?}", i.backend),
+            format!("{:?}", i.device_type),
+            i.driver,
+            i.driver_info
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Engines to time: one of the GPU backends, cpu, or all (every backend present plus cpu)
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Also time the CPU engine beside the GPU
+    #[arg(long)]
+    pub with_cpu: bool,
+    /// Layer and image shape: mnist (1x28x28, K 64, w 20, p 2) or stl10 (3x96x96, K 200, w 15, p 0)
+    #[arg(long, value_enum, default_value_t = Protocol::Mnist)]
+    pub protocol: Protocol,
+    /// Number of images (random, uniform in [0,1)); default: 8,000 for mnist, 200 for stl10
+    #[arg(long)]
+    pub images: Option<usize>,
+    /// Images per batch (default: the protocol's)
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed epochs after one warm-up epoch
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Write the table as JSON lines too
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    Mnist,
+    Stl10,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let (c, h, w, layer, batch, images) = match a.protocol {
+        Protocol::Mnist => (
+            1,
+            28,
+            28,
+            LayerConfig {
+                kernels: 64,
+                width: 20,
+                pad: 2,
+            },
+            1000,
+            8000,
+        ),
+        Protocol::Stl10 => (
+            3,
+            96,
+            96,
+            LayerConfig {
+                kernels: 200,
+                width: 15,
+                pad: 0,
+            },
+            200,
+            200,
+        ),
+    };
+    let n = a.images.unwrap_or(images);
+    let batch = a.batch.unwrap_or(batch);
+    check_positive("images", n)?;
+    check_positive("epochs", a.epochs)?;
+    let g = Geometry::new(layer, c, h, w)?;
+    let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
+    let theta = em::init_theta(&g, 0);
+    let mut rows = Vec::new();
+    if let Some(b) = gpu_backend(a.backend).filter(|_| a.backend != Backend::Cpu) {
+        let ctx = Arc::new(GpuContext::new(b, false)?);
+        rows.push(calm_gpu::bench::time_gpu(
+            &ctx, g, &data, &theta, batch, a.epochs,
+        )?);
+    }
+    if a.with_cpu || a.backend == Backend::Cpu {
+        rows.push(calm_gpu::bench::time_cpu(
+            g,
+            data.clone(),
+            &theta,
+            batch,
+            a.epochs,
+        )?);
+    }
+    println!("{}", calm_gpu::bench::Row::header());
+    for r in &rows {
+        println!("{}", r.line());
+    }
+    if let Some(p) = &a.json {
+        let mut s = String::new();
+        for r in &rows {
+            s.push_str(&serde_json::to_string(r)?);
+            s.push('\n');
+        }
+        std::fs::write(p, s).with_context(|| p.display().to_string())?;
+    }
+    Ok(())
+}

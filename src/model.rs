@@ -1,0 +1,236 @@
+//! A trained layer on disk: safetensors with `theta` `(K, C, w, w)` f32 (PyTorch's conv2d weight
+//! layout), `counts` `(K)` f32 (the `B'` of the last update), and metadata holding the config and
+//! the log-likelihood history as JSON.
+//!
+//! Files are written atomically (a temporary file in the same directory, then a rename), so an
+//! interrupted write never leaves a half-written model behind.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CalmError, Result};
+use crate::geometry::{Geometry, LayerConfig};
+
+/// One epoch of the run, as printed and as written to `--metrics`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// `LL` accumulated under the `theta` used during this epoch.
+    pub loglik: f64,
+    pub loglik_per_image: f64,
+    /// `S = sum_k B[k]`, which should equal the number of images.
+    pub count_sum: f64,
+    pub seconds: f64,
+    /// SPEC's FLOP count of the epoch over its seconds.
+    pub gflops: f64,
+}
+
+/// Everything about how a model was made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub layer: LayerConfig,
+    /// Image shape `(C, H, W)` the layer was trained on.
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub epochs_requested: usize,
+    /// Preprocessing applied to the data before training ("none", "scale", "zca-image").
+    pub preprocess: String,
+    pub engine: String,
+    pub images: usize,
+    pub data: Vec<String>,
+    pub history: Vec<EpochRecord>,
+    /// Why training stopped early, if it did.
+    pub stopped: Option<String>,
+    pub calm_gpu_version: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub meta: ModelMeta,
+    /// `(K, C, w, w)` flattened.
+    pub theta: Vec<f32>,
+    /// `B'` of the last update, `(K)`.
+    pub counts: Vec<f32>,
+}
+
+fn model_err(path: &Path, msg: impl std::fmt::Display) -> CalmError {
+    CalmError::Model(format!("{}: {msg}", path.display()))
+}
+
+impl Model {
+    pub fn geometry(&self) -> Result<Geometry> {
+        Ok(Geometry::new(
+            self.meta.layer,
+            self.meta.channels,
+            self.meta.height,
+            self.meta.width,
+        )?)
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let l = self.meta.layer;
+        let shape = vec![l.kernels, self.meta.channels, l.width, l.width];
+        let theta = TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(&self.theta))
+            .map_err(|e| CalmError::Model(format!("theta does not match the config: {e}")))?;
+        let counts = TensorView::new(
+            Dtype::F32,
+            vec![l.kernels],
+            bytemuck::cast_slice(&self.counts),
+        )
+        .map_err(|e| CalmError::Model(format!("counts do not match the config: {e}")))?;
+        let mut md = HashMap::new();
+        let json = |v: &dyn erased::Json| v.json();
+        md.insert("format".to_string(), "calm-gpu".to_string());
+        md.insert("calm_gpu".to_string(), json(&self.meta));
+        md.insert(
+            "loglik".to_string(),
+            json(
+                &self
+                    .meta
+                    .history
+                    .iter()
+                    .map(|r| r.loglik)
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        md.insert("config".to_string(), json(&self.meta.layer));
+        safetensors::serialize([("theta", theta), ("counts", counts)], Some(md))
+            .map_err(|e| CalmError::Model(format!("could not serialise the model: {e}")))
+    }
+
+    /// Writes the model atomically; refuses to replace an existing file unless `force`.
+    pub fn save(&self, path: &Path, force: bool) -> Result<()> {
+        write_atomic(path, &self.to_bytes()?, force)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| CalmError::io(path, e))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| model_err(path, format!("not a safetensors model ({e})")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| model_err(path, e))?;
+        let md = header.metadata().clone().unwrap_or_default();
+        let meta: ModelMeta = md
+            .get("calm_gpu")
+            .ok_or_else(|| model_err(path, "no calm-gpu metadata (was it written by calm-gpu?)"))
+            .and_then(|s| {
+                serde_json::from_str(s)
+                    .map_err(|e| model_err(path, format!("bad calm-gpu metadata: {e}")))
+            })?;
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| model_err(path, format!("no tensor `{name}`")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                return Err(model_err(
+                    path,
+                    format!(
+                        "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
+                        t.dtype(),
+                        t.shape()
+                    ),
+                ));
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let l = meta.layer;
+        let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
+        let counts = read("counts", &[l.kernels])?;
+        Ok(Self {
+            meta,
+            theta,
+            counts,
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, creating
+/// missing parent directories. An existing `path` is refused unless `force`.
+pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    if path.is_dir() {
+        return Err(CalmError::Invalid(format!(
+            "{} is a directory; give a file name",
+            path.display()
+        )));
+    }
+    if !force && path.exists() {
+        return Err(CalmError::Invalid(format!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| CalmError::io(&dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CalmError::io(path, e));
+    }
+    Ok(())
+}
+
+/// Weights to start from: a `.npy` f32 array `(K, C, w, w)` or a saved model. Returns the flat
+/// weights checked against `g`.
+pub fn load_init(path: &Path, g: &Geometry) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| CalmError::io(path, e))?;
+    let want = [g.k, g.c, g.kw, g.kw];
+    let (theta, shape): (Vec<f32>, Vec<usize>) = if bytes.starts_with(b"\x93NUMPY") {
+        let arr: ndarray::ArrayD<f32> =
+            ndarray_npy::ReadNpyExt::read_npy(std::io::Cursor::new(&bytes))
+                .map_err(|e| model_err(path, format!("not a float32 .npy array ({e})")))?;
+        let shape = arr.shape().to_vec();
+        (arr.as_standard_layout().iter().copied().collect(), shape)
+    } else {
+        let m = Model::from_bytes(path, &bytes)?;
+        let l = m.meta.layer;
+        (m.theta, vec![l.kernels, m.meta.channels, l.width, l.width])
+    };
+    if shape != want {
+        return Err(model_err(
+            path,
+            format!("--init weights have shape {shape:?}, but K, C, w, w of this run are {want:?}"),
+        ));
+    }
+    if theta.iter().any(|v| !v.is_finite()) {
+        return Err(model_err(path, "--init weights hold NaN or infinity"));
+    }
+    Ok(theta)
+}
+
+mod erased {
+    /// Serialises anything serde can to a JSON string (metadata values are strings).
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `calm-gpu validate`: every GPU kernel against its CPU twin on random problems of several
+//! shapes, as a table.
+
+use std::sync::Arc;
+
+use ndarray::Array4;
+use rand::RngExt;
+use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
+
+use crate::cpu::reference;
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::geometry::{Geometry, LayerConfig};
+use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
+
+/// One comparison: a kernel's output on one shape.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub kernel: &'static str,
+    pub shape: String,
+    /// max |gpu - cpu| / max |cpu|.
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl Row {
+    pub fn pass(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+/// Tolerances, relative to the largest reference value of each output.
+/// - E-step and the log-sum-exps are f32 sums of R products (R <= 400 here) against an f64
+///   reference: about 1e-7 * sqrt(R) relative, so 1e-5 leaves a wide margin.
+/// - M-step statistics and the update go through exp(L - logp): an absolute error e in L is a
+///   relative error e in every posterior, and |L| reaches a few hundred, so L's 1e-7 relative
+///   error becomes ~1e-5 relative in B and T; 2e-4 covers it with margin, and is still far
+///   below what any indexing or synchronisation bug produces (errors of order 1).
+pub const TOL_LINEAR: f64 = 1e-5;
+pub const TOL_POSTERIOR: f64 = 2e-4;
+
+/// The shapes `validate` runs: C = 1 and 3, padding 0, 1 and 2, odd and non-square images,
+/// K not a power of two, batches that do not divide N, and the MNIST protocol's layer.
+pub fn cases() -> Vec<(usize, usize, usize, usize, LayerConfig, usize)> {
+    let l = |k, w, p| LayerConfig {
+        kernels: k,
+        width: w,
+        pad: p,
+    };
+    vec![
+        (10, 1, 12, 12, l(5, 5, 2), 4),
+        (7, 3, 9, 13, l(6, 4, 0), 3),
+        (11, 3, 11, 7, l(13, 3, 2), 5),
+        (5, 3, 20, 17, l(10, 7, 1), 2),
+        (9, 1, 28, 28, l(64, 20, 2), 4),
+    ]
+}
+
+pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let e = a.iter().zip(b).fold(0f64, |m, (x, y)| {
+        let d = (*x as f64 - y).abs();
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    });
+    e / scale
+}
+
+/// Runs one shape on the GPU and on the CPU reference and compares every kernel's output.
+pub fn run_case(
+    ctx: &Arc<GpuContext>,
+    seed: u64,
+    (n, c, h, w, layer, batch): (usize, usize, usize, usize, LayerConfig, usize),
+) -> Result<Vec<Row>> {
+    let g = Geometry::new(layer, c, h, w)?;
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+    // Small weights, so that the posterior spreads over kernels and positions (N(0,1) weights
+    // give one kernel nearly all the mass and leave most of T untested).
+    let theta: Vec<f32> = (0..g.k * g.r())
+        .map(|_| 0.1 * rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    let data = Dataset::new(
+        Array4::from_shape_vec((n, c, h, w), x.clone()).expect("shape"),
+        None,
+    );
+    let mut eng = GpuEngine::new(
+        Arc::clone(ctx),
+        g,
+        &data,
+        &theta,
+        GpuOptions {
+            batch,
+            ..Default::default()
+        },
+    )?;
+    let stats = eng.epoch(&mut |_| {})?;
+    let st = eng.read_state()?;
+
+    let shape = format!(
+        "N{n} C{c} {h}x{w} K{} w{} p{} B{batch}",
+        layer.kernels, layer.width, layer.pad
+    );
+    let mut rows = Vec::new();
+    let mut row = |kernel, error, tolerance| {
+        rows.push(Row {
+            kernel,
+            shape: shape.clone(),
+            error,
+            tolerance,
+        })
+    };
+
+    let xpad = reference::pad_images(&g, &x, n);
+    let l_all = reference::estep(&g, &xpad, n, &theta);
+    let last = n - (n - 1) / eng.max_batch() * eng.max_batch();
+    let per = g.k * g.positions();
+    row(
+        "estep",
+        rel_err(&st.l_last, &l_all[(n - last) * per..]),
+        TOL_LINEAR,
+    );
+    let logp = reference::logp(&g, &l_all, n);
+    row("logsumexp", rel_err(&st.logp_all, &logp), TOL_LINEAR);
+
+    let (ref_stats, ref_up) = reference::epoch(&g, &x, n, &theta, batch);
+    let r1 = g.r() + 1;
+    let t: Vec<f32> = (0..g.k)
+        .flat_map(|k| st.t[k * r1..k * r1 + g.r()].to_vec())
+        .collect();
+    let b: Vec<f32> = (0..g.k).map(|k| st.t[k * r1 + g.r()]).collect();
+    row("mstep T", rel_err(&t, &ref_stats.t), TOL_POSTERIOR);
+    row("mstep B", rel_err(&b, &ref_stats.b), TOL_POSTERIOR);
+    row(
+        "update theta",
+        rel_err(&st.theta_next, &ref_up.theta),
+        TOL_POSTERIOR,
+    );
+    row(
+        "update counts",
+        rel_err(&st.counts_next, &ref_up.counts),
+        TOL_POSTERIOR,
+    );
+    let bias_ref = reference::bias(&g, &st.theta_next.clone());
+    row("update bias", rel_err(&st.bias_next, &bias_ref), TOL_LINEAR);
+    row(
+        "summary LL",
+        rel_err(&[stats.loglik as f32], &[ref_stats.ll]),
+        TOL_LINEAR,
+    );
+    row(
+        "summary S",
+        rel_err(&[stats.count_sum as f32], &[ref_up.count_sum]),
+        TOL_LINEAR,
+    );
+
+    // Features with the GPU's own updated theta, so this checks the kernel alone.
+    let theta_gpu = eng.theta()?;
+    let f = eng.features(&mut |_| {})?;
+    let f_ref = reference::features(&g, &reference::estep(&g, &xpad, n, &theta_gpu), n);
+    row(
+        "features",
+        rel_err(f.as_slice().expect("standard layout"), &f_ref),
+        TOL_LINEAR,
+    );
+    Ok(rows)
+}
+
+/// Every case; the caller prints the table.
+pub fn run(ctx: &Arc<GpuContext>) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (i, case) in cases().into_iter().enumerate() {
+        rows.extend(run_case(ctx, 1000 + i as u64, case)?);
+    }
+    Ok(rows)
+}
