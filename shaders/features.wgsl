@@ -1,6 +1,6 @@
 // Features: f[n, k] = log sum_{h,w} exp(L[n,k,h,w]), one workgroup per (k, n) of the batch.
 //
-// Shapes: l (n_images, K, Ho*Wo); f (N, K), written at row logp_offset + n.
+// Shapes: l (n_images, K, Ho*Wo); f (n_images, K), this batch's rows (the host reads them back).
 // Online (max, sum) pairs per thread merged in a fixed tree, as in logsumexp.wgsl.
 
 const WGS: u32 = 64u;
@@ -44,6 +44,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         workgroupBarrier();
     }
     if (lid == 0u) {
-        f[(prm.logp_offset + n) * prm.k + k] = red_m[0] + log(red_s[0]);
+        f[n * prm.k + k] = red_m[0] + log(red_s[0]);
     }
 }

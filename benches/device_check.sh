@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The real-GPU check in one go, for a lent NVIDIA machine (see docs/perf.md for the numbers it
+# produced). From the repository root, with a stripped release binary at $BIN and the Vulkan/EGL
+# loader packages in .gl/ (device README):
+#
+#   BIN=.dev/calm-gpu OUT=/tmp/out bash benches/device_check.sh
+#
+# 1. which card and driver; 2. `calm-gpu validate` on Vulkan (and GL) against the CPU reference;
+# 3. the main job on the embedded sample; 4. `calm-gpu bench`, MNIST protocol on 60,000 images,
+# over a few tile shapes, and the STL-10 protocol on a subset; 5. the PyTorch baseline
+# (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
+# 6. one table. Every step has its own timeout so a hang cannot eat the lease.
+set -u
+BIN=${BIN:-.dev/calm-gpu}
+OUT=${OUT:-/tmp/calm-out}
+STL_IMAGES=${STL_IMAGES:-1000}
+MNIST_IMAGES=${MNIST_IMAGES:-60000}
+TORCH_DEVICE=${TORCH_DEVICE:-cuda}
+TILES=${TILES:-"e=8x4x16,m=4x4x16 e=8x4x8,m=4x4x8 e=16x4x8,m=4x8x8 e=8x4x32,m=4x4x32 e=8x8x16,m=8x8x16 e=4x4x16,m=4x4x16"}
+mkdir -p "$OUT"
+if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+"$BIN" devices 2>&1 | tee "$OUT/devices.txt"
+if [ -z "${NO_DRIVER_FALLBACK:-}" ] && ! grep -qi nvidia "$OUT/devices.txt"; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  "$BIN" devices 2>&1 | tee "$OUT/devices.txt"
+fi
+export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
+
+echo "== validate (vulkan)"
+timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$OUT/validate_vulkan.txt" | tail -8
+echo "== validate (gl)"
+timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$OUT/validate_gl.txt" | tail -3
+
+echo "== train on the embedded sample"
+timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$OUT/sample.safetensors" --force 2>&1 | tail -6
+
+echo "== bench mnist protocol, $MNIST_IMAGES images, tile shapes"
+i=0
+for t in $TILES; do
+  i=$((i+1))
+  CALM_TILES=$t timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$OUT/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+done
+echo "== bench stl10 protocol, $STL_IMAGES images"
+timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$OUT/stl10.json" 2>&1 | tail -1
+
+echo "== PyTorch baseline, same card"
+export PYTHONUNBUFFERED=1
+timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$OUT/torch_mnist.json" 2>&1 | tail -6
+timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$OUT/torch_mnist_tf32.json" 2>&1 | tail -3
+timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$OUT/torch_stl10.json" 2>&1 | tail -3
+
+echo "== summary"
+python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+rows = []
+for f in sorted(glob.glob(os.path.join(out, "mnist_*.json"))) + [os.path.join(out, "stl10.json")]:
+    if os.path.exists(f):
+        for line in open(f):
+            r = json.loads(line)
+            rows.append((f"calm-gpu {r['engine']} {r.get('tiles') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops")))
+def torch_rows(f, name):
+    if not os.path.exists(f):
+        return
+    j = json.load(open(f))
+    eps = j["epochs"]
+    if not eps:
+        return
+    secs = sorted(e["seconds"] for e in eps)
+    med = secs[len(secs) // 2]
+    rows.append((f"{name} {j.get('device_name', '')}"[:44], f"{j['N']}x{j['C']}x{j['H']}x{j['W']} K{j['K']} w{j['w']} p{j['p']}", med, j["flops_per_epoch"] / med / 1e9, None))
+torch_rows(os.path.join(out, "torch_mnist.json"), "pytorch cuda fp32 (mnist)")
+torch_rows(os.path.join(out, "torch_mnist_tf32.json"), "pytorch cuda tf32 (mnist)")
+torch_rows(os.path.join(out, "torch_stl10.json"), "pytorch cuda fp32 (stl10)")
+print(f"{'engine':<44} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E-step GFLOP/s':>15}")
+for r in rows:
+    print(f"{r[0]:<44} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>15}")
+PY
