@@ -33,8 +33,10 @@ export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
 
 echo "== validate (vulkan)"
 timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$OUT/validate_vulkan.txt" | tail -8
-echo "== validate (gl)"
-timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$OUT/validate_gl.txt" | tail -3
+if [ -z "${SKIP_GL:-}" ]; then
+  echo "== validate (gl)"
+  timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$OUT/validate_gl.txt" | tail -3
+fi
 
 echo "== train on the embedded sample"
 timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$OUT/sample.safetensors" --force 2>&1 | tail -6
@@ -45,13 +47,20 @@ for t in $TILES; do
   i=$((i+1))
   CALM_TILES=$t timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$OUT/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
+if [ -n "${CHECKS_ON_TOO:-}" ]; then
+  CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -1 | sed "s/^/checks-on  /"
+done
 echo "== bench stl10 protocol, $STL_IMAGES images"
-timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$OUT/stl10.json" 2>&1 | tail -1
+for t in ${STL_TILES:-"e=8x4x16,m=4x4x16"}; do
+  CALM_TILES=$t timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$OUT/stl10_$t.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+done
 
 echo "== PyTorch baseline, same card"
 export PYTHONUNBUFFERED=1
 timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$OUT/torch_mnist.json" 2>&1 | tail -6
-timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$OUT/torch_mnist_tf32.json" 2>&1 | tail -3
+if [ -z "${SKIP_TF32:-}" ]; then
+  timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$OUT/torch_mnist_tf32.json" 2>&1 | tail -3
+fi
 timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$OUT/torch_stl10.json" 2>&1 | tail -3
 
 echo "== summary"
@@ -59,7 +68,7 @@ python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 rows = []
-for f in sorted(glob.glob(os.path.join(out, "mnist_*.json"))) + [os.path.join(out, "stl10.json")]:
+for f in sorted(glob.glob(os.path.join(out, "mnist_*.json"))) + sorted(glob.glob(os.path.join(out, "stl10_*.json"))):
     if os.path.exists(f):
         for line in open(f):
             r = json.loads(line)

@@ -22,6 +22,8 @@ const TK: u32 = WG * RK;
 const TR: u32 = WG * RR;
 const TK4: u32 = TK / 4u;
 const TR4: u32 = TR / 4u;
+const RM: u32 = RR;  // the unrolled block's names: RM along a (columns), RN along b (kernels)
+const RN: u32 = RK;
 
 @group(0) @binding(1) var<storage, read> gpost: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
@@ -29,8 +31,8 @@ const TR4: u32 = TR / 4u;
 @group(0) @binding(4) var<storage, read> pos_off: array<u32>;
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 
-var<workgroup> g_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4]
-var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4]
+var<workgroup> b_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4], posteriors
+var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4], patch values
 
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -44,12 +46,12 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let n_end = min(n_begin + prm.imgs_per_chunk, prm.n_images);
     let kp = kpad();
 
-    var acc: array<array<f32, RR>, RK>;
+{{ACC_DECL}}
     for (var n = n_begin; n < n_end; n++) {
         let gbase = n * prm.positions;
         let xbase = (prm.x_offset + n) * prm.img_stride;
         for (var p0 = 0u; p0 < prm.positions; p0 += BK) {
-            // G tile: BK positions x TK kernels, four kernels per vec4 (zero beyond K).
+            // G tile: BK positions x TK kernels, four kernels per vec4 (zero beyond K and P).
             for (var e = lid; e < BK * TK4; e += WG * WG) {
                 let kk = e / TK4;
                 let kq = e - kk * TK4;
@@ -59,66 +61,32 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
                 if (p < prm.positions && k < kp) {
                     v = gpost[((gbase + p) * kp + k) / 4u];
                 }
-                g_tile[e] = v;
+                b_tile[e] = v;
             }
-            // A tile: BK positions x TR columns of patch values (column R is the constant 1).
+            // A tile: BK positions x TR columns of patch values. off and pos_off are padded with
+            // zeros past R and P, so every read is in bounds; column R is the constant 1 (B).
             for (var e = lid; e < BK * TR4; e += WG * WG) {
                 let kk = e / TR4;
                 let cq = e - kk * TR4;
-                let p = p0 + kk;
-                var v = vec4<f32>(0.0);
-                if (p < prm.positions) {
-                    let pb = xbase + pos_off[p];
-                    for (var q = 0u; q < 4u; q++) {
-                        let r = c0 + cq * 4u + q;
-                        if (r < prm.r) {
-                            v[q] = x[pb + off[r]];
-                        } else if (r == prm.r) {
-                            v[q] = 1.0;
-                        }
-                    }
-                }
+                let pb = xbase + pos_off[p0 + kk];
+                let r = c0 + cq * 4u;
+                var v = vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
+                let rs = vec4<u32>(r, r + 1u, r + 2u, r + 3u);
+                v = select(v, vec4<f32>(1.0), rs == vec4<u32>(prm.r));
                 a_tile[e] = v;
             }
             workgroupBarrier();
 
+            // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
             for (var kk = 0u; kk < BK; kk++) {
-                var g: array<f32, RK>;
-                var a: array<f32, RR>;
-                for (var q = 0u; q < RK / 4u; q++) {
-                    let v = g_tile[kk * TK4 + ty * (RK / 4u) + q];
-                    g[q * 4u] = v.x;
-                    g[q * 4u + 1u] = v.y;
-                    g[q * 4u + 2u] = v.z;
-                    g[q * 4u + 3u] = v.w;
-                }
-                for (var q = 0u; q < RR / 4u; q++) {
-                    let v = a_tile[kk * TR4 + tx * (RR / 4u) + q];
-                    a[q * 4u] = v.x;
-                    a[q * 4u + 1u] = v.y;
-                    a[q * 4u + 2u] = v.z;
-                    a[q * 4u + 3u] = v.w;
-                }
-                for (var i = 0u; i < RK; i++) {
-                    for (var j = 0u; j < RR; j++) {
-                        acc[i][j] = fma(g[i], a[j], acc[i][j]);
-                    }
-                }
+                let ab = kk * TR4 + tx * (RR / 4u);
+                let bb = kk * TK4 + ty * (RK / 4u);
+{{FMA}}
             }
             workgroupBarrier();
         }
     }
 
     let pbase = wid.z * prm.k * r1;
-    for (var i = 0u; i < RK; i++) {
-        let k = k0 + ty * RK + i;
-        if (k < prm.k) {
-            for (var j = 0u; j < RR; j++) {
-                let r = c0 + tx * RR + j;
-                if (r < r1) {
-                    partials[pbase + k * r1 + r] = acc[i][j];
-                }
-            }
-        }
-    }
+{{STORE}}
 }

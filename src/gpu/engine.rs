@@ -255,9 +255,13 @@ impl GpuEngine {
                 (0..g.kw)
                     .flat_map(move |i| (0..g.kw).map(move |j| ((c * g.hp + i) * g.wp + j) as u32))
             })
+            // Zeros past R and P: the M-step's tile loads read them (in bounds, value unused)
+            // instead of branching per element. 1,100 covers a 1,024-column tile.
+            .chain(std::iter::repeat_n(0, 1100))
             .collect();
         let pos_off: Vec<u32> = (0..g.ho)
             .flat_map(|h| (0..g.wo).map(move |w| (h * g.wp + w) as u32))
+            .chain(std::iter::repeat_n(0, 64))
             .collect();
         let n_chunks_max = max_batch.div_ceil(ipc) as u64;
         let buf = Resident {
@@ -465,8 +469,8 @@ impl GpuEngine {
         pass.set_pipeline(&self.pipes.posterior);
         pass.set_bind_group(0, &b.posterior, &[]);
         pass.dispatch_workgroups(
-            kp.div_ceil(64) as u32,
-            g.positions().div_ceil(4) as u32,
+            g.positions().div_ceil(32) as u32,
+            kp.div_ceil(32) as u32,
             b.n_images as u32,
         );
         pass.set_pipeline(&self.pipes.mstep);
