@@ -18,6 +18,10 @@ MNIST_IMAGES=${MNIST_IMAGES:-60000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 TILES=${TILES:-"e=8x4x16,m=4x4x16 e=8x4x8,m=4x4x8 e=16x4x8,m=4x8x8 e=8x4x32,m=4x4x32 e=8x8x16,m=8x8x16 e=4x4x16,m=4x4x16"}
 mkdir -p "$OUT"
+# Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
+# brings back at most 8 files).
+J=${J:-/tmp/calm-json}
+mkdir -p "$J"
 if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
@@ -32,39 +36,42 @@ fi
 export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
 
 echo "== validate (vulkan)"
-timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$OUT/validate_vulkan.txt" | tail -8
+timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$J/validate_vulkan.txt" | grep -E "FAIL|checks|error|adapter"
 if [ -z "${SKIP_GL:-}" ]; then
   echo "== validate (gl)"
-  timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$OUT/validate_gl.txt" | tail -3
+  timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$J/validate_gl.txt" | tail -3
 fi
 
 echo "== train on the embedded sample"
-timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$OUT/sample.safetensors" --force 2>&1 | tail -6
+timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors" --force 2>&1 | tail -6
 
 echo "== bench mnist protocol, $MNIST_IMAGES images, tile shapes"
 i=0
 for t in $TILES; do
   i=$((i+1))
-  CALM_TILES=$t timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$OUT/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  CALM_TILES=$t timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
   CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -1 | sed "s/^/checks-on  /"
-done
+fi
 echo "== bench stl10 protocol, $STL_IMAGES images"
+i=0
 for t in ${STL_TILES:-"e=8x4x16,m=4x4x16"}; do
-  CALM_TILES=$t timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$OUT/stl10_$t.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  i=$((i+1))
+  CALM_TILES=$t timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 
 echo "== PyTorch baseline, same card"
 export PYTHONUNBUFFERED=1
-timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$OUT/torch_mnist.json" 2>&1 | tail -6
+timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/torch_mnist.json" 2>&1 | tail -6
 if [ -z "${SKIP_TF32:-}" ]; then
-  timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$OUT/torch_mnist_tf32.json" 2>&1 | tail -3
+  timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$J/torch_mnist_tf32.json" 2>&1 | tail -3
 fi
-timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$OUT/torch_stl10.json" 2>&1 | tail -3
+timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$J/torch_stl10.json" 2>&1 | tail -3
 
 echo "== summary"
-python3 - "$OUT" <<'PY'
+cat "$J"/*.json > "$OUT/results.jsonl" 2>/dev/null
+python3 - "$J" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 rows = []

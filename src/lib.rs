@@ -16,4 +16,5 @@ pub mod bench;
 pub mod em;
 pub mod gpu;
 pub mod model;
+pub mod probe;
 pub mod validate;
