@@ -79,7 +79,7 @@ for f in sorted(glob.glob(os.path.join(out, "mnist_*.json"))) + sorted(glob.glob
     if os.path.exists(f):
         for line in open(f):
             r = json.loads(line)
-            rows.append((f"calm-gpu {r['engine']} {r.get('tiles') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops")))
+            rows.append((f"calm-gpu {r['engine']} {r.get('tiles') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
 def torch_rows(f, name):
     if not os.path.exists(f):
         return
@@ -89,11 +89,11 @@ def torch_rows(f, name):
         return
     secs = sorted(e["seconds"] for e in eps)
     med = secs[len(secs) // 2]
-    rows.append((f"{name} {j.get('device_name', '')}"[:44], f"{j['N']}x{j['C']}x{j['H']}x{j['W']} K{j['K']} w{j['w']} p{j['p']}", med, j["flops_per_epoch"] / med / 1e9, None))
+    rows.append((f"{name} {j.get('device_name', '')}"[:44], f"{j['N']}x{j['C']}x{j['H']}x{j['W']} K{j['K']} w{j['w']} p{j['p']}", med, j["flops_per_epoch"] / med / 1e9, None, None))
 torch_rows(os.path.join(out, "torch_mnist.json"), "pytorch cuda fp32 (mnist)")
 torch_rows(os.path.join(out, "torch_mnist_tf32.json"), "pytorch cuda tf32 (mnist)")
 torch_rows(os.path.join(out, "torch_stl10.json"), "pytorch cuda fp32 (stl10)")
-print(f"{'engine':<44} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E-step GFLOP/s':>15}")
+print(f"{'engine':<44} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':>10} {'M GFLOP/s':>10}")
 for r in rows:
-    print(f"{r[0]:<44} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>15}")
+    print(f"{r[0]:<44} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
 PY

@@ -11,15 +11,17 @@
 //
 // Shapes: gpost (n_images, P, KP); x (images, C, Hp, Wp); off (R); pos_off (P), the
 //         offset h * Wp + w of position p; partials (n_chunks, K, R + 1).
-// Tiling: 16 x 16 threads, a TK x TR tile, each thread RK contiguous kernels x RR contiguous
+// Tiling: WGX (columns) x WGY (kernels) = 256 threads, a TK x TR tile, each thread RK contiguous kernels x RR contiguous
 // columns. Positions advance BK at a time within one image, so n is fixed per stage.
 
-const WG: u32 = 16u;
+const WGX: u32 = {{WGX}}u;  // threads along the tile's first axis (positions / columns)
+const WGY: u32 = 256u / WGX; // threads along kernels
+const NT: u32 = 256u;
 const RK: u32 = {{RK}}u;
 const RR: u32 = {{RR}}u;
 const BK: u32 = {{BK}}u;
-const TK: u32 = WG * RK;
-const TR: u32 = WG * RR;
+const TK: u32 = WGY * RK;
+const TR: u32 = WGX * RR;
 const TK4: u32 = TK / 4u;
 const TR4: u32 = TR / 4u;
 const RM: u32 = RR;  // the unrolled block's names: RM along a (columns), RN along b (kernels)
@@ -34,11 +36,11 @@ const RN: u32 = RK;
 var<workgroup> b_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4], posteriors
 var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4], patch values
 
-@compute @workgroup_size(16, 16, 1)
+@compute @workgroup_size(WGX, WGY, 1)
 fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tx = lid3.x;
     let ty = lid3.y;
-    let lid = ty * WG + tx;
+    let lid = ty * WGX + tx;
     let c0 = wid.x * TR;
     let k0 = wid.y * TK;
     let r1 = prm.r + 1u;
@@ -52,7 +54,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         let xbase = (prm.x_offset + n) * prm.img_stride;
         for (var p0 = 0u; p0 < prm.positions; p0 += BK) {
             // G tile: BK positions x TK kernels, four kernels per vec4 (zero beyond K and P).
-            for (var e = lid; e < BK * TK4; e += WG * WG) {
+            for (var e = lid; e < BK * TK4; e += NT) {
                 let kk = e / TK4;
                 let kq = e - kk * TK4;
                 let p = p0 + kk;
@@ -65,7 +67,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             }
             // A tile: BK positions x TR columns of patch values. off and pos_off are padded with
             // zeros past R and P, so every read is in bounds; column R is the constant 1 (B).
-            for (var e = lid; e < BK * TR4; e += WG * WG) {
+            for (var e = lid; e < BK * TR4; e += NT) {
                 let kk = e / TR4;
                 let cq = e - kk * TR4;
                 let pb = xbase + pos_off[p0 + kk];

@@ -36,6 +36,9 @@ pub struct Row {
     pub batch: usize,
     /// Median seconds of the E-step alone over all images (GPU only).
     pub estep_s: Option<f64>,
+    /// Median seconds of the M-step alone (posteriors, statistics, partial sums; GPU only).
+    pub mstep_s: Option<f64>,
+    pub mstep_gflops: Option<f64>,
     /// Median seconds of a whole epoch (E-step, log-sum-exp, M-step, update).
     pub epoch_s: f64,
     pub estep_gflops: Option<f64>,
@@ -48,11 +51,13 @@ pub struct Row {
 impl Row {
     pub fn header() -> String {
         format!(
-            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>10}",
+            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11} {:>9} {:>10}",
             "engine",
             "adapter",
             "shape",
             "E-step ms",
+            "GFLOP/s",
+            "M-step ms",
             "GFLOP/s",
             "epoch ms",
             "GFLOP/s",
@@ -63,12 +68,14 @@ impl Row {
         let opt =
             |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
         format!(
-            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
+            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
             self.engine,
             self.adapter.chars().take(40).collect::<String>(),
             self.shape,
             opt(self.estep_s.map(|s| s * 1e3), 1),
             opt(self.estep_gflops, 1),
+            opt(self.mstep_s.map(|s| s * 1e3), 1),
+            opt(self.mstep_gflops, 1),
             self.epoch_s * 1e3,
             self.epoch_gflops,
             self.device_bytes
@@ -108,14 +115,16 @@ pub fn time_gpu(
     eng.epoch(&mut |_| {})?; // warm-up: pipeline compilation, first-touch of memory
     eng.time_estep()?;
     let mut es = Vec::new();
+    let mut ms = Vec::new();
     let mut ep = Vec::new();
     for _ in 0..epochs.max(1) {
         es.push(eng.time_estep()?);
+        ms.push(eng.time_mstep()?);
         let t0 = Instant::now();
         eng.epoch(&mut |_| {})?;
         ep.push(t0.elapsed().as_secs_f64());
     }
-    let (e, p) = (median(es), median(ep));
+    let (e, m, p) = (median(es), median(ms), median(ep));
     Ok(Row {
         engine: format!("{:?}", ctx.info.backend).to_lowercase(),
         adapter: ctx.info.name.clone(),
@@ -125,6 +134,8 @@ pub fn time_gpu(
         estep_s: Some(e),
         epoch_s: p,
         estep_gflops: Some(g.step_flops(n) / e / 1e9),
+        mstep_s: Some(m),
+        mstep_gflops: Some(g.step_flops(n) / m / 1e9),
         epoch_gflops: g.epoch_flops(n) / p / 1e9,
         device_bytes: Some(eng.device_bytes()),
         tiles: Some(eng.tiles().to_string()),
@@ -156,6 +167,8 @@ pub fn time_cpu(
         estep_s: None,
         epoch_s: p,
         estep_gflops: None,
+        mstep_s: None,
+        mstep_gflops: None,
         epoch_gflops: g.epoch_flops(n) / p / 1e9,
         device_bytes: None,
         tiles: None,

@@ -37,6 +37,11 @@ pub struct GpuOptions {
     pub variant: Option<Variant>,
 }
 
+/// Batches queued on the GPU before the host waits for the oldest: enough to hide the
+/// submission gap (a 1,000-image MNIST batch takes about 1 ms on an H100), few enough that the
+/// progress bar tells the truth.
+const IN_FLIGHT: usize = 6;
+
 struct Batch {
     n_images: usize,
     /// Bind groups, built once: estep, logsumexp, mstep, reduce_stats, features.
@@ -135,11 +140,11 @@ fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) 
     })
 }
 
-fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>) -> Result<Tiles> {
+fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
     let tiles = match (opt, std::env::var("CALM_TILES")) {
         (Some(t), _) => t,
         (None, Ok(s)) => Tiles::parse(&s)?,
-        (None, Err(_)) => Tiles::default(),
+        (None, Err(_)) => Tiles::for_shape(k, ctx.limits.max_compute_workgroup_storage_size),
     };
     let (e, m) = tiles.workgroup_bytes();
     let max = ctx.limits.max_compute_workgroup_storage_size;
@@ -167,7 +172,7 @@ impl GpuEngine {
             return Err(CalmError::Invalid("the dataset holds no images".into()));
         }
         assert_eq!(theta.len(), g.k * g.r());
-        let tiles = tiles_for(&ctx, opts.tiles)?;
+        let tiles = tiles_for(&ctx, opts.tiles, g.k)?;
         let variant = match opts.variant {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
@@ -191,7 +196,7 @@ impl GpuEngine {
         let stat_bytes = k * (r + 1) * 4;
         let by_l = (cap / (kp * p * 4)) as usize;
         let by_partials = (cap / stat_bytes) as usize * ipc;
-        let (tm, _) = (16 * tiles.e_rm as usize, 16 * tiles.e_rn as usize);
+        let tm = tiles.e_tm() as usize;
         let by_dispatch = (65535usize * tm / g.positions() as usize).min(65535);
         let max_batch = opts
             .batch
@@ -455,7 +460,7 @@ impl GpuEngine {
 
     fn record_estep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
         let tn = match self.pipes.variant {
-            Variant::Staged => 16 * self.tiles.e_rn as usize,
+            Variant::Staged => self.tiles.e_tn() as usize,
             Variant::Direct => 8,
         };
         pass.set_pipeline(&self.pipes.estep);
@@ -477,8 +482,8 @@ impl GpuEngine {
         pass.set_bind_group(0, &b.mstep, &[]);
         match self.pipes.variant {
             Variant::Staged => {
-                let tr = 16 * self.tiles.m_rr as usize;
-                let tk = 16 * self.tiles.m_rk as usize;
+                let tr = self.tiles.m_tr() as usize;
+                let tk = self.tiles.m_tk() as usize;
                 pass.dispatch_workgroups(
                     (g.r() + 1).div_ceil(tr) as u32,
                     g.k.div_ceil(tk) as u32,
@@ -492,8 +497,8 @@ impl GpuEngine {
         }
     }
 
-    /// Submits the statistics of every batch; calls `progress` as batches finish. At most two
-    /// batches are in flight, which keeps the GPU busy and the progress honest.
+    /// Submits the statistics of every batch; calls `progress` as batches finish. At most
+    /// `IN_FLIGHT` batches are queued, which keeps the GPU busy and the progress honest.
     fn accumulate(&mut self, progress: &mut dyn FnMut(usize)) -> Result<()> {
         let g = self.g;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -520,7 +525,7 @@ impl GpuEngine {
                 d.fetch_add(nb, Ordering::SeqCst);
             });
             in_flight.push_back(idx);
-            if in_flight.len() > 2 {
+            if in_flight.len() > IN_FLIGHT {
                 let old = in_flight.pop_front().expect("non-empty");
                 self.ctx
                     .device
@@ -592,6 +597,27 @@ impl GpuEngine {
             bias_next: self.ctx.read_buffer(&self.buf.bias_next, 0, k * 4)?,
             counts_next: self.ctx.read_buffer(&self.buf.counts_next, 0, k * 4)?,
         })
+    }
+
+    /// Times the M-step alone (posteriors, statistics, partial sums) over every batch, in one
+    /// submission, for benchmarks; needs `L` and `logp` of a previous epoch, so its numbers are
+    /// timings only. Returns seconds.
+    pub fn time_mstep(&mut self) -> Result<f64> {
+        let t0 = std::time::Instant::now();
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for b in &self.batches {
+                self.record_mstep(&mut pass, b);
+                pass.set_pipeline(&self.pipes.reduce_stats);
+                pass.set_bind_group(0, &b.reduce, &[]);
+                let groups = (self.g.k * (self.g.r() + 1)).div_ceil(256) as u32;
+                pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.wait()?;
+        Ok(t0.elapsed().as_secs_f64())
     }
 
     /// Times the E-step alone over every batch (for benchmarks); returns seconds.

@@ -50,52 +50,99 @@ pub struct Params {
     pub n_total: u32,
 }
 
-/// Register-tile shape of the two GEMM kernels; each workgroup is 16 x 16 threads.
+/// Register-tile shape of the two GEMM kernels. Each workgroup has 256 threads, `wx` along the
+/// tile's first axis (positions in the E-step, columns `r` in the M-step) and `256 / wx` along
+/// kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
-    /// E-step: positions per thread, kernels per thread, reduction slice.
+    /// E-step: positions per thread, kernels per thread, reduction slice, threads along positions.
     pub e_rm: u32,
     pub e_rn: u32,
     pub e_bk: u32,
-    /// M-step: kernels per thread, columns per thread, reduction slice.
+    pub e_wx: u32,
+    /// M-step: kernels per thread, columns per thread, reduction slice, threads along columns.
     pub m_rk: u32,
     pub m_rr: u32,
     pub m_bk: u32,
+    pub m_wx: u32,
 }
 
 impl Default for Tiles {
     /// 128 x 64 E-step tiles and 64 x 64 M-step tiles of 16 stages: 12 KiB of workgroup memory
-    /// each, inside WebGPU's portable 16 KiB.
+    /// each, inside WebGPU's portable 16 KiB. The fastest measured on an H100 for the MNIST
+    /// protocol (docs/perf.md).
     fn default() -> Self {
         Self {
             e_rm: 8,
             e_rn: 4,
             e_bk: 16,
+            e_wx: 16,
             m_rk: 4,
             m_rr: 4,
             m_bk: 16,
+            m_wx: 16,
         }
     }
 }
 
 impl Tiles {
+    /// Tiles for `k` kernels on an adapter allowing `wg_bytes` of workgroup memory: 8 x 8
+    /// register blocks where K fills them (K >= 128 measured 28% faster on an H100 for the
+    /// STL-10 protocol), the default otherwise.
+    pub fn for_shape(k: usize, wg_bytes: u32) -> Self {
+        let big = Self {
+            e_rm: 8,
+            e_rn: 8,
+            e_bk: 16,
+            e_wx: 16,
+            m_rk: 8,
+            m_rr: 8,
+            m_bk: 16,
+            m_wx: 16,
+        };
+        let (e, m) = big.workgroup_bytes();
+        if k >= 128 && e.max(m) <= wg_bytes {
+            big
+        } else {
+            Self::default()
+        }
+    }
+
+    /// Tile extents: E-step positions and kernels, M-step columns and kernels.
+    pub fn e_tm(&self) -> u32 {
+        self.e_wx * self.e_rm
+    }
+    pub fn e_tn(&self) -> u32 {
+        (256 / self.e_wx) * self.e_rn
+    }
+    pub fn m_tr(&self) -> u32 {
+        self.m_wx * self.m_rr
+    }
+    pub fn m_tk(&self) -> u32 {
+        (256 / self.m_wx) * self.m_rk
+    }
+
     /// Workgroup memory the two GEMM kernels need, in bytes.
     pub fn workgroup_bytes(&self) -> (u32, u32) {
-        let e = self.e_bk * 16 * (self.e_rm + self.e_rn) * 4 + 16 * self.e_rm * 4;
-        let m = self.m_bk * 16 * (self.m_rk + self.m_rr) * 4;
+        let e = self.e_bk * (self.e_tm() + self.e_tn()) * 4 + self.e_tm() * 4;
+        let m = self.m_bk * (self.m_tk() + self.m_tr()) * 4;
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK,m=RKxRRxBK` (the `CALM_TILES` variable, for tuning).
+    /// Parses `e=RMxRNxBK[@WX],m=RKxRRxBK[@WX]` (the `CALM_TILES` variable, for tuning).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK,m=RKxRRxBK, multiples of 4"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX],m=RKxRRxBK[@WX] with RM, RN, RK, RR multiples of 4 and WX in 8, 16, 32"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
+            let (v, wx) = match v.split_once('@') {
+                Some((v, wx)) => (v, wx.trim().parse::<u32>().map_err(|_| bad())?),
+                None => (v, 16),
+            };
             let nums: Vec<u32> = v
                 .split('x')
                 .map(|n| n.trim().parse().map_err(|_| bad()))
@@ -104,12 +151,13 @@ impl Tiles {
                 || nums.iter().any(|&n| n == 0 || n > 64)
                 || nums[0] % 4 != 0
                 || nums[1] % 4 != 0
+                || ![8, 16, 32].contains(&wx)
             {
                 return Err(bad());
             }
             match name.trim() {
-                "e" => (t.e_rm, t.e_rn, t.e_bk) = (nums[0], nums[1], nums[2]),
-                "m" => (t.m_rk, t.m_rr, t.m_bk) = (nums[0], nums[1], nums[2]),
+                "e" => (t.e_rm, t.e_rn, t.e_bk, t.e_wx) = (nums[0], nums[1], nums[2], wx),
+                "m" => (t.m_rk, t.m_rr, t.m_bk, t.m_wx) = (nums[0], nums[1], nums[2], wx),
                 _ => return Err(bad()),
             }
         }
@@ -121,8 +169,8 @@ impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "e={}x{}x{},m={}x{}x{}",
-            self.e_rm, self.e_rn, self.e_bk, self.m_rk, self.m_rr, self.m_bk
+            "e={}x{}x{}@{},m={}x{}x{}@{}",
+            self.e_rm, self.e_rn, self.e_bk, self.e_wx, self.m_rk, self.m_rr, self.m_bk, self.m_wx
         )
     }
 }
@@ -231,6 +279,15 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 tiles.e_bk
             } else {
                 tiles.m_bk
+            }
+            .to_string(),
+        )
+        .replace(
+            "{{WGX}}",
+            &if kernel.contains("{{RM}}") {
+                tiles.e_wx
+            } else {
+                tiles.m_wx
             }
             .to_string(),
         );
