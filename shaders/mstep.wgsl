@@ -36,6 +36,33 @@ const RN: u32 = RK;
 var<workgroup> b_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4], posteriors
 var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4], patch values
 
+// One vec4 of the G tile: element e = (kk, four kernels from k0) of image n, positions from p0;
+// zero beyond K and P.
+fn load_g(n: u32, p0: u32, e: u32, k0: u32) -> vec4<f32> {
+    let kp = kpad();
+    let kk = e / TK4;
+    let kq = e - kk * TK4;
+    let p = p0 + kk;
+    let k = k0 + kq * 4u;
+    var v = vec4<f32>(0.0);
+    if (p < prm.positions && k < kp) {
+        v = gpost[((n * prm.positions + p) * kp + k) / 4u];
+    }
+    return v;
+}
+
+// One vec4 of the A tile: element e = (kk, four columns from c0). off and pos_off are padded with
+// zeros past R and P, so every read is in bounds; column R is the constant 1 (it sums B).
+fn load_x(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
+    let kk = e / TR4;
+    let cq = e - kk * TR4;
+    let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
+    let r = c0 + cq * 4u;
+    let v = vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
+    let rs = vec4<u32>(r, r + 1u, r + 2u, r + 3u);
+    return select(v, vec4<f32>(1.0), rs == vec4<u32>(prm.r));
+}
+
 @compute @workgroup_size(WGX, WGY, 1)
 fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tx = lid3.x;
@@ -49,44 +76,30 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let kp = kpad();
 
 {{ACC_DECL}}
-    for (var n = n_begin; n < n_end; n++) {
-        let gbase = n * prm.positions;
-        let xbase = (prm.x_offset + n) * prm.img_stride;
-        for (var p0 = 0u; p0 < prm.positions; p0 += BK) {
-            // G tile: BK positions x TK kernels, four kernels per vec4 (zero beyond K and P).
-            for (var e = lid; e < BK * TK4; e += NT) {
-                let kk = e / TK4;
-                let kq = e - kk * TK4;
-                let p = p0 + kk;
-                let k = k0 + kq * 4u;
-                var v = vec4<f32>(0.0);
-                if (p < prm.positions && k < kp) {
-                    v = gpost[((gbase + p) * kp + k) / 4u];
-                }
-                b_tile[e] = v;
-            }
-            // A tile: BK positions x TR columns of patch values. off and pos_off are padded with
-            // zeros past R and P, so every read is in bounds; column R is the constant 1 (B).
-            for (var e = lid; e < BK * TR4; e += NT) {
-                let kk = e / TR4;
-                let cq = e - kk * TR4;
-                let pb = xbase + pos_off[p0 + kk];
-                let r = c0 + cq * 4u;
-                var v = vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
-                let rs = vec4<u32>(r, r + 1u, r + 2u, r + 3u);
-                v = select(v, vec4<f32>(1.0), rs == vec4<u32>(prm.r));
-                a_tile[e] = v;
-            }
-            workgroupBarrier();
-
-            // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
-            for (var kk = 0u; kk < BK; kk++) {
-                let ab = kk * TR4 + tx * (RR / 4u);
-                let bb = kk * TK4 + ty * (RK / 4u);
-{{FMA}}
-            }
-            workgroupBarrier();
+    // Stages run over (image, BK positions) of the chunk; the next stage's tiles are loaded into
+    // registers while the current one computes (PF_* blocks from gpu::kernels::prefetch).
+    let steps = (prm.positions + BK - 1u) / BK;
+    let total = (n_end - n_begin) * steps;
+    var n = n_begin;
+    var p0 = 0u;
+{{PF_INIT}}
+    for (var s = 0u; s < total; s++) {
+{{PF_STORE}}
+        workgroupBarrier();
+        if (s + 1u < total) {
+            let s1 = s + 1u;
+            n = n_begin + s1 / steps;
+            p0 = (s1 % steps) * BK;
+{{PF_NEXT}}
         }
+
+        // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
+        for (var kk = 0u; kk < BK; kk++) {
+            let ab = kk * TR4 + tx * (RR / 4u);
+            let bb = kk * TK4 + ty * (RK / 4u);
+{{FMA}}
+        }
+        workgroupBarrier();
     }
 
     let pbase = wid.z * prm.k * r1;

@@ -266,7 +266,7 @@ impl GpuEngine {
             .collect();
         let pos_off: Vec<u32> = (0..g.ho)
             .flat_map(|h| (0..g.wo).map(move |w| (h * g.wp + w) as u32))
-            .chain(std::iter::repeat_n(0, 64))
+            .chain(std::iter::repeat_n(0, 128))
             .collect();
         let n_chunks_max = max_batch.div_ceil(ipc) as u64;
         let buf = Resident {

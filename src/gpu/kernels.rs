@@ -224,6 +224,34 @@ pub fn unrolled(
     (decl, fma, st)
 }
 
+/// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
+/// named registers. For each `(reg, tile, elements, init, next)`, `init` and `next` are the load
+/// calls for the first and the next stage with `{E}` standing for the element index. Returns
+/// the declarations with the first loads, the stores into workgroup memory, and the next loads.
+pub fn prefetch(parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, String) {
+    let (mut init, mut store, mut next) = (String::new(), String::new(), String::new());
+    for &(reg, tile, elements, first, later) in parts {
+        for t in 0..elements.div_ceil(256) {
+            let e = format!("lid + {}u", 256 * t);
+            init.push_str(&format!(
+                "    var {reg}{t} = {};\n",
+                first.replace("{E}", &e)
+            ));
+            let st = format!("{tile}[{e}] = {reg}{t};");
+            if 256 * (t + 1) <= elements {
+                store.push_str(&format!("        {st}\n"));
+            } else {
+                store.push_str(&format!("        if ({e} < {elements}u) {{ {st} }}\n"));
+            }
+            next.push_str(&format!(
+                "            {reg}{t} = {};\n",
+                later.replace("{E}", &e)
+            ));
+        }
+    }
+    (init, store, next)
+}
+
 /// The full WGSL text of a kernel: the shared `Params` header, then the kernel with its tile
 /// constants substituted and, for the GEMM kernels, the register block written out.
 pub fn source(kernel: &str, tiles: &Tiles) -> String {
@@ -242,10 +270,29 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
+        let (pi, ps, pn) = prefetch(&[
+            (
+                "pa",
+                "a_tile",
+                tiles.e_bk * tiles.e_tm() / 4,
+                "load_a(0u, {E})",
+                "load_a(r0 + BK, {E})",
+            ),
+            (
+                "pb",
+                "b_tile",
+                tiles.e_bk * tiles.e_tn() / 4,
+                "load_b(0u, {E}, n0)",
+                "load_b(r0 + BK, {E}, n0)",
+            ),
+        ]);
         kernel
             .replace("{{ACC_DECL}}", &d)
             .replace("{{FMA}}", &f)
             .replace("{{STORE}}", &s)
+            .replace("{{PF_INIT}}", &pi)
+            .replace("{{PF_STORE}}", &ps)
+            .replace("{{PF_NEXT}}", &pn)
     } else if kernel == MSTEP {
         let (d, f, s) = unrolled(
             tiles.m_rr,
@@ -261,10 +308,29 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
+        let (pi, ps, pn) = prefetch(&[
+            (
+                "pg",
+                "b_tile",
+                tiles.m_bk * tiles.m_tk() / 4,
+                "load_g(n, p0, {E}, k0)",
+                "load_g(n, p0, {E}, k0)",
+            ),
+            (
+                "px",
+                "a_tile",
+                tiles.m_bk * tiles.m_tr() / 4,
+                "load_x(n, p0, {E}, c0)",
+                "load_x(n, p0, {E}, c0)",
+            ),
+        ]);
         kernel
             .replace("{{ACC_DECL}}", &d)
             .replace("{{FMA}}", &f)
             .replace("{{STORE}}", &s)
+            .replace("{{PF_INIT}}", &pi)
+            .replace("{{PF_STORE}}", &ps)
+            .replace("{{PF_NEXT}}", &pn)
     } else {
         kernel.to_string()
     };
