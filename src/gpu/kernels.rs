@@ -86,26 +86,34 @@ impl Default for Tiles {
 }
 
 impl Tiles {
-    /// Tiles for `k` kernels on an adapter allowing `wg_bytes` of workgroup memory: 8 x 8
-    /// register blocks where K fills them (K >= 128 measured 28% faster on an H100 for the
-    /// STL-10 protocol), the default otherwise.
+    /// Tiles for `k` kernels on an adapter allowing `wg_bytes` of workgroup memory, as measured
+    /// fastest on an H100 (docs/perf.md): 8 x 8 register blocks with 32 x 8 threads in the
+    /// E-step (256 positions x 64 kernels per tile); in the M-step 4 x 4 blocks on a 64 x 64
+    /// tile for small K, and 8 x 8 blocks on a 256-kernel x 64-column tile from K = 128. Where
+    /// the adapter allows only WebGPU's portable 16 KiB, the 12 KiB default.
     pub fn for_shape(k: usize, wg_bytes: u32) -> Self {
-        let big = Self {
+        let mut t = Self::default();
+        let e_big = Self {
             e_rm: 8,
             e_rn: 8,
             e_bk: 16,
-            e_wx: 16,
+            e_wx: 32,
+            ..t
+        };
+        if e_big.workgroup_bytes().0 <= wg_bytes {
+            t = e_big;
+        }
+        let m_big = Self {
             m_rk: 8,
             m_rr: 8,
             m_bk: 16,
-            m_wx: 16,
+            m_wx: 8,
+            ..t
         };
-        let (e, m) = big.workgroup_bytes();
-        if k >= 128 && e.max(m) <= wg_bytes {
-            big
-        } else {
-            Self::default()
+        if k >= 128 && m_big.workgroup_bytes().1 <= wg_bytes {
+            t = m_big;
         }
+        t
     }
 
     /// Tile extents: E-step positions and kernels, M-step columns and kernels.
@@ -365,23 +373,23 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
 pub enum Variant {
     /// Tiles staged through workgroup memory (`estep.wgsl`, `mstep.wgsl`): for real GPUs.
     Staged,
-    /// Register blocks read straight from device memory (`*_direct.wgsl`): for software
-    /// adapters, where workgroup memory and barriers are slow.
+    /// Register blocks read straight from device memory (`*_direct.wgsl`), no workgroup memory
+    /// or barriers: for adapters where those are slow (it was the faster one on lavapipe before
+    /// the staged kernels were pipelined).
     Direct,
 }
 
 impl Variant {
-    /// Direct on CPU adapters (lavapipe, llvmpipe, WARP), staged elsewhere; `CALM_KERNELS`
+    /// Staged everywhere: since the software pipeline went in it is also the faster one on
+    /// lavapipe (6.8 against 4.7 GFLOP/s for the MNIST protocol, docs/perf.md). `CALM_KERNELS`
     /// (`staged` or `direct`) overrides.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Result<Self> {
+    pub fn for_adapter(_info: &wgpu::AdapterInfo) -> Result<Self> {
         match std::env::var("CALM_KERNELS").as_deref() {
-            Ok("staged") => Ok(Variant::Staged),
+            Ok("staged") | Err(_) => Ok(Variant::Staged),
             Ok("direct") => Ok(Variant::Direct),
             Ok(other) => Err(CalmError::Invalid(format!(
                 "CALM_KERNELS={other}: expected staged or direct"
             ))),
-            Err(_) if info.device_type == wgpu::DeviceType::Cpu => Ok(Variant::Direct),
-            Err(_) => Ok(Variant::Staged),
         }
     }
 }
