@@ -345,7 +345,7 @@ fn train(a: TrainArgs) -> Result<()> {
             engine: engine.describe(),
             images: n,
             data: names,
-            history: outcome.history.clone(),
+            history: outcome.history.iter().map(Into::into).collect(),
             stopped: outcome.stopped.clone(),
             calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
         },

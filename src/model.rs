@@ -5,11 +5,10 @@
 //! Files are written atomically (a temporary file in the same directory, then a rename), so an
 //! interrupted write never leaves a half-written model behind.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CalmError, Result};
@@ -29,6 +28,27 @@ pub struct EpochRecord {
     pub gflops: f64,
 }
 
+/// One epoch as the model file keeps it: what the data and the weights determine, nothing about
+/// the machine's speed, so the same run gives the same file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub epoch: usize,
+    /// `LL` under the `theta` used during this epoch.
+    pub loglik: f64,
+    /// `S = sum_k B[k]`.
+    pub count_sum: f64,
+}
+
+impl From<&EpochRecord> for HistoryEntry {
+    fn from(r: &EpochRecord) -> Self {
+        Self {
+            epoch: r.epoch,
+            loglik: r.loglik,
+            count_sum: r.count_sum,
+        }
+    }
+}
+
 /// Everything about how a model was made.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelMeta {
@@ -45,7 +65,7 @@ pub struct ModelMeta {
     pub engine: String,
     pub images: usize,
     pub data: Vec<String>,
-    pub history: Vec<EpochRecord>,
+    pub history: Vec<HistoryEntry>,
     /// Why training stopped early, if it did.
     pub stopped: Option<String>,
     pub calm_gpu_version: String,
@@ -74,35 +94,50 @@ impl Model {
         )?)
     }
 
+    /// The safetensors bytes: an 8-byte little-endian header length, the JSON header, the data.
+    /// Written here rather than through `safetensors::serialize`, whose metadata comes from a
+    /// `HashMap` and so changes order from run to run; this header's keys are sorted, so the same
+    /// model always gives the same file. Loading goes through the `safetensors` crate.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let l = self.meta.layer;
-        let shape = vec![l.kernels, self.meta.channels, l.width, l.width];
-        let theta = TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(&self.theta))
-            .map_err(|e| CalmError::Model(format!("theta does not match the config: {e}")))?;
-        let counts = TensorView::new(
-            Dtype::F32,
-            vec![l.kernels],
-            bytemuck::cast_slice(&self.counts),
-        )
-        .map_err(|e| CalmError::Model(format!("counts do not match the config: {e}")))?;
-        let mut md = HashMap::new();
+        let want = l.kernels * self.meta.channels * l.width * l.width;
+        if self.theta.len() != want || self.counts.len() != l.kernels {
+            return Err(CalmError::Model(format!(
+                "theta holds {} values and counts {}, but the config needs {want} and {}",
+                self.theta.len(),
+                self.counts.len(),
+                l.kernels
+            )));
+        }
         let json = |v: &dyn erased::Json| v.json();
-        md.insert("format".to_string(), "calm-gpu".to_string());
-        md.insert("calm_gpu".to_string(), json(&self.meta));
-        md.insert(
-            "loglik".to_string(),
-            json(
-                &self
-                    .meta
-                    .history
-                    .iter()
-                    .map(|r| r.loglik)
-                    .collect::<Vec<_>>(),
-            ),
-        );
-        md.insert("config".to_string(), json(&self.meta.layer));
-        safetensors::serialize([("theta", theta), ("counts", counts)], Some(md))
-            .map_err(|e| CalmError::Model(format!("could not serialise the model: {e}")))
+        let tb = self.theta.len() * 4;
+        let cb = self.counts.len() * 4;
+        // serde_json's map keeps keys sorted.
+        let header = serde_json::json!({
+            "__metadata__": {
+                "format": "calm-gpu",
+                "calm_gpu": json(&self.meta),
+                "loglik": json(&self.meta.history.iter().map(|r| r.loglik).collect::<Vec<_>>()),
+                "config": json(&self.meta.layer),
+            },
+            "counts": { "dtype": "F32", "shape": [l.kernels], "data_offsets": [0, cb] },
+            "theta": {
+                "dtype": "F32",
+                "shape": [l.kernels, self.meta.channels, l.width, l.width],
+                "data_offsets": [cb, cb + tb],
+            },
+        });
+        let mut h = serde_json::to_vec(&header).map_err(|e| CalmError::Model(e.to_string()))?;
+        // The data starts 8-byte aligned, as the format recommends.
+        while (h.len() + 8) % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut out = Vec::with_capacity(8 + h.len() + cb + tb);
+        out.extend((h.len() as u64).to_le_bytes());
+        out.extend(h);
+        out.extend(self.counts.iter().flat_map(|v| v.to_le_bytes()));
+        out.extend(self.theta.iter().flat_map(|v| v.to_le_bytes()));
+        Ok(out)
     }
 
     /// Writes the model atomically; refuses to replace an existing file unless `force`.

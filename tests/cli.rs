@@ -1,0 +1,371 @@
+//! The binary as a user meets it: help, the main job, output files, and one-line errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use ndarray::{Array3, Array4};
+
+fn calm() -> Command {
+    Command::cargo_bin("calm-gpu").unwrap()
+}
+
+fn write_npy_f32(path: &Path, a: &Array4<f32>) {
+    ndarray_npy::write_npy(path, a).unwrap();
+}
+
+fn small_data(dir: &Path) -> PathBuf {
+    let d = common::random_images(1, 20, 1, 10, 10);
+    let p = dir.join("x.npy");
+    write_npy_f32(&p, &d.images);
+    p
+}
+
+/// Runs and expects failure with a single `error: ...` line on stderr mentioning `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = calm().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+        .collect();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
+    assert!(lines[0].starts_with("error: "), "{args:?}: {err}");
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: `{}` lacks `{needle}`",
+        lines[0]
+    );
+}
+
+#[test]
+fn help_for_every_command() {
+    for cmd in [
+        vec!["--help"],
+        vec!["train", "--help"],
+        vec!["features", "--help"],
+        vec!["validate", "--help"],
+        vec!["devices", "--help"],
+        vec!["bench", "--help"],
+    ] {
+        let out = calm().args(&cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{cmd:?}"
+        );
+    }
+    let out = calm().args(["train", "--help"]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--backend",
+        "--kernels",
+        "--width",
+        "--pad",
+        "--batch",
+        "--epochs",
+        "--seed",
+        "--data",
+        "--out",
+        "--init",
+        "--metrics",
+    ] {
+        assert!(s.contains(opt), "train --help lacks {opt}");
+    }
+}
+
+#[test]
+fn train_cpu_writes_model_metrics_and_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("sub/m.safetensors");
+    let metrics = dir.path().join("m.jsonl");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "3",
+            "--width",
+            "3",
+            "--pad",
+            "1",
+            "--batch",
+            "7",
+            "--epochs",
+            "3",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&model)
+        .arg("--metrics")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("epoch   3/3"), "{stdout}");
+    assert!(stdout.contains("GFLOP/s"), "{stdout}");
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    assert_eq!(m.theta.len(), 3 * 9);
+    assert_eq!(m.meta.history.len(), 3);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["epoch"], i + 1);
+        for key in ["loglik", "seconds", "gflops"] {
+            assert!(l[key].is_number(), "{key} missing in {l}");
+        }
+        assert_eq!(l["loglik"].as_f64().unwrap(), m.meta.history[i].loglik);
+    }
+    let feats = dir.path().join("f.npy");
+    let out = calm()
+        .args(["features", "--backend", "cpu"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&feats)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: ndarray::Array2<f32> = ndarray_npy::read_npy(&feats).unwrap();
+    assert_eq!(f.shape(), &[20, 3]);
+    assert!(f.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn same_seed_gives_identical_model_file_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let run = |name: &str| {
+        let p = dir.path().join(name);
+        let out = calm()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--kernels",
+                "4",
+                "--width",
+                "5",
+                "--pad",
+                "0",
+                "--epochs",
+                "2",
+                "--seed",
+                "7",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        std::fs::read(p).unwrap()
+    };
+    assert_eq!(run("a.safetensors"), run("b.safetensors"));
+}
+
+#[test]
+fn gpu_train_and_features_match_cpu() {
+    let Some(_) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let init = dir.path().join("init.npy");
+    write_npy_f32(
+        &init,
+        &Array4::from_shape_vec((4, 1, 3, 3), common::random_theta(3, 36, 0.3)).unwrap(),
+    );
+    let mut thetas = Vec::new();
+    for backend in ["cpu", "vulkan"] {
+        let model = dir.path().join(format!("{backend}.safetensors"));
+        let out = calm()
+            .args([
+                "train",
+                "--backend",
+                backend,
+                "--kernels",
+                "4",
+                "--width",
+                "3",
+                "--pad",
+                "1",
+                "--epochs",
+                "3",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--init")
+            .arg(&init)
+            .arg("--out")
+            .arg(&model)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thetas.push(calm_gpu::model::Model::load(&model).unwrap().theta);
+    }
+    let cpu: Vec<f64> = thetas[0].iter().map(|&v| v as f64).collect();
+    assert!(common::rel_err(&thetas[1], &cpu) < 1e-4);
+}
+
+#[test]
+fn numerical_precision_limit_keeps_last_finite_theta() {
+    let dir = tempfile::tempdir().unwrap();
+    // Pixels of 1e30: L overflows f32 once theta has grown to their scale.
+    let x = Array4::<f32>::from_elem((4, 1, 6, 6), 1e30);
+    let data = dir.path().join("big.npy");
+    write_npy_f32(&data, &x);
+    let model = dir.path().join("m.safetensors");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "2",
+            "--width",
+            "3",
+            "--pad",
+            "0",
+            "--epochs",
+            "3",
+            "--seed",
+            "1",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Epoch 1 is finite (|L| ~ 1e31 fits f32); its update makes theta ~ 1e30, so L of epoch 2
+    // overflows: training stops there and keeps epoch 1's theta.
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("numerical precision limit reached at epoch 2")
+    );
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    assert_eq!(m.meta.history.len(), 1);
+    assert!(m.theta.iter().all(|v| v.is_finite()));
+    assert_ne!(m.theta, calm_gpu::em::init_theta(&m.geometry().unwrap(), 1));
+    assert!(m.meta.stopped.unwrap().contains("epoch 2"));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = small_data(d);
+    let p = |name: &str| d.join(name).to_string_lossy().to_string();
+    let g = good.to_string_lossy().to_string();
+    let out = p("out.safetensors");
+    let train = |extra: &[&str]| {
+        let mut v = vec!["train", "--backend", "cpu", "--out", out.as_str()];
+        for (flag, value) in [("--kernels", "3"), ("--width", "3"), ("--epochs", "1")] {
+            if !extra.contains(&flag) {
+                v.extend([flag, value]);
+            }
+        }
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>, needle: &str| {
+        fails_with(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle)
+    };
+
+    run(train(&["--data", &p("missing.npy")]), "missing.npy");
+    std::fs::write(
+        p("bad.idx"),
+        [0u8, 0, 9, 3, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3, 4],
+    )
+    .unwrap();
+    run(train(&["--data", &p("bad.idx")]), "bad.idx");
+    std::fs::write(
+        p("trunc.idx"),
+        [0u8, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 4, 1, 2, 3],
+    )
+    .unwrap();
+    run(train(&["--data", &p("trunc.idx")]), "trunc.idx");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(p("trunc.npy"), &bytes[..bytes.len() - 100]).unwrap();
+    run(train(&["--data", &p("trunc.npy")]), "trunc.npy");
+    ndarray_npy::write_npy(p("f64.npy"), &Array3::<f64>::zeros((2, 5, 5))).unwrap();
+    run(train(&["--data", &p("f64.npy")]), "f64.npy");
+    ndarray_npy::write_npy(p("rank2.npy"), &ndarray::Array2::<f32>::zeros((2, 5))).unwrap();
+    run(train(&["--data", &p("rank2.npy")]), "rank2.npy");
+    for (name, v) in [("nan.npy", f32::NAN), ("inf.npy", f32::INFINITY)] {
+        let mut x = Array4::<f32>::zeros((3, 1, 5, 5));
+        x[[1, 0, 2, 2]] = v;
+        write_npy_f32(&d.join(name), &x);
+        run(train(&["--data", &p(name)]), name);
+    }
+    run(
+        train(&["--data", &g, "--width", "15", "--pad", "2"]),
+        "does not fit",
+    );
+    run(train(&["--data", &g, "--kernels", "0"]), "kernels");
+    run(train(&["--data", &g, "--batch", "0"]), "batch");
+    run(train(&["--data", &g, "--epochs", "0"]), "epochs");
+    write_npy_f32(&d.join("init.npy"), &Array4::zeros((5, 1, 3, 3)));
+    run(train(&["--data", &g, "--init", &p("init.npy")]), "shape");
+    std::fs::write(&out, b"precious").unwrap();
+    run(train(&["--data", &g]), "--force");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        b"precious",
+        "an existing file was touched"
+    );
+    fails_with(
+        &[
+            "features",
+            "--model",
+            &p("nomodel.safetensors"),
+            "--out",
+            &p("f.npy"),
+        ],
+        "nomodel",
+    );
+    fails_with(
+        &[
+            "train",
+            "--backend",
+            "metal",
+            "--width",
+            "3",
+            "--data",
+            &g,
+            "--out",
+            &p("x.safetensors"),
+        ],
+        "metal",
+    );
+}

@@ -1,0 +1,41 @@
+//! Every WGSL kernel parses and validates with naga (the compiler wgpu uses), for the tile
+//! shapes calm-gpu picks and the ones `CALM_TILES` may ask for: no GPU needed.
+
+use calm_gpu::gpu::Tiles;
+use calm_gpu::gpu::kernels::{ALL, source};
+
+fn validate(name: &str, text: &str) {
+    let module = naga::front::wgsl::parse_str(text)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(text)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::default(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+}
+
+#[test]
+fn every_kernel_validates() {
+    let mut shapes = vec![
+        Tiles::default(),
+        Tiles::for_shape(64, 49152),
+        Tiles::for_shape(200, 49152),
+        Tiles::for_shape(200, 16384),
+    ];
+    shapes.push(Tiles::parse("e=4x4x8@8,m=4x8x4@32").unwrap());
+    for t in &shapes {
+        for (name, kernel) in ALL {
+            validate(&format!("{name} {t}"), &source(kernel, t));
+        }
+    }
+}
+
+#[test]
+fn tile_strings_round_trip_and_bad_ones_fail() {
+    let t = Tiles::parse("e=8x8x16@32,m=8x8x16@8").unwrap();
+    assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
+    for bad in ["e=8x8", "e=7x8x16", "x=8x8x16", "e=8x8x16@12", "e=8x8x0"] {
+        assert!(Tiles::parse(bad).is_err(), "{bad}");
+    }
+}
