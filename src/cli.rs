@@ -3,7 +3,6 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -42,6 +41,42 @@ pub enum Command {
     Devices,
     /// Time the E-step and whole epochs on random data of a protocol's shape; GFLOP/s by SPEC's count
     Bench(BenchArgs),
+    /// Draw a model's kernels as a PNG grid, and optionally its log-likelihood curve
+    Show(ShowArgs),
+    /// Print a model's config, preprocessing, LL history and per-kernel counts
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// A model written by `calm-gpu train` (or a checkpoint)
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The kernel grid to write (PNG); each kernel min-max normalised, RGB when C = 3
+    #[arg(long, value_name = "FILE.png")]
+    pub out: Option<PathBuf>,
+    /// Also draw LL per image against epoch into this PNG
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+    /// Kernels per row
+    #[arg(long, default_value_t = 8)]
+    pub per_row: usize,
+    /// Pixels per kernel pixel (default: about 100 pixels per kernel)
+    #[arg(long)]
+    pub scale: Option<usize>,
+    /// Replace existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// A model written by `calm-gpu train` (or a checkpoint)
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Print the whole metadata as JSON instead
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -99,6 +134,17 @@ pub struct TrainArgs {
     /// Print only the final summary
     #[arg(long, short)]
     pub quiet: bool,
+    /// Write a checkpoint here after every epoch (atomically); `--resume DIR` continues from it.
+    /// Without it, Ctrl-C still leaves one in `<out>.checkpoint/`.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Draw LL per image against epoch into this PNG at the end
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR from its last complete epoch, with its arguments
+    /// (other training options are taken from the checkpoint; --quiet still applies)
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["data", "init", "checkpoint_dir"])]
+    pub resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -135,6 +181,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Validate(a) => validate(a),
         Command::Devices => devices(),
         Command::Bench(a) => bench(a),
+        Command::Show(a) => show(a),
+        Command::Info(a) => info(a),
     }
 }
 
@@ -236,32 +284,145 @@ fn check_output(path: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Everything a run needs to be repeated or resumed; kept in its checkpoints.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RunConfig {
+    data: Vec<PathBuf>,
+    backend: String,
+    kernels: usize,
+    width: usize,
+    pad: usize,
+    batch: usize,
+    epochs: usize,
+    seed: u64,
+    init: Option<PathBuf>,
+    out: PathBuf,
+    metrics: Option<PathBuf>,
+    force: bool,
+    checkpoint_dir: Option<PathBuf>,
+    #[serde(default)]
+    plot: Option<PathBuf>,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn backend_from_name(name: &str) -> Result<Backend> {
+    Backend::from_str(name, true)
+        .map_err(|e| anyhow::anyhow!("backend `{name}` in the checkpoint: {e}"))
+}
+
+/// Ctrl-C asks the engines to stop after the current batch; a second Ctrl-C exits at once.
+fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if calm_gpu::interrupt::requested() {
+            eprintln!(
+                "error: interrupted twice; exiting without a checkpoint of the current epoch"
+            );
+            std::process::exit(130);
+        }
+        eprintln!("stopping after the current batch (Ctrl-C again to quit now)...");
+        calm_gpu::interrupt::request();
+    });
+}
+
 fn train(a: TrainArgs) -> Result<()> {
-    check_positive("kernels", a.kernels)?;
-    check_positive("width", a.width)?;
-    check_positive("batch", a.batch)?;
-    check_positive("epochs", a.epochs)?;
-    check_output(&a.out, a.force)?;
-    if let Some(m) = &a.metrics {
-        check_output(m, a.force)?;
+    let quiet = a.quiet;
+    // Either a fresh run from the arguments, or the run a checkpoint describes.
+    let (cfg, resume) = match &a.resume {
+        Some(dir) => {
+            let path = dir.join(CHECKPOINT);
+            let ck = Model::load(&path)
+                .with_context(|| format!("--resume {}: no readable checkpoint", dir.display()))?;
+            let cfg: RunConfig = ck
+                .extra
+                .get("run")
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: not a training checkpoint (no run arguments)",
+                        path.display()
+                    )
+                })
+                .and_then(|s| {
+                    serde_json::from_str(s)
+                        .map_err(|e| anyhow::anyhow!("{}: bad run arguments: {e}", path.display()))
+                })?;
+            let records: Vec<calm_gpu::model::EpochRecord> = ck
+                .extra
+                .get("records")
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default();
+            let plot = a.plot.as_ref().map(|p| absolute(p)).or(cfg.plot.clone());
+            (
+                RunConfig {
+                    checkpoint_dir: Some(absolute(dir)),
+                    plot,
+                    ..cfg
+                },
+                Some((ck, records)),
+            )
+        }
+        None => (
+            RunConfig {
+                data: a.data.iter().map(|p| absolute(p)).collect(),
+                backend: format!("{:?}", a.backend).to_lowercase(),
+                kernels: a.kernels,
+                width: a.width,
+                pad: a.pad,
+                batch: a.batch,
+                epochs: a.epochs,
+                seed: a.seed,
+                init: a.init.as_ref().map(|p| absolute(p)),
+                out: absolute(&a.out),
+                metrics: a.metrics.as_ref().map(|p| absolute(p)),
+                force: a.force,
+                checkpoint_dir: a.checkpoint_dir.as_ref().map(|p| absolute(p)),
+                plot: a.plot.as_ref().map(|p| absolute(p)),
+            },
+            None,
+        ),
+    };
+    check_positive("kernels", cfg.kernels)?;
+    check_positive("width", cfg.width)?;
+    check_positive("batch", cfg.batch)?;
+    check_positive("epochs", cfg.epochs)?;
+    check_output(&cfg.out, cfg.force)?;
+    if let (Some(m), None) = (&cfg.metrics, &resume) {
+        check_output(m, cfg.force)?;
     }
-    let (data, names) = load_data(&a.data)?;
+    let (data, names) = load_data(&cfg.data)?;
     let (c, h, w) = data.shape();
     let layer = LayerConfig {
-        kernels: a.kernels,
-        width: a.width,
-        pad: a.pad,
+        kernels: cfg.kernels,
+        width: cfg.width,
+        pad: cfg.pad,
     };
     let g = Geometry::new(layer, c, h, w)?;
-    let theta = match &a.init {
-        Some(p) => model::load_init(p, &g)?,
-        None => em::init_theta(&g, a.seed),
+    let (theta, mut records) = match &resume {
+        Some((ck, records)) => {
+            if ck.meta.layer != layer
+                || (ck.meta.channels, ck.meta.height, ck.meta.width) != (c, h, w)
+            {
+                bail!("the checkpoint's layer or image shape does not match its data any more");
+            }
+            (ck.theta.clone(), records.clone())
+        }
+        None => (
+            match &cfg.init {
+                Some(p) => model::load_init(p, &g)?,
+                None => em::init_theta(&g, cfg.seed),
+            },
+            Vec::new(),
+        ),
     };
     let n = data.len();
     let data = Arc::new(data);
-    let mut engine = make_engine(a.backend, g, data, theta, a.batch)?;
+    let mut engine = make_engine(backend_from_name(&cfg.backend)?, g, data, theta, cfg.batch)?;
     let say = |s: String| {
-        if !a.quiet {
+        if !quiet {
             println!("{s}");
         }
     };
@@ -276,87 +437,159 @@ fn train(a: TrainArgs) -> Result<()> {
         g.wo,
         g.epoch_flops(n) / 1e9
     ));
-    let mut metrics = match &a.metrics {
+    let first = records.len() + 1;
+    if resume.is_some() {
+        say(format!("resuming at epoch {first} of {}", cfg.epochs));
+    }
+    // Metrics: a fresh file, or on resume the checkpoint's epochs rewritten (a kill between the
+    // checkpoint and the metrics line must not lose or repeat a line), then appended to.
+    let mut metrics = match &cfg.metrics {
         Some(p) => {
             if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
             }
-            Some(std::fs::File::create(p).with_context(|| p.display().to_string())?)
+            let mut text = String::new();
+            for r in &records {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            model::write_atomic(p, text.as_bytes(), true)?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .with_context(|| p.display().to_string())?,
+            )
         }
         None => None,
     };
-    let bar = progress_bar(a.quiet, n);
-    let stop = AtomicBool::new(false);
+    let make_model = |engine: &mut dyn Engine,
+                      history: &[calm_gpu::model::EpochRecord],
+                      stopped: Option<String>|
+     -> Result<Model> {
+        Ok(Model {
+            meta: ModelMeta {
+                layer,
+                channels: c,
+                height: h,
+                width: w,
+                seed: cfg.seed,
+                batch: cfg.batch,
+                epochs_requested: cfg.epochs,
+                preprocess: "none".into(),
+                engine: engine.describe(),
+                images: n,
+                data: names.clone(),
+                history: history.iter().map(Into::into).collect(),
+                stopped,
+                calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
+            },
+            theta: engine.theta()?,
+            counts: engine.counts()?,
+            extra: Default::default(),
+        })
+    };
+    let write_checkpoint =
+        |dir: &Path, m: &Model, history: &[calm_gpu::model::EpochRecord]| -> Result<()> {
+            let mut m = m.clone();
+            m.extra.insert("run".into(), serde_json::to_string(&cfg)?);
+            m.extra
+                .insert("records".into(), serde_json::to_string(history)?);
+            m.save(&dir.join(CHECKPOINT), true)?;
+            Ok(())
+        };
+    let bar = progress_bar(quiet, n);
+    install_ctrl_c();
     let mut io_err: Option<std::io::Error> = None;
-    let outcome = em::run(engine.as_mut(), 1, a.epochs, &stop, &mut |ev| match ev {
-        Event::EpochStart { epoch, epochs } => {
-            if let Some(b) = &bar {
-                b.reset();
-                b.set_message(format!("epoch {epoch}/{epochs}"));
-            }
+    let mut after = |engine: &mut dyn Engine,
+                     history: &[calm_gpu::model::EpochRecord]|
+     -> calm_gpu::Result<()> {
+        if let Some(dir) = &cfg.checkpoint_dir {
+            let m = make_model(engine, history, None)
+                .map_err(|e| calm_gpu::CalmError::Invalid(format!("{e:#}")))?;
+            write_checkpoint(dir, &m, history).map_err(|e| {
+                calm_gpu::CalmError::Invalid(format!("writing the checkpoint failed: {e:#}"))
+            })?;
         }
-        Event::Progress { images } => {
-            if let Some(b) = &bar {
-                b.set_position(images as u64);
-            }
-        }
-        Event::EpochEnd(r) => {
-            let line = format!(
-                "epoch {:>3}/{}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
-                r.epoch, a.epochs, r.loglik, r.loglik_per_image, r.seconds, r.gflops
-            );
-            match &bar {
-                Some(b) => b.println(line),
-                None => say(line),
-            }
-            if let Some(f) = metrics.as_mut() {
-                let j = serde_json::to_string(r).expect("plain numbers serialise");
-                if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
-                    io_err.get_or_insert(e);
+        Ok(())
+    };
+    let outcome = em::run(
+        engine.as_mut(),
+        std::mem::take(&mut records),
+        first,
+        cfg.epochs,
+        &mut |ev| match ev {
+            Event::EpochStart { epoch, epochs } => {
+                if let Some(b) = &bar {
+                    b.reset();
+                    b.set_message(format!("epoch {epoch}/{epochs}"));
                 }
             }
-        }
-        Event::PrecisionLimit { epoch } => {
-            let line = format!(
-                "numerical precision limit reached at epoch {epoch}; keeping the last finite theta"
-            );
-            match &bar {
-                Some(b) => b.println(line),
-                None => println!("{line}"),
+            Event::Progress { images } => {
+                if let Some(b) = &bar {
+                    b.set_position(images as u64);
+                }
             }
-        }
-    })?;
+            Event::EpochEnd(r) => {
+                let line = format!(
+                    "epoch {:>3}/{}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
+                    r.epoch, cfg.epochs, r.loglik, r.loglik_per_image, r.seconds, r.gflops
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => say(line),
+                }
+                if let Some(f) = metrics.as_mut() {
+                    let j = serde_json::to_string(r).expect("plain numbers serialise");
+                    if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
+                        io_err.get_or_insert(e);
+                    }
+                }
+            }
+            Event::PrecisionLimit { epoch } => {
+                let line = format!(
+                    "numerical precision limit reached at epoch {epoch}; keeping the last finite theta"
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
+                }
+            }
+        },
+        &mut after,
+    )?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     if let Some(e) = io_err {
         bail!("writing --metrics failed: {e}");
     }
-    let model = Model {
-        meta: ModelMeta {
-            layer,
-            channels: c,
-            height: h,
-            width: w,
-            seed: a.seed,
-            batch: a.batch,
-            epochs_requested: a.epochs,
-            preprocess: "none".into(),
-            engine: engine.describe(),
-            images: n,
-            data: names,
-            history: outcome.history.iter().map(Into::into).collect(),
-            stopped: outcome.stopped.clone(),
-            calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
-        },
-        theta: engine.theta()?,
-        counts: engine.counts()?,
-    };
-    model.save(&a.out, a.force)?;
+    if outcome.interrupted {
+        let dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
+            let mut d = cfg.out.clone().into_os_string();
+            d.push(".checkpoint");
+            PathBuf::from(d)
+        });
+        let m = make_model(engine.as_mut(), &outcome.history, None)?;
+        write_checkpoint(&dir, &m, &outcome.history)?;
+        eprintln!(
+            "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
+            outcome.stopped.as_deref().unwrap_or("interrupted"),
+            outcome.history.len(),
+            dir.display()
+        );
+        std::process::exit(130);
+    }
+    let model = make_model(engine.as_mut(), &outcome.history, outcome.stopped.clone())?;
+    model.save(&cfg.out, cfg.force)?;
+    if let Some(p) = &cfg.plot {
+        write_plot(&model, p, cfg.force)?;
+        say(format!("wrote {}", p.display()));
+    }
     let secs: f64 = outcome.history.iter().map(|r| r.seconds).sum();
     println!(
         "wrote {} after {} epochs in {:.2} s{}",
-        a.out.display(),
+        cfg.out.display(),
         outcome.history.len(),
         secs,
         outcome
@@ -590,5 +823,123 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         std::fs::write(p, s).with_context(|| p.display().to_string())?;
     }
+    Ok(())
+}
+
+fn write_plot(model: &Model, path: &Path, force: bool) -> Result<()> {
+    check_output(path, force)?;
+    let n = model.meta.images.max(1) as f64;
+    let points: Vec<(usize, f64)> = model
+        .meta
+        .history
+        .iter()
+        .map(|h| (h.epoch, h.loglik / n))
+        .collect();
+    if points.is_empty() {
+        bail!(
+            "{}: the model has no completed epochs to plot",
+            path.display()
+        );
+    }
+    let l = model.meta.layer;
+    let title = format!(
+        "calm-gpu: K={} w={} p={}, {} images",
+        l.kernels, l.width, l.pad, model.meta.images
+    );
+    let img = calm_gpu::viz::loglik_plot(&points, &title, 800, 500)?;
+    calm_gpu::viz::save_png(&img, path)?;
+    Ok(())
+}
+
+fn show(a: ShowArgs) -> Result<()> {
+    if a.out.is_none() && a.plot.is_none() {
+        bail!("nothing to draw: give --out kernels.png and/or --plot loglik.png");
+    }
+    let model = Model::load(&a.model)?;
+    if let Some(out) = &a.out {
+        check_output(out, a.force)?;
+        let l = model.meta.layer;
+        let scale = a
+            .scale
+            .unwrap_or_else(|| calm_gpu::viz::default_scale(l.width))
+            .clamp(1, 64);
+        let img = calm_gpu::viz::kernel_grid(
+            &model.theta,
+            l.kernels,
+            model.meta.channels,
+            l.width,
+            a.per_row.max(1),
+            scale,
+        );
+        calm_gpu::viz::save_png(&img, out)?;
+        println!(
+            "wrote {} ({}x{} px, {} kernels)",
+            out.display(),
+            img.width(),
+            img.height(),
+            l.kernels
+        );
+    }
+    if let Some(p) = &a.plot {
+        write_plot(&model, p, a.force)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let m = Model::load(&a.model)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m.meta)?);
+        return Ok(());
+    }
+    let l = m.meta.layer;
+    println!("model:       {}", a.model.display());
+    println!(
+        "layer:       K={} kernels of {}x{}x{} (C x w x w), padding {}",
+        l.kernels, m.meta.channels, l.width, l.width, l.pad
+    );
+    println!(
+        "images:      {} of {}x{}x{} from {}",
+        m.meta.images,
+        m.meta.channels,
+        m.meta.height,
+        m.meta.width,
+        m.meta.data.join(", ")
+    );
+    println!("preprocess:  {}", m.meta.preprocess);
+    println!(
+        "training:    seed {}, batch {}, {} of {} epochs on {}",
+        m.meta.seed,
+        m.meta.batch,
+        m.meta.history.len(),
+        m.meta.epochs_requested,
+        m.meta.engine
+    );
+    if let Some(s) = &m.meta.stopped {
+        println!("stopped:     {s}");
+    }
+    println!("LL history (per image):");
+    let n = m.meta.images.max(1) as f64;
+    for h in &m.meta.history {
+        println!(
+            "  epoch {:>3}  LL {:>14.6e}  per image {:>10.4}",
+            h.epoch,
+            h.loglik,
+            h.loglik / n
+        );
+    }
+    let unused = m.counts.iter().filter(|&&c| c < 1.0).count();
+    let mut order: Vec<usize> = (0..m.counts.len()).collect();
+    order.sort_by(|&i, &j| m.counts[j].total_cmp(&m.counts[i]));
+    println!("counts B' (effective number of patches per kernel), largest first:");
+    for chunk in order.chunks(8) {
+        let line: Vec<String> = chunk
+            .iter()
+            .map(|&k| format!("k{k}:{:.3}", m.counts[k]))
+            .collect();
+        println!("  {}", line.join("  "));
+    }
+    println!("unused kernels (count < 1): {unused} of {}", m.counts.len());
     Ok(())
 }

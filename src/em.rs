@@ -1,6 +1,5 @@
 //! The EM driver: epochs, the stopping rule, timing and metrics, generic over the engine.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::RngExt;
@@ -44,41 +43,57 @@ pub struct Outcome {
     pub history: Vec<EpochRecord>,
     /// Set when training stopped before the requested epochs.
     pub stopped: Option<String>,
+    /// True when a stop was requested (Ctrl-C or `stop`): the run can be resumed.
+    pub interrupted: bool,
 }
 
-/// Runs epochs `first..=last` (1-based). `stop` is checked between epochs (Ctrl-C).
+/// Called after every completed epoch with the engine (its `theta` already updated) and the
+/// history so far, e.g. to write a checkpoint.
+pub type AfterEpoch<'a> = &'a mut dyn FnMut(&mut dyn Engine, &[EpochRecord]) -> Result<()>;
+
+/// Runs epochs `first..=last` (1-based), appending to `history` (the epochs before `first`, when
+/// resuming). A stop request (`interrupt::request`, Ctrl-C) abandons the epoch in progress and
+/// leaves `theta` as the last complete epoch made it.
 pub fn run(
     engine: &mut dyn Engine,
+    mut history: Vec<EpochRecord>,
     first: usize,
     last: usize,
-    stop: &AtomicBool,
     on_event: &mut dyn FnMut(Event),
+    after_epoch: AfterEpoch,
 ) -> Result<Outcome> {
     let g = engine.geometry();
     let n = engine.len();
-    let mut history = Vec::new();
+    let stopped = |history: Vec<EpochRecord>, why: String, interrupted| {
+        Ok(Outcome {
+            history,
+            stopped: Some(why),
+            interrupted,
+        })
+    };
     for epoch in first..=last {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(Outcome {
-                history,
-                stopped: Some(format!("interrupted before epoch {epoch}")),
-            });
+        if crate::interrupt::requested() {
+            return stopped(history, format!("interrupted before epoch {epoch}"), true);
         }
         on_event(Event::EpochStart {
             epoch,
             epochs: last,
         });
         let t0 = Instant::now();
-        let stats = engine.epoch(&mut |images| on_event(Event::Progress { images }))?;
+        let stats = match engine.epoch(&mut |images| on_event(Event::Progress { images })) {
+            Err(crate::CalmError::Interrupted) => {
+                return stopped(history, format!("interrupted during epoch {epoch}"), true);
+            }
+            other => other?,
+        };
         let seconds = t0.elapsed().as_secs_f64();
         if !stats.finite {
             on_event(Event::PrecisionLimit { epoch });
-            return Ok(Outcome {
+            return stopped(
                 history,
-                stopped: Some(format!(
-                    "numerical precision limit reached at epoch {epoch}"
-                )),
-            });
+                format!("numerical precision limit reached at epoch {epoch}"),
+                false,
+            );
         }
         let rec = EpochRecord {
             epoch,
@@ -88,11 +103,13 @@ pub fn run(
             seconds,
             gflops: g.epoch_flops(n) / seconds.max(1e-12) / 1e9,
         };
-        on_event(Event::EpochEnd(&rec));
         history.push(rec);
+        after_epoch(engine, &history)?;
+        on_event(Event::EpochEnd(history.last().expect("just pushed")));
     }
     Ok(Outcome {
         history,
         stopped: None,
+        interrupted: false,
     })
 }

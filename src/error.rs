@@ -15,6 +15,9 @@ pub enum CalmError {
     Model(String),
     #[error("{0}")]
     Invalid(String),
+    /// A stop was requested (Ctrl-C) and the epoch in progress was abandoned.
+    #[error("interrupted")]
+    Interrupted,
     #[error("{path}: {source}")]
     Io {
         path: String,

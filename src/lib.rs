@@ -15,6 +15,8 @@ pub use error::{CalmError, Result};
 pub mod bench;
 pub mod em;
 pub mod gpu;
+pub mod interrupt;
 pub mod model;
 pub mod probe;
 pub mod validate;
+pub mod viz;

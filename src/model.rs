@@ -5,6 +5,7 @@
 //! Files are written atomically (a temporary file in the same directory, then a rename), so an
 //! interrupted write never leaves a half-written model behind.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -78,6 +79,8 @@ pub struct Model {
     pub theta: Vec<f32>,
     /// `B'` of the last update, `(K)`.
     pub counts: Vec<f32>,
+    /// More metadata entries (checkpoints keep the run's arguments here).
+    pub extra: BTreeMap<String, String>,
 }
 
 fn model_err(path: &Path, msg: impl std::fmt::Display) -> CalmError {
@@ -113,13 +116,27 @@ impl Model {
         let tb = self.theta.len() * 4;
         let cb = self.counts.len() * 4;
         // serde_json's map keeps keys sorted.
+        let mut md = serde_json::Map::new();
+        for (k, v) in &self.extra {
+            md.insert(k.clone(), v.clone().into());
+        }
+        md.insert("format".into(), "calm-gpu".into());
+        md.insert("calm_gpu".into(), json(&self.meta).into());
+        md.insert(
+            "loglik".into(),
+            json(
+                &self
+                    .meta
+                    .history
+                    .iter()
+                    .map(|r| r.loglik)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+        );
+        md.insert("config".into(), json(&self.meta.layer).into());
         let header = serde_json::json!({
-            "__metadata__": {
-                "format": "calm-gpu",
-                "calm_gpu": json(&self.meta),
-                "loglik": json(&self.meta.history.iter().map(|r| r.loglik).collect::<Vec<_>>()),
-                "config": json(&self.meta.layer),
-            },
+            "__metadata__": md,
             "counts": { "dtype": "F32", "shape": [l.kernels], "data_offsets": [0, cb] },
             "theta": {
                 "dtype": "F32",
@@ -184,10 +201,15 @@ impl Model {
         let l = meta.layer;
         let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
         let counts = read("counts", &[l.kernels])?;
+        let extra = md
+            .into_iter()
+            .filter(|(k, _)| !["format", "calm_gpu", "loglik", "config"].contains(&k.as_str()))
+            .collect();
         Ok(Self {
             meta,
             theta,
             counts,
+            extra,
         })
     }
 }

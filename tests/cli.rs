@@ -369,3 +369,190 @@ fn bad_input_gives_one_line_errors() {
         "metal",
     );
 }
+
+/// Kill -9 during an epoch, resume from the checkpoint, and get the same model file, byte for
+/// byte, as a run that was never interrupted (CPU engine).
+#[test]
+fn killed_run_resumes_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::random_images(5, 400, 1, 28, 28);
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &d.images);
+    let args = |out: &Path| {
+        let mut v: Vec<String> = [
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "16",
+            "--width",
+            "9",
+            "--pad",
+            "1",
+            "--batch",
+            "50",
+            "--epochs",
+            "6",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend([
+            "--data".into(),
+            data.to_string_lossy().to_string(),
+            "--out".into(),
+            out.to_string_lossy().to_string(),
+        ]);
+        v
+    };
+    let straight = dir.path().join("straight.safetensors");
+    assert!(
+        calm()
+            .args(args(&straight))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+
+    let resumed = dir.path().join("resumed.safetensors");
+    let ckdir = dir.path().join("ck");
+    let metrics = dir.path().join("m.jsonl");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+        .args(args(&resumed))
+        .arg("--checkpoint-dir")
+        .arg(&ckdir)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the second epoch's checkpoint, then a little into epoch 3, and kill.
+    let ck = ckdir.join("checkpoint.safetensors");
+    let t0 = std::time::Instant::now();
+    loop {
+        if calm_gpu::model::Model::load(&ck).is_ok_and(|m| m.meta.history.len() >= 2) {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!resumed.exists() || calm_gpu::model::Model::load(&resumed).is_ok());
+
+    let out = calm()
+        .arg("train")
+        .arg("--resume")
+        .arg(&ckdir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming at epoch"));
+    assert_eq!(
+        std::fs::read(&straight).unwrap(),
+        std::fs::read(&resumed).unwrap(),
+        "resumed model differs"
+    );
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    let epochs: Vec<u64> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(epochs, vec![1, 2, 3, 4, 5, 6], "metrics after resume");
+}
+
+#[test]
+fn show_info_and_plot_write_readable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("m.safetensors");
+    let plot = dir.path().join("pics/ll.png");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "5",
+            "--width",
+            "4",
+            "--pad",
+            "0",
+            "--epochs",
+            "2",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&model)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&plot).unwrap();
+    assert_eq!((img.width(), img.height()), (800, 500));
+    let grid = dir.path().join("k.png");
+    let out = calm()
+        .args(["show", "--per-row", "4", "--scale", "3"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&grid)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&grid).unwrap();
+    // 5 kernels, 4 per row: 4 columns x 2 rows of 4*3 px tiles with 1 px borders.
+    let (w, h) = calm_gpu::viz::kernel_grid_size(5, 4, 4, 3);
+    assert_eq!((img.width(), img.height()), (w, h));
+    assert_eq!((w, h), (4 * 13 + 1, 2 * 13 + 1));
+    // An existing PNG is refused without --force.
+    fails_with(
+        &[
+            "show",
+            "--model",
+            &model.to_string_lossy(),
+            "--out",
+            &grid.to_string_lossy(),
+        ],
+        "--force",
+    );
+    let out = calm()
+        .arg("info")
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "K=5",
+        "epoch   2",
+        "unused kernels (count < 1)",
+        "preprocess",
+    ] {
+        assert!(s.contains(needle), "info lacks {needle}: {s}");
+    }
+}

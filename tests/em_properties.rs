@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use calm_gpu::cpu::{CpuEngine, reference};
 use calm_gpu::data::{self, Dataset, Split};
@@ -16,8 +15,10 @@ use common::*;
 use ndarray::{Array4, ArrayD, s};
 
 fn run_epochs(engine: &mut dyn Engine, epochs: usize) -> Vec<(f64, f64)> {
-    let stop = AtomicBool::new(false);
-    let out = em::run(engine, 1, epochs, &stop, &mut |_| {}).unwrap();
+    let out = em::run(engine, Vec::new(), 1, epochs, &mut |_| {}, &mut |_, _| {
+        Ok(())
+    })
+    .unwrap();
     assert_eq!(out.stopped, None);
     out.history
         .iter()

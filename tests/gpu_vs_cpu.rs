@@ -5,7 +5,6 @@ mod common;
 use std::sync::Arc;
 
 use calm_gpu::cpu::reference;
-use calm_gpu::data::ImageSource;
 use calm_gpu::gpu::kernels::Variant;
 use calm_gpu::gpu::{GpuEngine, GpuOptions};
 use calm_gpu::{Engine, Geometry, LayerConfig};

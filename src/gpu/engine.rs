@@ -197,7 +197,7 @@ impl GpuEngine {
         let by_l = (cap / (kp * p * 4)) as usize;
         let by_partials = (cap / stat_bytes) as usize * ipc;
         let tm = tiles.e_tm() as usize;
-        let by_dispatch = (65535usize * tm / g.positions() as usize).min(65535);
+        let by_dispatch = (65535usize * tm / g.positions()).min(65535);
         let max_batch = opts
             .batch
             .max(1)
@@ -525,6 +525,11 @@ impl GpuEngine {
                 d.fetch_add(nb, Ordering::SeqCst);
             });
             in_flight.push_back(idx);
+            if crate::interrupt::requested() {
+                // Abandon the epoch: theta is untouched until `commit_update`.
+                self.ctx.wait()?;
+                return Err(CalmError::Interrupted);
+            }
             if in_flight.len() > IN_FLIGHT {
                 let old = in_flight.pop_front().expect("non-empty");
                 self.ctx

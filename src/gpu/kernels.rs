@@ -157,8 +157,8 @@ impl Tiles {
                 .collect::<Result<_>>()?;
             if nums.len() != 3
                 || nums.iter().any(|&n| n == 0 || n > 64)
-                || nums[0] % 4 != 0
-                || nums[1] % 4 != 0
+                || !nums[0].is_multiple_of(4)
+                || !nums[1].is_multiple_of(4)
                 || ![8, 16, 32].contains(&wx)
             {
                 return Err(bad());
