@@ -7,11 +7,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use calm_gpu::cpu::CpuEngine;
-use calm_gpu::data::{self, Dataset, ImageSource};
+use calm_gpu::data::preprocess::Preprocess;
+use calm_gpu::data::{self, ImageSource};
 use calm_gpu::em::{self, Event};
-use calm_gpu::gpu::{GpuBackend, GpuContext, GpuEngine, GpuOptions};
+use calm_gpu::gpu::GpuContext;
 use calm_gpu::model::{self, Model, ModelMeta};
+use calm_gpu::run::{self, Backend};
 use calm_gpu::{Engine, Geometry, LayerConfig};
 
 #[derive(Parser)]
@@ -45,6 +46,94 @@ pub enum Command {
     Show(ShowArgs),
     /// Print a model's config, preprocessing, LL history and per-kernel counts
     Info(InfoArgs),
+    /// The paper's linear probe: softmax regression on a model's features, train and test accuracy
+    Eval(EvalArgs),
+    /// Run a protocol of the paper end to end: train, probe, baselines, table and pictures
+    Reproduce(ReproduceArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolName {
+    /// MNIST: the four standard IDX files (raw or .gz) in --data-dir
+    Mnist,
+    /// Fashion-MNIST, same layout; default --data-dir is Debian's dataset-fashion-mnist
+    Fashion,
+    /// STL-10 binary: train_X.bin, train_y.bin, test_X.bin, test_y.bin and, if present,
+    /// unlabeled_X.bin in --data-dir
+    Stl10,
+}
+
+#[derive(Args)]
+pub struct ReproduceArgs {
+    #[arg(value_enum)]
+    pub protocol: ProtocolName,
+    /// Where the dataset's files are
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where the model, results.md, results.json and the pictures go (default results/<protocol>)
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Override the protocol's number of epochs (e.g. for a quick look)
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override the protocol's batch size
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace earlier results in --out-dir
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A model written by `calm-gpu train`
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Labelled training images for the probe (default: the shipped digits' 8,000 training images)
+    #[arg(long, value_name = "PATH")]
+    pub train: Option<PathBuf>,
+    /// Labels of --train, where its format does not carry them (IDX labels, .npy, STL-10 *_y.bin)
+    #[arg(long, value_name = "PATH")]
+    pub train_labels: Option<PathBuf>,
+    /// Labelled test images (default: the shipped digits' 2,000 test images)
+    #[arg(long, value_name = "PATH")]
+    pub test: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    pub test_labels: Option<PathBuf>,
+    /// Also fit the same probe on other features: raw (the pixels) or random (untrained kernels
+    /// with the model's K, w, p and seed). May be repeated.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub baseline: Vec<Baseline>,
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Inverse L2 strength of the probe (scikit-learn's C)
+    #[arg(long, default_value_t = 1.0)]
+    pub c: f64,
+    /// Iteration cap of the probe's L-BFGS
+    #[arg(long, default_value_t = 1000)]
+    pub max_iter: usize,
+    /// Standardise features before the probe (the paper's probe does not)
+    #[arg(long)]
+    pub standardize: bool,
+    /// Write the results (accuracies, confusion matrices, iterations) as JSON
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Replace --json if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    Raw,
+    Random,
 }
 
 #[derive(Args)]
@@ -77,18 +166,6 @@ pub struct InfoArgs {
     /// Print the whole metadata as JSON instead
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// A hardware GPU if there is one, else the CPU engine
-    Auto,
-    Vulkan,
-    Metal,
-    Dx12,
-    Gl,
-    /// The CPU engine (GEMM on all cores)
-    Cpu,
 }
 
 #[derive(Args)]
@@ -138,6 +215,11 @@ pub struct TrainArgs {
     /// Without it, Ctrl-C still leaves one in `<out>.checkpoint/`.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Preprocessing of every image: scale (x / 255), zca-image (per-image, per-channel ZCA, the
+    /// STL-10 protocol's), none. Default: scale for 8-bit data, none for float data. Recorded in
+    /// the model and applied again by `features` and `eval`.
+    #[arg(long, value_name = "KIND")]
+    pub preprocess: Option<Preprocess>,
     /// Draw LL per image against epoch into this PNG at the end
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
@@ -183,84 +265,59 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Show(a) => show(a),
         Command::Info(a) => info(a),
+        Command::Eval(a) => eval(a).map(|_| ()),
+        Command::Reproduce(a) => reproduce(a),
     }
 }
 
-fn gpu_backend(b: Backend) -> Option<GpuBackend> {
-    match b {
-        Backend::Auto => Some(GpuBackend::Auto),
-        Backend::Vulkan => Some(GpuBackend::Vulkan),
-        Backend::Metal => Some(GpuBackend::Metal),
-        Backend::Dx12 => Some(GpuBackend::Dx12),
-        Backend::Gl => Some(GpuBackend::Gl),
-        Backend::Cpu => None,
-    }
+/// The preprocessing `path`'s images get by default: `scale` (x / 255) for bytes, `none` for
+/// floats.
+fn default_preprocess(path: &Path) -> Result<Preprocess> {
+    let kind = match data::detect_format(path)? {
+        data::FileFormat::Npy => match data::npy::NpyFile::open(path) {
+            Ok(f) => f.kind(),
+            Err(_) => data::load_raw(path)?.1,
+        },
+        _ => data::PixelKind::U8,
+    };
+    Ok(Preprocess::default_for(kind))
 }
 
-/// Loads and concatenates the datasets (or the shipped sample), rejecting NaN and infinity.
-pub fn load_data(paths: &[PathBuf]) -> Result<(Dataset, Vec<String>)> {
+/// Opens the datasets (or the shipped sample) as one source, preprocessed with `pre` (default:
+/// by element type). Large STL-10 and `.npy` files stream from disk. Returns the source, the
+/// names of the inputs and the preprocessing applied.
+pub fn load_data(
+    paths: &[PathBuf],
+    pre: Option<Preprocess>,
+) -> Result<(Arc<dyn ImageSource>, Vec<String>, Preprocess)> {
     if paths.is_empty() {
+        if let Some(p) = pre.filter(|p| *p != Preprocess::Scale) {
+            bail!("the shipped digits are scaled to [0, 1] already; --preprocess {p} needs --data");
+        }
         return Ok((
-            data::embedded_digits(data::Split::Train),
+            embedded(data::Split::Train),
             vec!["embedded:digits-train".into()],
+            Preprocess::Scale,
         ));
     }
-    let mut sets = Vec::new();
+    let pre = match pre {
+        Some(p) => p,
+        None => default_preprocess(&paths[0])?,
+    };
+    let mut parts: Vec<Box<dyn ImageSource>> = Vec::new();
     for p in paths {
-        let d = data::load(p)?;
-        d.check_finite(&p.display().to_string())?;
-        sets.push(d);
+        parts.push(data::open_source(p, Some(pre))?);
     }
     let names = paths.iter().map(|p| p.display().to_string()).collect();
-    if sets.len() == 1 {
-        return Ok((sets.pop().expect("one"), names));
-    }
-    let shape = sets[0].shape();
-    for (s, p) in sets.iter().zip(paths) {
-        if s.shape() != shape {
-            bail!(
-                "{}: images are {:?} (C,H,W) but {} holds {:?}",
-                p.display(),
-                s.shape(),
-                paths[0].display(),
-                shape
-            );
-        }
-    }
-    let views: Vec<_> = sets.iter().map(|s| s.images.view()).collect();
-    let images = ndarray::concatenate(ndarray::Axis(0), &views)?;
-    Ok((Dataset::new(images, None), names))
-}
-
-/// The engine for `backend`; `auto` prefers a hardware GPU and falls back to the CPU engine.
-fn make_engine(
-    backend: Backend,
-    g: Geometry,
-    data: Arc<Dataset>,
-    theta: Vec<f32>,
-    batch: usize,
-) -> Result<Box<dyn Engine>> {
-    let gpu = match backend {
-        Backend::Cpu => None,
-        Backend::Auto => GpuContext::new(GpuBackend::Auto, true).ok(),
-        b => Some(GpuContext::new(
-            gpu_backend(b).expect("a GPU backend"),
-            false,
-        )?),
+    let source: Arc<dyn ImageSource> = if parts.len() == 1 {
+        Arc::from(parts.pop().expect("one"))
+    } else {
+        Arc::new(data::Concat::new(parts)?)
     };
-    Ok(match gpu {
-        Some(ctx) => Box::new(GpuEngine::new(
-            Arc::new(ctx),
-            g,
-            data.as_ref(),
-            &theta,
-            GpuOptions {
-                batch,
-                ..Default::default()
-            },
-        )?),
-        None => Box::new(CpuEngine::new(g, data, theta, batch)),
-    })
+    if source.is_empty() {
+        bail!("the data holds no images");
+    }
+    Ok((source, names, pre))
 }
 
 fn check_positive(name: &str, v: usize) -> Result<()> {
@@ -302,6 +359,8 @@ struct RunConfig {
     checkpoint_dir: Option<PathBuf>,
     #[serde(default)]
     plot: Option<PathBuf>,
+    #[serde(default)]
+    preprocess: Option<Preprocess>,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -381,6 +440,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 force: a.force,
                 checkpoint_dir: a.checkpoint_dir.as_ref().map(|p| absolute(p)),
                 plot: a.plot.as_ref().map(|p| absolute(p)),
+                preprocess: a.preprocess,
             },
             None,
         ),
@@ -393,7 +453,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if let (Some(m), None) = (&cfg.metrics, &resume) {
         check_output(m, cfg.force)?;
     }
-    let (data, names) = load_data(&cfg.data)?;
+    let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
     let (c, h, w) = data.shape();
     let layer = LayerConfig {
         kernels: cfg.kernels,
@@ -419,8 +479,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ),
     };
     let n = data.len();
-    let data = Arc::new(data);
-    let mut engine = make_engine(backend_from_name(&cfg.backend)?, g, data, theta, cfg.batch)?;
+    let mut engine = run::engine(backend_from_name(&cfg.backend)?, g, data, theta, cfg.batch)?;
     let say = |s: String| {
         if !quiet {
             println!("{s}");
@@ -476,7 +535,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 seed: cfg.seed,
                 batch: cfg.batch,
                 epochs_requested: cfg.epochs,
-                preprocess: "none".into(),
+                preprocess: pre.to_string(),
                 engine: engine.describe(),
                 images: n,
                 data: names.clone(),
@@ -620,43 +679,20 @@ fn features(a: FeaturesArgs) -> Result<()> {
     check_positive("batch", a.batch)?;
     check_output(&a.out, a.force)?;
     let model = Model::load(&a.model)?;
-    let (data, _) = match &a.data {
-        Some(p) => load_data(std::slice::from_ref(p))?,
-        None => (data::embedded_digits(data::Split::Test), vec![]),
+    let pre = model_preprocess(&model)?;
+    let (data, _, _) = match &a.data {
+        Some(p) => load_data(std::slice::from_ref(p), Some(pre))?,
+        None => load_data(&[], Some(pre)).map(|(_, n, p)| (embedded(data::Split::Test), n, p))?,
     };
-    let g_model = model.geometry()?;
-    let (c, h, w) = data.shape();
-    if c != g_model.c {
-        bail!(
-            "the model was trained on {}-channel images but the data has {c} channels",
-            g_model.c
-        );
-    }
-    let g = Geometry::new(model.meta.layer, c, h, w)?;
-    let f = match gpu_backend(a.backend)
-        .and_then(|b| GpuContext::new(b, a.backend != Backend::Auto).ok())
-    {
-        Some(ctx) => {
-            let mut eng = GpuEngine::new(
-                Arc::new(ctx),
-                g,
-                &data,
-                &model.theta,
-                GpuOptions {
-                    batch: a.batch,
-                    ..Default::default()
-                },
-            )?;
-            eng.features(&mut |_| {})?
-        }
-        None if a.backend == Backend::Auto || a.backend == Backend::Cpu => {
-            calm_gpu::cpu::fast::features(&g, &data, &model.theta, a.batch, &mut |_| {})?
-        }
-        None => {
-            GpuContext::new(gpu_backend(a.backend).expect("gpu"), false)?;
-            unreachable!("GpuContext::new failed above")
-        }
-    };
+    let g = model_geometry_for(&model, data.as_ref())?;
+    let f = run::features(
+        a.backend,
+        g,
+        data.as_ref(),
+        &model.theta,
+        a.batch,
+        &mut |_| {},
+    )?;
     let mut bytes = Vec::new();
     ndarray_npy::WriteNpyExt::write_npy(&f, &mut bytes)?;
     model::write_atomic(&a.out, &bytes, a.force)?;
@@ -669,8 +705,33 @@ fn features(a: FeaturesArgs) -> Result<()> {
     Ok(())
 }
 
+/// The preprocessing a model was trained with, to apply again to new data.
+fn model_preprocess(model: &Model) -> Result<Preprocess> {
+    model
+        .meta
+        .preprocess
+        .parse::<Preprocess>()
+        .map_err(|e| anyhow::anyhow!("the model's preprocessing: {e}"))
+}
+
+/// The model's layer on images of `data`'s size (features work on any H, W; C must match).
+fn model_geometry_for(model: &Model, data: &dyn ImageSource) -> Result<Geometry> {
+    let (c, h, w) = data.shape();
+    if c != model.meta.channels {
+        bail!(
+            "the model was trained on {}-channel images but the data has {c} channels",
+            model.meta.channels
+        );
+    }
+    Ok(Geometry::new(model.meta.layer, c, h, w)?)
+}
+
+fn embedded(split: data::Split) -> Arc<dyn ImageSource> {
+    Arc::new(data::embedded_digits(split))
+}
+
 fn validate(a: ValidateArgs) -> Result<()> {
-    let Some(b) = gpu_backend(a.backend) else {
+    let Some(b) = a.backend.gpu() else {
         bail!(
             "validate compares a GPU backend with the CPU reference; choose --backend vulkan, metal, dx12, gl or auto"
         );
@@ -796,7 +857,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
     let theta = em::init_theta(&g, 0);
     let mut rows = Vec::new();
-    if let Some(b) = gpu_backend(a.backend).filter(|_| a.backend != Backend::Cpu) {
+    if let Some(b) = a.backend.gpu() {
         let ctx = Arc::new(GpuContext::new(b, false)?);
         rows.push(calm_gpu::bench::time_gpu(
             &ctx, g, &data, &theta, batch, a.epochs,
@@ -941,5 +1002,378 @@ fn info(a: InfoArgs) -> Result<()> {
         println!("  {}", line.join("  "));
     }
     println!("unused kernels (count < 1): {unused} of {}", m.counts.len());
+    Ok(())
+}
+
+/// A labelled dataset for the probe, preprocessed as the model's training data was.
+fn labelled(
+    images: Option<&PathBuf>,
+    labels: Option<&PathBuf>,
+    split: data::Split,
+    pre: Preprocess,
+    what: &str,
+) -> Result<(Arc<dyn ImageSource>, Vec<u8>)> {
+    let Some(path) = images else {
+        if labels.is_some() {
+            bail!("--{what}-labels needs --{what}");
+        }
+        let d = data::embedded_digits(split);
+        let y = d.labels.clone().expect("the shipped digits carry labels");
+        if pre != Preprocess::Scale {
+            bail!(
+                "the model was trained with --preprocess {pre}; give --{what} data to evaluate it on"
+            );
+        }
+        return Ok((Arc::new(d), y));
+    };
+    let d = data::load_with(path, Some(pre))?;
+    let y = match (labels, &d.labels) {
+        (Some(l), _) => data::load_labels(l)?,
+        (None, Some(y)) => y.clone(),
+        (None, None) => bail!(
+            "{}: no labels in this format; give --{what}-labels",
+            path.display()
+        ),
+    };
+    if y.len() != d.len() {
+        bail!(
+            "{}: {} images but {} labels",
+            path.display(),
+            d.len(),
+            y.len()
+        );
+    }
+    Ok((Arc::new(d), y))
+}
+
+/// One probe: its name, feature count, report and time.
+#[derive(serde::Serialize)]
+pub struct EvalRow {
+    pub features: String,
+    pub dims: usize,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub report: calm_gpu::probe::ProbeReport,
+}
+
+fn flatten(src: &dyn ImageSource) -> Result<ndarray::Array2<f32>> {
+    let (c, h, w) = src.shape();
+    let mut x = vec![0f32; src.len() * c * h * w];
+    src.read_into(0, src.len(), &mut x)?;
+    Ok(ndarray::Array2::from_shape_vec((src.len(), c * h * w), x)?)
+}
+
+pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
+    check_positive("batch", a.batch)?;
+    if let Some(j) = &a.json {
+        check_output(j, a.force)?;
+    }
+    let model = Model::load(&a.model)?;
+    let pre = model_preprocess(&model)?;
+    let (xtr, ytr) = labelled(
+        a.train.as_ref(),
+        a.train_labels.as_ref(),
+        data::Split::Train,
+        pre,
+        "train",
+    )?;
+    let (xte, yte) = labelled(
+        a.test.as_ref(),
+        a.test_labels.as_ref(),
+        data::Split::Test,
+        pre,
+        "test",
+    )?;
+    let n_classes = ytr
+        .iter()
+        .chain(&yte)
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1)
+        .max(2);
+    let cfg = calm_gpu::probe::ProbeConfig {
+        c: a.c,
+        max_iter: a.max_iter,
+        standardize: a.standardize,
+        ..Default::default()
+    };
+    let g_tr = model_geometry_for(&model, xtr.as_ref())?;
+    let g_te = model_geometry_for(&model, xte.as_ref())?;
+    let mut sets: Vec<(
+        String,
+        Box<dyn Fn() -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> + '_>,
+    )> = vec![(
+        format!("calm (K={})", model.meta.layer.kernels),
+        Box::new(|| {
+            Ok((
+                run::features(
+                    a.backend,
+                    g_tr,
+                    xtr.as_ref(),
+                    &model.theta,
+                    a.batch,
+                    &mut |_| {},
+                )?,
+                run::features(
+                    a.backend,
+                    g_te,
+                    xte.as_ref(),
+                    &model.theta,
+                    a.batch,
+                    &mut |_| {},
+                )?,
+            ))
+        }),
+    )];
+    for b in &a.baseline {
+        match b {
+            Baseline::Raw => sets.push((
+                "raw pixels".into(),
+                Box::new(|| Ok((flatten(xtr.as_ref())?, flatten(xte.as_ref())?))),
+            )),
+            Baseline::Random => sets.push((
+                format!(
+                    "random kernels (K={}, seed {})",
+                    model.meta.layer.kernels, model.meta.seed
+                ),
+                Box::new(|| {
+                    let theta = em::init_theta(&g_tr, model.meta.seed);
+                    Ok((
+                        run::features(a.backend, g_tr, xtr.as_ref(), &theta, a.batch, &mut |_| {})?,
+                        run::features(a.backend, g_te, xte.as_ref(), &theta, a.batch, &mut |_| {})?,
+                    ))
+                }),
+            )),
+        }
+    }
+    println!(
+        "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} test images, {n_classes} classes",
+        cfg.c,
+        cfg.tol,
+        cfg.max_iter,
+        ytr.len(),
+        yte.len()
+    );
+    let mut rows = Vec::new();
+    for (name, make) in &sets {
+        let t0 = std::time::Instant::now();
+        let (ftr, fte) = make()?;
+        let (_, report) =
+            calm_gpu::probe::fit_and_evaluate(ftr.view(), &ytr, fte.view(), &yte, n_classes, &cfg)?;
+        rows.push(EvalRow {
+            features: name.clone(),
+            dims: ftr.ncols(),
+            seconds: t0.elapsed().as_secs_f64(),
+            report,
+        });
+    }
+    println!(
+        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>9}",
+        "features", "dims", "train acc", "test acc", "iterations", "seconds"
+    );
+    for r in &rows {
+        println!(
+            "{:<34} {:>6} {:>9.2}% {:>9.2}% {:>6}{:<4} {:>9.1}",
+            r.features,
+            r.dims,
+            100.0 * r.report.train_acc,
+            100.0 * r.report.test_acc,
+            r.report.iterations,
+            if r.report.converged { "" } else { " cap" },
+            r.seconds
+        );
+    }
+    println!(
+        "confusion matrix of {} on the test set (rows: true class, columns: predicted):",
+        rows[0].features
+    );
+    for (i, row) in rows[0].report.confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
+        println!("  {i:>2} {}", cells.join(""));
+    }
+    if let Some(j) = &a.json {
+        let text = serde_json::to_string_pretty(
+            &serde_json::json!({ "model": a.model, "results": rows }),
+        )?;
+        model::write_atomic(j, text.as_bytes(), a.force)?;
+    }
+    Ok(rows)
+}
+
+/// The first of `names` that exists in `dir`.
+fn find_in(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    for n in names {
+        let p = dir.join(n);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{}: none of {} found", dir.display(), names.join(", "))
+}
+
+fn idx_files(dir: &Path) -> Result<[PathBuf; 4]> {
+    let f = |stem: &str| find_in(dir, &[&format!("{stem}.gz"), stem]);
+    Ok([
+        f("train-images-idx3-ubyte")?,
+        f("train-labels-idx1-ubyte")?,
+        f("t10k-images-idx3-ubyte")?,
+        f("t10k-labels-idx1-ubyte")?,
+    ])
+}
+
+fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let name = format!("{:?}", a.protocol).to_lowercase();
+    let dir = match (&a.data_dir, a.protocol) {
+        (Some(d), _) => d.clone(),
+        (None, ProtocolName::Fashion) => PathBuf::from("/usr/share/datasets/fashion-mnist"),
+        (None, _) => bail!("--data-dir is needed for {name}"),
+    };
+    let out = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("results").join(&name));
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    let model_path = out.join("model.safetensors");
+    // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)
+    let (train_data, probe_train, probe_test, layer, batch, epochs, pre) = match a.protocol {
+        ProtocolName::Mnist | ProtocolName::Fashion => {
+            let [xtr, ytr, xte, yte] = idx_files(&dir)?;
+            (
+                vec![xtr.clone()],
+                (xtr, ytr),
+                (xte, yte),
+                LayerConfig {
+                    kernels: 64,
+                    width: 20,
+                    pad: 2,
+                },
+                1000,
+                15,
+                Preprocess::Scale,
+            )
+        }
+        ProtocolName::Stl10 => {
+            let xtr = find_in(&dir, &["train_X.bin"])?;
+            let ytr = find_in(&dir, &["train_y.bin"])?;
+            let xte = find_in(&dir, &["test_X.bin"])?;
+            let yte = find_in(&dir, &["test_y.bin"])?;
+            let mut train = vec![xtr.clone()];
+            if let Ok(u) = find_in(&dir, &["unlabeled_X.bin"]) {
+                train.push(u);
+            }
+            (
+                train,
+                (xtr, ytr),
+                (xte, yte),
+                LayerConfig {
+                    kernels: 200,
+                    width: 15,
+                    pad: 0,
+                },
+                200,
+                10,
+                Preprocess::ZcaImage,
+            )
+        }
+    };
+    let epochs = a.epochs.unwrap_or(epochs);
+    let batch = a.batch.unwrap_or(batch);
+    println!(
+        "== {name}: training K={} w={} p={}, batch {batch}, {epochs} epochs, preprocess {pre}",
+        layer.kernels, layer.width, layer.pad
+    );
+    let t0 = std::time::Instant::now();
+    train(TrainArgs {
+        data: train_data.clone(),
+        backend: a.backend,
+        kernels: layer.kernels,
+        width: layer.width,
+        pad: layer.pad,
+        batch,
+        epochs,
+        seed: a.seed,
+        init: None,
+        out: model_path.clone(),
+        metrics: Some(out.join("metrics.jsonl")),
+        force: a.force,
+        quiet: false,
+        checkpoint_dir: None,
+        preprocess: Some(pre),
+        plot: Some(out.join("loglik.png")),
+        resume: None,
+    })?;
+    let train_secs = t0.elapsed().as_secs_f64();
+    show(ShowArgs {
+        model: model_path.clone(),
+        out: Some(out.join("kernels.png")),
+        plot: None,
+        per_row: 8,
+        scale: None,
+        force: true,
+    })?;
+    println!("== {name}: linear probe on CALM features, raw pixels and random kernels");
+    let rows = eval(EvalArgs {
+        model: model_path.clone(),
+        train: Some(probe_train.0.clone()),
+        train_labels: Some(probe_train.1.clone()),
+        test: Some(probe_test.0.clone()),
+        test_labels: Some(probe_test.1.clone()),
+        baseline: vec![Baseline::Raw, Baseline::Random],
+        backend: a.backend,
+        batch,
+        c: 1.0,
+        max_iter: 1000,
+        standardize: false,
+        json: Some(out.join("results.json")),
+        force: true,
+    })?;
+    let m = Model::load(&model_path)?;
+    let last = m.meta.history.last();
+    let mut md = format!("# calm-gpu: the {name} protocol\n\n");
+    md.push_str(&format!(
+        "`calm-gpu reproduce {name}` on {}. Data: {}.\n\n",
+        m.meta.engine,
+        train_data
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    md.push_str(&format!(
+        "Training: {} images, K = {}, w = {}, p = {}, batch {batch}, {} of {epochs} epochs, preprocessing {}, seed {}; {:.1} s in all; final LL per image {}.{}\n\n",
+        m.meta.images,
+        layer.kernels,
+        layer.width,
+        layer.pad,
+        m.meta.history.len(),
+        m.meta.preprocess,
+        a.seed,
+        train_secs,
+        last.map_or("-".into(), |h| format!("{:.4}", h.loglik / m.meta.images as f64)),
+        m.meta.stopped.as_ref().map(|s| format!(" Stopped early: {s}.")).unwrap_or_default()
+    ));
+    md.push_str(
+        "Linear probe (softmax regression, L2 with C = 1 as scikit-learn's default, L-BFGS):\n\n",
+    );
+    md.push_str("| features | dims | train accuracy | test accuracy | probe iterations |\n|---|---|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.2}% | {:.2}% | {}{} |\n",
+            r.features,
+            r.dims,
+            100.0 * r.report.train_acc,
+            100.0 * r.report.test_acc,
+            r.report.iterations,
+            if r.report.converged { "" } else { " (cap)" }
+        ));
+    }
+    let unused = m.counts.iter().filter(|&&c| c < 1.0).count();
+    md.push_str(&format!(
+        "\nKernels with count < 1 (unused): {unused} of {}.\n\n",
+        m.counts.len()
+    ));
+    md.push_str("![kernels](kernels.png)\n\n![log likelihood](loglik.png)\n");
+    model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;
+    println!("wrote {}", out.join("results.md").display());
     Ok(())
 }

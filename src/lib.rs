@@ -18,5 +18,6 @@ pub mod gpu;
 pub mod interrupt;
 pub mod model;
 pub mod probe;
+pub mod run;
 pub mod validate;
 pub mod viz;

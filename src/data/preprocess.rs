@@ -12,8 +12,10 @@ use rayon::prelude::*;
 
 use super::{DataError, Dataset, ImageSource, PixelKind, check_request};
 
-/// How pixels are transformed before the model sees them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// How pixels are transformed before the model sees them. Serialised by its name (as in
+/// `Display`), the way model files and checkpoints record it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Preprocess {
     /// `x / 255`: byte pixels to [0, 1]. The default for byte sources (IDX, uint8 `.npy`,
     /// STL-10, CIFAR, PNG/JPEG); it divides by 255 whatever the source, so it is meant for those.
@@ -599,5 +601,18 @@ impl ImageSource for Concat {
             at += take;
         }
         Ok(())
+    }
+}
+
+impl From<Preprocess> for String {
+    fn from(p: Preprocess) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for Preprocess {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map_err(|e: DataError| e.to_string())
     }
 }
