@@ -1,7 +1,13 @@
-// Features: f[n, k] = log sum_{h,w} exp(L[n,k,h,w]), one workgroup per (k, n) of the batch.
+// Features: log-sum-exp of L over each of grid x grid regions of the positions,
 //
-// Shapes: l (n_images, K, Ho*Wo); f (n_images, K), this batch's rows (the host reads them back).
-// Online (max, sum) pairs per thread merged in a fixed tree, as in logsumexp.wgsl.
+//   f[n, k, a, b] = log sum_{(h,w) in region (a,b)} exp(L[n,k,h,w]),
+//
+// region (a, b) holding rows [a Ho / grid, (a+1) Ho / grid) and columns [b Wo / grid,
+// (b+1) Wo / grid). grid = 1 is SPEC's image-wide feature f[n,k] = logsumexp_{h,w} L[n,k,h,w].
+// One workgroup per (k, n, region) of the batch.
+//
+// Shapes: l (n_images, K, Ho*Wo); f (n_images, K, grid, grid), this batch's rows (read back by
+// the host). Online (max, sum) pairs per thread merged in a fixed tree, as in logsumexp.wgsl.
 
 const WGS: u32 = 64u;
 
@@ -15,10 +21,22 @@ var<workgroup> red_s: array<f32, WGS>;
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let k = wid.x;
     let n = wid.y;
+    let region = wid.z;
+    let ho = prm.positions / prm.wo;
+    let ra = region / prm.grid;
+    let rb = region - ra * prm.grid;
+    let h0 = ra * ho / prm.grid;
+    let h1 = (ra + 1u) * ho / prm.grid;
+    let w0 = rb * prm.wo / prm.grid;
+    let w1 = (rb + 1u) * prm.wo / prm.grid;
+    let cw = w1 - w0;
+    let count = (h1 - h0) * cw;
     let base = (n * prm.k + k) * prm.positions;
     var m = -3.0e38;
     var s = 0.0;
-    for (var p = lid; p < prm.positions; p += WGS) {
+    for (var e = lid; e < count; e += WGS) {
+        let row = e / cw;
+        let p = (h0 + row) * prm.wo + w0 + (e - row * cw);
         let v = l[base + p];
         if (v > m) {
             s = s * exp(m - v) + 1.0;
@@ -44,6 +62,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         workgroupBarrier();
     }
     if (lid == 0u) {
-        f[n * prm.k + k] = red_m[0] + log(red_s[0]);
+        f[(n * prm.k + k) * prm.grid * prm.grid + region] = red_m[0] + log(red_s[0]);
     }
 }

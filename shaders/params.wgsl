@@ -13,6 +13,10 @@ struct Params {
     imgs_per_chunk: u32, // M-step: images per reduction chunk (one partial sum each)
     n_chunks: u32,       // M-step: number of chunks in this batch
     n_total: u32,        // images in the whole dataset
+    grid: u32,           // features: pooling regions per axis (1: image-wide, SPEC's features)
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;

@@ -158,15 +158,37 @@ pub fn run_case(
         TOL_LINEAR,
     );
 
-    // Features with the GPU's own updated theta, so this checks the kernel alone.
+    // Features with the GPU's own updated theta, so this checks the kernel alone; image-wide
+    // (SPEC's) and pooled over a 2 x 2 grid of regions.
     let theta_gpu = eng.theta()?;
     let f = eng.features(&mut |_| {})?;
-    let f_ref = reference::features(&g, &reference::estep(&g, &xpad, n, &theta_gpu), n);
+    let l_gpu_theta = reference::estep(&g, &xpad, n, &theta_gpu);
+    let f_ref = reference::features(&g, &l_gpu_theta, n);
     row(
         "features",
         rel_err(f.as_slice().expect("standard layout"), &f_ref),
         TOL_LINEAR,
     );
+    if g.ho.min(g.wo) >= 2 {
+        let mut pooled = GpuEngine::new(
+            Arc::clone(ctx),
+            g,
+            &data,
+            &theta_gpu,
+            GpuOptions {
+                batch,
+                grid: 2,
+                ..Default::default()
+            },
+        )?;
+        let f2 = pooled.features(&mut |_| {})?;
+        let f2_ref = reference::features_grid(&g, &l_gpu_theta, n, 2);
+        row(
+            "features 2x2",
+            rel_err(f2.as_slice().expect("standard layout"), &f2_ref),
+            TOL_LINEAR,
+        );
+    }
     Ok(rows)
 }
 

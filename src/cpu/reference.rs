@@ -87,6 +87,26 @@ pub fn features(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Twin of `shaders/features.wgsl` with pooling: the log-sum-exp of `L` over each of
+/// `grid x grid` regions (rows `[a Ho / grid, (a+1) Ho / grid)`, likewise columns), laid out
+/// `(n, k, a, b)`. `grid = 1` is [`features`].
+pub fn features_grid(g: &Geometry, l: &[f64], n: usize, grid: usize) -> Vec<f64> {
+    let p = g.positions();
+    let mut out = Vec::with_capacity(n * g.k * grid * grid);
+    for nk in 0..n * g.k {
+        let map = &l[nk * p..(nk + 1) * p];
+        for a in 0..grid {
+            for b in 0..grid {
+                let (h0, h1) = (a * g.ho / grid, (a + 1) * g.ho / grid);
+                let (w0, w1) = (b * g.wo / grid, (b + 1) * g.wo / grid);
+                let vals = (h0..h1).flat_map(|h| (w0..w1).map(move |w| map[h * g.wo + w]));
+                out.push(logsumexp(vals));
+            }
+        }
+    }
+    out
+}
+
 /// Sufficient statistics of one EM epoch, accumulated in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {

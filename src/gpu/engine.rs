@@ -35,6 +35,8 @@ pub struct GpuOptions {
     pub tiles: Option<Tiles>,
     /// Kernel implementation; `None` picks it from the adapter (or `CALM_KERNELS`).
     pub variant: Option<Variant>,
+    /// Features: pooling regions per axis (0 or 1: image-wide, SPEC's features).
+    pub grid: usize,
 }
 
 /// Batches queued on the GPU before the host waits for the oldest: enough to hide the
@@ -88,6 +90,7 @@ pub struct GpuEngine {
     summary_bg: wgpu::BindGroup,
     max_batch: usize,
     device_bytes: u64,
+    grid: usize,
 }
 
 /// What the engine holds after an epoch, read back for validation.
@@ -173,6 +176,13 @@ impl GpuEngine {
         }
         assert_eq!(theta.len(), g.k * g.r());
         let tiles = tiles_for(&ctx, opts.tiles, g.k)?;
+        let grid = opts.grid.max(1);
+        if grid > g.ho.min(g.wo) || grid > 8 {
+            return Err(CalmError::Invalid(format!(
+                "a pooling grid of {grid}x{grid} does not fit {}x{} positions (at most 8 and the positions per axis)",
+                g.ho, g.wo
+            )));
+        }
         let variant = match opts.variant {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
@@ -288,7 +298,11 @@ impl GpuEngine {
             t_acc: storage(&ctx, "t_acc", stat_bytes),
             t_comp: storage(&ctx, "t_comp", stat_bytes),
             summary: storage(&ctx, "summary", 16),
-            f: storage(&ctx, "features", max_batch as u64 * k * 4),
+            f: storage(
+                &ctx,
+                "features",
+                max_batch as u64 * k * (grid * grid) as u64 * 4,
+            ),
             _x: x_bufs,
         };
         let off_buf = init(&ctx, "off", bytemuck::cast_slice(&off));
@@ -305,6 +319,7 @@ impl GpuEngine {
             img_stride: g.padded_len() as u32,
             imgs_per_chunk: ipc as u32,
             n_total: n as u32,
+            grid: grid as u32,
             ..Default::default()
         };
         let mut batches = Vec::new();
@@ -426,6 +441,7 @@ impl GpuEngine {
         .map(|b| b.size())
         .sum();
         Ok(Self {
+            grid,
             device_bytes,
             ctx,
             g,
@@ -641,9 +657,11 @@ impl GpuEngine {
     }
 
     /// Features `f[n,k]` of the engine's dataset under the current `theta`, `(N, K)`.
+    /// Features of the engine's dataset under the current `theta`: `(N, K * grid * grid)`, the
+    /// log-sum-exp of `L` over each pooling region (`GpuOptions::grid`; 1 is SPEC's `f[n,k]`).
     pub fn features(&mut self, progress: &mut dyn FnMut(usize)) -> Result<Array2<f32>> {
-        let k = self.g.k;
-        let mut out = Array2::<f32>::zeros((self.n, k));
+        let per = self.g.k * self.grid * self.grid;
+        let mut out = Array2::<f32>::zeros((self.n, per));
         let mut start = 0;
         for b in &self.batches {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -652,13 +670,17 @@ impl GpuEngine {
                 self.record_estep(&mut pass, b);
                 pass.set_pipeline(&self.pipes.features);
                 pass.set_bind_group(0, &b.features, &[]);
-                pass.dispatch_workgroups(k as u32, b.n_images as u32, 1);
+                pass.dispatch_workgroups(
+                    self.g.k as u32,
+                    b.n_images as u32,
+                    (self.grid * self.grid) as u32,
+                );
             }
             self.ctx.queue.submit([enc.finish()]);
-            let f: Vec<f32> = self
-                .ctx
-                .read_buffer(&self.buf.f, 0, (b.n_images * k * 4) as u64)?;
-            out.as_slice_mut().expect("standard layout")[start * k..(start + b.n_images) * k]
+            let f: Vec<f32> =
+                self.ctx
+                    .read_buffer(&self.buf.f, 0, (b.n_images * per * 4) as u64)?;
+            out.as_slice_mut().expect("standard layout")[start * per..(start + b.n_images) * per]
                 .copy_from_slice(&f);
             start += b.n_images;
             progress(start);

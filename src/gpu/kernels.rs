@@ -48,6 +48,8 @@ pub struct Params {
     pub imgs_per_chunk: u32,
     pub n_chunks: u32,
     pub n_total: u32,
+    pub grid: u32,
+    pub pad: [u32; 3],
 }
 
 /// Register-tile shape of the two GEMM kernels. Each workgroup has 256 threads, `wx` along the
