@@ -121,6 +121,10 @@ pub struct EvalArgs {
     /// Standardise features before the probe (the paper's probe does not)
     #[arg(long)]
     pub standardize: bool,
+    /// Pool L over a G x G grid of regions for the CALM and random-kernel features (1: SPEC's
+    /// image-wide features)
+    #[arg(long, default_value_t = 1, value_name = "G")]
+    pub pool: usize,
     /// Write the results (accuracies, confusion matrices, iterations) as JSON
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -215,6 +219,19 @@ pub struct TrainArgs {
     /// Without it, Ctrl-C still leaves one in `<out>.checkpoint/`.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// How theta starts: normal (i.i.d. N(0,1), SPEC's) or patches (random patches of the data)
+    #[arg(long, value_enum, default_value_t = em::InitMethod::Normal)]
+    pub init_method: em::InitMethod,
+    /// After each epoch, re-seed kernels with count < 1 with random data patches
+    #[arg(long)]
+    pub revive: bool,
+    /// Stop early once LL changes by less than this fraction between epochs
+    #[arg(long, value_name = "FRACTION")]
+    pub tol: Option<f64>,
+    /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
+    /// options that would change that
+    #[arg(long, value_enum)]
+    pub protocol: Option<TrainProtocol>,
     /// Preprocessing of every image: scale (x / 255), zca-image (per-image, per-channel ZCA, the
     /// STL-10 protocol's), none. Default: scale for 8-bit data, none for float data. Recorded in
     /// the model and applied again by `features` and `eval`.
@@ -229,6 +246,12 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainProtocol {
+    /// SPEC.md's batch EM exactly, as the paper's code runs it
+    Paper,
+}
+
 #[derive(Args)]
 pub struct FeaturesArgs {
     /// A model written by `calm-gpu train`
@@ -237,9 +260,12 @@ pub struct FeaturesArgs {
     /// The images (same formats as `train --data`); without it, the shipped sample's test split
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// The .npy file to write, float32 (N, K)
+    /// The .npy file to write, float32 (N, K), or (N, K*G*G) with --pool G
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Pool L over a G x G grid of regions instead of the whole image (1: SPEC's features)
+    #[arg(long, default_value_t = 1, value_name = "G")]
+    pub pool: usize,
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     #[arg(long, default_value_t = 1000)]
@@ -361,6 +387,10 @@ struct RunConfig {
     plot: Option<PathBuf>,
     #[serde(default)]
     preprocess: Option<Preprocess>,
+    #[serde(default)]
+    init_method: em::InitMethod,
+    #[serde(default)]
+    schedule: em::Schedule,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -441,10 +471,31 @@ fn train(a: TrainArgs) -> Result<()> {
                 checkpoint_dir: a.checkpoint_dir.as_ref().map(|p| absolute(p)),
                 plot: a.plot.as_ref().map(|p| absolute(p)),
                 preprocess: a.preprocess,
+                init_method: a.init_method,
+                schedule: em::Schedule {
+                    revive: a.revive,
+                    tol: a.tol,
+                    seed: a.seed,
+                },
             },
             None,
         ),
     };
+    if a.protocol == Some(TrainProtocol::Paper)
+        && (cfg.init_method != em::InitMethod::Normal
+            || cfg.schedule
+                != em::Schedule {
+                    seed: cfg.seed,
+                    ..Default::default()
+                })
+    {
+        bail!("--protocol paper keeps SPEC's choices: drop --init-method, --revive and --tol");
+    }
+    if let Some(t) = cfg.schedule.tol {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--tol must be a non-negative number (got {t})");
+        }
+    }
     check_positive("kernels", cfg.kernels)?;
     check_positive("width", cfg.width)?;
     check_positive("batch", cfg.batch)?;
@@ -473,13 +524,19 @@ fn train(a: TrainArgs) -> Result<()> {
         None => (
             match &cfg.init {
                 Some(p) => model::load_init(p, &g)?,
-                None => em::init_theta(&g, cfg.seed),
+                None => em::initial_theta(&g, cfg.init_method, data.as_ref(), cfg.seed)?,
             },
             Vec::new(),
         ),
     };
     let n = data.len();
-    let mut engine = run::engine(backend_from_name(&cfg.backend)?, g, data, theta, cfg.batch)?;
+    let mut engine = run::engine(
+        backend_from_name(&cfg.backend)?,
+        g,
+        data.clone(),
+        theta,
+        cfg.batch,
+    )?;
     let say = |s: String| {
         if !quiet {
             println!("{s}");
@@ -542,6 +599,8 @@ fn train(a: TrainArgs) -> Result<()> {
                 history: history.iter().map(Into::into).collect(),
                 stopped,
                 calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
+                options: (cfg.init_method != em::InitMethod::Normal || cfg.schedule.revive || cfg.schedule.tol.is_some())
+                    .then(|| serde_json::json!({ "init_method": cfg.init_method, "schedule": cfg.schedule })),
             },
             theta: engine.theta()?,
             counts: engine.counts()?,
@@ -572,8 +631,10 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         Ok(())
     };
-    let outcome = em::run(
+    let outcome = em::run_with(
         engine.as_mut(),
+        Some(data.as_ref()),
+        cfg.schedule,
         std::mem::take(&mut records),
         first,
         cfg.epochs,
@@ -691,6 +752,7 @@ fn features(a: FeaturesArgs) -> Result<()> {
         data.as_ref(),
         &model.theta,
         a.batch,
+        a.pool,
         &mut |_| {},
     )?;
     let mut bytes = Vec::new();
@@ -1103,7 +1165,15 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         String,
         Box<dyn Fn() -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> + '_>,
     )> = vec![(
-        format!("calm (K={})", model.meta.layer.kernels),
+        format!(
+            "calm (K={}{})",
+            model.meta.layer.kernels,
+            if a.pool > 1 {
+                format!(", pool {0}x{0}", a.pool)
+            } else {
+                String::new()
+            }
+        ),
         Box::new(|| {
             Ok((
                 run::features(
@@ -1112,6 +1182,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
                     xtr.as_ref(),
                     &model.theta,
                     a.batch,
+                    a.pool,
                     &mut |_| {},
                 )?,
                 run::features(
@@ -1120,6 +1191,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
                     xte.as_ref(),
                     &model.theta,
                     a.batch,
+                    a.pool,
                     &mut |_| {},
                 )?,
             ))
@@ -1139,8 +1211,24 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
                 Box::new(|| {
                     let theta = em::init_theta(&g_tr, model.meta.seed);
                     Ok((
-                        run::features(a.backend, g_tr, xtr.as_ref(), &theta, a.batch, &mut |_| {})?,
-                        run::features(a.backend, g_te, xte.as_ref(), &theta, a.batch, &mut |_| {})?,
+                        run::features(
+                            a.backend,
+                            g_tr,
+                            xtr.as_ref(),
+                            &theta,
+                            a.batch,
+                            a.pool,
+                            &mut |_| {},
+                        )?,
+                        run::features(
+                            a.backend,
+                            g_te,
+                            xte.as_ref(),
+                            &theta,
+                            a.batch,
+                            a.pool,
+                            &mut |_| {},
+                        )?,
                     ))
                 }),
             )),
@@ -1301,6 +1389,10 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         preprocess: Some(pre),
         plot: Some(out.join("loglik.png")),
         resume: None,
+        init_method: em::InitMethod::Normal,
+        revive: false,
+        tol: None,
+        protocol: Some(TrainProtocol::Paper),
     })?;
     let train_secs = t0.elapsed().as_secs_f64();
     show(ShowArgs {
@@ -1324,6 +1416,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         c: 1.0,
         max_iter: 1000,
         standardize: false,
+        pool: 1,
         json: Some(out.join("results.json")),
         force: true,
     })?;

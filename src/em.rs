@@ -6,6 +6,7 @@ use rand::RngExt;
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 
+use crate::data::ImageSource;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::geometry::Geometry;
@@ -18,6 +19,79 @@ pub fn init_theta(g: &Geometry, seed: u64) -> Vec<f32> {
     (0..g.k * g.r())
         .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
         .collect()
+}
+
+/// How `theta` starts.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum InitMethod {
+    /// SPEC's (and the paper's): every entry i.i.d. N(0, 1).
+    #[default]
+    Normal,
+    /// Each kernel a patch of the (padded) data at a random image and position, so every kernel
+    /// starts where data is and gets a share of the posterior.
+    Patches,
+}
+
+/// Copies the padded patch of image `n` at position `(h, w)` into `out` (`C * w * w`).
+fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f32]) {
+    let p = g.pad as isize;
+    for c in 0..g.c {
+        for i in 0..g.kw {
+            for j in 0..g.kw {
+                let (y, x) = (h as isize + i as isize - p, w as isize + j as isize - p);
+                let inside = y >= 0 && x >= 0 && (y as usize) < g.h && (x as usize) < g.w;
+                out[(c * g.kw + i) * g.kw + j] = if inside {
+                    img[(c * g.h + y as usize) * g.w + x as usize]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// `count` patches of the data at random images and positions (seeded), as kernels.
+pub fn random_patches(
+    g: &Geometry,
+    source: &dyn ImageSource,
+    seed: u64,
+    count: usize,
+) -> Result<Vec<f32>> {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let per = g.c * g.h * g.w;
+    let mut img = vec![0f32; per];
+    let mut out = vec![0f32; count * g.r()];
+    for k in 0..count {
+        let n = rng.random_range(0..source.len());
+        source.read_into(n, 1, &mut img)?;
+        let (h, w) = (rng.random_range(0..g.ho), rng.random_range(0..g.wo));
+        patch(g, &img, h, w, &mut out[k * g.r()..(k + 1) * g.r()]);
+    }
+    Ok(out)
+}
+
+/// The initial weights for `method`.
+pub fn initial_theta(
+    g: &Geometry,
+    method: InitMethod,
+    source: &dyn ImageSource,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    match method {
+        InitMethod::Normal => Ok(init_theta(g, seed)),
+        InitMethod::Patches => random_patches(g, source, seed, g.k),
+    }
 }
 
 /// What the driver tells its caller while it runs.
@@ -47,6 +121,19 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
+/// Choices of the EM loop beyond SPEC's plain batch EM (all off in `Schedule::default()`, which
+/// is SPEC's protocol).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Schedule {
+    /// After each epoch, re-seed kernels whose count `B'` is below 1 with random data patches.
+    /// (Such a step is not an EM step: LL may dip in the next epoch.)
+    pub revive: bool,
+    /// Stop once the relative change of LL between epochs is below this.
+    pub tol: Option<f64>,
+    /// Seed of the revival patches (mixed with the epoch, so resumed runs repeat them).
+    pub seed: u64,
+}
+
 /// Called after every completed epoch with the engine (its `theta` already updated) and the
 /// history so far, e.g. to write a checkpoint.
 pub type AfterEpoch<'a> = &'a mut dyn FnMut(&mut dyn Engine, &[EpochRecord]) -> Result<()>;
@@ -56,6 +143,30 @@ pub type AfterEpoch<'a> = &'a mut dyn FnMut(&mut dyn Engine, &[EpochRecord]) -> 
 /// leaves `theta` as the last complete epoch made it.
 pub fn run(
     engine: &mut dyn Engine,
+    history: Vec<EpochRecord>,
+    first: usize,
+    last: usize,
+    on_event: &mut dyn FnMut(Event),
+    after_epoch: AfterEpoch,
+) -> Result<Outcome> {
+    run_with(
+        engine,
+        None,
+        Schedule::default(),
+        history,
+        first,
+        last,
+        on_event,
+        after_epoch,
+    )
+}
+
+/// [`run`] with a [`Schedule`]; `source` (the training data) is needed for `revive`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    engine: &mut dyn Engine,
+    source: Option<&dyn ImageSource>,
+    schedule: Schedule,
     mut history: Vec<EpochRecord>,
     first: usize,
     last: usize,
@@ -104,12 +215,47 @@ pub fn run(
             gflops: g.epoch_flops(n) / seconds.max(1e-12) / 1e9,
         };
         history.push(rec);
+        if schedule.revive {
+            if let Some(src) = source {
+                revive(
+                    engine,
+                    src,
+                    schedule.seed.wrapping_add(epoch as u64 * 0x1000_0001),
+                )?;
+            }
+        }
         after_epoch(engine, &history)?;
         on_event(Event::EpochEnd(history.last().expect("just pushed")));
+        if let (Some(tol), [.., a, b]) = (schedule.tol, history.as_slice()) {
+            if (b.loglik - a.loglik).abs() <= tol * a.loglik.abs() {
+                return stopped(
+                    history,
+                    format!("converged: relative LL change below {tol} at epoch {epoch}"),
+                    false,
+                );
+            }
+        }
     }
     Ok(Outcome {
         history,
         stopped: None,
         interrupted: false,
     })
+}
+
+/// Replaces kernels whose count is below 1 with random data patches. Returns how many.
+pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> Result<usize> {
+    let g = engine.geometry();
+    let counts = engine.counts()?;
+    let dead: Vec<usize> = (0..g.k).filter(|&k| counts[k] < 1.0).collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let mut theta = engine.theta()?;
+    let fresh = random_patches(&g, source, seed, dead.len())?;
+    for (i, &k) in dead.iter().enumerate() {
+        theta[k * g.r()..(k + 1) * g.r()].copy_from_slice(&fresh[i * g.r()..(i + 1) * g.r()]);
+    }
+    engine.set_theta(&theta)?;
+    Ok(dead.len())
 }

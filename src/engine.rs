@@ -33,4 +33,6 @@ pub trait Engine {
     fn theta(&mut self) -> Result<Vec<f32>>;
     /// `B'` of the last applied update (all zero before the first).
     fn counts(&mut self) -> Result<Vec<f32>>;
+    /// Replaces the weights between epochs (re-seeding unused kernels).
+    fn set_theta(&mut self, theta: &[f32]) -> Result<()>;
 }

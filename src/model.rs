@@ -69,6 +69,10 @@ pub struct ModelMeta {
     pub history: Vec<HistoryEntry>,
     /// Why training stopped early, if it did.
     pub stopped: Option<String>,
+    /// Choices beyond SPEC's protocol (initialisation, revival, stopping rule); absent in files
+    /// of the paper's protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<serde_json::Value>,
     pub calm_gpu_version: String,
 }
 

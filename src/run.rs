@@ -75,15 +75,24 @@ pub fn engine(
     })
 }
 
-/// Features `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` of every image, `(N, K)`.
+/// Features of every image: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` for `grid = 1`
+/// (SPEC's), else the log-sum-exp over each of `grid x grid` regions, `(N, K * grid * grid)`.
 pub fn features(
     backend: Backend,
     g: Geometry,
     source: &dyn ImageSource,
     theta: &[f32],
     batch: usize,
+    grid: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
+    let grid = grid.max(1);
+    if grid > g.ho.min(g.wo) || grid > 8 {
+        return Err(crate::CalmError::Invalid(format!(
+            "a pooling grid of {grid}x{grid} does not fit {}x{} positions (at most 8, and at most the positions per axis)",
+            g.ho, g.wo
+        )));
+    }
     match backend.context()? {
         Some(ctx) => GpuEngine::new(
             ctx,
@@ -92,10 +101,11 @@ pub fn features(
             theta,
             GpuOptions {
                 batch,
+                grid,
                 ..Default::default()
             },
         )?
         .features(progress),
-        None => crate::cpu::fast::features(&g, source, theta, batch, progress),
+        None => crate::cpu::fast::features(&g, source, theta, batch, grid, progress),
     }
 }

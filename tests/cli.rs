@@ -556,3 +556,98 @@ fn show_info_and_plot_write_readable_files() {
         assert!(s.contains(needle), "info lacks {needle}: {s}");
     }
 }
+
+/// Ctrl-C (SIGINT) during an epoch: the run stops after the current batch, exits 130 with a
+/// one-line message naming the checkpoint, and resuming gives the uninterrupted run's model.
+#[test]
+fn ctrl_c_leaves_a_resumable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::random_images(6, 600, 1, 28, 28);
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &d.images);
+    let args = |out: &Path| -> Vec<String> {
+        // About 0.15 s per epoch here: long enough to be interrupted inside epoch 2.
+        let mut v: Vec<String> = [
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "64",
+            "--width",
+            "20",
+            "--pad",
+            "2",
+            "--batch",
+            "50",
+            "--epochs",
+            "4",
+            "--seed",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend([
+            "--data".into(),
+            data.to_string_lossy().to_string(),
+            "--out".into(),
+            out.to_string_lossy().to_string(),
+        ]);
+        v
+    };
+    let straight = dir.path().join("straight.safetensors");
+    assert!(
+        calm()
+            .args(args(&straight))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let out_path = dir.path().join("run.safetensors");
+    let metrics = dir.path().join("m.jsonl");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+        .args(args(&out_path))
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for epoch 1 to finish (its metrics line), then interrupt during epoch 2.
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(t0.elapsed().as_secs() < 120, "epoch 1 never finished");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let ok = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    assert!(
+        !out_path.exists(),
+        "an interrupted run must not write its final model"
+    );
+    let ckdir = dir.path().join("run.safetensors.checkpoint");
+    let out = calm()
+        .arg("train")
+        .arg("--resume")
+        .arg(&ckdir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&straight).unwrap(),
+        std::fs::read(&out_path).unwrap()
+    );
+}

@@ -733,6 +733,30 @@ impl Engine for GpuEngine {
         self.ctx.read_buffer(&self.buf.theta, 0, k * r * 4)
     }
 
+    fn set_theta(&mut self, theta: &[f32]) -> Result<()> {
+        if theta.len() != self.g.k * self.g.r() {
+            return Err(CalmError::Invalid(format!(
+                "set_theta: {} values for {} weights",
+                theta.len(),
+                self.g.k * self.g.r()
+            )));
+        }
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.buf.theta, 0, bytemuck::cast_slice(theta));
+        q.write_buffer(
+            &self.buf.theta_t,
+            0,
+            bytemuck::cast_slice(&transpose_padded(&self.g, theta)),
+        );
+        q.write_buffer(
+            &self.buf.bias,
+            0,
+            bytemuck::cast_slice(&crate::cpu::fast::bias_f32(&self.g, theta)),
+        );
+        q.submit([]);
+        Ok(())
+    }
+
     fn counts(&mut self) -> Result<Vec<f32>> {
         self.ctx
             .read_buffer(&self.buf.counts, 0, self.g.k as u64 * 4)
