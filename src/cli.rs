@@ -121,6 +121,10 @@ pub struct EvalArgs {
     /// Standardise features before the probe (the paper's probe does not)
     #[arg(long)]
     pub standardize: bool,
+    /// Hold out the last FRACTION of the training images as a validation set and report accuracy
+    /// on it instead of the test set (for choosing settings without looking at the test set)
+    #[arg(long, value_name = "FRACTION")]
+    pub val_split: Option<f64>,
     /// Pool L over a G x G grid of regions for the CALM and random-kernel features (1: SPEC's
     /// image-wide features)
     #[arg(long, default_value_t = 1, value_name = "G")]
@@ -491,10 +495,10 @@ fn train(a: TrainArgs) -> Result<()> {
     {
         bail!("--protocol paper keeps SPEC's choices: drop --init-method, --revive and --tol");
     }
-    if let Some(t) = cfg.schedule.tol {
-        if !(t >= 0.0 && t.is_finite()) {
-            bail!("--tol must be a non-negative number (got {t})");
-        }
+    if let Some(t) = cfg.schedule.tol
+        && !(t >= 0.0 && t.is_finite())
+    {
+        bail!("--tol must be a non-negative number (got {t})");
     }
     check_positive("kernels", cfg.kernels)?;
     check_positive("width", cfg.width)?;
@@ -1052,7 +1056,7 @@ fn info(a: InfoArgs) -> Result<()> {
             h.loglik / n
         );
     }
-    let unused = m.counts.iter().filter(|&&c| c < 1.0).count();
+    let usage = model::kernel_use(&m.theta, &m.counts);
     let mut order: Vec<usize> = (0..m.counts.len()).collect();
     order.sort_by(|&i, &j| m.counts[j].total_cmp(&m.counts[i]));
     println!("counts B' (effective number of patches per kernel), largest first:");
@@ -1063,7 +1067,16 @@ fn info(a: InfoArgs) -> Result<()> {
             .collect();
         println!("  {}", line.join("  "));
     }
-    println!("unused kernels (count < 1): {unused} of {}", m.counts.len());
+    println!(
+        "unused kernels (count < 1): {} of {}",
+        usage.unused,
+        m.counts.len()
+    );
+    println!(
+        "distinct kernels (none within 1% relative distance of another): {} of {}",
+        usage.distinct,
+        m.counts.len()
+    );
     Ok(())
 }
 
@@ -1108,6 +1121,9 @@ fn labelled(
     Ok((Arc::new(d), y))
 }
 
+/// Makes the training and test features of one probe.
+type FeaturePair<'a> = Box<dyn Fn() -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> + 'a>;
+
 /// One probe: its name, feature count, report and time.
 #[derive(serde::Serialize)]
 pub struct EvalRow {
@@ -1139,13 +1155,34 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         pre,
         "train",
     )?;
-    let (xte, yte) = labelled(
-        a.test.as_ref(),
-        a.test_labels.as_ref(),
-        data::Split::Test,
-        pre,
-        "test",
-    )?;
+    let (xtr, ytr, xte, yte, held_out) = match a.val_split {
+        Some(f) => {
+            if !(f > 0.0 && f < 1.0) {
+                bail!("--val-split must be between 0 and 1 (got {f})");
+            }
+            let n_val = ((xtr.len() as f64 * f).round() as usize).clamp(1, xtr.len() - 1);
+            let n_fit = xtr.len() - n_val;
+            let fit: Arc<dyn ImageSource> = Arc::new(data::Subset::new(xtr.clone(), 0, n_fit)?);
+            let val: Arc<dyn ImageSource> = Arc::new(data::Subset::new(xtr, n_fit, n_val)?);
+            (
+                fit,
+                ytr[..n_fit].to_vec(),
+                val,
+                ytr[n_fit..].to_vec(),
+                "validation",
+            )
+        }
+        None => {
+            let (xte, yte) = labelled(
+                a.test.as_ref(),
+                a.test_labels.as_ref(),
+                data::Split::Test,
+                pre,
+                "test",
+            )?;
+            (xtr, ytr, xte, yte, "test")
+        }
+    };
     let n_classes = ytr
         .iter()
         .chain(&yte)
@@ -1161,10 +1198,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
     };
     let g_tr = model_geometry_for(&model, xtr.as_ref())?;
     let g_te = model_geometry_for(&model, xte.as_ref())?;
-    let mut sets: Vec<(
-        String,
-        Box<dyn Fn() -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> + '_>,
-    )> = vec![(
+    let mut sets: Vec<(String, FeaturePair<'_>)> = vec![(
         format!(
             "calm (K={}{})",
             model.meta.layer.kernels,
@@ -1235,7 +1269,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         }
     }
     println!(
-        "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} test images, {n_classes} classes",
+        "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} {held_out} images, {n_classes} classes",
         cfg.c,
         cfg.tol,
         cfg.max_iter,
@@ -1257,7 +1291,16 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
     }
     println!(
         "{:<34} {:>6} {:>10} {:>10} {:>10} {:>9}",
-        "features", "dims", "train acc", "test acc", "iterations", "seconds"
+        "features",
+        "dims",
+        "train acc",
+        if held_out == "test" {
+            "test acc"
+        } else {
+            "val acc"
+        },
+        "iterations",
+        "seconds"
     );
     for r in &rows {
         println!(
@@ -1272,7 +1315,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         );
     }
     println!(
-        "confusion matrix of {} on the test set (rows: true class, columns: predicted):",
+        "confusion matrix of {} on the {held_out} set (rows: true class, columns: predicted):",
         rows[0].features
     );
     for (i, row) in rows[0].report.confusion.iter().enumerate() {
@@ -1281,7 +1324,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
     }
     if let Some(j) = &a.json {
         let text = serde_json::to_string_pretty(
-            &serde_json::json!({ "model": a.model, "results": rows }),
+            &serde_json::json!({ "model": a.model, "held_out": held_out, "pool": a.pool, "standardize": a.standardize, "results": rows }),
         )?;
         model::write_atomic(j, text.as_bytes(), a.force)?;
     }
@@ -1417,6 +1460,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         max_iter: 1000,
         standardize: false,
         pool: 1,
+        val_split: None,
         json: Some(out.join("results.json")),
         force: true,
     })?;
@@ -1460,10 +1504,12 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
             if r.report.converged { "" } else { " (cap)" }
         ));
     }
-    let unused = m.counts.iter().filter(|&&c| c < 1.0).count();
+    let usage = model::kernel_use(&m.theta, &m.counts);
     md.push_str(&format!(
-        "\nKernels with count < 1 (unused): {unused} of {}.\n\n",
-        m.counts.len()
+        "\nKernels with count < 1 (unused): {} of {}; distinct (none within 1% relative distance of another): {}.\n\n",
+        usage.unused,
+        m.counts.len(),
+        usage.distinct
     ));
     md.push_str("![kernels](kernels.png)\n\n![log likelihood](loglik.png)\n");
     model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;

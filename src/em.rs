@@ -215,25 +215,25 @@ pub fn run_with(
             gflops: g.epoch_flops(n) / seconds.max(1e-12) / 1e9,
         };
         history.push(rec);
-        if schedule.revive {
-            if let Some(src) = source {
-                revive(
-                    engine,
-                    src,
-                    schedule.seed.wrapping_add(epoch as u64 * 0x1000_0001),
-                )?;
-            }
+        if schedule.revive
+            && let Some(src) = source
+        {
+            revive(
+                engine,
+                src,
+                schedule.seed.wrapping_add(epoch as u64 * 0x1000_0001),
+            )?;
         }
         after_epoch(engine, &history)?;
         on_event(Event::EpochEnd(history.last().expect("just pushed")));
-        if let (Some(tol), [.., a, b]) = (schedule.tol, history.as_slice()) {
-            if (b.loglik - a.loglik).abs() <= tol * a.loglik.abs() {
-                return stopped(
-                    history,
-                    format!("converged: relative LL change below {tol} at epoch {epoch}"),
-                    false,
-                );
-            }
+        if let (Some(tol), [.., a, b]) = (schedule.tol, history.as_slice())
+            && (b.loglik - a.loglik).abs() <= tol * a.loglik.abs()
+        {
+            return stopped(
+                history,
+                format!("converged: relative LL change below {tol} at epoch {epoch}"),
+                false,
+            );
         }
     }
     Ok(Outcome {

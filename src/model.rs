@@ -295,3 +295,45 @@ mod erased {
         }
     }
 }
+
+/// How many kernels are in use and how many are distinct: `unused` counts kernels whose count
+/// `B'` is below 1; `distinct` is the number of groups left after merging kernels within 1%
+/// relative distance of each other (`||a - b|| < 0.01 max(||a||, ||b||)`), the measure of
+/// issue 6's "only 33-41 of the 64 kernels are distinct".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelUse {
+    pub unused: usize,
+    pub distinct: usize,
+}
+
+pub fn kernel_use(theta: &[f32], counts: &[f32]) -> KernelUse {
+    let k = counts.len();
+    let r = theta.len() / k.max(1);
+    let norm = |i: usize| {
+        theta[i * r..(i + 1) * r]
+            .iter()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let norms: Vec<f64> = (0..k).map(norm).collect();
+    let mut rep: Vec<usize> = Vec::new();
+    for i in 0..k {
+        let close = rep.iter().any(|&j| {
+            let d = theta[i * r..(i + 1) * r]
+                .iter()
+                .zip(&theta[j * r..(j + 1) * r])
+                .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            d < 0.01 * norms[i].max(norms[j])
+        });
+        if !close {
+            rep.push(i);
+        }
+    }
+    KernelUse {
+        unused: counts.iter().filter(|&&c| c < 1.0).count(),
+        distinct: rep.len(),
+    }
+}

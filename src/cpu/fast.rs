@@ -717,8 +717,14 @@ mod tests {
         let f2 = features(&g, data.as_ref(), &theta, 4, 2, &mut |_| {}).unwrap();
         let want2 = super::super::reference::features_grid(&g, &l, n, 2);
         let scale2 = want2.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let err2 = f2.iter().zip(&want2).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
-        assert!(err2 <= 1e-5 * scale2, "pooled features error {err2} of {scale2}");
+        let err2 = f2
+            .iter()
+            .zip(&want2)
+            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        assert!(
+            err2 <= 1e-5 * scale2,
+            "pooled features error {err2} of {scale2}"
+        );
         for (a, b) in f.iter().zip(&want) {
             assert!(
                 (*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0),

@@ -392,3 +392,42 @@ pub fn load_labelled(images: &Path, labels: &Path) -> Result<Dataset, DataError>
         ))
     })
 }
+
+/// Images `start .. start + len` of another source (e.g. a validation split carved from the
+/// training images).
+pub struct Subset {
+    inner: std::sync::Arc<dyn ImageSource>,
+    start: usize,
+    len: usize,
+}
+
+impl Subset {
+    pub fn new(
+        inner: std::sync::Arc<dyn ImageSource>,
+        start: usize,
+        len: usize,
+    ) -> Result<Self, DataError> {
+        if start + len > inner.len() {
+            return Err(DataError::Invalid(format!(
+                "images {start}..{} asked of a source of {}",
+                start + len,
+                inner.len()
+            )));
+        }
+        Ok(Self { inner, start, len })
+    }
+}
+
+impl ImageSource for Subset {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        self.inner.shape()
+    }
+    fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
+        let (c, h, w) = self.shape();
+        check_request(self.len, c * h * w, start, count, out.len())?;
+        self.inner.read_into(self.start + start, count, out)
+    }
+}
