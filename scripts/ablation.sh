@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 6's ablation: each training option and feature choice against SPEC's protocol, three
+# seeds, on the shipped digits (8,000 / 2,000) and Fashion-MNIST (60,000 / 10,000). Settings are
+# compared on a validation split (the last 20% of the training images, `eval --val-split 0.2`);
+# the test set is used only for the final rows (the paper's protocol and the chosen one).
+#
+#   BIN=target/release/calm-gpu OUT=ablation bash scripts/ablation.sh
+#   python3 scripts/ablation_table.py ablation > ablation.md
+set -euo pipefail
+BIN=${BIN:-target/release/calm-gpu}
+OUT=${OUT:-ablation}
+BACKEND=${BACKEND:-auto}
+SEEDS=${SEEDS:-"0 1 2"}
+FASHION=${FASHION:-/usr/share/datasets/fashion-mnist}
+mkdir -p "$OUT"
+
+run() { # dataset config seed train-options...
+  local ds=$1 cfg=$2 seed=$3; shift 3
+  local m="$OUT/$ds-$cfg-$seed.safetensors"
+  local data=()
+  [ "$ds" = fashion ] && data=(--data "$FASHION/train-images-idx3-ubyte.gz")
+  if [ ! -f "$m" ]; then
+    local t0=$(date +%s.%N)
+    "$BIN" train --backend "$BACKEND" "${data[@]}" --seed "$seed" --out "$m" --quiet "$@" > /dev/null
+    awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "{\"train_seconds\": %.2f}\n", b - a }' > "$OUT/$ds-$cfg-$seed.time.json"
+  fi
+  "$BIN" info --model "$m" --json > "$OUT/$ds-$cfg-$seed.info.json"
+  "$BIN" info --model "$m" | grep -E "unused|distinct" > "$OUT/$ds-$cfg-$seed.use.txt"
+}
+
+probe() { # dataset config seed tag eval-options...
+  local ds=$1 cfg=$2 seed=$3 tag=$4; shift 4
+  local m="$OUT/$ds-$cfg-$seed.safetensors"
+  local j="$OUT/$ds-$cfg-$seed-$tag.json"
+  [ -f "$j" ] && return
+  local sets=()
+  if [ "$ds" = fashion ]; then
+    sets=(--train "$FASHION/train-images-idx3-ubyte.gz" --train-labels "$FASHION/train-labels-idx1-ubyte.gz"
+          --test "$FASHION/t10k-images-idx3-ubyte.gz" --test-labels "$FASHION/t10k-labels-idx1-ubyte.gz")
+  fi
+  "$BIN" eval --backend "$BACKEND" --model "$m" "${sets[@]}" --json "$j" "$@" > /dev/null
+}
+
+for ds in digits fashion; do
+  for seed in $SEEDS; do
+    run "$ds" paper "$seed" --protocol paper
+    run "$ds" patches "$seed" --init-method patches
+    run "$ds" patches-revive "$seed" --init-method patches --revive
+    for cfg in paper patches patches-revive; do
+      probe "$ds" "$cfg" "$seed" val-pool1 --val-split 0.2
+      probe "$ds" "$cfg" "$seed" val-pool3 --val-split 0.2 --pool 3
+      probe "$ds" "$cfg" "$seed" val-pool3-std --val-split 0.2 --pool 3 --standardize
+    done
+    probe "$ds" paper "$seed" val-pool2-std --val-split 0.2 --pool 2 --standardize
+    probe "$ds" patches "$seed" val-pool2-std --val-split 0.2 --pool 2 --standardize
+    # Test-set rows: the paper's protocol and the candidates.
+    probe "$ds" paper "$seed" test-pool1 --baseline raw --baseline random
+    probe "$ds" patches "$seed" test-pool3-std --pool 3 --standardize
+    probe "$ds" patches "$seed" test-pool3 --pool 3
+  done
+done
+echo "done: $OUT"
