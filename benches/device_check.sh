@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/calm-out}
 STL_IMAGES=${STL_IMAGES:-1000}
 MNIST_IMAGES=${MNIST_IMAGES:-60000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
-TILES=${TILES:-"e=8x4x16,m=4x4x16 e=8x4x8,m=4x4x8 e=16x4x8,m=4x8x8 e=8x4x32,m=4x4x32 e=8x8x16,m=8x8x16 e=4x4x16,m=4x4x16"}
+# Tile shapes to time; "default" lets calm-gpu choose (Tiles::for_shape).
+TILES=${TILES:-"default"}
 mkdir -p "$OUT"
 # Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
 # brings back at most 8 files).
@@ -49,18 +50,22 @@ echo "== bench mnist protocol, $MNIST_IMAGES images, tile shapes"
 i=0
 for t in $TILES; do
   i=$((i+1))
-  CALM_TILES=$t timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
+  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
   CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -1 | sed "s/^/checks-on  /"
 fi
+unset CALM_TILES
 echo "== bench stl10 protocol, $STL_IMAGES images"
 i=0
-for t in ${STL_TILES:-"e=8x4x16,m=4x4x16"}; do
+for t in ${STL_TILES:-default}; do
   i=$((i+1))
-  CALM_TILES=$t timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
+  timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 
+unset CALM_TILES
 echo "== PyTorch baseline, same card"
 export PYTHONUNBUFFERED=1
 timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/torch_mnist.json" 2>&1 | tail -6
@@ -68,6 +73,12 @@ if [ -z "${SKIP_TF32:-}" ]; then
   timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$J/torch_mnist_tf32.json" 2>&1 | tail -3
 fi
 timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$J/torch_stl10.json" 2>&1 | tail -3
+
+if [ -n "${FASHION_DIR:-}" ]; then
+  echo "== reproduce fashion (the paper's MNIST protocol on Fashion-MNIST) on the GPU"
+  timeout 240 "$BIN" reproduce fashion --data-dir "$FASHION_DIR" --out-dir "$J/fashion" --backend vulkan --force 2>&1 | grep -v "^ *[0-9]* *[0-9]* " | tail -12
+  cp "$J/fashion/results.md" "$OUT/fashion_results.md" 2>/dev/null
+fi
 
 echo "== summary"
 cat "$J"/*.json > "$OUT/results.jsonl" 2>/dev/null
