@@ -651,3 +651,94 @@ fn ctrl_c_leaves_a_resumable_checkpoint() {
         std::fs::read(&out_path).unwrap()
     );
 }
+
+#[test]
+fn preset_recommended_trains_from_patches_and_pools_the_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::random_images(8, 40, 1, 10, 10);
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &d.images);
+    let labels = dir.path().join("y.npy");
+    ndarray_npy::write_npy(
+        &labels,
+        &ndarray::Array1::from_iter((0..40u8).map(|i| i % 3)),
+    )
+    .unwrap();
+    let model = dir.path().join("m.safetensors");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "4",
+            "--width",
+            "3",
+            "--pad",
+            "1",
+            "--epochs",
+            "2",
+            "--preset",
+            "recommended",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    assert_eq!(m.meta.options.unwrap()["init_method"], "patches");
+    let json = dir.path().join("e.json");
+    let out = calm()
+        .args([
+            "eval",
+            "--backend",
+            "cpu",
+            "--preset",
+            "recommended",
+            "--val-split",
+            "0.25",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--train")
+        .arg(&data)
+        .arg("--train-labels")
+        .arg(&labels)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["pool"], 3);
+    assert_eq!(j["held_out"], "validation");
+    assert_eq!(j["results"][0]["dims"], 4 * 9);
+    fails_with(
+        &[
+            "train",
+            "--protocol",
+            "paper",
+            "--init-method",
+            "patches",
+            "--data",
+            &data.to_string_lossy(),
+            "--out",
+            &dir.path().join("z.safetensors").to_string_lossy(),
+            "--width",
+            "3",
+        ],
+        "protocol paper",
+    );
+}

@@ -492,3 +492,76 @@ fn cpu_engine_is_deterministic() {
     assert_eq!(ha, hb);
     assert_eq!(a.theta().unwrap(), b.theta().unwrap());
 }
+
+/// `--init-method patches`: every initial kernel is a patch of the zero-padded data.
+#[test]
+fn patch_init_takes_kernels_from_the_data() {
+    let d = random_images(51, 5, 2, 7, 6);
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 9,
+            width: 3,
+            pad: 1,
+        },
+        2,
+        7,
+        6,
+    )
+    .unwrap();
+    let theta = em::initial_theta(&g, em::InitMethod::Patches, &d, 4).unwrap();
+    let x = d.images.as_slice().unwrap();
+    let xpad = reference::pad_images(&g, x, 5);
+    for k in 0..g.k {
+        let kernel = &theta[k * g.r()..(k + 1) * g.r()];
+        let found = (0..5).any(|n| {
+            (0..g.ho).any(|h| {
+                (0..g.wo).any(|w| {
+                    (0..g.c).all(|c| {
+                        (0..3).all(|i| {
+                            (0..3).all(|j| {
+                                kernel[(c * 3 + i) * 3 + j]
+                                    == xpad[((n * g.c + c) * g.hp + h + i) * g.wp + w + j]
+                            })
+                        })
+                    })
+                })
+            })
+        });
+        assert!(found, "kernel {k} is not a patch of the data");
+    }
+    assert_ne!(
+        theta,
+        em::initial_theta(&g, em::InitMethod::Patches, &d, 5).unwrap(),
+        "the seed changes the patches"
+    );
+}
+
+/// `--revive` re-seeds kernels whose count fell below 1 and leaves the others alone.
+#[test]
+fn revive_replaces_only_unused_kernels() {
+    let d = Arc::new(random_images(61, 40, 1, 10, 10));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 6,
+            width: 4,
+            pad: 0,
+        },
+        1,
+        10,
+        10,
+    )
+    .unwrap();
+    // N(0,1) weights: a few kernels take all the mass (issue 6), the rest end with counts ~0.
+    let mut eng = CpuEngine::new(g, d.clone(), em::init_theta(&g, 1), 40);
+    eng.epoch(&mut |_| {}).unwrap();
+    let (before, counts) = (eng.theta().unwrap(), eng.counts().unwrap());
+    let dead: Vec<usize> = (0..g.k).filter(|&k| counts[k] < 1.0).collect();
+    assert!(!dead.is_empty(), "expected unused kernels: {counts:?}");
+    let revived = em::revive(&mut eng, d.as_ref(), 7).unwrap();
+    assert_eq!(revived, dead.len());
+    let after = eng.theta().unwrap();
+    for k in 0..g.k {
+        let same = before[k * g.r()..(k + 1) * g.r()] == after[k * g.r()..(k + 1) * g.r()];
+        assert_eq!(same, !dead.contains(&k), "kernel {k}");
+    }
+}
