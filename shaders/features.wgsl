@@ -7,15 +7,14 @@
 // One workgroup per (k, n, region) of the batch.
 //
 // Shapes: l (n_images, K, Ho*Wo); f (n_images, K, grid, grid), this batch's rows (read back by
-// the host). Online (max, sum) pairs per thread merged in a fixed tree, as in logsumexp.wgsl.
+// the host). Online (max, sum) pairs per thread merged in a fixed tree (params.wgsl's lse_*).
 
 const WGS: u32 = 64u;
 
 @group(0) @binding(1) var<storage, read> l: array<f32>;
 @group(0) @binding(2) var<storage, read_write> f: array<f32>;
 
-var<workgroup> red_m: array<f32, WGS>;
-var<workgroup> red_s: array<f32, WGS>;
+var<workgroup> red: array<vec2<f32>, WGS>;
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -32,36 +31,20 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let cw = w1 - w0;
     let count = (h1 - h0) * cw;
     let base = (n * prm.k + k) * prm.positions;
-    var m = -3.0e38;
-    var s = 0.0;
+    var acc = LSE_EMPTY;
     for (var e = lid; e < count; e += WGS) {
         let row = e / cw;
-        let p = (h0 + row) * prm.wo + w0 + (e - row * cw);
-        let v = l[base + p];
-        if (v > m) {
-            s = s * exp(m - v) + 1.0;
-            m = v;
-        } else {
-            s += exp(v - m);
-        }
-        if (v != v) {
-            s = v;
-        }
+        acc = lse_push(acc, l[base + (h0 + row) * prm.wo + w0 + (e - row * cw)]);
     }
-    red_m[lid] = m;
-    red_s[lid] = s;
+    red[lid] = acc;
     workgroupBarrier();
     for (var stride = WGS / 2u; stride > 0u; stride /= 2u) {
         if (lid < stride) {
-            let m1 = red_m[lid];
-            let m2 = red_m[lid + stride];
-            let mm = max(m1, m2);
-            red_s[lid] = red_s[lid] * exp(m1 - mm) + red_s[lid + stride] * exp(m2 - mm);
-            red_m[lid] = mm;
+            red[lid] = lse_merge(red[lid], red[lid + stride]);
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
-        f[(n * prm.k + k) * prm.grid * prm.grid + region] = red_m[0] + log(red_s[0]);
+        f[(n * prm.k + k) * prm.grid * prm.grid + region] = red[0].x + log(red[0].y);
     }
 }

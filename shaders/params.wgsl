@@ -31,3 +31,30 @@ fn is_finite_f32(v: f32) -> bool {
 fn kpad() -> u32 {
     return (prm.k + 7u) / 8u * 8u;
 }
+
+// Online log-sum-exp, shared by logsumexp.wgsl and features.wgsl: a pair (m, s) stands for
+// log(sum) = m + log(s). -3e38 is the empty pair's m (WGSL has no -inf literal).
+const LSE_EMPTY: vec2<f32> = vec2<f32>(-3.0e38, 0.0);
+
+// Adds exp(v). NaN compares false both ways and would vanish: it is carried into s instead.
+fn lse_push(acc: vec2<f32>, v: f32) -> vec2<f32> {
+    var r: vec2<f32>;
+    if (v > acc.x) {
+        r = vec2<f32>(v, acc.y * exp(acc.x - v) + 1.0);
+    } else {
+        r = vec2<f32>(acc.x, acc.y + exp(v - acc.x));
+    }
+    if (v != v) {
+        r.y = v;
+    }
+    return r;
+}
+
+// Merges two pairs: m = max(m1, m2), s = s1 exp(m1 - m) + s2 exp(m2 - m).
+fn lse_merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    if (m == LSE_EMPTY.x) {
+        return LSE_EMPTY;
+    }
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
+}

@@ -190,13 +190,13 @@ impl std::fmt::Display for Tiles {
 /// per-stage loads `a_g = a_tile[ab + g]`, `b_q = b_tile[bb + q]` and the FMAs. Writing them out
 /// keeps every accumulator in a register: a private array indexed in a loop is placed in local
 /// memory by some compilers (the first H100 measurement ran at 1.3% of peak that way).
-/// `store(i, j, acc)` gives the statement that stores accumulator element `acc` for row `i`,
-/// column `j`; `row(i, body)` wraps the stores of row `i`.
+/// `store(j, acc)` gives the statement that stores accumulator element `acc` of column `j` (the
+/// row's variables are set by `row`); `row(i, body)` wraps the stores of row `i`.
 pub fn unrolled(
     rm: u32,
     rn: u32,
     row: impl Fn(u32, &str) -> String,
-    store: impl Fn(u32, u32, &str) -> String,
+    store: impl Fn(u32, &str) -> String,
 ) -> (String, String, String) {
     let comp = ["x", "y", "z", "w"];
     let mut decl = String::new();
@@ -226,7 +226,7 @@ pub fn unrolled(
         let mut body = String::new();
         for q in 0..rn / 4 {
             for (c, name) in comp.iter().enumerate() {
-                body.push_str(&store(i, q * 4 + c as u32, &format!("acc_{i}_{q}.{name}")));
+                body.push_str(&store(q * 4 + c as u32, &format!("acc_{i}_{q}.{name}")));
             }
         }
         st.push_str(&row(i, &body));
@@ -262,6 +262,22 @@ pub fn prefetch(parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, Str
     (init, store, next)
 }
 
+/// A GEMM kernel's text with its generated blocks: the register block from [`unrolled`]
+/// (declarations, FMAs, stores) and the software pipeline from [`prefetch`].
+fn fill(
+    kernel: &str,
+    (decl, fma, store): (String, String, String),
+    (init, stage, next): (String, String, String),
+) -> String {
+    kernel
+        .replace("{{ACC_DECL}}", &decl)
+        .replace("{{FMA}}", &fma)
+        .replace("{{STORE}}", &store)
+        .replace("{{PF_INIT}}", &init)
+        .replace("{{PF_STORE}}", &stage)
+        .replace("{{PF_NEXT}}", &next)
+}
+
 /// The full WGSL text of a kernel: the shared `Params` header, then the kernel with its tile
 /// constants substituted and, for the GEMM kernels, the register block written out.
 pub fn source(kernel: &str, tiles: &Tiles) -> String {
@@ -274,7 +290,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     "    {{\n        let m = m0 + tx * RM + {i}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n"
                 )
             },
-            |_, j, acc| {
+            |j, acc| {
                 format!(
                     "            if (k + {j}u < prm.k) {{ l[lb + (k + {j}u) * prm.positions] = {acc} + bias[k + {j}u]; }}\n"
                 )
@@ -296,13 +312,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 "load_b(r0 + BK, {E}, n0)",
             ),
         ]);
-        kernel
-            .replace("{{ACC_DECL}}", &d)
-            .replace("{{FMA}}", &f)
-            .replace("{{STORE}}", &s)
-            .replace("{{PF_INIT}}", &pi)
-            .replace("{{PF_STORE}}", &ps)
-            .replace("{{PF_NEXT}}", &pn)
+        fill(kernel, (d, f, s), (pi, ps, pn))
     } else if kernel == MSTEP {
         let (d, f, s) = unrolled(
             tiles.m_rr,
@@ -312,7 +322,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     "    {{\n        let r = c0 + tx * RM + {i}u;\n        if (r < r1) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n"
                 )
             },
-            |_, j, acc| {
+            |j, acc| {
                 format!(
                     "            if (k + {j}u < prm.k) {{ partials[pbase + (k + {j}u) * r1 + r] = {acc}; }}\n"
                 )
@@ -334,13 +344,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 "load_x(n, p0, {E}, c0)",
             ),
         ]);
-        kernel
-            .replace("{{ACC_DECL}}", &d)
-            .replace("{{FMA}}", &f)
-            .replace("{{STORE}}", &s)
-            .replace("{{PF_INIT}}", &pi)
-            .replace("{{PF_STORE}}", &ps)
-            .replace("{{PF_NEXT}}", &pn)
+        fill(kernel, (d, f, s), (pi, ps, pn))
     } else {
         kernel.to_string()
     };
