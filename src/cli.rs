@@ -771,7 +771,18 @@ fn features(a: FeaturesArgs) -> Result<()> {
     let pre = model_preprocess(&model)?;
     let (data, _, _) = match &a.data {
         Some(p) => load_data(std::slice::from_ref(p), Some(pre))?,
-        None => load_data(&[], Some(pre)).map(|(_, n, p)| (embedded(data::Split::Test), n, p))?,
+        None => {
+            if pre != Preprocess::Scale {
+                bail!(
+                    "the model was trained with --preprocess {pre}; give --data to compute features"
+                );
+            }
+            (
+                embedded(data::Split::Test),
+                vec!["embedded:digits-test".into()],
+                pre,
+            )
+        }
     };
     let g = model_geometry_for(&model, data.as_ref())?;
     let f = run::features(

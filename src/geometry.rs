@@ -41,6 +41,10 @@ pub enum GeometryError {
     #[error("images have 0 channels; at least 1 is needed")]
     NoChannels,
     #[error(
+        "a pooling grid of {grid}x{grid} does not fit {ho}x{wo} positions (at most 8, and at most the positions per axis)"
+    )]
+    PoolGrid { grid: usize, ho: usize, wo: usize },
+    #[error(
         "kernel width {kw} does not fit images of {h}x{w} with padding {pad}: need w <= H + 2p and w <= W + 2p"
     )]
     KernelTooLarge {
@@ -107,6 +111,19 @@ impl Geometry {
     /// Floats in one padded image, `C * (H + 2p) * (W + 2p)`.
     pub fn padded_len(&self) -> usize {
         self.c * self.hp * self.wp
+    }
+
+    /// Checks a pooling grid for features: at most 8 regions per axis, and no more than the
+    /// positions per axis (every region holds at least one position).
+    pub fn check_pool_grid(&self, grid: usize) -> Result<(), GeometryError> {
+        if grid == 0 || grid > 8 || grid > self.ho.min(self.wo) {
+            return Err(GeometryError::PoolGrid {
+                grid,
+                ho: self.ho,
+                wo: self.wo,
+            });
+        }
+        Ok(())
     }
 
     /// SPEC's cost of one step (E or M) over `n` images: `2 N K Ho Wo C w w`.

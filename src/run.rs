@@ -87,12 +87,7 @@ pub fn features(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
     let grid = grid.max(1);
-    if grid > g.ho.min(g.wo) || grid > 8 {
-        return Err(crate::CalmError::Invalid(format!(
-            "a pooling grid of {grid}x{grid} does not fit {}x{} positions (at most 8, and at most the positions per axis)",
-            g.ho, g.wo
-        )));
-    }
+    g.check_pool_grid(grid)?;
     match backend.context()? {
         Some(ctx) => GpuEngine::new(
             ctx,

@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
-use ndarray::Array4;
 use rand::RngExt;
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 
 use crate::cpu::reference;
-use crate::data::Dataset;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::geometry::{Geometry, LayerConfig};
@@ -77,17 +75,14 @@ pub fn run_case(
     (n, c, h, w, layer, batch): (usize, usize, usize, usize, LayerConfig, usize),
 ) -> Result<Vec<Row>> {
     let g = Geometry::new(layer, c, h, w)?;
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+    let data = crate::bench::random_images(seed, n, c, h, w);
+    let x = data.images.as_slice().expect("standard layout").to_vec();
     // Small weights, so that the posterior spreads over kernels and positions (N(0,1) weights
     // give one kernel nearly all the mass and leave most of T untested).
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed + 1);
     let theta: Vec<f32> = (0..g.k * g.r())
         .map(|_| 0.1 * rng.sample::<f32, _>(rand_distr::StandardNormal))
         .collect();
-    let data = Dataset::new(
-        Array4::from_shape_vec((n, c, h, w), x.clone()).expect("shape"),
-        None,
-    );
     let mut eng = GpuEngine::new(
         Arc::clone(ctx),
         g,

@@ -19,6 +19,27 @@ const GZ_RESERVE_CAP: u64 = 16 << 20;
 /// Chunk size for streaming the payload (a multiple of every element size used).
 const CHUNK: usize = 1 << 20;
 
+/// Opens a regular file: a missing or unreadable one is `DataError::Io`, a directory a format
+/// error saying what was `expected`.
+pub(crate) fn open_file(
+    path: &Path,
+    expected: &str,
+) -> Result<(File, std::fs::Metadata), DataError> {
+    let io_err = |source: io::Error| DataError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.is_dir() {
+        return Err(DataError::Format {
+            path: path.display().to_string(),
+            msg: format!("is a directory, expected {expected}"),
+        });
+    }
+    Ok((file, meta))
+}
+
 pub(crate) struct Input<'a> {
     /// The name used in error messages (the path as given, or the asset name).
     pub name: String,
@@ -40,14 +61,7 @@ impl<'a> Input<'a> {
             path: name.clone(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if meta.is_dir() {
-            return Err(DataError::Format {
-                path: name,
-                msg: "is a directory, expected a data file".into(),
-            });
-        }
+        let (file, meta) = open_file(path, "a data file")?;
         let mut reader = BufReader::with_capacity(CHUNK, file);
         let gz = is_gzip(&mut reader).map_err(io_err)?;
         Ok(if gz {

@@ -10,7 +10,6 @@
 //! each `read_into` fetches and converts only the images asked for.
 
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array4;
@@ -40,18 +39,7 @@ impl Stl10File {
     /// Opens the file and checks its size is a whole, non-zero number of images.
     pub fn open(path: &Path) -> Result<Self, DataError> {
         let name = path.display().to_string();
-        let io_err = |source: io::Error| DataError::Io {
-            path: name.clone(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if meta.is_dir() {
-            return Err(DataError::Format {
-                path: name,
-                msg: "is a directory, expected an STL-10 _X.bin file".into(),
-            });
-        }
+        let (file, meta) = super::input::open_file(path, "an STL-10 _X.bin file")?;
         let size = meta.len();
         if size == 0 || size % IMAGE_BYTES as u64 != 0 {
             return Err(DataError::Format {

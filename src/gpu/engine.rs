@@ -177,12 +177,7 @@ impl GpuEngine {
         assert_eq!(theta.len(), g.k * g.r());
         let tiles = tiles_for(&ctx, opts.tiles, g.k)?;
         let grid = opts.grid.max(1);
-        if grid > g.ho.min(g.wo) || grid > 8 {
-            return Err(CalmError::Invalid(format!(
-                "a pooling grid of {grid}x{grid} does not fit {}x{} positions (at most 8 and the positions per axis)",
-                g.ho, g.wo
-            )));
-        }
+        g.check_pool_grid(grid)?;
         let variant = match opts.variant {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
