@@ -22,6 +22,33 @@ fn small_data(dir: &Path) -> PathBuf {
     p
 }
 
+/// `train` on the CPU engine with `layer` = "K w p batch epochs seed".
+fn train_argv(data: &Path, out: &Path, layer: &str) -> Vec<String> {
+    let v: Vec<&str> = layer.split(' ').collect();
+    let mut argv: Vec<String> = [
+        "train",
+        "--backend",
+        "cpu",
+        "--kernels",
+        v[0],
+        "--width",
+        v[1],
+        "--pad",
+        v[2],
+    ]
+    .into_iter()
+    .chain(["--batch", v[3], "--epochs", v[4], "--seed", v[5]])
+    .map(String::from)
+    .collect();
+    argv.extend([
+        "--data".into(),
+        data.to_string_lossy().into(),
+        "--out".into(),
+        out.to_string_lossy().into(),
+    ]);
+    argv
+}
+
 /// Runs and expects failure with a single `error: ...` line on stderr mentioning `needle`.
 fn fails_with(args: &[&str], needle: &str) {
     let out = calm().args(args).output().unwrap();
@@ -378,35 +405,7 @@ fn killed_run_resumes_to_the_same_model() {
     let d = common::random_images(5, 400, 1, 28, 28);
     let data = dir.path().join("x.npy");
     write_npy_f32(&data, &d.images);
-    let args = |out: &Path| {
-        let mut v: Vec<String> = [
-            "train",
-            "--backend",
-            "cpu",
-            "--kernels",
-            "16",
-            "--width",
-            "9",
-            "--pad",
-            "1",
-            "--batch",
-            "50",
-            "--epochs",
-            "6",
-            "--seed",
-            "3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend([
-            "--data".into(),
-            data.to_string_lossy().to_string(),
-            "--out".into(),
-            out.to_string_lossy().to_string(),
-        ]);
-        v
-    };
+    let args = |out: &Path| train_argv(&data, out, "16 9 1 50 6 3");
     let straight = dir.path().join("straight.safetensors");
     assert!(
         calm()
@@ -565,36 +564,8 @@ fn ctrl_c_leaves_a_resumable_checkpoint() {
     let d = common::random_images(6, 600, 1, 28, 28);
     let data = dir.path().join("x.npy");
     write_npy_f32(&data, &d.images);
-    let args = |out: &Path| -> Vec<String> {
-        // About 0.15 s per epoch here: long enough to be interrupted inside epoch 2.
-        let mut v: Vec<String> = [
-            "train",
-            "--backend",
-            "cpu",
-            "--kernels",
-            "64",
-            "--width",
-            "20",
-            "--pad",
-            "2",
-            "--batch",
-            "50",
-            "--epochs",
-            "4",
-            "--seed",
-            "5",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend([
-            "--data".into(),
-            data.to_string_lossy().to_string(),
-            "--out".into(),
-            out.to_string_lossy().to_string(),
-        ]);
-        v
-    };
+    // About 0.15 s per epoch here: long enough to be interrupted inside epoch 2.
+    let args = |out: &Path| train_argv(&data, out, "64 20 2 50 4 5");
     let straight = dir.path().join("straight.safetensors");
     assert!(
         calm()

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use calm_gpu::data::Dataset;
 use calm_gpu::gpu::{GpuBackend, GpuContext};
-use ndarray::Array4;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -31,12 +29,8 @@ pub fn gpu() -> Option<Arc<GpuContext>> {
     }
 }
 
-/// Images uniform in [0, 1).
-pub fn random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Dataset {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let data: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-    Dataset::new(Array4::from_shape_vec((n, c, h, w), data).unwrap(), None)
-}
+/// Images uniform in [0, 1) (the benchmarks' generator).
+pub use calm_gpu::bench::random_images;
 
 /// Weights drawn i.i.d. from N(0, scale^2).
 pub fn random_theta(seed: u64, len: usize, scale: f32) -> Vec<f32> {
