@@ -50,7 +50,7 @@ fn benches(c: &mut Criterion) {
         let mut eng = GpuEngine::new(
             Arc::new(ctx),
             g,
-            data.as_ref(),
+            data.clone(),
             &theta,
             GpuOptions {
                 batch: 1000,

@@ -105,7 +105,7 @@ pub fn time_gpu(
     let mut eng = GpuEngine::new(
         Arc::clone(ctx),
         g,
-        data,
+        Arc::new(data.clone()),
         theta,
         GpuOptions {
             batch,

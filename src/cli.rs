@@ -788,7 +788,7 @@ fn features(a: FeaturesArgs) -> Result<()> {
     let f = run::features(
         a.backend,
         g,
-        data.as_ref(),
+        data.clone(),
         &model.theta,
         a.batch,
         a.pool,
@@ -878,13 +878,17 @@ fn devices() -> Result<()> {
     if list.is_empty() {
         println!("no GPU adapters found (the CPU engine, --backend cpu, still works)");
     }
-    println!("{:<44} {:<8} {:<14} driver", "name", "backend", "type");
-    for i in list {
+    println!(
+        "{:<44} {:<8} {:<14} {:>10}  driver",
+        "name", "backend", "type", "memory"
+    );
+    for (i, mem) in list {
         println!(
-            "{:<44} {:<8} {:<14} {} {}",
+            "{:<44} {:<8} {:<14} {:>10}  {} {}",
             i.name,
             format!("{:?}", i.backend),
             format!("{:?}", i.device_type),
+            mem.map_or("-".to_string(), |m| format!("{} MiB", m >> 20)),
             i.driver,
             i.driver_info
         );
@@ -1255,7 +1259,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 run::features(
                     a.backend,
                     g_tr,
-                    xtr.as_ref(),
+                    xtr.clone(),
                     &model.theta,
                     a.batch,
                     a.pool,
@@ -1264,7 +1268,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 run::features(
                     a.backend,
                     g_te,
-                    xte.as_ref(),
+                    xte.clone(),
                     &model.theta,
                     a.batch,
                     a.pool,
@@ -1290,7 +1294,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                         run::features(
                             a.backend,
                             g_tr,
-                            xtr.as_ref(),
+                            xtr.clone(),
                             &theta,
                             a.batch,
                             a.pool,
@@ -1299,7 +1303,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                         run::features(
                             a.backend,
                             g_te,
-                            xte.as_ref(),
+                            xte.clone(),
                             &theta,
                             a.batch,
                             a.pool,

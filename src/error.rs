@@ -11,6 +11,9 @@ pub enum CalmError {
     Geometry(#[from] GeometryError),
     #[error("{0}")]
     Gpu(String),
+    /// The device cannot hold what the run needs.
+    #[error("{0}")]
+    GpuMemory(String),
     #[error("{0}")]
     Model(String),
     #[error("{0}")]

@@ -64,7 +64,7 @@ pub fn engine(
         Some(ctx) => Box::new(GpuEngine::new(
             ctx,
             g,
-            source.as_ref(),
+            source,
             &theta,
             GpuOptions {
                 batch,
@@ -80,7 +80,7 @@ pub fn engine(
 pub fn features(
     backend: Backend,
     g: Geometry,
-    source: &dyn ImageSource,
+    source: Arc<dyn ImageSource>,
     theta: &[f32],
     batch: usize,
     grid: usize,
@@ -101,6 +101,6 @@ pub fn features(
             },
         )?
         .features(progress),
-        None => crate::cpu::fast::features(&g, source, theta, batch, grid, progress),
+        None => crate::cpu::fast::features(&g, source.as_ref(), theta, batch, grid, progress),
     }
 }

@@ -86,7 +86,7 @@ pub fn run_case(
     let mut eng = GpuEngine::new(
         Arc::clone(ctx),
         g,
-        &data,
+        Arc::new(data.clone()),
         &theta,
         GpuOptions {
             batch,
@@ -168,7 +168,7 @@ pub fn run_case(
         let mut pooled = GpuEngine::new(
             Arc::clone(ctx),
             g,
-            &data,
+            Arc::new(data.clone()),
             &theta_gpu,
             GpuOptions {
                 batch,

@@ -259,6 +259,71 @@ fn gpu_train_and_features_match_cpu() {
     assert!(common::rel_err(&thetas[1], &cpu) < 1e-4);
 }
 
+/// `CALM_GPU_MEMORY` (MiB) below what the data needs: the GPU engine streams the images in
+/// smaller batches, says so, and still agrees with the CPU engine; a bad value is an error.
+#[test]
+fn gpu_streams_data_larger_than_its_memory_budget() {
+    let Some(_) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 400 padded 32x32 images: 1.6 MiB of data against a 1 MiB budget.
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &common::random_images(5, 400, 1, 28, 28).images);
+    let init = dir.path().join("init.npy");
+    write_npy_f32(
+        &init,
+        &Array4::from_shape_vec((4, 1, 3, 3), common::random_theta(6, 36, 0.3)).unwrap(),
+    );
+    let train = |backend: &str, model: &Path| {
+        let mut cmd = calm();
+        cmd.env("CALM_GPU_MEMORY", "1").args([
+            "train",
+            "--backend",
+            backend,
+            "--kernels",
+            "4",
+            "--width",
+            "3",
+            "--pad",
+            "2",
+            "--epochs",
+            "2",
+        ]);
+        cmd.arg("--data")
+            .arg(&data)
+            .arg("--init")
+            .arg(&init)
+            .arg("--out")
+            .arg(model);
+        cmd.output().unwrap()
+    };
+    let (cpu, gpu) = (dir.path().join("cpu.st"), dir.path().join("gpu.st"));
+    assert!(train("cpu", &cpu).status.success());
+    let out = train("vulkan", &gpu);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("data streamed in batches of"), "{stdout}");
+    let a = calm_gpu::model::Model::load(&cpu).unwrap().theta;
+    let b = calm_gpu::model::Model::load(&gpu).unwrap().theta;
+    let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+    assert!(common::rel_err(&b, &a) < 1e-4);
+
+    let bad = calm()
+        .env("CALM_GPU_MEMORY", "lots")
+        .args(["train", "--backend", "vulkan", "--epochs", "1"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("bad.st"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("CALM_GPU_MEMORY=lots"));
+}
+
 #[test]
 fn numerical_precision_limit_keeps_last_finite_theta() {
     let dir = tempfile::tempdir().unwrap();

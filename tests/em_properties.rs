@@ -197,7 +197,7 @@ fn golden_tiny_case() {
         let mut eng = GpuEngine::new(
             ctx,
             g,
-            &data,
+            Arc::new(data.clone()),
             &theta0,
             GpuOptions {
                 batch: 4,
@@ -334,7 +334,7 @@ fn batch_size_changes_only_rounding() {
         let mut ga = GpuEngine::new(
             ctx.clone(),
             g,
-            d.as_ref(),
+            d.clone(),
             &theta,
             GpuOptions {
                 batch: 7,
@@ -345,7 +345,7 @@ fn batch_size_changes_only_rounding() {
         let mut gb = GpuEngine::new(
             ctx,
             g,
-            d.as_ref(),
+            d.clone(),
             &theta,
             GpuOptions {
                 batch: 23,
@@ -388,7 +388,7 @@ fn split_dataset_matches_single_buffer() {
     let mut one = GpuEngine::new(
         ctx.clone(),
         g,
-        &d,
+        Arc::new(d.clone()),
         &theta,
         GpuOptions {
             batch: 17,
@@ -399,7 +399,7 @@ fn split_dataset_matches_single_buffer() {
     let mut split = GpuEngine::new(
         ctx,
         g,
-        &d,
+        Arc::new(d.clone()),
         &theta,
         GpuOptions {
             batch: 17,
@@ -419,6 +419,100 @@ fn split_dataset_matches_single_buffer() {
     assert!((sa.loglik - sb.loglik).abs() < 1e-5 * sa.loglik.abs());
     let tb: Vec<f64> = split.theta().unwrap().iter().map(|&v| v as f64).collect();
     assert!(rel_err(&one.theta().unwrap(), &tb) < 1e-5);
+}
+
+/// Data streamed through two batch-sized device buffers, read again every epoch, gives the
+/// same bits as the same batches held resident: same kernels, same batches, same order.
+#[test]
+fn streamed_data_matches_resident() {
+    let Some(ctx) = gpu() else { return };
+    let d = Arc::new(random_images(41, 23, 2, 9, 9));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 5,
+            width: 4,
+            pad: 1,
+        },
+        2,
+        9,
+        9,
+    )
+    .unwrap();
+    let theta = random_theta(42, g.k * g.r(), 0.3);
+    let opts = |stream| GpuOptions {
+        batch: 5,
+        grid: 2,
+        stream,
+        ..Default::default()
+    };
+    let mut res = GpuEngine::new(ctx.clone(), g, d.clone(), &theta, opts(false)).unwrap();
+    let mut st = GpuEngine::new(ctx, g, d.clone(), &theta, opts(true)).unwrap();
+    assert!(!res.streamed() && st.streamed());
+    assert!(st.device_bytes() < res.device_bytes());
+    for _ in 0..2 {
+        let (a, b) = (
+            res.epoch(&mut |_| {}).unwrap(),
+            st.epoch(&mut |_| {}).unwrap(),
+        );
+        assert_eq!(a.loglik, b.loglik);
+        assert_eq!(res.theta().unwrap(), st.theta().unwrap());
+    }
+    assert_eq!(res.counts().unwrap(), st.counts().unwrap());
+    let mut seen = 0;
+    let f = st.features(&mut |n| seen = n).unwrap();
+    assert_eq!(seen, 23);
+    assert_eq!(res.features(&mut |_| {}).unwrap(), f);
+}
+
+/// A memory budget smaller than the resident plan makes the engine stream the data (and use
+/// no more than the budget); one too small for a single image is a clear error.
+#[test]
+fn memory_budget_streams_or_refuses() {
+    let Some(ctx) = gpu() else { return };
+    let d = Arc::new(random_images(43, 40, 1, 12, 12));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 6,
+            width: 5,
+            pad: 2,
+        },
+        1,
+        12,
+        12,
+    )
+    .unwrap();
+    let theta = random_theta(44, g.k * g.r(), 0.3);
+    let opts = |budget| GpuOptions {
+        batch: 16,
+        memory_budget: budget,
+        ..Default::default()
+    };
+    let mut res = GpuEngine::new(ctx.clone(), g, d.clone(), &theta, opts(None)).unwrap();
+    assert!(!res.streamed());
+    // Half the resident plan: the data cannot stay, and the batch shrinks to fit.
+    let budget = res.device_bytes() / 2;
+    let mut st = GpuEngine::new(ctx.clone(), g, d.clone(), &theta, opts(Some(budget))).unwrap();
+    assert!(st.streamed());
+    assert!(
+        st.device_bytes() <= budget,
+        "{} > {budget}",
+        st.device_bytes()
+    );
+    let (a, b) = (
+        res.epoch(&mut |_| {}).unwrap(),
+        st.epoch(&mut |_| {}).unwrap(),
+    );
+    // Batches of another size: f32 sums in another order.
+    assert!((a.loglik - b.loglik).abs() < 1e-5 * a.loglik.abs());
+    let tb: Vec<f64> = st.theta().unwrap().iter().map(|&v| v as f64).collect();
+    assert!(rel_err(&res.theta().unwrap(), &tb) < 1e-5);
+
+    let err = GpuEngine::new(ctx, g, d, &theta, opts(Some(4096)))
+        .err()
+        .expect("4 KiB cannot hold one image's statistics");
+    let msg = err.to_string();
+    assert!(msg.contains("MiB of device memory"), "{msg}");
+    assert!(!msg.contains('\n'), "one line: {msg}");
 }
 
 /// Whole runs of 3 epochs from the same init: GPU against the f64-accumulating CPU engine.
@@ -448,7 +542,7 @@ fn gpu_and_cpu_runs_agree() {
     let mut gpu = GpuEngine::new(
         ctx,
         g,
-        d.as_ref(),
+        d.clone(),
         &theta,
         GpuOptions {
             batch: 64,

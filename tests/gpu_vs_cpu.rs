@@ -45,7 +45,7 @@ fn check_variant(
     let mut eng = GpuEngine::new(
         Arc::clone(&ctx),
         g,
-        &data,
+        Arc::new(data.clone()),
         &theta,
         GpuOptions {
             batch,

@@ -43,15 +43,19 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     // WGPU_BACKEND, when set, narrows the choice further (wgpu's convention).
     desc.backends = wgpu::Backends::from_env().map_or(backends, |env| env & backends);
+    // Where the driver reports a memory budget (Vulkan with VK_EXT_memory_budget, DX12), an
+    // allocation past it fails as out-of-memory, which calm-gpu reports or streams around,
+    // instead of the device being lost later.
+    desc.memory_budget_thresholds.for_resource_creation = Some(95);
     wgpu::Instance::new(desc)
 }
 
-/// Every adapter wgpu can see, on every backend.
-pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+/// Every adapter wgpu can see, on every backend, with the device memory it reports.
+pub fn list_adapters() -> Vec<(wgpu::AdapterInfo, Option<u64>)> {
     let inst = instance(wgpu::Backends::all());
     pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
         .into_iter()
-        .map(|a| a.get_info())
+        .map(|a| (a.get_info(), reported_memory(&a)))
         .collect()
 }
 
@@ -81,6 +85,52 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Bytes of device memory the adapter reports (Vulkan: its largest device-local heap);
+    /// `None` where the API does not say.
+    pub memory: Option<u64>,
+    /// Bytes calm-gpu plans to use: `CALM_GPU_MEMORY` (MiB) if set, else 90% of `memory` (the
+    /// driver, other programs and wgpu's staging buffers need the rest).
+    pub budget: Option<u64>,
+}
+
+/// `CALM_GPU_MEMORY`, in MiB: how much device memory calm-gpu may plan for, overriding what
+/// the adapter reports (to share a GPU, or to test the streaming of data larger than memory).
+fn memory_override() -> Result<Option<u64>> {
+    match std::env::var("CALM_GPU_MEMORY") {
+        Err(_) => Ok(None),
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(mib) if mib > 0 => Ok(Some(mib << 20)),
+            _ => Err(CalmError::Invalid(format!(
+                "CALM_GPU_MEMORY={s}: expected a positive number of MiB"
+            ))),
+        },
+    }
+}
+
+/// The largest device-local heap of a Vulkan adapter, in bytes.
+#[cfg(not(any(target_vendor = "apple", target_arch = "wasm32")))]
+fn reported_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: only reads the physical device's memory properties through the instance that
+    // created it; nothing is destroyed and the guard is dropped at the end of the block.
+    unsafe {
+        let hal = adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+        let props = hal
+            .shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device());
+        props
+            .memory_heaps_as_slice()
+            .iter()
+            // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+            .filter(|h| h.flags.as_raw() & 1 != 0)
+            .map(|h| h.size)
+            .max()
+    }
+}
+
+#[cfg(any(target_vendor = "apple", target_arch = "wasm32"))]
+fn reported_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 impl GpuContext {
@@ -106,6 +156,8 @@ impl GpuContext {
             ))
         })?;
         let info = adapter.get_info();
+        let memory = reported_memory(&adapter);
+        let budget = memory_override()?.or(memory.map(|m| m / 10 * 9));
         // Ask for everything the adapter allows: bigger bindings and workgroup memory than
         // wgpu's portable defaults (128 MiB, 16 KiB) mean bigger batches and tiles.
         let limits = adapter.limits();
@@ -128,6 +180,8 @@ impl GpuContext {
             queue,
             info,
             limits,
+            memory,
+            budget,
         })
     }
 

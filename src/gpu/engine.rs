@@ -37,7 +37,16 @@ pub struct GpuOptions {
     pub variant: Option<Variant>,
     /// Features: pooling regions per axis (0 or 1: image-wide, SPEC's features).
     pub grid: usize,
+    /// Device memory to plan within, in bytes; `None`: `GpuContext::budget`, or, where the
+    /// adapter reports nothing, whatever allocates.
+    pub memory_budget: Option<u64>,
+    /// Stream the data through batch-sized buffers even where it would fit on the device.
+    pub stream: bool,
 }
+
+/// Batch-sized device buffers that a dataset larger than the memory budget streams through:
+/// one being read by the kernels while the next is written.
+pub const STREAM_SLOTS: usize = 2;
 
 /// Batches queued on the GPU before the host waits for the oldest: enough to hide the
 /// submission gap (a 1,000-image MNIST batch takes about 1 ms on an H100), few enough that the
@@ -46,6 +55,10 @@ const IN_FLIGHT: usize = 6;
 
 struct Batch {
     n_images: usize,
+    /// Index of its first image in the dataset.
+    first: usize,
+    /// Which of `Resident::x` it reads.
+    x: usize,
     /// Bind groups, built once: estep, logsumexp, mstep, reduce_stats, features.
     estep: wgpu::BindGroup,
     lse: wgpu::BindGroup,
@@ -75,7 +88,8 @@ struct Resident {
     t_comp: wgpu::Buffer,
     summary: wgpu::Buffer,
     f: wgpu::Buffer,
-    _x: Vec<wgpu::Buffer>,
+    /// The padded dataset (resident), or the batch-sized slots it streams through.
+    x: Vec<wgpu::Buffer>,
 }
 
 pub struct GpuEngine {
@@ -91,6 +105,8 @@ pub struct GpuEngine {
     max_batch: usize,
     device_bytes: u64,
     grid: usize,
+    /// Set when the data streams: batches are read from it (and padded) every pass.
+    source: Option<Arc<dyn ImageSource>>,
 }
 
 /// What the engine holds after an epoch, read back for validation.
@@ -143,6 +159,27 @@ fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) 
     })
 }
 
+/// Images `start .. start + count` of `source`, checked finite and zero-padded (`host` is
+/// scratch space, reused).
+fn read_padded(
+    g: &Geometry,
+    source: &dyn ImageSource,
+    start: usize,
+    count: usize,
+    host: &mut Vec<f32>,
+) -> Result<Vec<f32>> {
+    let per = g.c * g.h * g.w;
+    host.resize(count * per, 0.0);
+    source.read_into(start, count, host)?;
+    if let Some(i) = host.iter().position(|v| !v.is_finite()) {
+        return Err(CalmError::Invalid(format!(
+            "image {} holds a non-finite value (NaN or infinity); clean the data first",
+            start + i / per
+        )));
+    }
+    Ok(pad_images(g, host, count))
+}
+
 fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
     let tiles = match (opt, std::env::var("CALM_TILES")) {
         (Some(t), _) => t,
@@ -162,13 +199,34 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
 }
 
 impl GpuEngine {
-    /// Uploads `source` (padded) and `theta` and builds every pipeline and bind group.
+    /// Uploads `theta`, builds every pipeline and bind group, and places the data: the whole
+    /// padded dataset stays on the device when it fits the memory budget, else it streams
+    /// through [`STREAM_SLOTS`] batch-sized buffers, read from `source` again every epoch.
     pub fn new(
         ctx: Arc<GpuContext>,
         g: Geometry,
-        source: &dyn ImageSource,
+        source: Arc<dyn ImageSource>,
         theta: &[f32],
         opts: GpuOptions,
+    ) -> Result<Self> {
+        let budget_known = opts.memory_budget.is_some() || ctx.budget.is_some();
+        match Self::build(ctx.clone(), g, source.clone(), theta, &opts, opts.stream) {
+            // The API does not report its memory: try to keep the data resident, and stream
+            // it if the device says it is out of memory.
+            Err(CalmError::GpuMemory(_)) if !budget_known && !opts.stream => {
+                Self::build(ctx, g, source, theta, &opts, true)
+            }
+            r => r,
+        }
+    }
+
+    fn build(
+        ctx: Arc<GpuContext>,
+        g: Geometry,
+        source: Arc<dyn ImageSource>,
+        theta: &[f32],
+        opts: &GpuOptions,
+        mut stream: bool,
     ) -> Result<Self> {
         let n = source.len();
         if n == 0 {
@@ -203,7 +261,7 @@ impl GpuEngine {
         let by_partials = (cap / stat_bytes) as usize * ipc;
         let tm = tiles.e_tm() as usize;
         let by_dispatch = (65535usize * tm / g.positions()).min(65535);
-        let max_batch = opts
+        let mut max_batch = opts
             .batch
             .max(1)
             .min(by_l)
@@ -222,41 +280,94 @@ impl GpuEngine {
             )));
         }
 
-        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        // Dataset: resident buffers of whole padded images.
-        let mut x_bufs = Vec::new();
-        let mut x_ranges = Vec::new();
-        let per = g.c * g.h * g.w;
-        let mut start = 0;
-        while start < n {
-            let cnt = per_x_buffer.min(n - start);
-            let buf = storage(&ctx, "x", cnt as u64 * img_bytes);
-            let mut done = 0;
-            let piece = (64 << 20) / (per * 4).max(1);
-            let mut host = Vec::new();
-            while done < cnt {
-                let m = piece.max(1).min(cnt - done);
-                host.resize(m * per, 0.0);
-                source.read_into(start + done, m, &mut host)?;
-                if let Some(i) = host.iter().position(|v| !v.is_finite()) {
-                    return Err(CalmError::Invalid(format!(
-                        "image {} holds a non-finite value (NaN or infinity); clean the data first",
-                        start + done + i / per
+        // Device memory: everything but the data scales with the batch; the data is either all
+        // resident or `STREAM_SLOTS` batches. Plan within the budget before allocating.
+        let fixed = |mb: usize| -> u64 {
+            let mb = mb as u64;
+            let chunks = mb.div_ceil(ipc as u64);
+            // theta, theta_next; theta_t, theta_t_next; bias, bias_next, counts, counts_next, bad
+            2 * k * r * 4 + 2 * r * kp * 4 + 5 * k * 4
+                + mb * p * kp * 4 // G
+                + mb * k * p * 4 // L
+                + mb * k * (grid * grid) as u64 * 4 // features
+                + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
+                + n as u64 * 4 // logp_all
+                + (r + 1100 + p + 128) * 4 + 16 // offsets, summary
+        };
+        let budget = opts.memory_budget.or(ctx.budget);
+        if let Some(b) = budget {
+            if !stream && fixed(max_batch) + n as u64 * img_bytes > b {
+                stream = true;
+            }
+            if stream {
+                let need = |mb: usize| fixed(mb) + (STREAM_SLOTS * mb) as u64 * img_bytes;
+                while max_batch > 1 && need(max_batch) > b {
+                    max_batch = max_batch * 3 / 4;
+                }
+                if need(max_batch) > b {
+                    return Err(CalmError::GpuMemory(format!(
+                        "{} needs at least {} MiB of device memory for K={}, {}x{} positions and {} images, but plans within {} MiB ({}); use a smaller K or kernel, or fewer images",
+                        ctx.info.name,
+                        need(1).div_ceil(1 << 20),
+                        g.k,
+                        g.ho,
+                        g.wo,
+                        n,
+                        b >> 20,
+                        if opts.memory_budget.is_some() || std::env::var("CALM_GPU_MEMORY").is_ok()
+                        {
+                            "the budget set by CALM_GPU_MEMORY"
+                        } else {
+                            "90% of what the adapter reports"
+                        }
                     )));
                 }
-                let padded = pad_images(&g, &host, m);
-                ctx.queue.write_buffer(
-                    &buf,
-                    done as u64 * img_bytes,
-                    bytemuck::cast_slice(&padded),
-                );
-                // Flush the staging memory now and then so a large upload stays bounded.
-                ctx.queue.submit([]);
-                done += m;
             }
-            x_ranges.push((x_bufs.len(), start, cnt));
-            x_bufs.push(buf);
-            start += cnt;
+        }
+
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        // Dataset: resident buffers of whole padded images, or the streaming slots.
+        let mut x_bufs = Vec::new();
+        // (buffer, offset in it, first image, images) of every batch.
+        let mut batch_plan = Vec::new();
+        if stream {
+            let n_batches = n.div_ceil(max_batch);
+            for _ in 0..STREAM_SLOTS.min(n_batches) {
+                x_bufs.push(storage(&ctx, "x-slot", max_batch as u64 * img_bytes));
+            }
+            for i in 0..n_batches {
+                let first = i * max_batch;
+                batch_plan.push((i % x_bufs.len(), 0, first, max_batch.min(n - first)));
+            }
+        } else {
+            let mut start = 0;
+            let piece = ((64 << 20) / img_bytes as usize).max(1);
+            let mut host = Vec::new();
+            while start < n {
+                let cnt = per_x_buffer.min(n - start);
+                let buf = storage(&ctx, "x", cnt as u64 * img_bytes);
+                let mut done = 0;
+                while done < cnt {
+                    let m = piece.min(cnt - done);
+                    let padded = read_padded(&g, source.as_ref(), start + done, m, &mut host)?;
+                    ctx.queue.write_buffer(
+                        &buf,
+                        done as u64 * img_bytes,
+                        bytemuck::cast_slice(&padded),
+                    );
+                    // Flush the staging memory now and then so a large upload stays bounded.
+                    ctx.queue.submit([]);
+                    done += m;
+                }
+                let mut s = 0;
+                while s < cnt {
+                    let nb = max_batch.min(cnt - s);
+                    batch_plan.push((x_bufs.len(), s, start + s, nb));
+                    s += nb;
+                }
+                x_bufs.push(buf);
+                start += cnt;
+            }
         }
 
         let bias: Vec<f32> = crate::cpu::fast::bias_f32(&g, theta);
@@ -298,7 +409,7 @@ impl GpuEngine {
                 "features",
                 max_batch as u64 * k * (grid * grid) as u64 * 4,
             ),
-            _x: x_bufs,
+            x: x_bufs,
         };
         let off_buf = init(&ctx, "off", bytemuck::cast_slice(&off));
         let pos_buf = init(&ctx, "pos_off", bytemuck::cast_slice(&pos_off));
@@ -318,16 +429,14 @@ impl GpuEngine {
             ..Default::default()
         };
         let mut batches = Vec::new();
-        for &(xi, first, cnt) in &x_ranges {
-            let xb = &buf._x[xi];
-            let mut s = 0;
-            while s < cnt {
-                let nb = max_batch.min(cnt - s);
+        for &(xi, offset, first, nb) in &batch_plan {
+            let xb = &buf.x[xi];
+            {
                 let n_chunks = nb.div_ceil(ipc) as u32;
                 let prm = Params {
                     n_images: nb as u32,
-                    x_offset: s as u32,
-                    logp_offset: (first + s) as u32,
+                    x_offset: offset as u32,
+                    logp_offset: first as u32,
                     n_chunks,
                     ..base
                 };
@@ -340,6 +449,8 @@ impl GpuEngine {
                     });
                 batches.push(Batch {
                     n_images: nb,
+                    first,
+                    x: xi,
                     estep: bind(
                         &ctx,
                         &pipes.estep,
@@ -368,7 +479,6 @@ impl GpuEngine {
                     },
                     n_chunks,
                 });
-                s += nb;
             }
         }
         let gp = ctx
@@ -405,9 +515,10 @@ impl GpuEngine {
             ],
         );
         if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(CalmError::Gpu(format!(
-                "{} ran out of memory holding the dataset and statistics ({e}); try a smaller --batch or fewer images",
-                ctx.info.name
+            return Err(CalmError::GpuMemory(format!(
+                "{} ran out of memory holding the {} and statistics ({e}); try a smaller --batch, or CALM_GPU_MEMORY=<MiB> below what it has",
+                ctx.info.name,
+                if stream { "data slots" } else { "dataset" }
             )));
         }
         ctx.wait()?;
@@ -432,12 +543,13 @@ impl GpuEngine {
             &buf.f,
         ])
         .chain([&partials, &off_buf, &pos_buf, &bad])
-        .chain(buf._x.iter())
+        .chain(buf.x.iter())
         .map(|b| b.size())
         .sum();
         Ok(Self {
             grid,
             device_bytes,
+            source: stream.then_some(source),
             ctx,
             g,
             n,
@@ -467,6 +579,49 @@ impl GpuEngine {
 
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
+    }
+
+    /// True when the data streams through batch-sized buffers instead of staying resident.
+    pub fn streamed(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Calls `body` on every batch in order, the batch's images on the device by then: when the
+    /// data streams, a reader thread reads and pads the next batches while the GPU works, and
+    /// each is written to its slot just before its `body` (wgpu orders that write after the
+    /// work already submitted that reads the slot).
+    fn for_each_batch(&self, mut body: impl FnMut(&Batch) -> Result<()>) -> Result<()> {
+        let Some(source) = &self.source else {
+            return self.batches.iter().try_for_each(body);
+        };
+        let ranges: Vec<(usize, usize)> =
+            self.batches.iter().map(|b| (b.first, b.n_images)).collect();
+        let g = self.g;
+        std::thread::scope(|scope| {
+            // Two batches read ahead bound the host memory.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(2);
+            let source = source.clone();
+            scope.spawn(move || {
+                let mut host = Vec::new();
+                for (first, count) in ranges {
+                    let r = read_padded(&g, source.as_ref(), first, count, &mut host);
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for b in &self.batches {
+                let data = rx
+                    .recv()
+                    .map_err(|_| CalmError::Gpu("the data reader stopped early".into()))??;
+                self.ctx
+                    .queue
+                    .write_buffer(&self.buf.x[b.x], 0, bytemuck::cast_slice(&data));
+                body(b)?;
+            }
+            Ok(())
+        })
     }
 
     fn record_estep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
@@ -510,16 +665,20 @@ impl GpuEngine {
 
     /// Submits the statistics of every batch; calls `progress` as batches finish. At most
     /// `IN_FLIGHT` batches are queued, which keeps the GPU busy and the progress honest.
-    fn accumulate(&mut self, progress: &mut dyn FnMut(usize)) -> Result<()> {
+    fn accumulate(&self, progress: &mut dyn FnMut(usize)) -> Result<()> {
         let g = self.g;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         enc.clear_buffer(&self.buf.t_acc, 0, None);
         enc.clear_buffer(&self.buf.t_comp, 0, None);
+        let mut enc = Some(enc);
         let done = Arc::new(AtomicUsize::new(0));
         let mut in_flight = std::collections::VecDeque::new();
-        for b in &self.batches {
+        self.for_each_batch(|b| {
+            let mut e = enc
+                .take()
+                .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
             {
-                let mut pass = enc.begin_compute_pass(&Default::default());
+                let mut pass = e.begin_compute_pass(&Default::default());
                 self.record_estep(&mut pass, b);
                 pass.set_pipeline(&self.pipes.logsumexp);
                 pass.set_bind_group(0, &b.lse, &[]);
@@ -530,7 +689,7 @@ impl GpuEngine {
                 let groups = (g.k * (g.r() + 1)).div_ceil(256) as u32;
                 pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
             }
-            let idx = self.ctx.queue.submit([enc.finish()]);
+            let idx = self.ctx.queue.submit([e.finish()]);
             let (d, nb) = (done.clone(), b.n_images);
             self.ctx.queue.on_submitted_work_done(move || {
                 d.fetch_add(nb, Ordering::SeqCst);
@@ -552,9 +711,11 @@ impl GpuEngine {
                     .map_err(|e| CalmError::Gpu(format!("waiting for the GPU failed: {e}")))?;
                 progress(done.load(Ordering::SeqCst));
             }
-            enc = self.ctx.device.create_command_encoder(&Default::default());
+            Ok(())
+        })?;
+        if let Some(e) = enc {
+            self.ctx.queue.submit([e.finish()]);
         }
-        self.ctx.queue.submit([enc.finish()]);
         self.ctx.wait()?;
         progress(done.load(Ordering::SeqCst));
         Ok(())
@@ -651,14 +812,13 @@ impl GpuEngine {
         Ok(t0.elapsed().as_secs_f64())
     }
 
-    /// Features `f[n,k]` of the engine's dataset under the current `theta`, `(N, K)`.
     /// Features of the engine's dataset under the current `theta`: `(N, K * grid * grid)`, the
     /// log-sum-exp of `L` over each pooling region (`GpuOptions::grid`; 1 is SPEC's `f[n,k]`).
     pub fn features(&mut self, progress: &mut dyn FnMut(usize)) -> Result<Array2<f32>> {
         let per = self.g.k * self.grid * self.grid;
         let mut out = Array2::<f32>::zeros((self.n, per));
-        let mut start = 0;
-        for b in &self.batches {
+        let dst = out.as_slice_mut().expect("standard layout");
+        self.for_each_batch(|b| {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
@@ -675,11 +835,10 @@ impl GpuEngine {
             let f: Vec<f32> =
                 self.ctx
                     .read_buffer(&self.buf.f, 0, (b.n_images * per * 4) as u64)?;
-            out.as_slice_mut().expect("standard layout")[start * per..(start + b.n_images) * per]
-                .copy_from_slice(&f);
-            start += b.n_images;
-            progress(start);
-        }
+            dst[b.first * per..(b.first + b.n_images) * per].copy_from_slice(&f);
+            progress(b.first + b.n_images);
+            Ok(())
+        })?;
         Ok(out)
     }
 }
@@ -698,7 +857,15 @@ fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
 
 impl Engine for GpuEngine {
     fn describe(&self) -> String {
-        format!("GPU: {}", self.ctx.describe())
+        if self.streamed() {
+            format!(
+                "GPU: {}; data streamed in batches of {}",
+                self.ctx.describe(),
+                self.max_batch
+            )
+        } else {
+            format!("GPU: {}", self.ctx.describe())
+        }
     }
 
     fn geometry(&self) -> Geometry {
