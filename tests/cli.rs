@@ -324,6 +324,43 @@ fn gpu_streams_data_larger_than_its_memory_budget() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("CALM_GPU_MEMORY=lots"));
 }
 
+/// `--cache`: the preprocessed images are written once and read back on every epoch and by a
+/// later run, giving the same model bytes as no cache; a cache of other data is refused.
+#[test]
+fn cache_of_preprocessed_images_is_reused_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let other = dir.path().join("other.npy");
+    write_npy_f32(&other, &common::random_images(9, 20, 1, 10, 10).images);
+    let cache = dir.path().join("cache.npy");
+    let run = |data: &Path, out: &str, cache_on: bool| {
+        let mut argv = train_argv(data, &dir.path().join(out), "3 3 1 7 2 0");
+        argv.extend(["--preprocess".into(), "zca-image".into()]);
+        if cache_on {
+            argv.extend(["--cache".into(), cache.to_string_lossy().into()]);
+        }
+        calm().args(&argv).output().unwrap()
+    };
+    for (out, on) in [("plain.st", false), ("first.st", true), ("again.st", true)] {
+        let o = run(&data, out, on);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(cache.exists());
+    let bytes = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    assert_eq!(bytes("plain.st"), bytes("first.st"));
+    assert_eq!(bytes("plain.st"), bytes("again.st"));
+    let cached = std::fs::read(&cache).unwrap();
+    let o = run(&other, "other.st", true);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("holds other data"), "{err}");
+    assert_eq!(
+        std::fs::read(&cache).unwrap(),
+        cached,
+        "the cache is left alone"
+    );
+}
+
 #[test]
 fn numerical_precision_limit_keeps_last_finite_theta() {
     let dir = tempfile::tempdir().unwrap();
