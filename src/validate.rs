@@ -184,6 +184,25 @@ pub fn run_case(
             TOL_LINEAR,
         );
     }
+    // The same epoch with the data streamed through two batch buffers instead of resident:
+    // the same kernels over the same batches, so the same bits (tolerance 0).
+    if n > eng.max_batch() {
+        let mut streamed = GpuEngine::new(
+            Arc::clone(ctx),
+            g,
+            Arc::new(data.clone()),
+            &theta,
+            GpuOptions {
+                batch,
+                stream: true,
+                ..Default::default()
+            },
+        )?;
+        streamed.epoch(&mut |_| {})?;
+        let theta_streamed = streamed.theta()?;
+        let resident: Vec<f64> = st.theta_next.iter().map(|&v| v as f64).collect();
+        row("streamed data", rel_err(&theta_streamed, &resident), 0.0);
+    }
     Ok(rows)
 }
 
