@@ -64,8 +64,10 @@ for t in ${STL_TILES:-default}; do
   if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
   timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
-
 unset CALM_TILES
+echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
+timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -1
+
 echo "== PyTorch baseline, same card"
 export PYTHONUNBUFFERED=1
 timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/torch_mnist.json" 2>&1 | tail -6

@@ -51,7 +51,7 @@ pub struct Row {
 impl Row {
     pub fn header() -> String {
         format!(
-            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11} {:>9} {:>10}",
+            "{:<15} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11} {:>9} {:>10}",
             "engine",
             "adapter",
             "shape",
@@ -68,7 +68,7 @@ impl Row {
         let opt =
             |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
         format!(
-            "{:<8} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
+            "{:<15} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
             self.engine,
             self.adapter.chars().take(40).collect::<String>(),
             self.shape,
@@ -100,6 +100,7 @@ pub fn time_gpu(
     theta: &[f32],
     batch: usize,
     epochs: usize,
+    stream: bool,
 ) -> Result<Row> {
     let n = data.images.shape()[0];
     let mut eng = GpuEngine::new(
@@ -109,6 +110,7 @@ pub fn time_gpu(
         theta,
         GpuOptions {
             batch,
+            stream,
             ..Default::default()
         },
     )?;
@@ -126,7 +128,12 @@ pub fn time_gpu(
     }
     let (e, m, p) = (median(es), median(ms), median(ep));
     Ok(Row {
-        engine: format!("{:?}", ctx.info.backend).to_lowercase(),
+        engine: format!(
+            "{:?}{}",
+            ctx.info.backend,
+            if eng.streamed() { " streamed" } else { "" }
+        )
+        .to_lowercase(),
         adapter: ctx.info.name.clone(),
         shape: shape(&g, n),
         images: n,

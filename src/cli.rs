@@ -1004,6 +1004,10 @@ pub struct BenchArgs {
     /// Write the table as JSON lines too
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Stream the images through two batch buffers even where they fit on the GPU (to time
+    /// what a GPU with less memory than the data pays; the epoch includes the copies)
+    #[arg(long)]
+    pub stream: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -1050,7 +1054,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(b) = a.backend.gpu() {
         let ctx = Arc::new(GpuContext::new(b, false)?);
         rows.push(calm_gpu::bench::time_gpu(
-            &ctx, g, &data, &theta, batch, a.epochs,
+            &ctx, g, &data, &theta, batch, a.epochs, a.stream,
         )?);
     }
     if a.with_cpu || a.backend == Backend::Cpu {
