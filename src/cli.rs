@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use calm_gpu::data::preprocess::Preprocess;
 use calm_gpu::data::{self, ImageSource};
 use calm_gpu::em::{self, Event};
+use calm_gpu::features::{Encoding, Pooling};
 use calm_gpu::gpu::GpuContext;
 use calm_gpu::model::{self, Model, ModelMeta};
 use calm_gpu::run::{self, Backend};
@@ -135,6 +136,11 @@ pub struct EvalArgs {
     /// image-wide features)
     #[arg(long, default_value_t = 1, value_name = "G")]
     pub pool: usize,
+    /// Encoding of L before pooling, for the CALM and random-kernel features: lse (SPEC's
+    /// log-sum-exp) or triangle (per patch, how much closer than average to each kernel; summed
+    /// over each region)
+    #[arg(long, value_enum, default_value_t = Encoding::Lse)]
+    pub encode: Encoding,
     /// Write the results (accuracies, confusion matrices, iterations) as JSON
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -294,6 +300,9 @@ pub struct FeaturesArgs {
     /// Pool L over a G x G grid of regions instead of the whole image (1: SPEC's features)
     #[arg(long, default_value_t = 1, value_name = "G")]
     pub pool: usize,
+    /// Encoding of L before pooling: lse (SPEC's log-sum-exp) or triangle (see `eval --help`)
+    #[arg(long, value_enum, default_value_t = Encoding::Lse)]
+    pub encode: Encoding,
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     #[arg(long, default_value_t = 1000)]
@@ -876,7 +885,10 @@ fn features(a: FeaturesArgs) -> Result<()> {
         data.clone(),
         &model.theta,
         a.batch,
-        a.pool,
+        Pooling {
+            grid: a.pool,
+            encoding: a.encode,
+        },
         &mut |_| {},
     )?;
     let mut bytes = Vec::new();
@@ -1335,12 +1347,17 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     let g_te = model_geometry_for(&model, xte.as_ref())?;
     let mut sets: Vec<(String, FeaturePair<'_>)> = vec![(
         format!(
-            "calm (K={}{})",
+            "calm (K={}{}{})",
             model.meta.layer.kernels,
             if a.pool > 1 {
                 format!(", pool {0}x{0}", a.pool)
             } else {
                 String::new()
+            },
+            if a.encode == Encoding::Lse {
+                String::new()
+            } else {
+                format!(", {}", a.encode)
             }
         ),
         Box::new(|| {
@@ -1351,7 +1368,10 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                     xtr.clone(),
                     &model.theta,
                     a.batch,
-                    a.pool,
+                    Pooling {
+                        grid: a.pool,
+                        encoding: a.encode,
+                    },
                     &mut |_| {},
                 )?,
                 run::features(
@@ -1360,7 +1380,10 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                     xte.clone(),
                     &model.theta,
                     a.batch,
-                    a.pool,
+                    Pooling {
+                        grid: a.pool,
+                        encoding: a.encode,
+                    },
                     &mut |_| {},
                 )?,
             ))
@@ -1386,7 +1409,10 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                             xtr.clone(),
                             &theta,
                             a.batch,
-                            a.pool,
+                            Pooling {
+                                grid: a.pool,
+                                encoding: a.encode,
+                            },
                             &mut |_| {},
                         )?,
                         run::features(
@@ -1395,7 +1421,10 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                             xte.clone(),
                             &theta,
                             a.batch,
-                            a.pool,
+                            Pooling {
+                                grid: a.pool,
+                                encoding: a.encode,
+                            },
                             &mut |_| {},
                         )?,
                     ))
@@ -1459,7 +1488,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     }
     if let Some(j) = &a.json {
         let text = serde_json::to_string_pretty(
-            &serde_json::json!({ "model": a.model, "held_out": held_out, "pool": a.pool, "standardize": a.standardize, "results": rows }),
+            &serde_json::json!({ "model": a.model, "held_out": held_out, "pool": a.pool, "encode": a.encode, "standardize": a.standardize, "results": rows }),
         )?;
         model::write_atomic(j, text.as_bytes(), a.force)?;
     }
@@ -1602,6 +1631,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         max_iter: 1000,
         standardize: false,
         pool: 1,
+        encode: Encoding::Lse,
         val_split: None,
         json: Some(out.join("results.json")),
         force: true,

@@ -14,6 +14,7 @@ pub use engine::{Engine, EpochStats};
 pub use error::{CalmError, Result};
 pub mod bench;
 pub mod em;
+pub mod features;
 pub mod gpu;
 pub mod interrupt;
 pub mod model;

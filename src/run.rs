@@ -8,6 +8,7 @@ use crate::cpu::CpuEngine;
 use crate::data::ImageSource;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::features::Pooling;
 use crate::geometry::Geometry;
 use crate::gpu::{GpuBackend, GpuContext, GpuEngine, GpuOptions};
 
@@ -75,18 +76,19 @@ pub fn engine(
     })
 }
 
-/// Features of every image: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` for `grid = 1`
-/// (SPEC's), else the log-sum-exp over each of `grid x grid` regions, `(N, K * grid * grid)`.
+/// Features of every image: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` for `grid = 1` and
+/// [`Encoding::Lse`] (SPEC's), else the encoding pooled over each of `grid x grid` regions,
+/// `(N, K * grid * grid)`.
 pub fn features(
     backend: Backend,
     g: Geometry,
     source: Arc<dyn ImageSource>,
     theta: &[f32],
     batch: usize,
-    grid: usize,
+    pooling: Pooling,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
-    let grid = grid.max(1);
+    let (grid, encoding) = (pooling.grid.max(1), pooling.encoding);
     g.check_pool_grid(grid)?;
     match backend.context()? {
         Some(ctx) => GpuEngine::new(
@@ -97,10 +99,13 @@ pub fn features(
             GpuOptions {
                 batch,
                 grid,
+                encoding,
                 ..Default::default()
             },
         )?
         .features(progress),
-        None => crate::cpu::fast::features(&g, source.as_ref(), theta, batch, grid, progress),
+        None => {
+            crate::cpu::fast::features(&g, source.as_ref(), theta, batch, grid, encoding, progress)
+        }
     }
 }

@@ -10,6 +10,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use crate::cpu::reference;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::features::Encoding;
 use crate::geometry::{Geometry, LayerConfig};
 use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
 
@@ -182,6 +183,39 @@ pub fn run_case(
             "features 2x2",
             rel_err(f2.as_slice().expect("standard layout"), &f2_ref),
             TOL_LINEAR,
+        );
+    }
+    // Triangle features (tri_mean.wgsl + features_tri.wgsl), image-wide and on a 2 x 2 grid.
+    // The twin works from the f64 L of the GPU's theta; the GPU forms ||x_u||^2 - 2 L in f32,
+    // where |L| and ||x_u||^2 are large beside their difference for a patch close to a kernel,
+    // so its distances carry f32 cancellation: TOL_POSTERIOR, not TOL_LINEAR.
+    let norms = reference::patch_norms(&g, &xpad, n);
+    for grid in [1, 2] {
+        if g.ho.min(g.wo) < grid {
+            continue;
+        }
+        let mut tri = GpuEngine::new(
+            Arc::clone(ctx),
+            g,
+            Arc::new(data.clone()),
+            &theta_gpu,
+            GpuOptions {
+                batch,
+                grid,
+                encoding: Encoding::Triangle,
+                ..Default::default()
+            },
+        )?;
+        let ft = tri.features(&mut |_| {})?;
+        let ft_ref = reference::features_triangle(&g, &l_gpu_theta, &norms, n, grid);
+        row(
+            if grid == 1 {
+                "triangle"
+            } else {
+                "triangle 2x2"
+            },
+            rel_err(ft.as_slice().expect("standard layout"), &ft_ref),
+            TOL_POSTERIOR,
         );
     }
     // The same epoch with the data streamed through two batch buffers instead of resident:

@@ -143,3 +143,68 @@ fn odd_sizes_k_not_power_of_two() {
 fn mnist_like_shape() {
     check(4, 9, 1, 28, 28, 64, 20, 2, 5);
 }
+
+/// Pooled features, both encodings, on 1x1, 2x2 and 3x3 grids: the GPU kernels and the CPU
+/// engine against the f64 twins (`reference::features_grid`, `reference::features_triangle`).
+/// Triangle distances come from `||x_u||^2 - 2 L` in f32 on both engines: TOL, as the posterior.
+#[test]
+fn pooled_features_both_encodings_match_the_twins() {
+    use calm_gpu::features::Encoding;
+    let (n, c, h, w) = (9usize, 2usize, 13usize, 11usize);
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 7,
+            width: 4,
+            pad: 1,
+        },
+        c,
+        h,
+        w,
+    )
+    .unwrap();
+    let data = Arc::new(random_images(71, n, c, h, w));
+    let theta = random_theta(72, g.k * g.r(), 0.3);
+    let x = data.images.as_slice().unwrap();
+    let xpad = reference::pad_images(&g, x, n);
+    let l = reference::estep(&g, &xpad, n, &theta);
+    let norms = reference::patch_norms(&g, &xpad, n);
+    let ctx = gpu();
+    for encoding in [Encoding::Lse, Encoding::Triangle] {
+        for grid in [1, 2, 3] {
+            let want = match encoding {
+                Encoding::Lse => reference::features_grid(&g, &l, n, grid),
+                Encoding::Triangle => reference::features_triangle(&g, &l, &norms, n, grid),
+            };
+            let cpu = calm_gpu::cpu::fast::features(
+                &g,
+                data.as_ref(),
+                &theta,
+                4,
+                grid,
+                encoding,
+                &mut |_| {},
+            )
+            .unwrap();
+            let e = rel_err(cpu.as_slice().unwrap(), &want);
+            assert!(e < TOL, "cpu {encoding} grid {grid}: {e}");
+            if let Some(ctx) = &ctx {
+                let mut eng = GpuEngine::new(
+                    ctx.clone(),
+                    g,
+                    data.clone(),
+                    &theta,
+                    GpuOptions {
+                        batch: 4,
+                        grid,
+                        encoding,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let f = eng.features(&mut |_| {}).unwrap();
+                let e = rel_err(f.as_slice().unwrap(), &want);
+                assert!(e < TOL, "gpu {encoding} grid {grid}: {e}");
+            }
+        }
+    }
+}

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
 use crate::error::Result;
+use crate::features::Encoding;
 use crate::geometry::Geometry;
 
 /// Images per parallel work item. Fixed (not derived from the thread count) so that results are
@@ -544,9 +545,10 @@ pub fn features(
     theta: &[f32],
     batch: usize,
     grid: usize,
+    encoding: Encoding,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
-    let (k, p) = (g.k, g.positions());
+    let (k, p, r) = (g.k, g.positions(), g.r());
     let grid = grid.max(1);
     let per = k * grid * grid;
     let bias = bias_f32(g, theta);
@@ -565,6 +567,16 @@ pub fn features(
             let (mut mx, mut sum) = (vec![0f32; k], vec![0f64; k]);
             let mut region_rows = Vec::new();
             let mut fr = vec![0f32; k];
+            if encoding == Encoding::Triangle {
+                for ((li, ai), fi) in s.l[..ni * p * k]
+                    .chunks_exact(p * k)
+                    .zip(s.a.chunks_exact(p * r))
+                    .zip(f.chunks_exact_mut(per))
+                {
+                    triangle_image(g, li, ai, grid, fi);
+                }
+                return f;
+            }
             for (li, fi) in s.l[..ni * p * k]
                 .chunks_exact(p * k)
                 .zip(f.chunks_exact_mut(per))
@@ -598,6 +610,36 @@ pub fn features(
         progress(start);
     }
     Ok(out)
+}
+
+/// Triangle features of one image (see [`Encoding::Triangle`]): `l` its `L` as `(P, K)`, `a` its
+/// patch matrix `(P, R)`, `f` its `K * grid * grid` features laid out `(k, a, b)`. Distances and
+/// means in f32 as the GPU's, sums over regions in f64.
+fn triangle_image(g: &Geometry, l: &[f32], a: &[f32], grid: usize, f: &mut [f32]) {
+    let (k, r) = (g.k, g.r());
+    let mut acc = vec![0f64; k * grid * grid];
+    let mut d = vec![0f32; k];
+    for ra in 0..grid {
+        for rb in 0..grid {
+            let region = ra * grid + rb;
+            for h in ra * g.ho / grid..(ra + 1) * g.ho / grid {
+                for w in rb * g.wo / grid..(rb + 1) * g.wo / grid {
+                    let u = h * g.wo + w;
+                    let norm: f32 = a[u * r..(u + 1) * r].iter().map(|v| v * v).sum();
+                    for (dk, &lk) in d.iter_mut().zip(&l[u * k..(u + 1) * k]) {
+                        *dk = (norm - 2.0 * lk).max(0.0).sqrt();
+                    }
+                    let mean = d.iter().sum::<f32>() / k as f32;
+                    for (kk, &dk) in d.iter().enumerate() {
+                        acc[kk * grid * grid + region] += (mean - dk).max(0.0) as f64;
+                    }
+                }
+            }
+        }
+    }
+    for (fv, av) in f.iter_mut().zip(&acc) {
+        *fv = *av as f32;
+    }
 }
 
 #[cfg(test)]
@@ -709,12 +751,12 @@ mod tests {
             .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
         assert!(err <= 1e-5 * scale, "theta error {err} of {scale}");
 
-        let f = features(&g, data.as_ref(), &theta, 4, 1, &mut |_| {}).unwrap();
+        let f = features(&g, data.as_ref(), &theta, 4, 1, Encoding::Lse, &mut |_| {}).unwrap();
         let xpad = super::super::reference::pad_images(&g, &x, n);
         let l = super::super::reference::estep(&g, &xpad, n, &theta);
         let want = super::super::reference::features(&g, &l, n);
         // Pooled over a 2 x 2 grid: the f64 twin of the GPU kernel.
-        let f2 = features(&g, data.as_ref(), &theta, 4, 2, &mut |_| {}).unwrap();
+        let f2 = features(&g, data.as_ref(), &theta, 4, 2, Encoding::Lse, &mut |_| {}).unwrap();
         let want2 = super::super::reference::features_grid(&g, &l, n, 2);
         let scale2 = want2.iter().fold(0f64, |m, v| m.max(v.abs()));
         let err2 = f2
@@ -756,7 +798,8 @@ mod tests {
                 let lls: Vec<u64> = (0..2)
                     .map(|_| eng.epoch(&mut |_| {}).unwrap().loglik.to_bits())
                     .collect();
-                let f = features(&g, data.as_ref(), &theta, 17, 1, &mut |_| {}).unwrap();
+                let f =
+                    features(&g, data.as_ref(), &theta, 17, 1, Encoding::Lse, &mut |_| {}).unwrap();
                 (lls, eng.theta().unwrap(), f)
             })
         };

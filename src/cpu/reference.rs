@@ -107,6 +107,79 @@ pub fn features_grid(g: &Geometry, l: &[f64], n: usize, grid: usize) -> Vec<f64>
     out
 }
 
+/// `||x_u||^2` of every patch, `(n, P)`: the squared norm of the padded image's `C x w x w`
+/// window at each position (twin of `shaders/tri_mean.wgsl`'s first loop).
+pub fn patch_norms(g: &Geometry, xpad: &[f32], n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n * g.positions());
+    for img in 0..n {
+        let x = &xpad[img * g.padded_len()..(img + 1) * g.padded_len()];
+        for h in 0..g.ho {
+            for w in 0..g.wo {
+                let mut s = 0f64;
+                for c in 0..g.c {
+                    for i in 0..g.kw {
+                        for j in 0..g.kw {
+                            let v = x[(c * g.hp + h + i) * g.wp + w + j] as f64;
+                            s += v * v;
+                        }
+                    }
+                }
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// Twin of `shaders/tri_mean.wgsl` and `shaders/features_tri.wgsl`: the triangle encoding
+/// (Coates, Lee & Ng 2011) of the model's per-patch likelihoods, pooled by sums over the same
+/// `grid x grid` regions as [`features_grid`], laid out `(n, k, a, b)`.
+///
+/// `d_k(u) = sqrt(||x_u||^2 - 2 L_k(u)) = ||x_u - theta_k||` is the distance of patch `u` to
+/// kernel `k` (`-0.5 d^2` is the patch's log likelihood under kernel `k`, up to a constant),
+/// and `t_k(u) = max(0, mean_j d_j(u) - d_k(u))` is how much closer than average it is.
+pub fn features_triangle(
+    g: &Geometry,
+    l: &[f64],
+    norms: &[f64],
+    n: usize,
+    grid: usize,
+) -> Vec<f64> {
+    let (k, p) = (g.k, g.positions());
+    // t laid out like L, (n, k, P), then summed over regions as features_grid sums exp(L).
+    let mut t = vec![0f64; n * k * p];
+    for img in 0..n {
+        for u in 0..p {
+            let d: Vec<f64> = (0..k)
+                .map(|kk| {
+                    (norms[img * p + u] - 2.0 * l[(img * k + kk) * p + u])
+                        .max(0.0)
+                        .sqrt()
+                })
+                .collect();
+            let mean = d.iter().sum::<f64>() / k as f64;
+            for (kk, dk) in d.iter().enumerate() {
+                t[(img * k + kk) * p + u] = (mean - dk).max(0.0);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n * k * grid * grid);
+    for map in t.chunks_exact(p) {
+        for a in 0..grid {
+            for b in 0..grid {
+                let (h0, h1) = (a * g.ho / grid, (a + 1) * g.ho / grid);
+                let (w0, w1) = (b * g.wo / grid, (b + 1) * g.wo / grid);
+                out.push(
+                    (h0..h1)
+                        .flat_map(|h| (w0..w1).map(move |w| map[h * g.wo + w]))
+                        .sum(),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Sufficient statistics of one EM epoch, accumulated in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {

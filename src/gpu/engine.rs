@@ -21,6 +21,7 @@ use crate::cpu::reference::pad_images;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
 use crate::error::{CalmError, Result};
+use crate::features::Encoding;
 use crate::geometry::Geometry;
 
 /// Knobs for tests and tuning; the defaults are right for users.
@@ -37,6 +38,8 @@ pub struct GpuOptions {
     pub variant: Option<Variant>,
     /// Features: pooling regions per axis (0 or 1: image-wide, SPEC's features).
     pub grid: usize,
+    /// Features: the encoding of `L` before pooling (SPEC's log-sum-exp by default).
+    pub encoding: Encoding,
     /// Device memory to plan within, in bytes; `None`: `GpuContext::budget`, or, where the
     /// adapter reports nothing, whatever allocates.
     pub memory_budget: Option<u64>,
@@ -66,6 +69,8 @@ struct Batch {
     mstep: wgpu::BindGroup,
     reduce: wgpu::BindGroup,
     features: wgpu::BindGroup,
+    tri_mean: wgpu::BindGroup,
+    features_tri: wgpu::BindGroup,
     /// Workgroups of estep (x) and mstep (z).
     estep_groups: u32,
     n_chunks: u32,
@@ -88,6 +93,8 @@ struct Resident {
     t_comp: wgpu::Buffer,
     summary: wgpu::Buffer,
     f: wgpu::Buffer,
+    /// Triangle features: `||x_u||^2` and the mean distance per patch, `(batch, P, 2)`.
+    pm: wgpu::Buffer,
     /// The padded dataset (resident), or the batch-sized slots it streams through.
     x: Vec<wgpu::Buffer>,
 }
@@ -105,6 +112,7 @@ pub struct GpuEngine {
     max_batch: usize,
     device_bytes: u64,
     grid: usize,
+    encoding: Encoding,
     /// Set when the data streams: batches are read from it (and padded) every pass.
     source: Option<Arc<dyn ImageSource>>,
 }
@@ -236,6 +244,7 @@ impl GpuEngine {
         let tiles = tiles_for(&ctx, opts.tiles, g.k)?;
         let grid = opts.grid.max(1);
         g.check_pool_grid(grid)?;
+        let tri = opts.encoding == Encoding::Triangle;
         let variant = match opts.variant {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
@@ -290,6 +299,7 @@ impl GpuEngine {
                 + mb * p * kp * 4 // G
                 + mb * k * p * 4 // L
                 + mb * k * (grid * grid) as u64 * 4 // features
+                + if tri { mb * p * 2 * 4 } else { 0 } // triangle: norms and means
                 + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
                 + n as u64 * 4 // logp_all
                 + (r + 1100 + p + 128) * 4 + 16 // offsets, summary
@@ -409,6 +419,11 @@ impl GpuEngine {
                 "features",
                 max_batch as u64 * k * (grid * grid) as u64 * 4,
             ),
+            pm: storage(
+                &ctx,
+                "tri-pm",
+                if tri { max_batch as u64 * p * 2 * 4 } else { 4 },
+            ),
             x: x_bufs,
         };
         let off_buf = init(&ctx, "off", bytemuck::cast_slice(&off));
@@ -473,6 +488,8 @@ impl GpuEngine {
                         &[&pb, &partials, &buf.t_acc, &buf.t_comp],
                     ),
                     features: bind(&ctx, &pipes.features, &[&pb, &buf.l, &buf.f]),
+                    tri_mean: bind(&ctx, &pipes.tri_mean, &[&pb, xb, &off_buf, &buf.l, &buf.pm]),
+                    features_tri: bind(&ctx, &pipes.features_tri, &[&pb, &buf.l, &buf.pm, &buf.f]),
                     estep_groups: match variant {
                         Variant::Staged => (nb * g.positions()).div_ceil(tm) as u32,
                         Variant::Direct => (nb * g.positions()).div_ceil(8 * 64) as u32,
@@ -541,6 +558,7 @@ impl GpuEngine {
             &buf.t_comp,
             &buf.summary,
             &buf.f,
+            &buf.pm,
         ])
         .chain([&partials, &off_buf, &pos_buf, &bad])
         .chain(buf.x.iter())
@@ -548,6 +566,7 @@ impl GpuEngine {
         .sum();
         Ok(Self {
             grid,
+            encoding: opts.encoding,
             device_bytes,
             source: stream.then_some(source),
             ctx,
@@ -823,13 +842,25 @@ impl GpuEngine {
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 self.record_estep(&mut pass, b);
-                pass.set_pipeline(&self.pipes.features);
-                pass.set_bind_group(0, &b.features, &[]);
-                pass.dispatch_workgroups(
-                    self.g.k as u32,
-                    b.n_images as u32,
-                    (self.grid * self.grid) as u32,
-                );
+                let regions = (self.grid * self.grid) as u32;
+                match self.encoding {
+                    Encoding::Lse => {
+                        pass.set_pipeline(&self.pipes.features);
+                        pass.set_bind_group(0, &b.features, &[]);
+                    }
+                    Encoding::Triangle => {
+                        pass.set_pipeline(&self.pipes.tri_mean);
+                        pass.set_bind_group(0, &b.tri_mean, &[]);
+                        pass.dispatch_workgroups(
+                            self.g.positions().div_ceil(64) as u32,
+                            b.n_images as u32,
+                            1,
+                        );
+                        pass.set_pipeline(&self.pipes.features_tri);
+                        pass.set_bind_group(0, &b.features_tri, &[]);
+                    }
+                }
+                pass.dispatch_workgroups(self.g.k as u32, b.n_images as u32, regions);
             }
             self.ctx.queue.submit([enc.finish()]);
             let f: Vec<f32> =

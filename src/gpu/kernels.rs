@@ -17,9 +17,11 @@ pub const REDUCE_STATS: &str = include_str!("../../shaders/reduce_stats.wgsl");
 pub const UPDATE: &str = include_str!("../../shaders/update.wgsl");
 pub const SUMMARY: &str = include_str!("../../shaders/summary.wgsl");
 pub const FEATURES: &str = include_str!("../../shaders/features.wgsl");
+pub const TRI_MEAN: &str = include_str!("../../shaders/tri_mean.wgsl");
+pub const FEATURES_TRI: &str = include_str!("../../shaders/features_tri.wgsl");
 
 /// Every kernel with its name, for validation and tests.
-pub const ALL: [(&str, &str); 10] = [
+pub const ALL: [(&str, &str); 12] = [
     ("estep", ESTEP),
     ("estep_direct", ESTEP_DIRECT),
     ("posterior", POSTERIOR),
@@ -30,6 +32,8 @@ pub const ALL: [(&str, &str); 10] = [
     ("update", UPDATE),
     ("summary", SUMMARY),
     ("features", FEATURES),
+    ("tri_mean", TRI_MEAN),
+    ("features_tri", FEATURES_TRI),
 ];
 
 /// Mirrors `struct Params` in `shaders/params.wgsl`.
@@ -410,6 +414,8 @@ pub struct Pipelines {
     pub update: wgpu::ComputePipeline,
     pub summary: wgpu::ComputePipeline,
     pub features: wgpu::ComputePipeline,
+    pub tri_mean: wgpu::ComputePipeline,
+    pub features_tri: wgpu::ComputePipeline,
 }
 
 /// Whether naga's runtime checks (index clamping, loop bounding) are compiled into the two GEMM
@@ -474,6 +480,8 @@ impl Pipelines {
             update: b("update", UPDATE)?,
             summary: b("summary", SUMMARY)?,
             features: b("features", FEATURES)?,
+            tri_mean: b("tri_mean", TRI_MEAN)?,
+            features_tri: b("features_tri", FEATURES_TRI)?,
         })
     }
 }
