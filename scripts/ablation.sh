@@ -11,6 +11,7 @@ BIN=${BIN:-target/release/calm-gpu}
 OUT=${OUT:-ablation}
 BACKEND=${BACKEND:-auto}
 SEEDS=${SEEDS:-"0 1 2"}
+# DATASETS="digits" or "fashion" runs one of them.
 FASHION=${FASHION:-/usr/share/datasets/fashion-mnist}
 mkdir -p "$OUT"
 
@@ -41,7 +42,7 @@ probe() { # dataset config seed tag eval-options...
   "$BIN" eval --backend "$BACKEND" --model "$m" "${sets[@]}" --json "$j" "$@" > /dev/null
 }
 
-for ds in digits fashion; do
+for ds in ${DATASETS:-digits fashion}; do
   for seed in $SEEDS; do
     run "$ds" paper "$seed" --protocol paper
     run "$ds" patches "$seed" --init-method patches
@@ -57,6 +58,10 @@ for ds in digits fashion; do
     probe "$ds" paper "$seed" test-pool1 --baseline raw --baseline random
     probe "$ds" patches "$seed" test-pool3-std --pool 3 --standardize
     probe "$ds" patches "$seed" test-pool3 --pool 3
+    # The triangle encoding (eval --encode triangle), pooled over 4x4 and 6x6 regions.
+    probe "$ds" patches "$seed" val-tri4-std --val-split 0.2 --pool 4 --standardize --encode triangle
+    probe "$ds" patches "$seed" val-tri6-std --val-split 0.2 --pool 6 --standardize --encode triangle
+    probe "$ds" patches "$seed" test-tri6-std --pool 6 --standardize --encode triangle
   done
 done
 echo "done: $OUT"

@@ -44,7 +44,7 @@ for f in glob.glob(os.path.join(out, "*.use.txt")):
 names = {"paper": "SPEC / paper (N(0,1) init)", "patches": "data-patch init", "patches-revive": "data-patch init + revival"}
 for ds in ("digits", "fashion"):
     print(f"\n### {ds}: validation accuracy (%), last 20% of the training images held out\n")
-    tags = ["val-pool1", "val-pool2-std", "val-pool3", "val-pool3-std"]
+    tags = ["val-pool1", "val-pool2-std", "val-pool3", "val-pool3-std", "val-tri4-std", "val-tri6-std"]
     print("| training | " + " | ".join(tags) + " | unused / distinct kernels | train s |")
     print("|---|" + "---|" * (len(tags) + 2))
     for cfg in ("paper", "patches", "patches-revive"):
@@ -61,5 +61,6 @@ for ds in ("digits", "fashion"):
         ("paper", "test-pool1", "calm", "CALM, SPEC / paper protocol"),
         ("patches", "test-pool3", "calm", "CALM, data-patch init, 3x3 pooling"),
         ("patches", "test-pool3-std", "calm", "CALM, data-patch init, 3x3 pooling, standardised"),
+        ("patches", "test-tri6-std", "calm", "CALM, data-patch init, triangle encoding, 6x6 pooling, standardised"),
     ]:
         print(f"| {label} | {fmt(rows.get((ds, cfg, tag, feat), []))} |")
