@@ -26,7 +26,7 @@ def fmt(v):
         return "-"
     if len(v) == 1:
         return f"{v[0]:.2f} (1 seed)"
-    return f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+    return f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f} ({min(v):.2f}-{max(v):.2f}, {len(v)} seeds)"
 
 use = {}
 times = {}
