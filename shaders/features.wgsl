@@ -21,20 +21,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let k = wid.x;
     let n = wid.y;
     let region = wid.z;
-    let ho = prm.positions / prm.wo;
-    let ra = region / prm.grid;
-    let rb = region - ra * prm.grid;
-    let h0 = ra * ho / prm.grid;
-    let h1 = (ra + 1u) * ho / prm.grid;
-    let w0 = rb * prm.wo / prm.grid;
-    let w1 = (rb + 1u) * prm.wo / prm.grid;
-    let cw = w1 - w0;
-    let count = (h1 - h0) * cw;
+    let reg = pool_region(region);
     let base = (n * prm.k + k) * prm.positions;
     var acc = LSE_EMPTY;
-    for (var e = lid; e < count; e += WGS) {
-        let row = e / cw;
-        acc = lse_push(acc, l[base + (h0 + row) * prm.wo + w0 + (e - row * cw)]);
+    for (var e = lid; e < reg.w; e += WGS) {
+        acc = lse_push(acc, l[base + pool_position(reg, e)]);
     }
     red[lid] = acc;
     workgroupBarrier();

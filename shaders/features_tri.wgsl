@@ -22,20 +22,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let k = wid.x;
     let n = wid.y;
     let region = wid.z;
-    let ho = prm.positions / prm.wo;
-    let ra = region / prm.grid;
-    let rb = region - ra * prm.grid;
-    let h0 = ra * ho / prm.grid;
-    let h1 = (ra + 1u) * ho / prm.grid;
-    let w0 = rb * prm.wo / prm.grid;
-    let w1 = (rb + 1u) * prm.wo / prm.grid;
-    let cw = w1 - w0;
-    let count = (h1 - h0) * cw;
+    let reg = pool_region(region);
     let base = (n * prm.k + k) * prm.positions;
     var acc = 0.0;
-    for (var e = lid; e < count; e += WGS) {
-        let row = e / cw;
-        let u = (h0 + row) * prm.wo + w0 + (e - row * cw);
+    for (var e = lid; e < reg.w; e += WGS) {
+        let u = pool_position(reg, e);
         let q = (n * prm.positions + u) * 2u;
         let d = sqrt(max(pm[q] - 2.0 * l[base + u], 0.0));
         acc += max(pm[q + 1u] - d, 0.0);

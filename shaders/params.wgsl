@@ -58,3 +58,23 @@ fn lse_merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
     }
     return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
 }
+
+// Pooling region `region` (row-major over grid x grid) of the Ho x Wo positions: rows
+// [a Ho / grid, (a+1) Ho / grid), columns [b Wo / grid, (b+1) Wo / grid). Returns (first row,
+// first column, columns, positions in the region); shared by features.wgsl and features_tri.wgsl.
+fn pool_region(region: u32) -> vec4<u32> {
+    let ho = prm.positions / prm.wo;
+    let ra = region / prm.grid;
+    let rb = region - ra * prm.grid;
+    let h0 = ra * ho / prm.grid;
+    let h1 = (ra + 1u) * ho / prm.grid;
+    let w0 = rb * prm.wo / prm.grid;
+    let w1 = (rb + 1u) * prm.wo / prm.grid;
+    return vec4<u32>(h0, w0, w1 - w0, (h1 - h0) * (w1 - w0));
+}
+
+// The position index h * Wo + w of the e-th position (row-major) of a pool_region.
+fn pool_position(reg: vec4<u32>, e: u32) -> u32 {
+    let row = e / reg.z;
+    return (reg.x + row) * prm.wo + reg.y + (e - row * reg.z);
+}
