@@ -9,7 +9,8 @@
 # 3. the main job on the embedded sample; 4. `calm-gpu bench`, MNIST protocol on 60,000 images,
 # over a few tile shapes, and the STL-10 protocol on a subset; 5. the PyTorch baseline
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
-# 6. one table. Every step has its own timeout so a hang cannot eat the lease.
+# 6. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
+# the STL-10 protocol at full size (105,000 images), resident and streamed within 8 GB.
 set -u
 BIN=${BIN:-.dev/calm-gpu}
 OUT=${OUT:-/tmp/calm-out}
@@ -67,6 +68,14 @@ done
 unset CALM_TILES
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
 timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -1
+
+if [ -n "${FULL_STL:-}" ]; then
+  # STL-10 at full size (105,000 random images, 11.6 GB): resident on a large card, then
+  # streamed as on an 8 GB card (CALM_GPU_MEMORY), one timed epoch each.
+  echo "== bench stl10 protocol, 105,000 images: resident, then within 8 GB"
+  timeout 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full.json" 2>&1 | tail -1
+  CALM_GPU_MEMORY=8192 timeout 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full_8g.json" 2>&1 | tail -1
+fi
 
 echo "== PyTorch baseline, same card"
 export PYTHONUNBUFFERED=1

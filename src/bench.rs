@@ -96,7 +96,7 @@ fn shape(g: &Geometry, n: usize) -> String {
 pub fn time_gpu(
     ctx: &Arc<GpuContext>,
     g: Geometry,
-    data: &Dataset,
+    data: &Arc<Dataset>,
     theta: &[f32],
     batch: usize,
     epochs: usize,
@@ -106,7 +106,7 @@ pub fn time_gpu(
     let mut eng = GpuEngine::new(
         Arc::clone(ctx),
         g,
-        Arc::new(data.clone()),
+        data.clone(),
         theta,
         GpuOptions {
             batch,
