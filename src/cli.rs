@@ -1345,6 +1345,25 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     };
     let g_tr = model_geometry_for(&model, xtr.as_ref())?;
     let g_te = model_geometry_for(&model, xte.as_ref())?;
+    // Features of the probe's training and held-out images under `theta`.
+    let pooling = Pooling {
+        grid: a.pool,
+        encoding: a.encode,
+    };
+    let pair = |theta: &[f32]| -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> {
+        let f = |g, x: &Arc<dyn ImageSource>| {
+            run::features(
+                a.backend,
+                g,
+                x.clone(),
+                theta,
+                a.batch,
+                pooling,
+                &mut |_| {},
+            )
+        };
+        Ok((f(g_tr, &xtr)?, f(g_te, &xte)?))
+    };
     let mut sets: Vec<(String, FeaturePair<'_>)> = vec![(
         format!(
             "calm (K={}{}{})",
@@ -1360,34 +1379,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 format!(", {}", a.encode)
             }
         ),
-        Box::new(|| {
-            Ok((
-                run::features(
-                    a.backend,
-                    g_tr,
-                    xtr.clone(),
-                    &model.theta,
-                    a.batch,
-                    Pooling {
-                        grid: a.pool,
-                        encoding: a.encode,
-                    },
-                    &mut |_| {},
-                )?,
-                run::features(
-                    a.backend,
-                    g_te,
-                    xte.clone(),
-                    &model.theta,
-                    a.batch,
-                    Pooling {
-                        grid: a.pool,
-                        encoding: a.encode,
-                    },
-                    &mut |_| {},
-                )?,
-            ))
-        }),
+        Box::new(|| pair(&model.theta)),
     )];
     for b in &a.baseline {
         match b {
@@ -1400,35 +1392,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                     "random kernels (K={}, seed {})",
                     model.meta.layer.kernels, model.meta.seed
                 ),
-                Box::new(|| {
-                    let theta = em::init_theta(&g_tr, model.meta.seed);
-                    Ok((
-                        run::features(
-                            a.backend,
-                            g_tr,
-                            xtr.clone(),
-                            &theta,
-                            a.batch,
-                            Pooling {
-                                grid: a.pool,
-                                encoding: a.encode,
-                            },
-                            &mut |_| {},
-                        )?,
-                        run::features(
-                            a.backend,
-                            g_te,
-                            xte.clone(),
-                            &theta,
-                            a.batch,
-                            Pooling {
-                                grid: a.pool,
-                                encoding: a.encode,
-                            },
-                            &mut |_| {},
-                        )?,
-                    ))
-                }),
+                Box::new(|| pair(&em::init_theta(&g_tr, model.meta.seed))),
             )),
         }
     }

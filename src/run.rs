@@ -104,8 +104,6 @@ pub fn features(
             },
         )?
         .features(progress),
-        None => {
-            crate::cpu::fast::features(&g, source.as_ref(), theta, batch, grid, encoding, progress)
-        }
+        None => crate::cpu::fast::features(&g, source.as_ref(), theta, batch, pooling, progress),
     }
 }

@@ -180,8 +180,7 @@ fn pooled_features_both_encodings_match_the_twins() {
                 data.as_ref(),
                 &theta,
                 4,
-                grid,
-                encoding,
+                calm_gpu::features::Pooling { grid, encoding },
                 &mut |_| {},
             )
             .unwrap();

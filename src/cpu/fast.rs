@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
 use crate::error::Result;
-use crate::features::Encoding;
+use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
 
 /// Images per parallel work item. Fixed (not derived from the thread count) so that results are
@@ -544,12 +544,11 @@ pub fn features(
     source: &dyn ImageSource,
     theta: &[f32],
     batch: usize,
-    grid: usize,
-    encoding: Encoding,
+    pooling: Pooling,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
     let (k, p, r) = (g.k, g.positions(), g.r());
-    let grid = grid.max(1);
+    let (grid, encoding) = (pooling.grid.max(1), pooling.encoding);
     let per = k * grid * grid;
     let bias = bias_f32(g, theta);
     let pool = Pool::default();
@@ -751,12 +750,34 @@ mod tests {
             .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
         assert!(err <= 1e-5 * scale, "theta error {err} of {scale}");
 
-        let f = features(&g, data.as_ref(), &theta, 4, 1, Encoding::Lse, &mut |_| {}).unwrap();
+        let f = features(
+            &g,
+            data.as_ref(),
+            &theta,
+            4,
+            Pooling {
+                grid: 1,
+                encoding: Encoding::Lse,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
         let xpad = super::super::reference::pad_images(&g, &x, n);
         let l = super::super::reference::estep(&g, &xpad, n, &theta);
         let want = super::super::reference::features(&g, &l, n);
         // Pooled over a 2 x 2 grid: the f64 twin of the GPU kernel.
-        let f2 = features(&g, data.as_ref(), &theta, 4, 2, Encoding::Lse, &mut |_| {}).unwrap();
+        let f2 = features(
+            &g,
+            data.as_ref(),
+            &theta,
+            4,
+            Pooling {
+                grid: 2,
+                encoding: Encoding::Lse,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
         let want2 = super::super::reference::features_grid(&g, &l, n, 2);
         let scale2 = want2.iter().fold(0f64, |m, v| m.max(v.abs()));
         let err2 = f2
@@ -798,8 +819,18 @@ mod tests {
                 let lls: Vec<u64> = (0..2)
                     .map(|_| eng.epoch(&mut |_| {}).unwrap().loglik.to_bits())
                     .collect();
-                let f =
-                    features(&g, data.as_ref(), &theta, 17, 1, Encoding::Lse, &mut |_| {}).unwrap();
+                let f = features(
+                    &g,
+                    data.as_ref(),
+                    &theta,
+                    17,
+                    Pooling {
+                        grid: 1,
+                        encoding: Encoding::Lse,
+                    },
+                    &mut |_| {},
+                )
+                .unwrap();
                 (lls, eng.theta().unwrap(), f)
             })
         };

@@ -91,6 +91,8 @@ pub struct GpuContext {
     /// Bytes calm-gpu plans to use: `CALM_GPU_MEMORY` (MiB) if set, else 90% of `memory` (the
     /// driver, other programs and wgpu's staging buffers need the rest).
     pub budget: Option<u64>,
+    /// Where `budget` comes from, for messages.
+    pub budget_source: &'static str,
 }
 
 /// `CALM_GPU_MEMORY`, in MiB: how much device memory calm-gpu may plan for, overriding what
@@ -157,7 +159,13 @@ impl GpuContext {
         })?;
         let info = adapter.get_info();
         let memory = reported_memory(&adapter);
-        let budget = memory_override()?.or(memory.map(|m| m / 10 * 9));
+        let (budget, budget_source) = match memory_override()? {
+            Some(b) => (Some(b), "the budget set by CALM_GPU_MEMORY"),
+            None => (
+                memory.map(|m| m / 10 * 9),
+                "90% of what the adapter reports",
+            ),
+        };
         // Ask for everything the adapter allows: bigger bindings and workgroup memory than
         // wgpu's portable defaults (128 MiB, 16 KiB) mean bigger batches and tiles.
         let limits = adapter.limits();
@@ -182,6 +190,7 @@ impl GpuContext {
             limits,
             memory,
             budget,
+            budget_source,
         })
     }
 

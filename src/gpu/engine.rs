@@ -324,11 +324,10 @@ impl GpuEngine {
                         g.wo,
                         n,
                         b >> 20,
-                        if opts.memory_budget.is_some() || std::env::var("CALM_GPU_MEMORY").is_ok()
-                        {
-                            "the budget set by CALM_GPU_MEMORY"
+                        if opts.memory_budget.is_some() {
+                            "the budget GpuOptions set"
                         } else {
-                            "90% of what the adapter reports"
+                            ctx.budget_source
                         }
                     )));
                 }
