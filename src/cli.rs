@@ -449,17 +449,29 @@ fn cache_key(names: &[String], pre: Preprocess) -> serde_json::Value {
         .iter()
         .map(|n| {
             let meta = std::fs::metadata(n).ok();
-            serde_json::json!({
-                "path": n,
-                "bytes": meta.as_ref().map(|m| m.len()),
-                "modified": meta
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs_f64()),
-            })
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            input_key(n, meta.map(|m| m.len()), modified)
         })
         .collect();
     serde_json::json!({ "inputs": inputs, "preprocess": pre.to_string() })
+}
+
+/// One input of a cache key. The modification time is kept as integer nanoseconds: a key must
+/// read back from its JSON file equal to itself, and serde_json does not promise that a float
+/// (seconds as f64) parses back to the same bits (CI once refused a run's own cache that way).
+fn input_key(
+    path: &str,
+    bytes: Option<u64>,
+    modified: Option<std::time::Duration>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "path": path,
+        "bytes": bytes,
+        "modified_ns": modified.map(|d| d.as_nanos().to_string()),
+    })
 }
 
 /// `src` read through the float32 `.npy` cache at `path`, written first if absent (atomically,
@@ -1656,4 +1668,29 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
     model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;
     println!("wrote {}", out.join("results.md").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache key read back from its file equals the key computed again for the same inputs,
+    /// for modification times with any nanoseconds.
+    #[test]
+    fn cache_key_survives_its_json_file() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..10_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let t = std::time::Duration::new(
+                1_700_000_000 + (state >> 40),
+                (state % 1_000_000_000) as u32,
+            );
+            let key = input_key("/data/x.npy", Some(state >> 20), Some(t));
+            let text = serde_json::to_string_pretty(&key).unwrap();
+            let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, key, "{text}");
+        }
+    }
 }
