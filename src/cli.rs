@@ -13,6 +13,7 @@ use calm_gpu::em::{self, Event};
 use calm_gpu::features::{Encoding, Pooling};
 use calm_gpu::gpu::GpuContext;
 use calm_gpu::model::{self, Model, ModelMeta};
+use calm_gpu::prior::PriorOptions;
 use calm_gpu::run::{self, Backend};
 use calm_gpu::{Engine, Geometry, LayerConfig};
 
@@ -244,6 +245,13 @@ pub struct TrainArgs {
     /// Stop early once LL changes by less than this fraction between epochs
     #[arg(long, value_name = "FRACTION")]
     pub tol: Option<f64>,
+    /// Learn mixing weights over the kernels in the M-step (SPEC: uniform); kept in the model
+    #[arg(long)]
+    pub learn_weights: bool,
+    /// Learn the patches' variance in the M-step (SPEC: 1), i.e. the posterior's temperature;
+    /// kept in the model
+    #[arg(long)]
+    pub learn_variance: bool,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
     /// options that would change that
     #[arg(long, value_enum, conflicts_with = "preset")]
@@ -605,6 +613,10 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     revive: a.revive,
                     tol: a.tol,
                     seed: a.seed,
+                    prior: PriorOptions {
+                        weights: a.learn_weights,
+                        variance: a.learn_variance,
+                    },
                 },
                 cache: a.cache.as_ref().map(|p| absolute(p)),
             },
@@ -619,7 +631,9 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     ..Default::default()
                 })
     {
-        bail!("--protocol paper keeps SPEC's choices: drop --init-method, --revive and --tol");
+        bail!(
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --learn-weights and --learn-variance"
+        );
     }
     if let Some(t) = cfg.schedule.tol
         && !(t >= 0.0 && t.is_finite())
@@ -676,6 +690,11 @@ fn train(mut a: TrainArgs) -> Result<()> {
             println!("{s}");
         }
     };
+    if let Some((ck, _)) = &resume
+        && let Some(p) = &ck.prior
+    {
+        engine.set_prior(p)?;
+    }
     say(format!("engine: {}", engine.describe()));
     say(format!(
         "data: {n} images of {c}x{h}x{w} from {}; K={} w={} p={} (Ho={}, Wo={}); {:.1} GFLOP per epoch",
@@ -733,11 +752,15 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 history: history.iter().map(Into::into).collect(),
                 stopped,
                 calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
-                options: (cfg.init_method != em::InitMethod::Normal || cfg.schedule.revive || cfg.schedule.tol.is_some())
+                options: (cfg.init_method != em::InitMethod::Normal
+                    || cfg.schedule.revive
+                    || cfg.schedule.tol.is_some()
+                    || cfg.schedule.prior.any())
                     .then(|| serde_json::json!({ "init_method": cfg.init_method, "schedule": cfg.schedule })),
             },
             theta: engine.theta()?,
             counts: engine.counts()?,
+            prior: cfg.schedule.prior.any().then(|| engine.prior()),
             extra: Default::default(),
         })
     };
@@ -836,6 +859,9 @@ fn train(mut a: TrainArgs) -> Result<()> {
     }
     let model = make_model(engine.as_mut(), &outcome.history, outcome.stopped.clone())?;
     model.save(&cfg.out, cfg.force)?;
+    if let Some(p) = &model.prior {
+        say(format!("learned {}", p.summary()));
+    }
     if let Some(p) = &cfg.plot {
         write_plot(&model, p, cfg.force)?;
         say(format!("wrote {}", p.display()));
@@ -896,6 +922,7 @@ fn features(a: FeaturesArgs) -> Result<()> {
         g,
         data.clone(),
         &model.theta,
+        &model.prior_or_uniform(),
         a.batch,
         Pooling {
             grid: a.pool,
@@ -1198,6 +1225,9 @@ fn info(a: InfoArgs) -> Result<()> {
     if let Some(s) = &m.meta.stopped {
         println!("stopped:     {s}");
     }
+    if let Some(p) = &m.prior {
+        println!("prior:       {}", p.summary());
+    }
     println!("LL history (per image):");
     let n = m.meta.images.max(1) as f64;
     for h in &m.meta.history {
@@ -1362,13 +1392,16 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         grid: a.pool,
         encoding: a.encode,
     };
-    let pair = |theta: &[f32]| -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> {
+    let pair = |theta: &[f32],
+                prior: &calm_gpu::prior::Prior|
+     -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> {
         let f = |g, x: &Arc<dyn ImageSource>| {
             run::features(
                 a.backend,
                 g,
                 x.clone(),
                 theta,
+                prior,
                 a.batch,
                 pooling,
                 &mut |_| {},
@@ -1391,7 +1424,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 format!(", {}", a.encode)
             }
         ),
-        Box::new(|| pair(&model.theta)),
+        Box::new(|| pair(&model.theta, &model.prior_or_uniform())),
     )];
     for b in &a.baseline {
         match b {
@@ -1404,7 +1437,12 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                     "random kernels (K={}, seed {})",
                     model.meta.layer.kernels, model.meta.seed
                 ),
-                Box::new(|| pair(&em::init_theta(&g_tr, model.meta.seed))),
+                Box::new(|| {
+                    pair(
+                        &em::init_theta(&g_tr, model.meta.seed),
+                        &calm_gpu::prior::Prior::uniform(g_tr.k),
+                    )
+                }),
             )),
         }
     }
@@ -1575,6 +1613,8 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         init_method: em::InitMethod::Normal,
         revive: false,
         tol: None,
+        learn_weights: false,
+        learn_variance: false,
         protocol: if a.preset.is_none() {
             Some(TrainProtocol::Paper)
         } else {

@@ -11,6 +11,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::model::EpochRecord;
+use crate::prior::PriorOptions;
 
 /// SPEC's initialisation: every entry of `theta` i.i.d. N(0, 1), from a seeded, portable
 /// generator (xoshiro256++), so a seed gives the same weights on every machine.
@@ -132,6 +133,9 @@ pub struct Schedule {
     pub tol: Option<f64>,
     /// Seed of the revival patches (mixed with the epoch, so resumed runs repeat them).
     pub seed: u64,
+    /// Mixing weights and variance learned in the M-step (see [`crate::prior`]).
+    #[serde(default)]
+    pub prior: PriorOptions,
 }
 
 /// Called after every completed epoch with the engine (its `theta` already updated) and the
@@ -161,7 +165,10 @@ pub fn run(
     )
 }
 
-/// [`run`] with a [`Schedule`]; `source` (the training data) is needed for `revive`.
+/// [`run`] with a [`Schedule`]; `source` (the training data) is needed for `revive`, for
+/// learning the prior and for the LL of a non-uniform prior (which adds terms in `SX =
+/// sum_n ||X_n||^2`). The engine's prior at the start (e.g. of a resumed run) is the first
+/// epoch's.
 #[allow(clippy::too_many_arguments)]
 pub fn run_with(
     engine: &mut dyn Engine,
@@ -175,6 +182,7 @@ pub fn run_with(
 ) -> Result<Outcome> {
     let g = engine.geometry();
     let n = engine.len();
+    let mut sum_sq: Option<f64> = None;
     let stopped = |history: Vec<EpochRecord>, why: String, interrupted| {
         Ok(Outcome {
             history,
@@ -190,6 +198,13 @@ pub fn run_with(
             epoch,
             epochs: last,
         });
+        let prior = engine.prior();
+        if (schedule.prior.any() || !prior.is_uniform()) && sum_sq.is_none() {
+            let src = source.ok_or_else(|| {
+                crate::CalmError::Invalid("learning the prior needs the training data".into())
+            })?;
+            sum_sq = Some(crate::prior::sum_of_squares(src)?);
+        }
         let t0 = Instant::now();
         let stats = match engine.epoch(&mut |images| on_event(Event::Progress { images })) {
             Err(crate::CalmError::Interrupted) => {
@@ -206,23 +221,39 @@ pub fn run_with(
                 false,
             );
         }
+        let loglik = prior.loglik(stats.loglik, sum_sq.unwrap_or(0.0), n, &g);
         let rec = EpochRecord {
             epoch,
-            loglik: stats.loglik,
-            loglik_per_image: stats.loglik / n as f64,
+            loglik,
+            loglik_per_image: loglik / n as f64,
             count_sum: stats.count_sum,
             seconds,
             gflops: g.epoch_flops(n) / seconds.max(1e-12) / 1e9,
         };
         history.push(rec);
+        let mut fresh = Vec::new();
         if schedule.revive
             && let Some(src) = source
         {
-            revive(
+            fresh = revive(
                 engine,
                 src,
                 schedule.seed.wrapping_add(epoch as u64 * 0x1000_0001),
             )?;
+        }
+        if schedule.prior.any() {
+            let (theta, counts) = (engine.theta()?, engine.counts()?);
+            let next = prior.learn(
+                schedule.prior,
+                &g,
+                &theta,
+                &counts,
+                stats.count_sum,
+                sum_sq.expect("computed above"),
+                n,
+                &fresh,
+            );
+            engine.set_prior(&next)?;
         }
         after_epoch(engine, &history)?;
         on_event(Event::EpochEnd(history.last().expect("just pushed")));
@@ -243,13 +274,13 @@ pub fn run_with(
     })
 }
 
-/// Replaces kernels whose count is below 1 with random data patches. Returns how many.
-pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> Result<usize> {
+/// Replaces kernels whose count is below 1 with random data patches. Returns which.
+pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> Result<Vec<usize>> {
     let g = engine.geometry();
     let counts = engine.counts()?;
     let dead: Vec<usize> = (0..g.k).filter(|&k| counts[k] < 1.0).collect();
     if dead.is_empty() {
-        return Ok(0);
+        return Ok(dead);
     }
     let mut theta = engine.theta()?;
     let fresh = random_patches(&g, source, seed, dead.len())?;
@@ -257,5 +288,5 @@ pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> R
         theta[k * g.r()..(k + 1) * g.r()].copy_from_slice(&fresh[i * g.r()..(i + 1) * g.r()]);
     }
     engine.set_theta(&theta)?;
-    Ok(dead.len())
+    Ok(dead)
 }

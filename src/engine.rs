@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::geometry::Geometry;
+use crate::prior::Prior;
 
 /// The scalars one epoch produces, under the `theta` used during that epoch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,4 +36,9 @@ pub trait Engine {
     fn counts(&mut self) -> Result<Vec<f32>>;
     /// Replaces the weights between epochs (re-seeding unused kernels).
     fn set_theta(&mut self, theta: &[f32]) -> Result<()>;
+    /// The mixing weights and variance the E-step uses from the next epoch on (kept across
+    /// updates of `theta` until set again); [`Prior::uniform`] is SPEC's model.
+    fn set_prior(&mut self, prior: &Prior) -> Result<()>;
+    /// The mixing weights and variance of the next epoch.
+    fn prior(&self) -> Prior;
 }

@@ -18,6 +18,7 @@ pub mod features;
 pub mod gpu;
 pub mod interrupt;
 pub mod model;
+pub mod prior;
 pub mod probe;
 pub mod run;
 pub mod validate;

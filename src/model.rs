@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CalmError, Result};
 use crate::geometry::{Geometry, LayerConfig};
+use crate::prior::Prior;
 
 /// One epoch of the run, as printed and as written to `--metrics`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +84,10 @@ pub struct Model {
     pub theta: Vec<f32>,
     /// `B'` of the last update, `(K)`.
     pub counts: Vec<f32>,
+    /// Learned mixing weights and variance (`train --learn-weights/--learn-variance`), kept as
+    /// the tensors `log_weight` `(K)` (`log(K pi_k)`) and `inv_variance` `(1)`; `None` for
+    /// SPEC's uniform weights and unit variance.
+    pub prior: Option<Prior>,
     /// More metadata entries (checkpoints keep the run's arguments here).
     pub extra: BTreeMap<String, String>,
 }
@@ -99,6 +104,13 @@ impl Model {
             self.meta.height,
             self.meta.width,
         )?)
+    }
+
+    /// The mixing weights and variance the layer's `L` uses (uniform, unit: SPEC's).
+    pub fn prior_or_uniform(&self) -> Prior {
+        self.prior
+            .clone()
+            .unwrap_or_else(|| Prior::uniform(self.meta.layer.kernels))
     }
 
     /// The safetensors bytes: an 8-byte little-endian header length, the JSON header, the data.
@@ -139,7 +151,7 @@ impl Model {
             .into(),
         );
         md.insert("config".into(), json(&self.meta.layer).into());
-        let header = serde_json::json!({
+        let mut header = serde_json::json!({
             "__metadata__": md,
             "counts": { "dtype": "F32", "shape": [l.kernels], "data_offsets": [0, cb] },
             "theta": {
@@ -148,6 +160,15 @@ impl Model {
                 "data_offsets": [cb, cb + tb],
             },
         });
+        if let Some(p) = &self.prior {
+            p.check(l.kernels).map_err(CalmError::Model)?;
+            let o = cb + tb;
+            header["inv_variance"] =
+                serde_json::json!({ "dtype": "F32", "shape": [1], "data_offsets": [o, o + 4] });
+            header["log_weight"] = serde_json::json!({
+                "dtype": "F32", "shape": [l.kernels], "data_offsets": [o + 4, o + 4 + cb]
+            });
+        }
         let mut h = serde_json::to_vec(&header).map_err(|e| CalmError::Model(e.to_string()))?;
         // The data starts 8-byte aligned, as the format recommends.
         while (h.len() + 8) % 8 != 0 {
@@ -158,6 +179,10 @@ impl Model {
         out.extend(h);
         out.extend(self.counts.iter().flat_map(|v| v.to_le_bytes()));
         out.extend(self.theta.iter().flat_map(|v| v.to_le_bytes()));
+        if let Some(p) = &self.prior {
+            out.extend(p.inv_var.to_le_bytes());
+            out.extend(p.log_weight.iter().flat_map(|v| v.to_le_bytes()));
+        }
         Ok(out)
     }
 
@@ -205,6 +230,17 @@ impl Model {
         let l = meta.layer;
         let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
         let counts = read("counts", &[l.kernels])?;
+        let prior = match (st.tensor("inv_variance"), st.tensor("log_weight")) {
+            (Err(_), Err(_)) => None,
+            _ => {
+                let p = Prior {
+                    inv_var: read("inv_variance", &[1])?[0],
+                    log_weight: read("log_weight", &[l.kernels])?,
+                };
+                p.check(l.kernels).map_err(|e| model_err(path, e))?;
+                Some(p)
+            }
+        };
         let extra = md
             .into_iter()
             .filter(|(k, _)| !["format", "calm_gpu", "loglik", "config"].contains(&k.as_str()))
@@ -213,6 +249,7 @@ impl Model {
             meta,
             theta,
             counts,
+            prior,
             extra,
         })
     }
@@ -335,5 +372,72 @@ pub fn kernel_use(theta: &[f32], counts: &[f32]) -> KernelUse {
     KernelUse {
         unused: counts.iter().filter(|&&c| c < 1.0).count(),
         distinct: rep.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(prior: Option<Prior>) -> Model {
+        let layer = LayerConfig {
+            kernels: 3,
+            width: 2,
+            pad: 0,
+        };
+        Model {
+            meta: ModelMeta {
+                layer,
+                channels: 1,
+                height: 4,
+                width: 4,
+                seed: 1,
+                batch: 2,
+                epochs_requested: 1,
+                preprocess: "none".into(),
+                engine: "test".into(),
+                images: 2,
+                data: vec![],
+                history: vec![],
+                stopped: None,
+                options: None,
+                calm_gpu_version: "0".into(),
+            },
+            theta: (0..12).map(|i| i as f32).collect(),
+            counts: vec![1.0, 0.5, 0.5],
+            prior,
+            extra: Default::default(),
+        }
+    }
+
+    /// A learned prior survives the file; a file without one loads as SPEC's; a non-finite or
+    /// misshapen prior is refused on load and on save.
+    #[test]
+    fn prior_round_trips_and_is_checked() {
+        let p = Path::new("m.safetensors");
+        let prior = Prior {
+            inv_var: 21.5,
+            log_weight: vec![-0.25, 0.5, 0.125],
+        };
+        let m = model(Some(prior.clone()));
+        let back = Model::from_bytes(p, &m.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.prior, Some(prior.clone()));
+        assert_eq!(back.theta, m.theta);
+        let plain = Model::from_bytes(p, &model(None).to_bytes().unwrap()).unwrap();
+        assert_eq!(plain.prior, None);
+        assert!(plain.prior_or_uniform().is_uniform());
+
+        let mut bytes = m.to_bytes().unwrap();
+        // inv_variance is the 4 bytes after counts (12) and theta (48) in the data section.
+        let data = bytes.len() - (12 + 48 + 4 + 12);
+        bytes[data + 60..data + 64].copy_from_slice(&f32::NAN.to_le_bytes());
+        let err = Model::from_bytes(p, &bytes).unwrap_err().to_string();
+        assert!(err.contains("inverse variance"), "{err}");
+
+        let bad = model(Some(Prior {
+            inv_var: 1.0,
+            log_weight: vec![0.0; 2],
+        }));
+        assert!(bad.to_bytes().is_err());
     }
 }

@@ -8,9 +8,10 @@ use crate::cpu::CpuEngine;
 use crate::data::ImageSource;
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::features::Pooling;
+use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
 use crate::gpu::{GpuBackend, GpuContext, GpuEngine, GpuOptions};
+use crate::prior::Prior;
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -78,32 +79,49 @@ pub fn engine(
 
 /// Features of every image: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` for `grid = 1` and
 /// [`Encoding::Lse`] (SPEC's), else the encoding pooled over each of `grid x grid` regions,
-/// `(N, K * grid * grid)`.
+/// `(N, K * grid * grid)`. `L` is the layer's under `prior` (its mixing weights and variance);
+/// the triangle encoding uses the distances `||x_u - theta_k||` alone and ignores the prior.
+#[allow(clippy::too_many_arguments)]
 pub fn features(
     backend: Backend,
     g: Geometry,
     source: Arc<dyn ImageSource>,
     theta: &[f32],
+    prior: &Prior,
     batch: usize,
     pooling: Pooling,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
     let (grid, encoding) = (pooling.grid.max(1), pooling.encoding);
     g.check_pool_grid(grid)?;
+    let uniform = Prior::uniform(g.k);
+    let prior = if encoding == Encoding::Lse {
+        prior
+    } else {
+        &uniform
+    };
     match backend.context()? {
-        Some(ctx) => GpuEngine::new(
-            ctx,
-            g,
-            source,
-            theta,
-            GpuOptions {
-                batch,
-                grid,
-                encoding,
-                ..Default::default()
-            },
-        )?
-        .features(progress),
-        None => crate::cpu::fast::features(&g, source.as_ref(), theta, batch, pooling, progress),
+        Some(ctx) => {
+            let mut e = GpuEngine::new(
+                ctx,
+                g,
+                source,
+                theta,
+                GpuOptions {
+                    batch,
+                    grid,
+                    encoding,
+                    ..Default::default()
+                },
+            )?;
+            if !prior.is_uniform() {
+                e.set_prior(prior)?;
+            }
+            e.features(progress)
+        }
+        None => {
+            let (t, b) = prior.effective(&g, theta);
+            crate::cpu::fast::features(&g, source.as_ref(), &t, &b, batch, pooling, progress)
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::features::Encoding;
 use crate::geometry::{Geometry, LayerConfig};
 use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
+use crate::prior::Prior;
 
 /// One comparison: a kernel's output on one shape.
 #[derive(Clone, Debug)]
@@ -218,6 +219,38 @@ pub fn run_case(
             TOL_POSTERIOR,
         );
     }
+    // Mixing weights and a variance (`Prior`): the same kernels on effective weights; an
+    // epoch's theta and LL against the twin's. An inverse variance of 4 scales L by four, so
+    // exp() of the posteriors sees four times the absolute error: TOL_POSTERIOR.
+    let prior = Prior {
+        inv_var: 4.0,
+        log_weight: (0..g.k)
+            .map(|_| 0.5 * rng.sample::<f32, _>(rand_distr::StandardNormal))
+            .collect(),
+    };
+    let mut with_prior = GpuEngine::new(
+        Arc::clone(ctx),
+        g,
+        Arc::new(data.clone()),
+        &theta,
+        GpuOptions {
+            batch,
+            ..Default::default()
+        },
+    )?;
+    with_prior.set_prior(&prior)?;
+    let st_prior = with_prior.epoch(&mut |_| {})?;
+    let (ref_prior, up_prior) = reference::epoch_with_prior(&g, &x, n, &theta, &prior, batch);
+    row(
+        "prior theta",
+        rel_err(&with_prior.theta()?, &up_prior.theta),
+        TOL_POSTERIOR,
+    );
+    row(
+        "prior LL",
+        rel_err(&[st_prior.loglik as f32], &[ref_prior.ll]),
+        TOL_LINEAR,
+    );
     // The same epoch with the data streamed through two batch buffers instead of resident:
     // the same kernels over the same batches, so the same bits (tolerance 0).
     if n > eng.max_batch() {

@@ -503,11 +503,30 @@ fn bad_input_gives_one_line_errors() {
 /// byte, as a run that was never interrupted (CPU engine).
 #[test]
 fn killed_run_resumes_to_the_same_model() {
+    killed_run_resumes(&[]);
+}
+
+/// The same with mixing weights and variance learned: the checkpoint carries them.
+#[test]
+fn killed_run_with_learned_prior_resumes_to_the_same_model() {
+    killed_run_resumes(&[
+        "--learn-weights",
+        "--learn-variance",
+        "--init-method",
+        "patches",
+    ]);
+}
+
+fn killed_run_resumes(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let d = common::random_images(5, 400, 1, 28, 28);
     let data = dir.path().join("x.npy");
     write_npy_f32(&data, &d.images);
-    let args = |out: &Path| train_argv(&data, out, "16 9 1 50 6 3");
+    let args = |out: &Path| {
+        let mut a = train_argv(&data, out, "16 9 1 50 6 3");
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
     let straight = dir.path().join("straight.safetensors");
     assert!(
         calm()
@@ -558,10 +577,20 @@ fn killed_run_resumes_to_the_same_model() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("resuming at epoch"));
-    assert_eq!(
-        std::fs::read(&straight).unwrap(),
-        std::fs::read(&resumed).unwrap(),
-        "resumed model differs"
+    let (a, b) = (
+        calm_gpu::model::Model::load(&straight).unwrap(),
+        calm_gpu::model::Model::load(&resumed).unwrap(),
+    );
+    assert_eq!(a.meta, b.meta, "resumed model's metadata differs");
+    assert_eq!(a.prior, b.prior, "resumed model's prior differs");
+    assert_eq!(a.theta, b.theta, "resumed model's theta differs");
+    assert!(
+        std::fs::read(&straight).unwrap() == std::fs::read(&resumed).unwrap(),
+        "resumed model's file differs: counts {:?} vs {:?}, extra {:?} vs {:?}",
+        a.counts,
+        b.counts,
+        a.extra,
+        b.extra
     );
     let lines = std::fs::read_to_string(&metrics).unwrap();
     let epochs: Vec<u64> = lines
@@ -573,6 +602,8 @@ fn killed_run_resumes_to_the_same_model() {
         })
         .collect();
     assert_eq!(epochs, vec![1, 2, 3, 4, 5, 6], "metrics after resume");
+    let prior = calm_gpu::model::Model::load(&resumed).unwrap().prior;
+    assert_eq!(prior.is_some(), !extra.is_empty(), "{prior:?}");
 }
 
 #[test]
@@ -813,5 +844,20 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
             "3",
         ],
         "protocol paper",
+    );
+    fails_with(
+        &[
+            "train",
+            "--protocol",
+            "paper",
+            "--learn-variance",
+            "--data",
+            &data.to_string_lossy(),
+            "--out",
+            &dir.path().join("z.safetensors").to_string_lossy(),
+            "--width",
+            "3",
+        ],
+        "--learn-variance",
     );
 }

@@ -179,6 +179,7 @@ fn pooled_features_both_encodings_match_the_twins() {
                 &g,
                 data.as_ref(),
                 &theta,
+                &calm_gpu::cpu::fast::bias_f32(&g, &theta),
                 4,
                 calm_gpu::features::Pooling { grid, encoding },
                 &mut |_| {},
@@ -205,5 +206,97 @@ fn pooled_features_both_encodings_match_the_twins() {
                 assert!(e < TOL, "gpu {encoding} grid {grid}: {e}");
             }
         }
+    }
+}
+
+/// Mixing weights and a variance (`Prior`): two epochs and the log-sum-exp features of the CPU
+/// engine and the GPU against the f64 twin (`reference::epoch_with_prior`, `apply_prior`); the
+/// second epoch checks that the prior still holds for the updated `theta`. The inverse variance
+/// of 4 makes `L` four times larger, as a learned variance does; TOL as above.
+#[test]
+fn prior_weights_and_variance_match_the_twin() {
+    use calm_gpu::features::{Encoding, Pooling};
+    use calm_gpu::prior::Prior;
+    let (n, c, h, w) = (9usize, 2usize, 13usize, 11usize);
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 7,
+            width: 4,
+            pad: 1,
+        },
+        c,
+        h,
+        w,
+    )
+    .unwrap();
+    let data = Arc::new(random_images(81, n, c, h, w));
+    let theta = random_theta(82, g.k * g.r(), 0.1);
+    let prior = Prior {
+        inv_var: 4.0,
+        log_weight: random_theta(83, g.k, 0.7),
+    };
+    let x = data.images.as_slice().unwrap();
+    let (want, up) = reference::epoch_with_prior(&g, x, n, &theta, &prior, 4);
+    let theta2: Vec<f32> = up.theta.iter().map(|&v| v as f32).collect();
+    let (want2, _) = reference::epoch_with_prior(&g, x, n, &theta2, &prior, 4);
+    let xpad = reference::pad_images(&g, x, n);
+    let mut l = reference::estep(&g, &xpad, n, &theta);
+    reference::apply_prior(&g, &mut l, n, &prior);
+    let want_f = reference::features_grid(&g, &l, n, 2);
+    let pooling = Pooling {
+        grid: 2,
+        encoding: Encoding::Lse,
+    };
+    let check = |name: &str, eng: &mut dyn Engine, f: &[f32]| {
+        let e = rel_err(f, &want_f);
+        assert!(e < TOL, "{name} features: {e}");
+        eng.set_prior(&prior).unwrap();
+        let st = eng.epoch(&mut |_| {}).unwrap();
+        assert!(st.finite);
+        assert!(
+            (st.loglik - want.ll).abs() <= 1e-5 * want.ll.abs(),
+            "{name} LL {} vs {}",
+            st.loglik,
+            want.ll
+        );
+        let e = rel_err(&eng.theta().unwrap(), &up.theta);
+        assert!(e < TOL, "{name} theta: {e}");
+        let e = rel_err(&eng.counts().unwrap(), &up.counts);
+        assert!(e < TOL, "{name} counts: {e}");
+        assert_eq!(
+            eng.prior(),
+            prior,
+            "{name}: the prior stays set across the update"
+        );
+        let st = eng.epoch(&mut |_| {}).unwrap();
+        assert!(
+            (st.loglik - want2.ll).abs() <= 1e-4 * want2.ll.abs(),
+            "{name} second epoch LL {} vs {}",
+            st.loglik,
+            want2.ll
+        );
+    };
+    let (t, b) = prior.effective(&g, &theta);
+    let f =
+        calm_gpu::cpu::fast::features(&g, data.as_ref(), &t, &b, 4, pooling, &mut |_| {}).unwrap();
+    let mut cpu = calm_gpu::cpu::CpuEngine::new(g, data.clone(), theta.clone(), 4);
+    check("cpu", &mut cpu, f.as_slice().unwrap());
+    if let Some(ctx) = gpu() {
+        let mut eng = GpuEngine::new(
+            ctx,
+            g,
+            data.clone(),
+            &theta,
+            GpuOptions {
+                batch: 4,
+                grid: 2,
+                encoding: Encoding::Lse,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        eng.set_prior(&prior).unwrap();
+        let f = eng.features(&mut |_| {}).unwrap();
+        check("gpu", &mut eng, f.as_slice().unwrap());
     }
 }

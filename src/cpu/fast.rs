@@ -25,6 +25,7 @@ use crate::engine::{Engine, EpochStats};
 use crate::error::Result;
 use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
+use crate::prior::Prior;
 
 /// Images per parallel work item. Fixed (not derived from the thread count) so that results are
 /// bit-identical on any machine. About 2 MB of `A` plus `L` per chunk: 6 MNIST images
@@ -43,6 +44,7 @@ pub struct CpuEngine {
     source: Arc<dyn ImageSource>,
     theta: Vec<f32>,
     counts: Vec<f32>,
+    prior: Prior,
     batch: usize,
     pool: Pool,
 }
@@ -53,6 +55,7 @@ impl CpuEngine {
         assert_eq!(theta.len(), g.k * g.r());
         Self {
             counts: vec![0.0; g.k],
+            prior: Prior::uniform(g.k),
             g,
             source,
             theta,
@@ -467,7 +470,7 @@ impl Engine for CpuEngine {
 
     fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats> {
         let g = self.g;
-        let bias = bias_f32(&g, &self.theta);
+        let (theta, bias) = self.prior.effective(&g, &self.theta);
         let mut t = vec![0f64; g.k * g.r()];
         let mut b = vec![0f64; g.k];
         let mut ll = 0f64;
@@ -482,7 +485,7 @@ impl Engine for CpuEngine {
             let nb = self.batch.min(n - start);
             let parts = for_chunks(&g, self.source.as_ref(), pool, start, nb, |s, ni| {
                 let spare = lock(&pool.t).pop().unwrap_or_default();
-                stats_chunk(s, &g, ni, &self.theta, &bias, spare)
+                stats_chunk(s, &g, ni, &theta, &bias, spare)
             })?;
             for part in &parts {
                 ll += part.ll;
@@ -533,16 +536,30 @@ impl Engine for CpuEngine {
     fn counts(&mut self) -> Result<Vec<f32>> {
         Ok(self.counts.clone())
     }
+
+    fn prior(&self) -> Prior {
+        self.prior.clone()
+    }
+
+    fn set_prior(&mut self, prior: &Prior) -> Result<()> {
+        prior.check(self.g.k).map_err(crate::CalmError::Invalid)?;
+        self.prior = prior.clone();
+        Ok(())
+    }
 }
 
 /// Features `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]` for every image of `source`, `(N, K)`.
-/// Features of every image of `source` under `theta`: the log-sum-exp of `L` over each of
-/// `grid x grid` regions of the positions, `(N, K * grid * grid)` laid out `(n, k, a, b)` (the
-/// layout of `shaders/features.wgsl`); `grid = 1` is SPEC's `f[n,k] = logsumexp_{h,w} L[n,k,h,w]`.
+/// Features of every image of `source` under `L = A theta^T + bias` (SPEC's bias, or a prior's
+/// effective weights, [`Prior::effective`]): the encoding pooled over each of `grid x grid`
+/// regions of the positions, `(N, K * grid * grid)` laid out `(n, k, a, b)` (the layout of
+/// `shaders/features.wgsl`); `grid = 1` with the log-sum-exp is SPEC's `f[n,k] =
+/// logsumexp_{h,w} L[n,k,h,w]`. The triangle encoding needs SPEC's bias.
+#[allow(clippy::too_many_arguments)]
 pub fn features(
     g: &Geometry,
     source: &dyn ImageSource,
     theta: &[f32],
+    bias: &[f32],
     batch: usize,
     pooling: Pooling,
     progress: &mut dyn FnMut(usize),
@@ -550,7 +567,6 @@ pub fn features(
     let (k, p, r) = (g.k, g.positions(), g.r());
     let (grid, encoding) = (pooling.grid.max(1), pooling.encoding);
     let per = k * grid * grid;
-    let bias = bias_f32(g, theta);
     let pool = Pool::default();
     let n = source.len();
     let mut out = Array2::<f32>::zeros((n, per));
@@ -561,7 +577,7 @@ pub fn features(
         }
         let nb = batch.max(1).min(n - start);
         let parts = for_chunks(g, source, &pool, start, nb, |s, ni| {
-            s.estep(g, ni, theta, &bias);
+            s.estep(g, ni, theta, bias);
             let mut f = vec![0f32; ni * per];
             let (mut mx, mut sum) = (vec![0f32; k], vec![0f64; k]);
             let mut region_rows = Vec::new();
@@ -754,6 +770,7 @@ mod tests {
             &g,
             data.as_ref(),
             &theta,
+            &bias_f32(&g, &theta),
             4,
             Pooling {
                 grid: 1,
@@ -770,6 +787,7 @@ mod tests {
             &g,
             data.as_ref(),
             &theta,
+            &bias_f32(&g, &theta),
             4,
             Pooling {
                 grid: 2,
@@ -823,6 +841,7 @@ mod tests {
                     &g,
                     data.as_ref(),
                     &theta,
+                    &bias_f32(&g, &theta),
                     17,
                     Pooling {
                         grid: 1,

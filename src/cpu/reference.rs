@@ -3,6 +3,7 @@
 //! It is written for clarity, not speed; [`super::fast`] is the CPU engine users run.
 
 use crate::geometry::Geometry;
+use crate::prior::Prior;
 
 /// Zero-pads `n` images `(C, H, W)` to `(C, H + 2p, W + 2p)`.
 pub fn pad_images(g: &Geometry, x: &[f32], n: usize) -> Vec<f32> {
@@ -270,16 +271,41 @@ pub fn update(g: &Geometry, stats: &Stats) -> Update {
     }
 }
 
+/// `L` under a prior's mixing weights and variance ([`Prior`]): `s L[n,k,u] + log(K pi_k)`, in
+/// place, for `L` of [`estep`] (SPEC's bias included). A uniform prior leaves `L` as it is.
+pub fn apply_prior(g: &Geometry, l: &mut [f64], n: usize, prior: &Prior) {
+    let p = g.positions();
+    let s = prior.inv_var as f64;
+    for (i, row) in l[..n * g.k * p].chunks_exact_mut(p).enumerate() {
+        let w = prior.log_weight[i % g.k] as f64;
+        row.iter_mut().for_each(|v| *v = s * *v + w);
+    }
+}
+
 /// One whole EM epoch over `x` (`n` unpadded images) in batches of `batch`: returns the epoch's
 /// statistics (under `theta`) and the update. The slow, obviously-correct path.
 pub fn epoch(g: &Geometry, x: &[f32], n: usize, theta: &[f32], batch: usize) -> (Stats, Update) {
+    epoch_with_prior(g, x, n, theta, &Prior::uniform(g.k), batch)
+}
+
+/// [`epoch`] with `L` under `prior` (its `LL` is the engines': `sum_n logsumexp L`, without the
+/// terms [`Prior::loglik`] adds).
+pub fn epoch_with_prior(
+    g: &Geometry,
+    x: &[f32],
+    n: usize,
+    theta: &[f32],
+    prior: &Prior,
+    batch: usize,
+) -> (Stats, Update) {
     let per = g.c * g.h * g.w;
     let mut stats = Stats::zeros(g);
     let mut start = 0;
     while start < n {
         let nb = batch.min(n - start);
         let xpad = pad_images(g, &x[start * per..(start + nb) * per], nb);
-        let l = estep(g, &xpad, nb, theta);
+        let mut l = estep(g, &xpad, nb, theta);
+        apply_prior(g, &mut l, nb, prior);
         let lp = logp(g, &l, nb);
         accumulate(g, &xpad, nb, &l, &lp, &mut stats);
         start += nb;

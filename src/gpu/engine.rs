@@ -23,6 +23,7 @@ use crate::engine::{Engine, EpochStats};
 use crate::error::{CalmError, Result};
 use crate::features::Encoding;
 use crate::geometry::Geometry;
+use crate::prior::Prior;
 
 /// Knobs for tests and tuning; the defaults are right for users.
 #[derive(Clone, Debug, Default)]
@@ -115,6 +116,9 @@ pub struct GpuEngine {
     encoding: Encoding,
     /// Set when the data streams: batches are read from it (and padded) every pass.
     source: Option<Arc<dyn ImageSource>>,
+    /// Mixing weights and variance: `theta_t` and `bias` hold the effective weights of
+    /// [`Prior::effective`], `theta` the model's.
+    prior: Prior,
 }
 
 /// What the engine holds after an epoch, read back for validation.
@@ -564,6 +568,7 @@ impl GpuEngine {
         .map(|b| b.size())
         .sum();
         Ok(Self {
+            prior: Prior::uniform(g.k),
             grid,
             encoding: opts.encoding,
             device_bytes,
@@ -772,6 +777,19 @@ impl GpuEngine {
         self.ctx.queue.submit([enc.finish()]);
     }
 
+    /// Writes the E-step's `theta_t` and `bias` for the model weights `theta` under the prior.
+    fn write_effective(&self, theta: &[f32]) {
+        let (t, b) = self.prior.effective(&self.g, theta);
+        let q = &self.ctx.queue;
+        q.write_buffer(
+            &self.buf.theta_t,
+            0,
+            bytemuck::cast_slice(&transpose_padded(&self.g, &t)),
+        );
+        q.write_buffer(&self.buf.bias, 0, bytemuck::cast_slice(&b));
+        q.submit([]);
+    }
+
     /// Reads back every intermediate the kernels left (for `validate` and tests).
     pub fn read_state(&self) -> Result<GpuState> {
         let (k, r, p) = (
@@ -912,6 +930,11 @@ impl Engine for GpuEngine {
         let finite = finite == 1.0;
         if finite {
             self.commit_update();
+            if !self.prior.is_uniform() {
+                // The update wrote SPEC's theta_t and bias; the E-step wants the prior's.
+                let theta = self.theta()?;
+                self.write_effective(&theta);
+            }
         }
         Ok(EpochStats {
             loglik: hi as f64 + lo as f64,
@@ -933,19 +956,22 @@ impl Engine for GpuEngine {
                 self.g.k * self.g.r()
             )));
         }
-        let q = &self.ctx.queue;
-        q.write_buffer(&self.buf.theta, 0, bytemuck::cast_slice(theta));
-        q.write_buffer(
-            &self.buf.theta_t,
-            0,
-            bytemuck::cast_slice(&transpose_padded(&self.g, theta)),
-        );
-        q.write_buffer(
-            &self.buf.bias,
-            0,
-            bytemuck::cast_slice(&crate::cpu::fast::bias_f32(&self.g, theta)),
-        );
-        q.submit([]);
+        self.ctx
+            .queue
+            .write_buffer(&self.buf.theta, 0, bytemuck::cast_slice(theta));
+        self.write_effective(theta);
+        Ok(())
+    }
+
+    fn prior(&self) -> Prior {
+        self.prior.clone()
+    }
+
+    fn set_prior(&mut self, prior: &Prior) -> Result<()> {
+        prior.check(self.g.k).map_err(CalmError::Invalid)?;
+        self.prior = prior.clone();
+        let theta = self.theta()?;
+        self.write_effective(&theta);
         Ok(())
     }
 
