@@ -6,6 +6,13 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // A closed pipe (`calm-gpu info ... | head`) ends the process as it does other Unix tools,
+    // instead of making println! panic.
+    #[cfg(unix)]
+    // SAFETY: called first thing, before any thread exists; SIG_DFL is a valid action.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

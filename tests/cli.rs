@@ -687,6 +687,19 @@ fn show_info_and_plot_write_readable_files() {
     ] {
         assert!(s.contains(needle), "info lacks {needle}: {s}");
     }
+    // A reader that closes the pipe early (`calm-gpu info | head`): no panic from println!.
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+        .arg("info")
+        .arg("--model")
+        .arg(&model)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// Ctrl-C (SIGINT) during an epoch: the run stops after the current batch, exits 130 with a
