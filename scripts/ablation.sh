@@ -62,6 +62,13 @@ for ds in ${DATASETS:-digits fashion}; do
     probe "$ds" patches "$seed" val-tri4-std --val-split 0.2 --pool 4 --standardize --encode triangle
     probe "$ds" patches "$seed" val-tri6-std --val-split 0.2 --pool 6 --standardize --encode triangle
     probe "$ds" patches "$seed" test-tri6-std --pool 6 --standardize --encode triangle
+    # Learned variance, and learned variance with mixing weights (train --learn-*).
+    run "$ds" patches-variance "$seed" --init-method patches --learn-variance
+    run "$ds" patches-prior "$seed" --init-method patches --learn-variance --learn-weights
+    for cfg in patches-variance patches-prior; do
+      probe "$ds" "$cfg" "$seed" val-pool3-std --val-split 0.2 --pool 3 --standardize
+      probe "$ds" "$cfg" "$seed" val-tri6-std --val-split 0.2 --pool 6 --standardize --encode triangle
+    done
   done
 done
 echo "done: $OUT"

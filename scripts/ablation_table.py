@@ -12,7 +12,7 @@ import sys
 out = sys.argv[1]
 rows = {}
 for f in glob.glob(os.path.join(out, "*-*.json")):
-    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches)-(\d+)-(.+)\.json$", os.path.basename(f))
+    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches)-(\d+)-(.+)\.json$", os.path.basename(f))
     if not m:
         continue
     ds, cfg, seed, tag = m.groups()
@@ -31,7 +31,7 @@ def fmt(v):
 use = {}
 times = {}
 for f in glob.glob(os.path.join(out, "*.use.txt")):
-    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches)-(\d+)\.use\.txt$", os.path.basename(f))
+    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches)-(\d+)\.use\.txt$", os.path.basename(f))
     ds, cfg, seed = m.groups()
     txt = open(f).read()
     unused = int(re.search(r"count < 1\): (\d+)", txt).group(1))
@@ -41,13 +41,17 @@ for f in glob.glob(os.path.join(out, "*.use.txt")):
     if os.path.exists(t):
         times.setdefault((ds, cfg), []).append(json.load(open(t))["train_seconds"])
 
-names = {"paper": "SPEC / paper (N(0,1) init)", "patches": "data-patch init", "patches-revive": "data-patch init + revival"}
+names = {"paper": "SPEC / paper (N(0,1) init)", "patches": "data-patch init", "patches-revive": "data-patch init + revival",
+         "patches-variance": "data-patch init + learned variance",
+         "patches-prior": "data-patch init + learned variance and weights"}
 for ds in ("digits", "fashion"):
     print(f"\n### {ds}: validation accuracy (%), last 20% of the training images held out\n")
     tags = ["val-pool1", "val-pool2-std", "val-pool3", "val-pool3-std", "val-tri4-std", "val-tri6-std"]
     print("| training | " + " | ".join(tags) + " | unused / distinct kernels | train s |")
     print("|---|" + "---|" * (len(tags) + 2))
-    for cfg in ("paper", "patches", "patches-revive"):
+    for cfg in names:
+        if not any(k[:2] == (ds, cfg) for k in rows):
+            continue
         u = use.get((ds, cfg), [])
         us = ", ".join(f"{a}/{b}" for a, b in u) or "-"
         t = times.get((ds, cfg), [])
