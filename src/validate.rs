@@ -85,16 +85,18 @@ pub fn run_case(
     let theta: Vec<f32> = (0..g.k * g.r())
         .map(|_| 0.1 * rng.sample::<f32, _>(rand_distr::StandardNormal))
         .collect();
-    let mut eng = GpuEngine::new(
-        Arc::clone(ctx),
-        g,
-        Arc::new(data.clone()),
-        &theta,
-        GpuOptions {
-            batch,
-            ..Default::default()
-        },
-    )?;
+    let source: Arc<dyn crate::data::ImageSource> = Arc::new(data.clone());
+    // An engine over this case's images, with `opts` on top of its batch size.
+    let engine = |theta: &[f32], opts: GpuOptions| {
+        GpuEngine::new(
+            Arc::clone(ctx),
+            g,
+            source.clone(),
+            theta,
+            GpuOptions { batch, ..opts },
+        )
+    };
+    let mut eng = engine(&theta, GpuOptions::default())?;
     let stats = eng.epoch(&mut |_| {})?;
     let st = eng.read_state()?;
 
@@ -167,13 +169,9 @@ pub fn run_case(
         TOL_LINEAR,
     );
     if g.ho.min(g.wo) >= 2 {
-        let mut pooled = GpuEngine::new(
-            Arc::clone(ctx),
-            g,
-            Arc::new(data.clone()),
+        let mut pooled = engine(
             &theta_gpu,
             GpuOptions {
-                batch,
                 grid: 2,
                 ..Default::default()
             },
@@ -195,13 +193,9 @@ pub fn run_case(
         if g.ho.min(g.wo) < grid {
             continue;
         }
-        let mut tri = GpuEngine::new(
-            Arc::clone(ctx),
-            g,
-            Arc::new(data.clone()),
+        let mut tri = engine(
             &theta_gpu,
             GpuOptions {
-                batch,
                 grid,
                 encoding: Encoding::Triangle,
                 ..Default::default()
@@ -228,16 +222,7 @@ pub fn run_case(
             .map(|_| 0.5 * rng.sample::<f32, _>(rand_distr::StandardNormal))
             .collect(),
     };
-    let mut with_prior = GpuEngine::new(
-        Arc::clone(ctx),
-        g,
-        Arc::new(data.clone()),
-        &theta,
-        GpuOptions {
-            batch,
-            ..Default::default()
-        },
-    )?;
+    let mut with_prior = engine(&theta, GpuOptions::default())?;
     with_prior.set_prior(&prior)?;
     let st_prior = with_prior.epoch(&mut |_| {})?;
     let (ref_prior, up_prior) = reference::epoch_with_prior(&g, &x, n, &theta, &prior, batch);
@@ -254,13 +239,9 @@ pub fn run_case(
     // The same epoch with the data streamed through two batch buffers instead of resident:
     // the same kernels over the same batches, so the same bits (tolerance 0).
     if n > eng.max_batch() {
-        let mut streamed = GpuEngine::new(
-            Arc::clone(ctx),
-            g,
-            Arc::new(data.clone()),
+        let mut streamed = engine(
             &theta,
             GpuOptions {
-                batch,
                 stream: true,
                 ..Default::default()
             },

@@ -144,24 +144,30 @@ fn mnist_like_shape() {
     check(4, 9, 1, 28, 28, 64, 20, 2, 5);
 }
 
-/// Pooled features, both encodings, on 1x1, 2x2 and 3x3 grids: the GPU kernels and the CPU
-/// engine against the f64 twins (`reference::features_grid`, `reference::features_triangle`).
-/// Triangle distances come from `||x_u||^2 - 2 L` in f32 on both engines: TOL, as the posterior.
-#[test]
-fn pooled_features_both_encodings_match_the_twins() {
-    use calm_gpu::features::Encoding;
-    let (n, c, h, w) = (9usize, 2usize, 13usize, 11usize);
+/// 9 images of 2 x 13 x 11, K 7, w 4, p 1: odd sizes, padding, several regions per grid.
+fn small_case() -> (usize, Geometry) {
     let g = Geometry::new(
         LayerConfig {
             kernels: 7,
             width: 4,
             pad: 1,
         },
-        c,
-        h,
-        w,
+        2,
+        13,
+        11,
     )
     .unwrap();
+    (9, g)
+}
+
+/// Pooled features, both encodings, on 1x1, 2x2 and 3x3 grids: the GPU kernels and the CPU
+/// engine against the f64 twins (`reference::features_grid`, `reference::features_triangle`).
+/// Triangle distances come from `||x_u||^2 - 2 L` in f32 on both engines: TOL, as the posterior.
+#[test]
+fn pooled_features_both_encodings_match_the_twins() {
+    use calm_gpu::features::Encoding;
+    let (n, g) = small_case();
+    let (c, h, w) = (g.c, g.h, g.w);
     let data = Arc::new(random_images(71, n, c, h, w));
     let theta = random_theta(72, g.k * g.r(), 0.3);
     let x = data.images.as_slice().unwrap();
@@ -217,18 +223,8 @@ fn pooled_features_both_encodings_match_the_twins() {
 fn prior_weights_and_variance_match_the_twin() {
     use calm_gpu::features::{Encoding, Pooling};
     use calm_gpu::prior::Prior;
-    let (n, c, h, w) = (9usize, 2usize, 13usize, 11usize);
-    let g = Geometry::new(
-        LayerConfig {
-            kernels: 7,
-            width: 4,
-            pad: 1,
-        },
-        c,
-        h,
-        w,
-    )
-    .unwrap();
+    let (n, g) = small_case();
+    let (c, h, w) = (g.c, g.h, g.w);
     let data = Arc::new(random_images(81, n, c, h, w));
     let theta = random_theta(82, g.k * g.r(), 0.1);
     let prior = Prior {
