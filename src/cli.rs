@@ -245,6 +245,10 @@ pub struct TrainArgs {
     /// Stop early once LL changes by less than this fraction between epochs
     #[arg(long, value_name = "FRACTION")]
     pub tol: Option<f64>,
+    /// Whiten the images with a ZCA filter fitted on W x W patches of the training data (applied
+    /// as a convolution; kept in the model and applied again by features and eval)
+    #[arg(long, value_name = "W")]
+    pub whiten: Option<usize>,
     /// Learn mixing weights over the kernels in the M-step (SPEC: uniform); kept in the model
     #[arg(long)]
     pub learn_weights: bool,
@@ -438,6 +442,8 @@ struct RunConfig {
     schedule: em::Schedule,
     #[serde(default)]
     cache: Option<PathBuf>,
+    #[serde(default)]
+    whiten: Option<usize>,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -619,12 +625,14 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     },
                 },
                 cache: a.cache.as_ref().map(|p| absolute(p)),
+                whiten: a.whiten,
             },
             None,
         ),
     };
     if a.protocol == Some(TrainProtocol::Paper)
         && (cfg.init_method != em::InitMethod::Normal
+            || cfg.whiten.is_some()
             || cfg.schedule
                 != em::Schedule {
                     seed: cfg.seed,
@@ -632,7 +640,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 })
     {
         bail!(
-            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --learn-weights and --learn-variance"
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights and --learn-variance"
         );
     }
     if let Some(t) = cfg.schedule.tol
@@ -651,6 +659,21 @@ fn train(mut a: TrainArgs) -> Result<()> {
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
     let data = match &cfg.cache {
         Some(p) => cached(p, data, &names, pre, quiet)?,
+        None => data,
+    };
+    // Patch whitening: fitted on the training images, or the checkpoint's when resuming.
+    let whitening = match (&resume, cfg.whiten) {
+        (Some((ck, _)), _) if ck.whiten.is_some() => ck.whiten.clone(),
+        (_, Some(width)) => {
+            if !quiet {
+                println!("fitting a {width}x{width} patch-whitening filter");
+            }
+            Some(data::Whitening::fit(data.as_ref(), width, cfg.seed)?)
+        }
+        _ => None,
+    };
+    let data: Arc<dyn ImageSource> = match &whitening {
+        Some(wh) => Arc::new(data::Whitened::new(data, Arc::new(wh.clone()))?),
         None => data,
     };
     let (c, h, w) = data.shape();
@@ -753,14 +776,22 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 stopped,
                 calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
                 options: (cfg.init_method != em::InitMethod::Normal
+                    || cfg.whiten.is_some()
                     || cfg.schedule.revive
                     || cfg.schedule.tol.is_some()
                     || cfg.schedule.prior.any())
-                    .then(|| serde_json::json!({ "init_method": cfg.init_method, "schedule": cfg.schedule })),
+                    .then(|| {
+                        let mut o = serde_json::json!({ "init_method": cfg.init_method, "schedule": cfg.schedule });
+                        if let Some(wd) = cfg.whiten {
+                            o["whiten"] = wd.into();
+                        }
+                        o
+                    }),
             },
             theta: engine.theta()?,
             counts: engine.counts()?,
             prior: cfg.schedule.prior.any().then(|| engine.prior()),
+            whiten: whitening.clone(),
             extra: Default::default(),
         })
     };
@@ -917,6 +948,7 @@ fn features(a: FeaturesArgs) -> Result<()> {
         }
     };
     let g = model_geometry_for(&model, data.as_ref())?;
+    let data = whitened(&model, data)?;
     let f = run::features(
         a.backend,
         g,
@@ -940,6 +972,14 @@ fn features(a: FeaturesArgs) -> Result<()> {
         f.ncols()
     );
     Ok(())
+}
+
+/// `data` through the model's patch-whitening filter, if it has one (`train --whiten`).
+fn whitened(model: &Model, data: Arc<dyn ImageSource>) -> Result<Arc<dyn ImageSource>> {
+    Ok(match &model.whiten {
+        Some(wh) => Arc::new(data::Whitened::new(data, Arc::new(wh.clone()))?),
+        None => data,
+    })
 }
 
 /// The preprocessing a model was trained with, to apply again to new data.
@@ -1228,6 +1268,12 @@ fn info(a: InfoArgs) -> Result<()> {
     if let Some(p) = &m.prior {
         println!("prior:       {}", p.summary());
     }
+    if let Some(wh) = &m.whiten {
+        println!(
+            "whitening:   ZCA filter of {0}x{0} patches, applied to every image the model encodes",
+            wh.width
+        );
+    }
     println!("LL history (per image):");
     let n = m.meta.images.max(1) as f64;
     for h in &m.meta.history {
@@ -1392,8 +1438,14 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         grid: a.pool,
         encoding: a.encode,
     };
+    // The model's layer sees its images whitened as in training (when it was).
+    let (wtr, wte) = (
+        whitened(&model, xtr.clone())?,
+        whitened(&model, xte.clone())?,
+    );
     let pair = |theta: &[f32],
-                prior: &calm_gpu::prior::Prior|
+                prior: &calm_gpu::prior::Prior,
+                sets: (&Arc<dyn ImageSource>, &Arc<dyn ImageSource>)|
      -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> {
         let f = |g, x: &Arc<dyn ImageSource>| {
             run::features(
@@ -1407,7 +1459,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 &mut |_| {},
             )
         };
-        Ok((f(g_tr, &xtr)?, f(g_te, &xte)?))
+        Ok((f(g_tr, sets.0)?, f(g_te, sets.1)?))
     };
     let mut sets: Vec<(String, FeaturePair<'_>)> = vec![(
         format!(
@@ -1424,7 +1476,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                 format!(", {}", a.encode)
             }
         ),
-        Box::new(|| pair(&model.theta, &model.prior_or_uniform())),
+        Box::new(|| pair(&model.theta, &model.prior_or_uniform(), (&wtr, &wte))),
     )];
     for b in &a.baseline {
         match b {
@@ -1441,6 +1493,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
                     pair(
                         &em::init_theta(&g_tr, model.meta.seed),
                         &calm_gpu::prior::Prior::uniform(g_tr.k),
+                        (&xtr, &xte),
                     )
                 }),
             )),
@@ -1622,6 +1675,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         },
         preset: a.preset,
         cache: None,
+        whiten: None,
     })?;
     let train_secs = t0.elapsed().as_secs_f64();
     show(ShowArgs {

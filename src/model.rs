@@ -12,6 +12,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Whitening;
 use crate::error::{CalmError, Result};
 use crate::geometry::{Geometry, LayerConfig};
 use crate::prior::Prior;
@@ -88,6 +89,9 @@ pub struct Model {
     /// the tensors `log_weight` `(K)` (`log(K pi_k)`) and `inv_variance` `(1)`; `None` for
     /// SPEC's uniform weights and unit variance.
     pub prior: Option<Prior>,
+    /// The patch-whitening filter the training images went through (`train --whiten W`), kept
+    /// as the tensor `whiten` `(C, C, W, W)` and applied again to any data the model encodes.
+    pub whiten: Option<Whitening>,
     /// More metadata entries (checkpoints keep the run's arguments here).
     pub extra: BTreeMap<String, String>,
 }
@@ -169,6 +173,24 @@ impl Model {
                 "dtype": "F32", "shape": [l.kernels], "data_offsets": [o + 4, o + 4 + cb]
             });
         }
+        let mut o = cb + tb + self.prior.as_ref().map_or(0, |_| 4 + cb);
+        if let Some(wh) = &self.whiten {
+            wh.check().map_err(CalmError::Model)?;
+            if wh.channels != self.meta.channels {
+                return Err(CalmError::Model(format!(
+                    "whitening filter for {} channels, model of {}",
+                    wh.channels, self.meta.channels
+                )));
+            }
+            let bytes = wh.filter.len() * 4;
+            header["whiten"] = serde_json::json!({
+                "dtype": "F32",
+                "shape": [wh.channels, wh.channels, wh.width, wh.width],
+                "data_offsets": [o, o + bytes],
+            });
+            o += bytes;
+        }
+        let _ = o;
         let mut h = serde_json::to_vec(&header).map_err(|e| CalmError::Model(e.to_string()))?;
         // The data starts 8-byte aligned, as the format recommends.
         while (h.len() + 8) % 8 != 0 {
@@ -182,6 +204,9 @@ impl Model {
         if let Some(p) = &self.prior {
             out.extend(p.inv_var.to_le_bytes());
             out.extend(p.log_weight.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        if let Some(wh) = &self.whiten {
+            out.extend(wh.filter.iter().flat_map(|v| v.to_le_bytes()));
         }
         Ok(out)
     }
@@ -241,6 +266,20 @@ impl Model {
                 Some(p)
             }
         };
+        let whiten = match st.tensor("whiten") {
+            Err(_) => None,
+            Ok(t) => {
+                let c = meta.channels;
+                let width = t.shape().last().copied().unwrap_or(0);
+                let wh = Whitening {
+                    channels: c,
+                    width,
+                    filter: read("whiten", &[c, c, width, width])?,
+                };
+                wh.check().map_err(|e| model_err(path, e))?;
+                Some(wh)
+            }
+        };
         let extra = md
             .into_iter()
             .filter(|(k, _)| !["format", "calm_gpu", "loglik", "config"].contains(&k.as_str()))
@@ -250,6 +289,7 @@ impl Model {
             theta,
             counts,
             prior,
+            whiten,
             extra,
         })
     }
@@ -406,6 +446,7 @@ mod tests {
             theta: (0..12).map(|i| i as f32).collect(),
             counts: vec![1.0, 0.5, 0.5],
             prior,
+            whiten: None,
             extra: Default::default(),
         }
     }
@@ -439,5 +480,31 @@ mod tests {
             log_weight: vec![0.0; 2],
         }));
         assert!(bad.to_bytes().is_err());
+    }
+
+    /// The whitening filter survives the file beside a prior; a filter for other channels is
+    /// refused.
+    #[test]
+    fn whitening_round_trips() {
+        let p = Path::new("m.safetensors");
+        let mut m = model(Some(Prior {
+            inv_var: 2.0,
+            log_weight: vec![0.0; 3],
+        }));
+        let white = Whitening {
+            channels: 1,
+            width: 3,
+            filter: (0..9).map(|i| i as f32 - 4.0).collect(),
+        };
+        m.whiten = Some(white.clone());
+        let back = Model::from_bytes(p, &m.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.whiten, Some(white));
+        assert_eq!(back.prior, m.prior);
+        m.whiten = Some(Whitening {
+            channels: 2,
+            width: 1,
+            filter: vec![1.0; 4],
+        });
+        assert!(m.to_bytes().is_err());
     }
 }

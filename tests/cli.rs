@@ -506,7 +506,8 @@ fn killed_run_resumes_to_the_same_model() {
     killed_run_resumes(&[]);
 }
 
-/// The same with mixing weights and variance learned: the checkpoint carries them.
+/// The same with mixing weights and variance learned and whitened images: the checkpoint
+/// carries the prior and the whitening filter.
 #[test]
 fn killed_run_with_learned_prior_resumes_to_the_same_model() {
     killed_run_resumes(&[
@@ -514,6 +515,8 @@ fn killed_run_with_learned_prior_resumes_to_the_same_model() {
         "--learn-variance",
         "--init-method",
         "patches",
+        "--whiten",
+        "5",
     ]);
 }
 
@@ -602,8 +605,9 @@ fn killed_run_resumes(extra: &[&str]) {
         })
         .collect();
     assert_eq!(epochs, vec![1, 2, 3, 4, 5, 6], "metrics after resume");
-    let prior = calm_gpu::model::Model::load(&resumed).unwrap().prior;
-    assert_eq!(prior.is_some(), !extra.is_empty(), "{prior:?}");
+    let m = calm_gpu::model::Model::load(&resumed).unwrap();
+    assert_eq!(m.prior.is_some(), !extra.is_empty(), "{:?}", m.prior);
+    assert_eq!(m.whiten.is_some(), !extra.is_empty());
 }
 
 #[test]
@@ -864,6 +868,8 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
             "--protocol",
             "paper",
             "--learn-variance",
+            "--whiten",
+            "3",
             "--data",
             &data.to_string_lossy(),
             "--out",
@@ -873,4 +879,83 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         ],
         "--learn-variance",
     );
+}
+
+/// `train --whiten W` fits the filter on the training images, keeps it in the model, trains on
+/// whitened images, and `features` whitens new data with it: the features equal those of the
+/// model's layer on the whitened images computed through the library.
+#[test]
+fn whitened_model_whitens_the_data_it_encodes() {
+    use calm_gpu::data::{ImageSource, Whitened};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("w.safetensors");
+    let mut argv = train_argv(&data, &model, "3 3 1 7 2 0");
+    argv.extend(["--whiten".into(), "3".into()]);
+    let out = calm().args(&argv).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("patch-whitening"));
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    let wh = m
+        .whiten
+        .clone()
+        .expect("the model keeps its whitening filter");
+    assert_eq!((wh.channels, wh.width), (1, 3));
+
+    let feats = dir.path().join("f.npy");
+    let out = calm()
+        .args(["features", "--backend", "cpu", "--pool", "2"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&feats)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: ndarray::Array2<f32> = ndarray_npy::read_npy(&feats).unwrap();
+    let d = common::random_images(1, 20, 1, 10, 10);
+    let src: Arc<dyn ImageSource> = Arc::new(Whitened::new(d, Arc::new(wh)).unwrap());
+    let g = m.geometry().unwrap();
+    let want = calm_gpu::run::features(
+        calm_gpu::run::Backend::Cpu,
+        g,
+        src,
+        &m.theta,
+        &m.prior_or_uniform(),
+        7,
+        calm_gpu::features::Pooling {
+            grid: 2,
+            encoding: calm_gpu::features::Encoding::Lse,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    // Unwhitened data would give other features.
+    let plain = calm_gpu::run::features(
+        calm_gpu::run::Backend::Cpu,
+        g,
+        Arc::new(common::random_images(1, 20, 1, 10, 10)),
+        &m.theta,
+        &m.prior_or_uniform(),
+        7,
+        calm_gpu::features::Pooling {
+            grid: 2,
+            encoding: calm_gpu::features::Encoding::Lse,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_ne!(got, plain);
 }

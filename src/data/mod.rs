@@ -15,11 +15,13 @@ mod input;
 pub mod npy;
 pub mod preprocess;
 pub mod stl10;
+pub mod whiten;
 
 pub use embedded::{Split, embedded_digits};
 pub use npy::NpyFile;
 pub use preprocess::{Concat, Preprocess, Preprocessed};
 pub use stl10::Stl10File;
+pub use whiten::{Whitened, Whitening};
 
 /// What can go wrong while reading data. Each message is one line saying what and where.
 #[derive(Debug, thiserror::Error)]
