@@ -69,6 +69,12 @@ for ds in ${DATASETS:-digits fashion}; do
       probe "$ds" "$cfg" "$seed" val-pool3-std --val-split 0.2 --pool 3 --standardize
       probe "$ds" "$cfg" "$seed" val-tri6-std --val-split 0.2 --pool 6 --standardize --encode triangle
     done
+    # Whitened images (train --whiten 7): K 128 kernels of 8 x 8, no padding, 10 epochs,
+    # triangle features on 4 x 4 regions.
+    run "$ds" white "$seed" --init-method patches --whiten 7 --kernels 128 --width 8 --pad 0 --epochs 10
+    probe "$ds" white "$seed" val-tri4-std --val-split 0.2 --pool 4 --standardize --encode triangle
+    probe "$ds" white "$seed" val-pool3-std --val-split 0.2 --pool 3 --standardize
+    probe "$ds" white "$seed" test-tri4-std --pool 4 --standardize --encode triangle
   done
 done
 echo "done: $OUT"

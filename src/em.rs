@@ -62,7 +62,13 @@ fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f32]) {
     }
 }
 
-/// `count` patches of the data at random images and positions (seeded), as kernels.
+/// Draws of a patch before a near-copy of an earlier one is accepted (e.g. images that are
+/// mostly one flat background).
+const PATCH_TRIES: usize = 100;
+
+/// `count` patches of the data at random images and positions (seeded), as kernels. A patch
+/// within 1 % (relative distance) of one already drawn is drawn again, up to [`PATCH_TRIES`]
+/// times: two equal kernels would stay equal under EM for good.
 pub fn random_patches(
     g: &Geometry,
     source: &dyn ImageSource,
@@ -70,14 +76,23 @@ pub fn random_patches(
     count: usize,
 ) -> Result<Vec<f32>> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
-    let per = g.c * g.h * g.w;
+    let (per, r) = (g.c * g.h * g.w, g.r());
     let mut img = vec![0f32; per];
-    let mut out = vec![0f32; count * g.r()];
+    let mut out = vec![0f32; count * r];
     for k in 0..count {
-        let n = rng.random_range(0..source.len());
-        source.read_into(n, 1, &mut img)?;
-        let (h, w) = (rng.random_range(0..g.ho), rng.random_range(0..g.wo));
-        patch(g, &img, h, w, &mut out[k * g.r()..(k + 1) * g.r()]);
+        for _ in 0..PATCH_TRIES {
+            let n = rng.random_range(0..source.len());
+            source.read_into(n, 1, &mut img)?;
+            let (h, w) = (rng.random_range(0..g.ho), rng.random_range(0..g.wo));
+            let (done, cur) = out.split_at_mut(k * r);
+            patch(g, &img, h, w, &mut cur[..r]);
+            if !done
+                .chunks_exact(r)
+                .any(|prev| crate::model::near_copy(prev, &cur[..r]))
+            {
+                break;
+            }
+        }
     }
     Ok(out)
 }

@@ -386,26 +386,10 @@ pub struct KernelUse {
 pub fn kernel_use(theta: &[f32], counts: &[f32]) -> KernelUse {
     let k = counts.len();
     let r = theta.len() / k.max(1);
-    let norm = |i: usize| {
-        theta[i * r..(i + 1) * r]
-            .iter()
-            .map(|&v| (v as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-    };
-    let norms: Vec<f64> = (0..k).map(norm).collect();
     let mut rep: Vec<usize> = Vec::new();
     for i in 0..k {
-        let close = rep.iter().any(|&j| {
-            let d = theta[i * r..(i + 1) * r]
-                .iter()
-                .zip(&theta[j * r..(j + 1) * r])
-                .map(|(&a, &b)| ((a - b) as f64).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            d < 0.01 * norms[i].max(norms[j])
-        });
-        if !close {
+        let row = |j: usize| &theta[j * r..(j + 1) * r];
+        if !rep.iter().any(|&j| near_copy(row(i), row(j))) {
             rep.push(i);
         }
     }
@@ -413,6 +397,19 @@ pub fn kernel_use(theta: &[f32], counts: &[f32]) -> KernelUse {
         unused: counts.iter().filter(|&&c| c < 1.0).count(),
         distinct: rep.len(),
     }
+}
+
+/// Two kernels within 1 % of each other: `||a - b|| <= 0.01 max(||a||, ||b||)` (so two zero
+/// kernels are copies too).
+pub fn near_copy(a: &[f32], b: &[f32]) -> bool {
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    d <= 0.01 * norm(a).max(norm(b))
 }
 
 #[cfg(test)]

@@ -630,6 +630,33 @@ fn patch_init_takes_kernels_from_the_data() {
     );
 }
 
+/// Images that are mostly flat background: the drawn patches are still all distinct (two equal
+/// kernels would stay equal under EM), and the model counts them so.
+#[test]
+fn patch_init_draws_distinct_kernels() {
+    let mut x = Array4::<f32>::zeros((4, 1, 12, 12));
+    for n in 0..4 {
+        for i in 0..3 {
+            x[[n, 0, 5 + i, 5 + n]] = 1.0 + i as f32;
+        }
+    }
+    let d = Dataset::new(x, None);
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 6,
+            width: 3,
+            pad: 0,
+        },
+        1,
+        12,
+        12,
+    )
+    .unwrap();
+    let theta = em::initial_theta(&g, em::InitMethod::Patches, &d, 2).unwrap();
+    let usage = calm_gpu::model::kernel_use(&theta, &[1.0; 6]);
+    assert_eq!(usage.distinct, 6, "{theta:?}");
+}
+
 /// `--revive` re-seeds kernels whose count fell below 1 and leaves the others alone.
 #[test]
 fn revive_replaces_only_unused_kernels() {
