@@ -239,7 +239,8 @@ pub struct TrainArgs {
     /// How theta starts: normal (i.i.d. N(0,1), SPEC's) or patches (random patches of the data)
     #[arg(long, value_enum, default_value_t = em::InitMethod::Normal)]
     pub init_method: em::InitMethod,
-    /// After each epoch, re-seed kernels with count < 1 with random data patches
+    /// After each epoch but the last, re-seed kernels with count < 1, or that copy another
+    /// kernel (within 1%), with random data patches
     #[arg(long)]
     pub revive: bool,
     /// Stop early once LL changes by less than this fraction between epochs

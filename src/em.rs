@@ -141,8 +141,9 @@ pub struct Outcome {
 /// is SPEC's protocol).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
-    /// After each epoch, re-seed kernels whose count `B'` is below 1 with random data patches.
-    /// (Such a step is not an EM step: LL may dip in the next epoch.)
+    /// After each epoch but the last, re-seed kernels whose count `B'` is below 1, or that copy
+    /// an earlier kernel, with random data patches. (Such a step is not an EM step: LL may dip
+    /// in the next epoch.)
     pub revive: bool,
     /// Stop once the relative change of LL between epochs is below this.
     pub tol: Option<f64>,
@@ -247,7 +248,9 @@ pub fn run_with(
         };
         history.push(rec);
         let mut fresh = Vec::new();
+        // Not after the last epoch: a re-seeded kernel would end the run untrained.
         if schedule.revive
+            && epoch < last
             && let Some(src) = source
         {
             fresh = revive(
@@ -289,18 +292,27 @@ pub fn run_with(
     })
 }
 
-/// Replaces kernels whose count is below 1 with random data patches. Returns which.
+/// Replaces kernels whose count is below 1, and kernels within 1 % of an earlier kernel
+/// ([`crate::model::near_copy`]; the earlier one stays), with random data patches. Returns which.
 pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> Result<Vec<usize>> {
     let g = engine.geometry();
+    let r = g.r();
     let counts = engine.counts()?;
-    let dead: Vec<usize> = (0..g.k).filter(|&k| counts[k] < 1.0).collect();
+    let mut theta = engine.theta()?;
+    let dead: Vec<usize> = (0..g.k)
+        .filter(|&k| {
+            counts[k] < 1.0
+                || (0..k).any(|j| {
+                    crate::model::near_copy(&theta[j * r..(j + 1) * r], &theta[k * r..(k + 1) * r])
+                })
+        })
+        .collect();
     if dead.is_empty() {
         return Ok(dead);
     }
-    let mut theta = engine.theta()?;
     let fresh = random_patches(&g, source, seed, dead.len())?;
     for (i, &k) in dead.iter().enumerate() {
-        theta[k * g.r()..(k + 1) * g.r()].copy_from_slice(&fresh[i * g.r()..(i + 1) * g.r()]);
+        theta[k * r..(k + 1) * r].copy_from_slice(&fresh[i * r..(i + 1) * r]);
     }
     engine.set_theta(&theta)?;
     Ok(dead)

@@ -777,3 +777,40 @@ fn learned_prior_never_lowers_loglik() {
         );
     }
 }
+
+/// Revival also re-seeds a kernel that copies an earlier one (and leaves the earlier one).
+#[test]
+fn revive_replaces_copies() {
+    let d = Arc::new(random_images(61, 30, 1, 10, 10));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 4,
+            width: 4,
+            pad: 0,
+        },
+        1,
+        10,
+        10,
+    )
+    .unwrap();
+    let mut theta = em::random_patches(&g, d.as_ref(), 3, g.k).unwrap();
+    let r = g.r();
+    theta.copy_within(r..2 * r, 3 * r);
+    let mut eng = CpuEngine::new(g, d.clone(), theta.clone(), 10);
+    eng.epoch(&mut |_| {}).unwrap();
+    let counts = eng.counts().unwrap();
+    assert!(counts.iter().all(|&c| c >= 1.0), "{counts:?}");
+    let before = eng.theta().unwrap();
+    assert!(calm_gpu::model::near_copy(
+        &before[r..2 * r],
+        &before[3 * r..]
+    ));
+    let revived = em::revive(&mut eng, d.as_ref(), 9).unwrap();
+    assert_eq!(revived, vec![3]);
+    let after = eng.theta().unwrap();
+    assert_eq!(after[..3 * r], before[..3 * r]);
+    assert!(!calm_gpu::model::near_copy(
+        &after[r..2 * r],
+        &after[3 * r..]
+    ));
+}
