@@ -12,7 +12,7 @@ import sys
 out = sys.argv[1]
 rows = {}
 for f in glob.glob(os.path.join(out, "*-*.json")):
-    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches|white)-(\d+)-(.+)\.json$", os.path.basename(f))
+    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches|white-revive|white)-(\d+)-(.+)\.json$", os.path.basename(f))
     if not m:
         continue
     ds, cfg, seed, tag = m.groups()
@@ -31,7 +31,7 @@ def fmt(v):
 use = {}
 times = {}
 for f in glob.glob(os.path.join(out, "*.use.txt")):
-    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches|white)-(\d+)\.use\.txt$", os.path.basename(f))
+    m = re.match(r"(digits|fashion)-(paper|patches-revive|patches-variance|patches-prior|patches|white-revive|white)-(\d+)\.use\.txt$", os.path.basename(f))
     ds, cfg, seed = m.groups()
     txt = open(f).read()
     unused = int(re.search(r"count < 1\): (\d+)", txt).group(1))
@@ -44,7 +44,8 @@ for f in glob.glob(os.path.join(out, "*.use.txt")):
 names = {"paper": "SPEC / paper (N(0,1) init)", "patches": "data-patch init", "patches-revive": "data-patch init + revival",
          "patches-variance": "data-patch init + learned variance",
          "patches-prior": "data-patch init + learned variance and weights",
-         "white": "whitened 7x7, K 128, w 8, p 0, 10 epochs, data-patch init"}
+         "white": "whitened 7x7, K 128, w 8, p 0, 10 epochs, data-patch init",
+         "white-revive": "the same + revival (--preset recommended)"}
 for ds in ("digits", "fashion"):
     print(f"\n### {ds}: validation accuracy (%), last 20% of the training images held out\n")
     tags = ["val-pool1", "val-pool2-std", "val-pool3", "val-pool3-std", "val-tri4-std", "val-tri6-std"]
@@ -68,5 +69,6 @@ for ds in ("digits", "fashion"):
         ("patches", "test-pool3-std", "calm", "CALM, data-patch init, 3x3 pooling, standardised"),
         ("patches", "test-tri6-std", "calm", "CALM, data-patch init, triangle encoding, 6x6 pooling, standardised"),
         ("white", "test-tri4-std", "calm", "CALM, whitened 7x7, K 128, w 8, triangle encoding, 4x4 pooling, standardised"),
+        ("white-revive", "test-tri4-std", "calm", "the same + revival (--preset recommended)"),
     ]:
         print(f"| {label} | {fmt(rows.get((ds, cfg, tag, feat), []))} |")

@@ -814,7 +814,36 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         String::from_utf8_lossy(&out.stderr)
     );
     let m = calm_gpu::model::Model::load(&model).unwrap();
-    assert_eq!(m.meta.options.unwrap()["init_method"], "patches");
+    let opts = m.meta.options.unwrap();
+    assert_eq!(opts["init_method"], "patches");
+    assert_eq!(opts["whiten"], 7);
+    assert_eq!(opts["schedule"]["revive"], true);
+    assert_eq!(m.whiten.as_ref().map(|w| w.width), Some(7));
+    // Without explicit values the preset's layer: K 128 of 8 x 8, no padding.
+    let model2 = dir.path().join("m2.safetensors");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--epochs",
+            "1",
+            "--preset",
+            "recommended",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&model2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = calm_gpu::model::Model::load(&model2).unwrap().meta.layer;
+    assert_eq!((l.kernels, l.width, l.pad), (128, 8, 0));
     let json = dir.path().join("e.json");
     let out = calm()
         .args([
@@ -843,9 +872,10 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
     );
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(j["pool"], 3);
+    assert_eq!(j["pool"], 4);
+    assert_eq!(j["encode"], "triangle");
     assert_eq!(j["held_out"], "validation");
-    assert_eq!(j["results"][0]["dims"], 4 * 9);
+    assert_eq!(j["results"][0]["dims"], 4 * 16);
     fails_with(
         &[
             "train",
