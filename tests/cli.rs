@@ -954,38 +954,27 @@ fn whitened_model_whitens_the_data_it_encodes() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got: ndarray::Array2<f32> = ndarray_npy::read_npy(&feats).unwrap();
-    let d = common::random_images(1, 20, 1, 10, 10);
-    let src: Arc<dyn ImageSource> = Arc::new(Whitened::new(d, Arc::new(wh)).unwrap());
     let g = m.geometry().unwrap();
-    let want = calm_gpu::run::features(
-        calm_gpu::run::Backend::Cpu,
-        g,
-        src,
-        &m.theta,
-        &m.prior_or_uniform(),
-        7,
-        calm_gpu::features::Pooling {
-            grid: 2,
-            encoding: calm_gpu::features::Encoding::Lse,
-        },
-        &mut |_| {},
-    )
-    .unwrap();
+    let features = |src: Arc<dyn ImageSource>| {
+        calm_gpu::run::features(
+            calm_gpu::run::Backend::Cpu,
+            g,
+            src,
+            &m.theta,
+            &m.prior_or_uniform(),
+            7,
+            calm_gpu::features::Pooling {
+                grid: 2,
+                encoding: calm_gpu::features::Encoding::Lse,
+            },
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let d = common::random_images(1, 20, 1, 10, 10);
+    let want = features(Arc::new(Whitened::new(d.clone(), Arc::new(wh)).unwrap()));
     assert_eq!(got, want);
     // Unwhitened data would give other features.
-    let plain = calm_gpu::run::features(
-        calm_gpu::run::Backend::Cpu,
-        g,
-        Arc::new(common::random_images(1, 20, 1, 10, 10)),
-        &m.theta,
-        &m.prior_or_uniform(),
-        7,
-        calm_gpu::features::Pooling {
-            grid: 2,
-            encoding: calm_gpu::features::Encoding::Lse,
-        },
-        &mut |_| {},
-    )
-    .unwrap();
+    let plain = features(Arc::new(d));
     assert_ne!(got, plain);
 }
