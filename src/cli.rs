@@ -239,8 +239,9 @@ pub struct TrainArgs {
     /// How theta starts: normal (i.i.d. N(0,1), SPEC's) or patches (random patches of the data)
     #[arg(long, value_enum, default_value_t = em::InitMethod::Normal)]
     pub init_method: em::InitMethod,
-    /// After each epoch but the last, re-seed kernels with count < 1, or that copy another
-    /// kernel (within 1%), with random data patches
+    /// After each epoch, re-seed kernels with count < 1, or that copy another kernel (within
+    /// 1%), with the data patches worst explained by the other kernels; if the last epoch leaves such kernels, up to 3 more epochs
+    /// run to train their replacements
     #[arg(long)]
     pub revive: bool,
     /// Stop early once LL changes by less than this fraction between epochs
@@ -889,6 +890,25 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
                         io_err.get_or_insert(e);
                     }
+                }
+            }
+            Event::Revived {
+                epoch,
+                kernels,
+                settling,
+            } => {
+                let line = format!(
+                    "revived {kernels} unused or duplicate kernel{} after epoch {epoch}{}",
+                    if kernels == 1 { "" } else { "s" },
+                    if settling {
+                        "; one more epoch trains them"
+                    } else {
+                        ""
+                    }
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => say(line),
                 }
             }
             Event::PrecisionLimit { epoch } => {

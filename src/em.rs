@@ -116,6 +116,13 @@ pub enum Event<'a> {
         epoch: usize,
         epochs: usize,
     },
+    /// Revival re-seeded `kernels` kernels after `epoch`; `settling` when that epoch was the
+    /// last requested (or a settling epoch), so one more epoch runs (see [`MAX_SETTLING_EPOCHS`]).
+    Revived {
+        epoch: usize,
+        kernels: usize,
+        settling: bool,
+    },
     /// Images processed so far in the current epoch.
     Progress {
         images: usize,
@@ -141,9 +148,11 @@ pub struct Outcome {
 /// is SPEC's protocol).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
-    /// After each epoch but the last, re-seed kernels whose count `B'` is below 1, or that copy
-    /// an earlier kernel, with random data patches. (Such a step is not an EM step: LL may dip
-    /// in the next epoch.)
+    /// After each epoch, re-seed kernels whose count `B'` is below 1, or that copy an earlier
+    /// kernel, with poorly explained data patches ([`revive`]). (Such a step is not an EM step: LL may dip in the next
+    /// epoch.) When the last requested epoch leaves such kernels, they are re-seeded and up to
+    /// [`MAX_SETTLING_EPOCHS`] more epochs run, so that the run ends with every kernel trained
+    /// and, as a rule, used; the history then holds more epochs than requested.
     pub revive: bool,
     /// Stop once the relative change of LL between epochs is below this.
     pub tol: Option<f64>,
@@ -153,6 +162,9 @@ pub struct Schedule {
     #[serde(default)]
     pub prior: PriorOptions,
 }
+
+/// The most epochs revival adds after the requested ones (see [`Schedule::revive`]).
+pub const MAX_SETTLING_EPOCHS: usize = 3;
 
 /// Called after every completed epoch with the engine (its `theta` already updated) and the
 /// history so far, e.g. to write a checkpoint.
@@ -206,14 +218,23 @@ pub fn run_with(
             interrupted,
         })
     };
-    for epoch in first..=last {
+    // The last epoch to run: revival may add settling epochs after `last`. A resumed run whose
+    // checkpoint was written just after a settling revival owes the epoch that trains the
+    // re-seeded kernels.
+    let mut end = last;
+    if schedule.revive
+        && first > last.max(1)
+        && first - 1 - last < MAX_SETTLING_EPOCHS
+        && history.last().is_some_and(|r| r.revived > 0)
+    {
+        end = first;
+    }
+    let mut epoch = first;
+    while epoch <= end {
         if crate::interrupt::requested() {
             return stopped(history, format!("interrupted before epoch {epoch}"), true);
         }
-        on_event(Event::EpochStart {
-            epoch,
-            epochs: last,
-        });
+        on_event(Event::EpochStart { epoch, epochs: end });
         let prior = engine.prior();
         if (schedule.prior.any() || !prior.is_uniform()) && sum_sq.is_none() {
             let src = source.ok_or_else(|| {
@@ -245,12 +266,15 @@ pub fn run_with(
             count_sum: stats.count_sum,
             seconds,
             gflops: g.epoch_flops(n) / seconds.max(1e-12) / 1e9,
+            revived: 0,
         };
         history.push(rec);
         let mut fresh = Vec::new();
-        // Not after the last epoch: a re-seeded kernel would end the run untrained.
+        let mut revived = None;
+        // After the last epoch (or a settling one) only while settling epochs are left: a
+        // re-seeded kernel must not end the run untrained.
         if schedule.revive
-            && epoch < last
+            && epoch < last + MAX_SETTLING_EPOCHS
             && let Some(src) = source
         {
             fresh = revive(
@@ -258,6 +282,18 @@ pub fn run_with(
                 src,
                 schedule.seed.wrapping_add(epoch as u64 * 0x1000_0001),
             )?;
+            if !fresh.is_empty() {
+                history.last_mut().expect("just pushed").revived = fresh.len();
+                let settling = epoch >= end;
+                if settling {
+                    end = epoch + 1;
+                }
+                revived = Some(Event::Revived {
+                    epoch,
+                    kernels: fresh.len(),
+                    settling,
+                });
+            }
         }
         if schedule.prior.any() {
             let (theta, counts) = (engine.theta()?, engine.counts()?);
@@ -275,7 +311,11 @@ pub fn run_with(
         }
         after_epoch(engine, &history)?;
         on_event(Event::EpochEnd(history.last().expect("just pushed")));
-        if let (Some(tol), [.., a, b]) = (schedule.tol, history.as_slice())
+        if let Some(ev) = revived {
+            on_event(ev);
+        }
+        // Not right after a revival: the re-seeded kernels are owed an epoch.
+        if let (Some(tol), [.., a, b], true) = (schedule.tol, history.as_slice(), fresh.is_empty())
             && (b.loglik - a.loglik).abs() <= tol * a.loglik.abs()
         {
             return stopped(
@@ -284,6 +324,7 @@ pub fn run_with(
                 false,
             );
         }
+        epoch += 1;
     }
     Ok(Outcome {
         history,
@@ -292,28 +333,64 @@ pub fn run_with(
     })
 }
 
+/// Candidate patches drawn per kernel [`revive`] replaces.
+pub const REVIVAL_CANDIDATES: usize = 16;
+
 /// Replaces kernels whose count is below 1, and kernels within 1 % of an earlier kernel
-/// ([`crate::model::near_copy`]; the earlier one stays), with random data patches. Returns which.
+/// ([`crate::model::near_copy`]; the earlier one stays), with data patches that the other
+/// kernels explain worst: of [`REVIVAL_CANDIDATES`] random patches per replaced kernel, each
+/// replacement takes the one farthest from every kernel kept or placed so far (farthest-point
+/// seeding, as k-means++ spreads its seeds). Such a patch is its new kernel's own, so the kernel
+/// takes most of that patch's responsibility in the next E-step, where a random patch (often
+/// blank background) would copy a kernel already there. Returns which kernels.
 pub fn revive(engine: &mut dyn Engine, source: &dyn ImageSource, seed: u64) -> Result<Vec<usize>> {
     let g = engine.geometry();
     let r = g.r();
-    let counts = engine.counts()?;
+    let dead = revival_candidates(engine)?;
+    if dead.is_empty() {
+        return Ok(dead);
+    }
     let mut theta = engine.theta()?;
-    let dead: Vec<usize> = (0..g.k)
+    let cand = random_patches(&g, source, seed, dead.len() * REVIVAL_CANDIDATES)?;
+    let sq = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum()
+    };
+    // Each candidate's squared distance to the nearest kernel kept so far.
+    let mut dist: Vec<f64> = cand
+        .chunks_exact(r)
+        .map(|x| {
+            (0..g.k)
+                .filter(|k| !dead.contains(k))
+                .map(|k| sq(x, &theta[k * r..(k + 1) * r]))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    for &k in &dead {
+        // The worst-explained candidate (the first of equals).
+        let best = (0..dist.len()).fold(0, |b, i| if dist[i] > dist[b] { i } else { b });
+        let chosen = cand[best * r..(best + 1) * r].to_vec();
+        for (d, x) in dist.iter_mut().zip(cand.chunks_exact(r)) {
+            *d = d.min(sq(x, &chosen));
+        }
+        theta[k * r..(k + 1) * r].copy_from_slice(&chosen);
+    }
+    engine.set_theta(&theta)?;
+    Ok(dead)
+}
+
+/// The kernels [`revive`] would re-seed: count below 1 in the last E-step, or within 1 % of an
+/// earlier kernel.
+pub fn revival_candidates(engine: &mut dyn Engine) -> Result<Vec<usize>> {
+    let g = engine.geometry();
+    let r = g.r();
+    let counts = engine.counts()?;
+    let theta = engine.theta()?;
+    Ok((0..g.k)
         .filter(|&k| {
             counts[k] < 1.0
                 || (0..k).any(|j| {
                     crate::model::near_copy(&theta[j * r..(j + 1) * r], &theta[k * r..(k + 1) * r])
                 })
         })
-        .collect();
-    if dead.is_empty() {
-        return Ok(dead);
-    }
-    let fresh = random_patches(&g, source, seed, dead.len())?;
-    for (i, &k) in dead.iter().enumerate() {
-        theta[k * r..(k + 1) * r].copy_from_slice(&fresh[i * r..(i + 1) * r]);
-    }
-    engine.set_theta(&theta)?;
-    Ok(dead)
+        .collect())
 }

@@ -29,6 +29,13 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// SPEC's FLOP count of the epoch over its seconds.
     pub gflops: f64,
+    /// Kernels `--revive` re-seeded after this epoch (omitted when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revived: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One epoch as the model file keeps it: what the data and the weights determine, nothing about
@@ -40,6 +47,9 @@ pub struct HistoryEntry {
     pub loglik: f64,
     /// `S = sum_k B[k]`.
     pub count_sum: f64,
+    /// Kernels `--revive` re-seeded after this epoch (omitted when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revived: usize,
 }
 
 impl From<&EpochRecord> for HistoryEntry {
@@ -48,6 +58,7 @@ impl From<&EpochRecord> for HistoryEntry {
             epoch: r.epoch,
             loglik: r.loglik,
             count_sum: r.count_sum,
+            revived: r.revived,
         }
     }
 }

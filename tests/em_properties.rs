@@ -814,3 +814,139 @@ fn revive_replaces_copies() {
         &after[3 * r..]
     ));
 }
+
+/// Revival re-seeds from the patches the kept kernels explain worst: on images that are blank
+/// but for a bright square, a dead kernel beside a blank kernel comes back as a patch of a
+/// square (a blank patch would copy the blank kernel and die again), and both are used after
+/// the next epoch.
+#[test]
+fn revive_picks_poorly_explained_patches() {
+    let (n, hw) = (20usize, 10usize);
+    let mut img = Array4::<f32>::zeros((n, 1, hw, hw));
+    for i in (0..n).step_by(2) {
+        let (y, x) = ((i * 3) % 7, (i * 5) % 7);
+        img.slice_mut(s![i, 0, y..y + 4, x..x + 4]).fill(1.0);
+    }
+    let d = Arc::new(Dataset::new(img, None));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 2,
+            width: 4,
+            pad: 0,
+        },
+        1,
+        hw,
+        hw,
+    )
+    .unwrap();
+    let r = g.r();
+    // Kernel 0 blank, kernel 1 far from every patch: it takes no responsibility.
+    let mut theta = vec![0f32; 2 * r];
+    theta[r..].fill(100.0);
+    for seed in 0..8 {
+        let mut e = CpuEngine::new(g, d.clone(), theta.clone(), 10);
+        e.epoch(&mut |_| {}).unwrap();
+        assert!(e.counts().unwrap()[1] < 1.0);
+        assert_eq!(em::revive(&mut e, d.as_ref(), seed).unwrap(), vec![1]);
+        let t = e.theta().unwrap();
+        let ones = t[r..].iter().filter(|&&v| v == 1.0).count();
+        assert!(
+            t[r..].iter().all(|&v| v == 0.0 || v == 1.0) && ones >= 9,
+            "seed {seed}: kernel 1 is not a patch of a square: {:?}",
+            &t[r..]
+        );
+        e.epoch(&mut |_| {}).unwrap();
+        let counts = e.counts().unwrap();
+        assert!(counts.iter().all(|&c| c >= 1.0), "seed {seed}: {counts:?}");
+    }
+}
+
+/// When the last requested epoch leaves unused kernels, `--revive` re-seeds them and runs
+/// settling epochs (at most `MAX_SETTLING_EPOCHS`), so the run ends with every kernel used and
+/// distinct; the history says which epochs revived. A run resumed from the checkpoint written
+/// just after the settling revival (a fresh engine, its counts unknown) ends the same.
+#[test]
+fn revive_settles_after_the_last_epoch() {
+    let digits = data::embedded_digits(Split::Train);
+    let d: Arc<Dataset> = Arc::new(Dataset::new(
+        digits.images.slice(s![..200, .., .., ..]).to_owned(),
+        None,
+    ));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 16,
+            width: 8,
+            pad: 0,
+        },
+        1,
+        28,
+        28,
+    )
+    .unwrap();
+    let schedule = em::Schedule {
+        revive: true,
+        seed: 5,
+        ..Default::default()
+    };
+    // N(0,1) weights: after one epoch most kernels are unused (issue 6).
+    let theta0 = em::init_theta(&g, 1);
+    let mut eng = CpuEngine::new(g, d.clone(), theta0.clone(), 50);
+    let mut saved = Vec::new();
+    let out = em::run_with(
+        &mut eng,
+        Some(d.as_ref()),
+        schedule,
+        Vec::new(),
+        1,
+        1,
+        &mut |_| {},
+        &mut |e, h| {
+            saved.push((e.theta().unwrap(), h.to_vec()));
+            Ok(())
+        },
+    )
+    .unwrap();
+    let h = &out.history;
+    assert!(h[0].revived > 0, "{h:?}");
+    assert!(
+        h.len() > 1 && h.len() <= 1 + em::MAX_SETTLING_EPOCHS,
+        "{h:?}"
+    );
+    assert_eq!(h.last().unwrap().revived, 0, "{h:?}");
+    assert!(em::revival_candidates(&mut eng).unwrap().is_empty());
+    let usage = calm_gpu::model::kernel_use(&eng.theta().unwrap(), &eng.counts().unwrap());
+    assert_eq!((usage.unused, usage.distinct), (0, g.k));
+
+    // Resume from the checkpoint after epoch 1 (written after its revival).
+    let (theta1, hist1) = saved[0].clone();
+    let mut resumed = CpuEngine::new(g, d.clone(), theta1, 50);
+    let out2 = em::run_with(
+        &mut resumed,
+        Some(d.as_ref()),
+        schedule,
+        hist1,
+        2,
+        1,
+        &mut |_| {},
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(out2.history.len(), h.len());
+    assert_eq!(resumed.theta().unwrap(), eng.theta().unwrap());
+
+    // A finished run resumed runs nothing more.
+    let fin = out.history.clone();
+    let mut again = CpuEngine::new(g, d.clone(), eng.theta().unwrap(), 50);
+    let out3 = em::run_with(
+        &mut again,
+        Some(d.as_ref()),
+        schedule,
+        fin.clone(),
+        fin.len() + 1,
+        1,
+        &mut |_| {},
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(out3.history, fin);
+}
