@@ -1293,7 +1293,16 @@ fn show(a: ShowArgs) -> Result<()> {
 fn info(a: InfoArgs) -> Result<()> {
     let m = Model::load(&a.model)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&m.meta)?);
+        // The metadata, and what the weights say: kernel use, the learned prior.
+        let mut j = serde_json::to_value(&m.meta)?;
+        let usage = model::kernel_use(&m.theta, &m.counts);
+        j["kernels_unused"] = usage.unused.into();
+        j["kernels_distinct"] = usage.distinct.into();
+        if let Some(p) = &m.prior {
+            j["variance"] = (1.0 / f64::from(p.inv_var)).into();
+            j["mixing_weights"] = p.weights().into();
+        }
+        println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
     let l = m.meta.layer;
@@ -1335,10 +1344,14 @@ fn info(a: InfoArgs) -> Result<()> {
     let n = m.meta.images.max(1) as f64;
     for h in &m.meta.history {
         println!(
-            "  epoch {:>3}  LL {:>14.6e}  per image {:>10.4}",
+            "  epoch {:>3}  LL {:>14.6e}  per image {:>10.4}{}",
             h.epoch,
             h.loglik,
-            h.loglik / n
+            h.loglik / n,
+            match h.revived {
+                0 => String::new(),
+                r => format!("  (then {r} kernels revived)"),
+            }
         );
     }
     let usage = model::kernel_use(&m.theta, &m.counts);

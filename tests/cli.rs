@@ -691,6 +691,19 @@ fn show_info_and_plot_write_readable_files() {
     ] {
         assert!(s.contains(needle), "info lacks {needle}: {s}");
     }
+    let out = calm()
+        .args(["info", "--json", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    let usage = calm_gpu::model::kernel_use(&m.theta, &m.counts);
+    assert_eq!(j["layer"]["kernels"], 5);
+    assert_eq!(j["kernels_unused"], usage.unused);
+    assert_eq!(j["kernels_distinct"], usage.distinct);
+    assert_eq!(j["history"].as_array().unwrap().len(), 2);
     // A reader that closes the pipe early (`calm-gpu info | head`): no panic from println!.
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
         .arg("info")
