@@ -291,8 +291,9 @@ pub struct TrainArgs {
 /// A named configuration beyond SPEC's protocol, chosen by measurement (docs/results.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// train: kernels initialised from random data patches; eval: L pooled over a 3x3 grid,
-    /// features standardised for the probe
+    /// train: images whitened over 7x7 patches, K 128 kernels of 8x8 without padding,
+    /// data-patch init, revival, 10 epochs; eval: the triangle encoding over a 4x4 grid,
+    /// standardised (reproduce stl10 keeps the protocol's layer)
     Recommended,
 }
 
@@ -1799,7 +1800,12 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
     let mut md = match a.preset {
         None => format!("# calm-gpu: the {name} protocol\n\n"),
         Some(_) => format!(
-            "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nData-patch initialisation; the probe sees L pooled over a 3x3 grid, standardised.\n\n"
+            "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nImages whitened over 7x7 patches, data-patch initialisation, revival{}; the probe sees the triangle encoding summed over a 4x4 grid, standardised.\n\n",
+            if mnist_preset {
+                ", K 128 kernels of 8x8 without padding"
+            } else {
+                ", the protocol's layer"
+            }
         ),
     };
     md.push_str(&format!(
