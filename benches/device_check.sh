@@ -17,8 +17,11 @@ OUT=${OUT:-/tmp/calm-out}
 STL_IMAGES=${STL_IMAGES:-1000}
 MNIST_IMAGES=${MNIST_IMAGES:-60000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
-# Tile shapes to time; "default" lets calm-gpu choose (Tiles::for_shape).
-TILES=${TILES:-"default"}
+# Tile shapes to time; "default" lets calm-gpu choose (Tiles::for_shape). The second shape is
+# the default's with lane-strided register blocks ("s", not yet measured on a GPU; docs/perf.md),
+# the third also with 128-column M-step tiles (conflict-free only when strided).
+TILES=${TILES:-"default e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32s,m=4x8x16@16s"}
+STL_TILES=${STL_TILES:-"default e=8x8x16@32s,m=8x8x16@8s"}
 mkdir -p "$OUT"
 # Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
 # brings back at most 8 files).
@@ -39,6 +42,11 @@ export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
 
 echo "== validate (vulkan)"
 timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$J/validate_vulkan.txt" | grep -E "FAIL|checks|error|adapter"
+for t in $TILES $STL_TILES; do
+  [ "$t" = default ] && continue
+  echo "== validate (vulkan) with tiles $t"
+  CALM_TILES=$t timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee -a "$J/validate_vulkan_tiles.txt" | grep -E "FAIL|checks|error"
+done
 if [ -z "${SKIP_GL:-}" ]; then
   echo "== validate (gl)"
   timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$J/validate_gl.txt" | tail -3
@@ -60,7 +68,7 @@ fi
 unset CALM_TILES
 echo "== bench stl10 protocol, $STL_IMAGES images"
 i=0
-for t in ${STL_TILES:-default}; do
+for t in $STL_TILES; do
   i=$((i+1))
   if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
   timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"

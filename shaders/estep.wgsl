@@ -26,6 +26,12 @@ const TM: u32 = WGX * RM;
 const TN: u32 = WGY * RN;
 const TM4: u32 = TM / 4u;
 const TN4: u32 = TN / 4u;
+// A thread's RM values along the A tile are RM / 4 vec4 groups, group g of thread tx at
+// tx * A_STEP + g * A_GAP: side by side (A_STEP = RM / 4, A_GAP = 1) or lane-strided (A_STEP = 1,
+// A_GAP = WGX: neighbouring threads read neighbouring vec4s, no bank conflict). Set by the host
+// from Tiles::e_strided.
+const A_STEP: u32 = {{A_STEP}}u;
+const A_GAP: u32 = {{A_GAP}}u;
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> theta_t: array<vec4<f32>>;
@@ -106,7 +112,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         // unrolled by the host (kernels::unrolled) so that no private array is indexed at run
         // time (an indexed private array lives in slow local memory on most GPUs).
         for (var kk = 0u; kk < BK; kk++) {
-            let ab = kk * TM4 + tx * (RM / 4u);
+            let ab = kk * TM4 + tx * A_STEP;
             let bb = kk * TN4 + ty * (RN / 4u);
 {{FMA}}
         }

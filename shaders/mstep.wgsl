@@ -24,6 +24,12 @@ const TK: u32 = WGY * RK;
 const TR: u32 = WGX * RR;
 const TK4: u32 = TK / 4u;
 const TR4: u32 = TR / 4u;
+// A thread's RR values along the A tile are RR / 4 vec4 groups, group g of thread tx at
+// tx * A_STEP + g * A_GAP: side by side (A_STEP = RR / 4, A_GAP = 1) or lane-strided (A_STEP = 1,
+// A_GAP = WGX: neighbouring threads read neighbouring vec4s, no bank conflict). Set by the host
+// from Tiles::m_strided.
+const A_STEP: u32 = {{A_STEP}}u;
+const A_GAP: u32 = {{A_GAP}}u;
 const RM: u32 = RR;  // the unrolled block's names: RM along a (columns), RN along b (kernels)
 const RN: u32 = RK;
 
@@ -95,7 +101,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
 
         // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
         for (var kk = 0u; kk < BK; kk++) {
-            let ab = kk * TR4 + tx * (RR / 4u);
+            let ab = kk * TR4 + tx * A_STEP;
             let bb = kk * TK4 + ty * (RK / 4u);
 {{FMA}}
         }

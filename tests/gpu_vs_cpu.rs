@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use calm_gpu::cpu::reference;
-use calm_gpu::gpu::kernels::Variant;
+use calm_gpu::gpu::kernels::{Tiles, Variant};
 use calm_gpu::gpu::{GpuEngine, GpuOptions};
 use calm_gpu::{Engine, Geometry, LayerConfig};
 use common::*;
@@ -17,6 +17,7 @@ const TOL: f64 = 2e-4;
 #[allow(clippy::too_many_arguments)]
 fn check_variant(
     variant: Variant,
+    tiles: Option<Tiles>,
     seed: u64,
     n: usize,
     c: usize,
@@ -50,6 +51,7 @@ fn check_variant(
         GpuOptions {
             batch,
             variant: Some(variant),
+            tiles,
             ..Default::default()
         },
     )
@@ -67,7 +69,10 @@ fn check_variant(
     let per = c * h * w;
     let xpad = reference::pad_images(&g, &x[(n - last) * per..], last);
     let l_ref = reference::estep(&g, &xpad, last, &theta);
-    let shape = format!("{variant:?} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}");
+    let shape = format!(
+        "{variant:?} {} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}",
+        eng.tiles()
+    );
     let e = rel_err(&st.l_last, &l_ref);
     assert!(e < 1e-5, "estep {shape}: {e}");
     let all_l = reference::estep(&g, &reference::pad_images(&g, x, n), n, &theta);
@@ -106,7 +111,8 @@ fn check_variant(
     );
 }
 
-/// Both implementations of the GEMM kernels, whichever the adapter would pick.
+/// Both implementations of the GEMM kernels, whichever the adapter would pick, and the staged
+/// kernels with lane-strided register blocks of 8 along the A tile (`Tiles::e_strided`).
 #[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
@@ -120,8 +126,27 @@ fn check(
     batch: usize,
 ) {
     for v in [Variant::Staged, Variant::Direct] {
-        check_variant(v, seed, n, c, h, w, k, kw, pad, batch);
+        check_variant(v, None, seed, n, c, h, w, k, kw, pad, batch);
     }
+    let strided = if seed.is_multiple_of(2) {
+        "e=8x8x16@32s,m=8x8x16@8s"
+    } else {
+        "e=8x4x8@16s,m=4x8x8@16s"
+    };
+    let tiles = Tiles::parse(strided).unwrap();
+    check_variant(
+        Variant::Staged,
+        Some(tiles),
+        seed,
+        n,
+        c,
+        h,
+        w,
+        k,
+        kw,
+        pad,
+        batch,
+    );
 }
 
 #[test]

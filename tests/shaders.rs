@@ -24,6 +24,7 @@ fn every_kernel_validates() {
         Tiles::for_shape(200, 16384),
     ];
     shapes.push(Tiles::parse("e=4x4x8@8,m=4x8x4@32").unwrap());
+    shapes.push(Tiles::parse("e=8x8x16@32s,m=8x8x16@8s").unwrap());
     for t in &shapes {
         for (name, kernel) in ALL {
             validate(&format!("{name} {t}"), &source(kernel, t));
@@ -33,9 +34,22 @@ fn every_kernel_validates() {
 
 #[test]
 fn tile_strings_round_trip_and_bad_ones_fail() {
-    let t = Tiles::parse("e=8x8x16@32,m=8x8x16@8").unwrap();
-    assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
-    for bad in ["e=8x8", "e=7x8x16", "x=8x8x16", "e=8x8x16@12", "e=8x8x0"] {
+    for s in ["e=8x8x16@32,m=8x8x16@8", "e=8x8x16@32s,m=4x4x16@16s"] {
+        let t = Tiles::parse(s).unwrap();
+        assert_eq!(t.to_string(), s);
+        assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
+    }
+    assert!(Tiles::parse("e=8x8x16@32s").unwrap().e_strided);
+    assert!(!Tiles::parse("e=8x8x16@32s").unwrap().m_strided);
+    for bad in [
+        "e=8x8",
+        "e=7x8x16",
+        "x=8x8x16",
+        "e=8x8x16@12",
+        "e=8x8x0",
+        "e=8x8x16@s",
+        "e=8x8x16@32x",
+    ] {
         assert!(Tiles::parse(bad).is_err(), "{bad}");
     }
 }

@@ -71,6 +71,12 @@ pub struct Tiles {
     pub m_rr: u32,
     pub m_bk: u32,
     pub m_wx: u32,
+    /// Lane-strided register blocks (`s` after WX in `CALM_TILES`): a thread's RM positions (E)
+    /// or RR columns (M) are RM / 4 groups of 4 that lie WX groups apart instead of side by
+    /// side, so that neighbouring threads read neighbouring vec4s of the A tile (no 2-way bank
+    /// conflict when RM is 8) and write neighbouring outputs.
+    pub e_strided: bool,
+    pub m_strided: bool,
 }
 
 impl Default for Tiles {
@@ -87,6 +93,8 @@ impl Default for Tiles {
             m_rr: 4,
             m_bk: 16,
             m_wx: 16,
+            e_strided: false,
+            m_strided: false,
         }
     }
 }
@@ -143,19 +151,27 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX],m=RKxRRxBK[@WX]` (the `CALM_TILES` variable, for tuning).
+    /// Parses `e=RMxRNxBK[@WX[s]],m=RKxRRxBK[@WX[s]]` (the `CALM_TILES` variable, for tuning); a
+    /// trailing `s` asks for lane-strided register blocks.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX],m=RKxRRxBK[@WX] with RM, RN, RK, RR multiples of 4 and WX in 8, 16, 32"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[s]],m=RKxRRxBK[@WX[s]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32 and s for lane-strided blocks"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
-            let (v, wx) = match v.split_once('@') {
-                Some((v, wx)) => (v, wx.trim().parse::<u32>().map_err(|_| bad())?),
-                None => (v, 16),
+            let (v, wx, strided) = match v.split_once('@') {
+                Some((v, wx)) => {
+                    let wx = wx.trim();
+                    let (wx, strided) = match wx.strip_suffix('s') {
+                        Some(wx) => (wx, true),
+                        None => (wx, false),
+                    };
+                    (v, wx.parse::<u32>().map_err(|_| bad())?, strided)
+                }
+                None => (v, 16, false),
             };
             let nums: Vec<u32> = v
                 .split('x')
@@ -170,8 +186,14 @@ impl Tiles {
                 return Err(bad());
             }
             match name.trim() {
-                "e" => (t.e_rm, t.e_rn, t.e_bk, t.e_wx) = (nums[0], nums[1], nums[2], wx),
-                "m" => (t.m_rk, t.m_rr, t.m_bk, t.m_wx) = (nums[0], nums[1], nums[2], wx),
+                "e" => {
+                    (t.e_rm, t.e_rn, t.e_bk, t.e_wx, t.e_strided) =
+                        (nums[0], nums[1], nums[2], wx, strided)
+                }
+                "m" => {
+                    (t.m_rk, t.m_rr, t.m_bk, t.m_wx, t.m_strided) =
+                        (nums[0], nums[1], nums[2], wx, strided)
+                }
                 _ => return Err(bad()),
             }
         }
@@ -181,17 +203,27 @@ impl Tiles {
 
 impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |b: bool| if b { "s" } else { "" };
         write!(
             f,
-            "e={}x{}x{}@{},m={}x{}x{}@{}",
-            self.e_rm, self.e_rn, self.e_bk, self.e_wx, self.m_rk, self.m_rr, self.m_bk, self.m_wx
+            "e={}x{}x{}@{}{},m={}x{}x{}@{}{}",
+            self.e_rm,
+            self.e_rn,
+            self.e_bk,
+            self.e_wx,
+            s(self.e_strided),
+            self.m_rk,
+            self.m_rr,
+            self.m_bk,
+            self.m_wx,
+            s(self.m_strided)
         )
     }
 }
 
 /// The register block of the two GEMM kernels, written out for `rm` rows along `a` and `rn`
 /// columns along `b` (both multiples of 4): `rm * rn / 4` vec4 accumulators `acc_i_q`, the
-/// per-stage loads `a_g = a_tile[ab + g]`, `b_q = b_tile[bb + q]` and the FMAs. Writing them out
+/// per-stage loads `a_g = a_tile[ab + g * A_GAP]`, `b_q = b_tile[bb + q]` and the FMAs. Writing them out
 /// keeps every accumulator in a register: a private array indexed in a loop is placed in local
 /// memory by some compilers (the first H100 measurement ran at 1.3% of peak that way).
 /// `store(j, acc)` gives the statement that stores accumulator element `acc` of column `j` (the
@@ -212,7 +244,9 @@ pub fn unrolled(
         }
     }
     for g in 0..rm / 4 {
-        fma.push_str(&format!("            let a{g} = a_tile[ab + {g}u];\n"));
+        fma.push_str(&format!(
+            "            let a{g} = a_tile[ab + {g}u * A_GAP];\n"
+        ));
     }
     for q in 0..rn / 4 {
         fma.push_str(&format!("            let b{q} = b_tile[bb + {q}u];\n"));
@@ -291,7 +325,9 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.e_rn,
             |i, body| {
                 format!(
-                    "    {{\n        let m = m0 + tx * RM + {i}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n"
+                    "    {{\n        let m = m0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n",
+                    i / 4,
+                    i % 4
                 )
             },
             |j, acc| {
@@ -323,7 +359,9 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_rk,
             |i, body| {
                 format!(
-                    "    {{\n        let r = c0 + tx * RM + {i}u;\n        if (r < r1) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n"
+                    "    {{\n        let r = c0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (r < r1) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
+                    i / 4,
+                    i % 4
                 )
             },
             |j, acc| {
@@ -352,6 +390,13 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
     } else {
         kernel.to_string()
     };
+    // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
+    let (rm, wx, strided) = if kernel.contains("{{RM}}") {
+        (tiles.e_rm, tiles.e_wx, tiles.e_strided)
+    } else {
+        (tiles.m_rr, tiles.m_wx, tiles.m_strided)
+    };
+    let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
     let body = kernel
         .replace("{{RM}}", &tiles.e_rm.to_string())
         .replace("{{RN}}", &tiles.e_rn.to_string())
@@ -366,6 +411,8 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             }
             .to_string(),
         )
+        .replace("{{A_STEP}}", &a_step.to_string())
+        .replace("{{A_GAP}}", &a_gap.to_string())
         .replace(
             "{{WGX}}",
             &if kernel.contains("{{RM}}") {
