@@ -111,11 +111,13 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         // The register block: RM positions x RN kernels as RM * RN / 4 vec4 accumulators,
         // unrolled by the host (kernels::unrolled) so that no private array is indexed at run
         // time (an indexed private array lives in slow local memory on most GPUs).
-        for (var kk = 0u; kk < BK; kk++) {
+        // A loop over the stage's BK steps, or the steps written out by the host
+        // (Tiles::e_unroll / m_unroll): kernels::steps.
+        {{KK_BEGIN}}
             let ab = kk * TM4 + tx * A_STEP;
             let bb = kk * TN4 + ty * (RN / 4u);
 {{FMA}}
-        }
+        {{KK_END}}
         workgroupBarrier();
     }
 

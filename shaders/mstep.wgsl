@@ -100,11 +100,13 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         }
 
         // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
-        for (var kk = 0u; kk < BK; kk++) {
+        // A loop over the stage's BK steps, or the steps written out by the host
+        // (Tiles::e_unroll / m_unroll): kernels::steps.
+        {{KK_BEGIN}}
             let ab = kk * TR4 + tx * A_STEP;
             let bb = kk * TK4 + ty * (RK / 4u);
 {{FMA}}
-        }
+        {{KK_END}}
         workgroupBarrier();
     }
 

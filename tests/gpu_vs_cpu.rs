@@ -112,7 +112,8 @@ fn check_variant(
 }
 
 /// Both implementations of the GEMM kernels, whichever the adapter would pick, and the staged
-/// kernels with lane-strided register blocks of 8 along the A tile (`Tiles::e_strided`).
+/// kernels with one of the tuning options: lane-strided register blocks of 8 along the A tile
+/// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), or both (by seed).
 #[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
@@ -128,12 +129,12 @@ fn check(
     for v in [Variant::Staged, Variant::Direct] {
         check_variant(v, None, seed, n, c, h, w, k, kw, pad, batch);
     }
-    let strided = if seed.is_multiple_of(2) {
-        "e=8x8x16@32s,m=8x8x16@8s"
-    } else {
-        "e=8x4x8@16s,m=4x8x8@16s"
-    };
-    let tiles = Tiles::parse(strided).unwrap();
+    let shape = [
+        "e=8x8x16@32s,m=8x8x16@8s",
+        "e=8x4x8@16su,m=4x8x8@16su",
+        "e=8x8x16@32u,m=4x4x16@16u",
+    ][seed as usize % 3];
+    let tiles = Tiles::parse(shape).unwrap();
     check_variant(
         Variant::Staged,
         Some(tiles),

@@ -25,6 +25,7 @@ fn every_kernel_validates() {
     ];
     shapes.push(Tiles::parse("e=4x4x8@8,m=4x8x4@32").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32s,m=8x8x16@8s").unwrap());
+    shapes.push(Tiles::parse("e=8x8x16@32su,m=4x8x8@16u").unwrap());
     for t in &shapes {
         for (name, kernel) in ALL {
             validate(&format!("{name} {t}"), &source(kernel, t));
@@ -34,13 +35,19 @@ fn every_kernel_validates() {
 
 #[test]
 fn tile_strings_round_trip_and_bad_ones_fail() {
-    for s in ["e=8x8x16@32,m=8x8x16@8", "e=8x8x16@32s,m=4x4x16@16s"] {
+    for s in [
+        "e=8x8x16@32,m=8x8x16@8",
+        "e=8x8x16@32s,m=4x4x16@16s",
+        "e=8x8x16@32su,m=4x4x16@16u",
+    ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
         assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
     }
     assert!(Tiles::parse("e=8x8x16@32s").unwrap().e_strided);
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().m_strided);
+    assert!(Tiles::parse("e=8x8x16@32us").unwrap().e_unroll);
+    assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_unroll);
     for bad in [
         "e=8x8",
         "e=7x8x16",

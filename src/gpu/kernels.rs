@@ -71,6 +71,11 @@ pub struct Tiles {
     pub m_rr: u32,
     pub m_bk: u32,
     pub m_wx: u32,
+    /// The BK reduction steps of a stage written out by the host (`u` after WX in `CALM_TILES`)
+    /// instead of a loop the driver may or may not unroll: workgroup-memory addresses become
+    /// constant offsets, no loop counter or branch per step.
+    pub e_unroll: bool,
+    pub m_unroll: bool,
     /// Lane-strided register blocks (`s` after WX in `CALM_TILES`): a thread's RM positions (E)
     /// or RR columns (M) are RM / 4 groups of 4 that lie WX groups apart instead of side by
     /// side, so that neighbouring threads read neighbouring vec4s of the A tile (no 2-way bank
@@ -95,6 +100,8 @@ impl Default for Tiles {
             m_wx: 16,
             e_strided: false,
             m_strided: false,
+            e_unroll: false,
+            m_unroll: false,
         }
     }
 }
@@ -151,28 +158,31 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[s]],m=RKxRRxBK[@WX[s]]` (the `CALM_TILES` variable, for tuning); a
-    /// trailing `s` asks for lane-strided register blocks.
+    /// Parses `e=RMxRNxBK[@WX[s][u]],m=RKxRRxBK[@WX[s][u]]` (the `CALM_TILES` variable, for
+    /// tuning); `s` asks for lane-strided register blocks, `u` for the steps written out.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[s]],m=RKxRRxBK[@WX[s]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32 and s for lane-strided blocks"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u]],m=RKxRRxBK[@WX[s][u]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks and u for written-out steps"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
-            let (v, wx, strided) = match v.split_once('@') {
+            // WX, then the flags: s (lane-strided), u (steps written out), each at most once.
+            let (v, wx, flags) = match v.split_once('@') {
                 Some((v, wx)) => {
                     let wx = wx.trim();
-                    let (wx, strided) = match wx.strip_suffix('s') {
-                        Some(wx) => (wx, true),
-                        None => (wx, false),
-                    };
-                    (v, wx.parse::<u32>().map_err(|_| bad())?, strided)
+                    let digits = wx.find(|c: char| !c.is_ascii_digit()).unwrap_or(wx.len());
+                    let (wx, flags) = wx.split_at(digits);
+                    (v, wx.parse::<u32>().map_err(|_| bad())?, flags)
                 }
-                None => (v, 16, false),
+                None => (v, 16, ""),
             };
+            let (strided, unroll) = (flags.contains('s'), flags.contains('u'));
+            if flags.len() != strided as usize + unroll as usize {
+                return Err(bad());
+            }
             let nums: Vec<u32> = v
                 .split('x')
                 .map(|n| n.trim().parse().map_err(|_| bad()))
@@ -187,12 +197,12 @@ impl Tiles {
             }
             match name.trim() {
                 "e" => {
-                    (t.e_rm, t.e_rn, t.e_bk, t.e_wx, t.e_strided) =
-                        (nums[0], nums[1], nums[2], wx, strided)
+                    (t.e_rm, t.e_rn, t.e_bk, t.e_wx) = (nums[0], nums[1], nums[2], wx);
+                    (t.e_strided, t.e_unroll) = (strided, unroll);
                 }
                 "m" => {
-                    (t.m_rk, t.m_rr, t.m_bk, t.m_wx, t.m_strided) =
-                        (nums[0], nums[1], nums[2], wx, strided)
+                    (t.m_rk, t.m_rr, t.m_bk, t.m_wx) = (nums[0], nums[1], nums[2], wx);
+                    (t.m_strided, t.m_unroll) = (strided, unroll);
                 }
                 _ => return Err(bad()),
             }
@@ -203,7 +213,13 @@ impl Tiles {
 
 impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = |b: bool| if b { "s" } else { "" };
+        let s = |strided: bool, unroll: bool| {
+            format!(
+                "{}{}",
+                if strided { "s" } else { "" },
+                if unroll { "u" } else { "" }
+            )
+        };
         write!(
             f,
             "e={}x{}x{}@{}{},m={}x{}x{}@{}{}",
@@ -211,12 +227,12 @@ impl std::fmt::Display for Tiles {
             self.e_rn,
             self.e_bk,
             self.e_wx,
-            s(self.e_strided),
+            s(self.e_strided, self.e_unroll),
             self.m_rk,
             self.m_rr,
             self.m_bk,
             self.m_wx,
-            s(self.m_strided)
+            s(self.m_strided, self.m_unroll)
         )
     }
 }
@@ -316,6 +332,26 @@ fn fill(
         .replace("{{PF_NEXT}}", &next)
 }
 
+/// The reduction steps of a GEMM kernel's stage, the text between `{{KK_BEGIN}}` and
+/// `{{KK_END}}` (which uses `kk`): a loop over `kk < BK`, or with `unroll` the text written out
+/// `bk` times, each copy in its own block with `kk` a constant.
+pub fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
+    let Some((head, rest)) = kernel.split_once("{{KK_BEGIN}}") else {
+        return kernel.to_string();
+    };
+    let (body, tail) = rest
+        .split_once("{{KK_END}}")
+        .expect("a GEMM kernel closes {{KK_BEGIN}} with {{KK_END}}");
+    let steps = if unroll {
+        (0..bk)
+            .map(|i| format!("{{ let kk = {i}u;{body}}}\n"))
+            .collect::<String>()
+    } else {
+        format!("for (var kk = 0u; kk < BK; kk++) {{{body}}}")
+    };
+    format!("{head}{steps}{tail}")
+}
+
 /// The full WGSL text of a kernel: the shared `Params` header, then the kernel with its tile
 /// constants substituted and, for the GEMM kernels, the register block written out.
 pub fn source(kernel: &str, tiles: &Tiles) -> String {
@@ -397,6 +433,11 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         (tiles.m_rr, tiles.m_wx, tiles.m_strided)
     };
     let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
+    let kernel = if kernel.contains("{{RM}}") {
+        steps(&kernel, tiles.e_bk, tiles.e_unroll)
+    } else {
+        steps(&kernel, tiles.m_bk, tiles.m_unroll)
+    };
     let body = kernel
         .replace("{{RM}}", &tiles.e_rm.to_string())
         .replace("{{RN}}", &tiles.e_rn.to_string())
