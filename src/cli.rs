@@ -866,10 +866,14 @@ fn train(mut a: TrainArgs) -> Result<()> {
         first,
         cfg.epochs,
         &mut |ev| match ev {
-            Event::EpochStart { epoch, epochs } => {
+            Event::EpochStart { epoch, .. } => {
                 if let Some(b) = &bar {
                     b.reset();
-                    b.set_message(format!("epoch {epoch}/{epochs}"));
+                    b.set_message(if epoch <= cfg.epochs {
+                        format!("epoch {epoch}/{}", cfg.epochs)
+                    } else {
+                        format!("epoch {epoch} (settling)")
+                    });
                 }
             }
             Event::Progress { images } => {
@@ -878,9 +882,15 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 }
             }
             Event::EpochEnd(r) => {
+                // Epochs past the requested ones are revival's settling epochs.
+                let of = if r.epoch <= cfg.epochs {
+                    format!("/{}", cfg.epochs)
+                } else {
+                    " settling".to_string()
+                };
                 let line = format!(
-                    "epoch {:>3}/{}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
-                    r.epoch, cfg.epochs, r.loglik, r.loglik_per_image, r.seconds, r.gflops
+                    "epoch {:>3}{of}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
+                    r.epoch, r.loglik, r.loglik_per_image, r.seconds, r.gflops
                 );
                 match &bar {
                     Some(b) => b.println(line),

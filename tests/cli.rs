@@ -991,3 +991,30 @@ fn whitened_model_whitens_the_data_it_encodes() {
     let plain = features(Arc::new(d));
     assert_ne!(got, plain);
 }
+
+/// Revival after the last epoch runs settling epochs, which the epoch lines label as such
+/// (not "epoch 2/1"), and the model's history records them.
+#[test]
+fn settling_epochs_are_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("m.safetensors");
+    // N(0,1) weights on 16 kernels: after one epoch most are unused, so revival settles.
+    let out = calm()
+        .args(train_argv(&data, &model, "16 3 1 10 1 0"))
+        .arg("--revive")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("epoch   1/1 "), "{stdout}");
+    assert!(stdout.contains("one more epoch trains them"), "{stdout}");
+    assert!(stdout.contains("epoch   2 settling "), "{stdout}");
+    assert!(!stdout.contains("epoch   2/1"), "{stdout}");
+    let m = calm_gpu::model::Model::load(&model).unwrap();
+    assert!(m.meta.history.len() >= 2, "{:?}", m.meta.history);
+}
