@@ -67,6 +67,7 @@ pub enum ProtocolName {
 
 #[derive(Args)]
 pub struct ReproduceArgs {
+    /// The reference protocol to run (SPEC.md)
     #[arg(value_enum)]
     pub protocol: ProtocolName,
     /// Run calm-gpu's recommended configuration instead of the paper's (training and probe)
@@ -78,6 +79,7 @@ pub struct ReproduceArgs {
     /// Where the model, results.md, results.json and the pictures go (default results/<protocol>)
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+    /// Where EM and the features run: a hardware GPU if auto finds one, else the CPU engine
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Override the protocol's number of epochs (e.g. for a quick look)
@@ -86,6 +88,7 @@ pub struct ReproduceArgs {
     /// Override the protocol's batch size
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Seed of the initial weights (and of data-patch draws and revival)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace earlier results in --out-dir
@@ -110,14 +113,17 @@ pub struct EvalArgs {
     /// Labelled test images (default: the shipped digits' 2,000 test images)
     #[arg(long, value_name = "PATH")]
     pub test: Option<PathBuf>,
+    /// Labels of --test, where its format does not carry them (IDX labels, .npy, STL-10 *_y.bin)
     #[arg(long, value_name = "PATH")]
     pub test_labels: Option<PathBuf>,
     /// Also fit the same probe on other features: raw (the pixels) or random (untrained kernels
     /// with the model's K, w, p and seed). May be repeated.
     #[arg(long, value_enum, value_name = "KIND")]
     pub baseline: Vec<Baseline>,
+    /// Where the features are computed: a hardware GPU if auto finds one, else the CPU engine
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// Images per batch when computing features; bounds memory only
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
     /// Inverse L2 strength of the probe (scikit-learn's C)
@@ -214,7 +220,7 @@ pub struct TrainArgs {
     /// EM iterations (passes over the data) [default: 15; 10 with --preset recommended]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Seed of the N(0,1) initial weights
+    /// Seed of the initial weights (N(0,1) draws or data patches) and of revival
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Start from these weights instead: a .npy float32 (K,C,w,w) or a saved model
@@ -320,8 +326,10 @@ pub struct FeaturesArgs {
     /// Encoding of L before pooling: lse (SPEC's log-sum-exp) or triangle (see `eval --help`)
     #[arg(long, value_enum, default_value_t = Encoding::Lse)]
     pub encode: Encoding,
+    /// Where the features are computed: a hardware GPU if auto finds one, else the CPU engine
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// Images per batch; bounds memory only
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
     /// Replace --out if it exists
