@@ -19,10 +19,11 @@ MNIST_IMAGES=${MNIST_IMAGES:-60000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 # Tile shapes to time; "default" lets calm-gpu choose (Tiles::for_shape). The others are the
 # default's with the options prepared on 2026-11-29 and not yet measured on a GPU (docs/perf.md):
-# "s" lane-strided register blocks, "u" the reduction steps written out; the last MNIST one also
-# with 128-column M-step tiles (4 x 8 blocks, conflict-free only when strided).
-TILES=${TILES:-"default e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32su,m=4x4x16@16u e=8x8x16@32su,m=4x8x16@16su"}
-STL_TILES=${STL_TILES:-"default e=8x8x16@32s,m=8x8x16@8s e=8x8x16@32su,m=8x8x16@8su"}
+# "s" lane-strided register blocks, "u" the reduction steps written out, "d" double-buffered
+# tiles (41 KB of workgroup memory for these E-step tiles: fits the H100's 48 KB, not
+# lavapipe's 32); the last MNIST one with 128-column M-step tiles (4 x 8 blocks).
+TILES=${TILES:-"default e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32su,m=4x4x16@16u e=8x8x16@32sd,m=4x4x16@16d e=8x8x16@32su,m=4x8x16@16su"}
+STL_TILES=${STL_TILES:-"default e=8x8x16@32s,m=8x8x16@8s e=8x8x16@32su,m=8x8x16@8su e=8x8x16@32sd,m=8x8x16@8sd"}
 mkdir -p "$OUT"
 # Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
 # brings back at most 8 files).

@@ -39,8 +39,12 @@ const RN: u32 = RK;
 @group(0) @binding(4) var<storage, read> pos_off: array<u32>;
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 
-var<workgroup> b_tile: array<vec4<f32>, BK * TK4>;   // [kk][k / 4], posteriors
-var<workgroup> a_tile: array<vec4<f32>, BK * TR4>;   // [kk][r / 4], patch values
+// NBUF stages of tiles: 1, or 2 (double-buffered, Tiles::m_double; see estep.wgsl).
+const NBUF: u32 = {{NBUF}}u;
+const A_HALF: u32 = BK * TR4;
+const B_HALF: u32 = BK * TK4;
+var<workgroup> b_tile: array<vec4<f32>, NBUF * BK * TK4>;   // [buf][kk][k / 4], posteriors
+var<workgroup> a_tile: array<vec4<f32>, NBUF * BK * TR4>;   // [buf][kk][r / 4], patch values
 
 // One vec4 of the G tile: element e = (kk, four kernels from k0) of image n, positions from p0;
 // zero beyond K and P.
@@ -89,10 +93,22 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     var n = n_begin;
     var p0 = 0u;
 {{PF_INIT}}
-    for (var s = 0u; s < total; s++) {
+    var buf = 0u;  // the half this stage reads (always 0 with one buffer)
+    if (NBUF == 2u) {
+        let a_tile_w = 0u;
+        let b_tile_w = 0u;
 {{PF_STORE}}
         workgroupBarrier();
-        if (s + 1u < total) {
+    }
+    for (var s = 0u; s < total; s++) {
+        if (NBUF == 1u) {
+            let a_tile_w = 0u;
+            let b_tile_w = 0u;
+{{PF_STORE}}
+            workgroupBarrier();
+        }
+        let more = s + 1u < total;
+        if (more) {
             let s1 = s + 1u;
             n = n_begin + s1 / steps;
             p0 = (s1 % steps) * BK;
@@ -103,11 +119,17 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         // A loop over the stage's BK steps, or the steps written out by the host
         // (Tiles::e_unroll / m_unroll): kernels::steps.
         {{KK_BEGIN}}
-            let ab = kk * TR4 + tx * A_STEP;
-            let bb = kk * TK4 + ty * (RK / 4u);
+            let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
+            let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
 {{FMA}}
         {{KK_END}}
+        if (NBUF == 2u && more) {
+            let a_tile_w = (1u - buf) * A_HALF;
+            let b_tile_w = (1u - buf) * B_HALF;
+{{PF_STORE}}
+        }
         workgroupBarrier();
+        buf = (buf + 1u) % NBUF;
     }
 
     let pbase = wid.z * prm.k * r1;

@@ -112,8 +112,9 @@ fn check_variant(
 }
 
 /// Both implementations of the GEMM kernels, whichever the adapter would pick, and the staged
-/// kernels with one of the tuning options: lane-strided register blocks of 8 along the A tile
-/// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), or both (by seed).
+/// kernels with tuning options (by seed): lane-strided register blocks of 8 along the A tile
+/// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), double-buffered tiles
+/// (`Tiles::e_double`), and combinations.
 #[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
@@ -132,8 +133,9 @@ fn check(
     let shape = [
         "e=8x8x16@32s,m=8x8x16@8s",
         "e=8x4x8@16su,m=4x8x8@16su",
-        "e=8x8x16@32u,m=4x4x16@16u",
-    ][seed as usize % 3];
+        "e=8x4x16@16ud,m=4x4x16@16d",
+        "e=8x8x8@32sud,m=4x8x8@16sd",
+    ][seed as usize % 4];
     let tiles = Tiles::parse(shape).unwrap();
     check_variant(
         Variant::Staged,

@@ -26,6 +26,7 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("e=4x4x8@8,m=4x8x4@32").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32s,m=8x8x16@8s").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32su,m=4x8x8@16u").unwrap());
+    shapes.push(Tiles::parse("e=8x8x16@32sud,m=8x8x16@8d").unwrap());
     for t in &shapes {
         for (name, kernel) in ALL {
             validate(&format!("{name} {t}"), &source(kernel, t));
@@ -39,6 +40,7 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@32,m=8x8x16@8",
         "e=8x8x16@32s,m=4x4x16@16s",
         "e=8x8x16@32su,m=4x4x16@16u",
+        "e=8x8x16@32sud,m=4x4x16@16d",
     ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
@@ -48,6 +50,13 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().m_strided);
     assert!(Tiles::parse("e=8x8x16@32us").unwrap().e_unroll);
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_unroll);
+    let d = Tiles::parse("e=8x8x16@32d,m=4x4x16@16d").unwrap();
+    let single = Tiles::parse("e=8x8x16@32,m=4x4x16@16").unwrap();
+    // Two stages of A and B tiles; the E-step's table of patch starts is not doubled.
+    let (e1, m1) = single.workgroup_bytes();
+    let (e2, m2) = d.workgroup_bytes();
+    assert_eq!(e2 - e1, e1 - single.e_tm() * 4);
+    assert_eq!(m2, 2 * m1);
     for bad in [
         "e=8x8",
         "e=7x8x16",

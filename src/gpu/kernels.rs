@@ -76,6 +76,11 @@ pub struct Tiles {
     /// constant offsets, no loop counter or branch per step.
     pub e_unroll: bool,
     pub m_unroll: bool,
+    /// Double-buffered tiles (`d` after WX in `CALM_TILES`): two stages in workgroup memory, the
+    /// next stored while the current one is read, one barrier per stage instead of two; twice
+    /// the tiles' workgroup memory.
+    pub e_double: bool,
+    pub m_double: bool,
     /// Lane-strided register blocks (`s` after WX in `CALM_TILES`): a thread's RM positions (E)
     /// or RR columns (M) are RM / 4 groups of 4 that lie WX groups apart instead of side by
     /// side, so that neighbouring threads read neighbouring vec4s of the A tile (no 2-way bank
@@ -102,6 +107,8 @@ impl Default for Tiles {
             m_strided: false,
             e_unroll: false,
             m_unroll: false,
+            e_double: false,
+            m_double: false,
         }
     }
 }
@@ -153,23 +160,26 @@ impl Tiles {
 
     /// Workgroup memory the two GEMM kernels need, in bytes.
     pub fn workgroup_bytes(&self) -> (u32, u32) {
-        let e = self.e_bk * (self.e_tm() + self.e_tn()) * 4 + self.e_tm() * 4;
-        let m = self.m_bk * (self.m_tk() + self.m_tr()) * 4;
+        let bufs = |double: bool| if double { 2 } else { 1 };
+        let e = bufs(self.e_double) * self.e_bk * (self.e_tm() + self.e_tn()) * 4 + self.e_tm() * 4;
+        let m = bufs(self.m_double) * self.m_bk * (self.m_tk() + self.m_tr()) * 4;
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[s][u]],m=RKxRRxBK[@WX[s][u]]` (the `CALM_TILES` variable, for
-    /// tuning); `s` asks for lane-strided register blocks, `u` for the steps written out.
+    /// Parses `e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]]` (the `CALM_TILES` variable,
+    /// for tuning); `s` asks for lane-strided register blocks, `u` for the steps written out,
+    /// `d` for double-buffered tiles.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u]],m=RKxRRxBK[@WX[s][u]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks and u for written-out steps"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks, u for written-out steps and d for double-buffered tiles"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
-            // WX, then the flags: s (lane-strided), u (steps written out), each at most once.
+            // WX, then the flags: s (lane-strided), u (steps written out), d (double-buffered),
+            // each at most once.
             let (v, wx, flags) = match v.split_once('@') {
                 Some((v, wx)) => {
                     let wx = wx.trim();
@@ -179,8 +189,12 @@ impl Tiles {
                 }
                 None => (v, 16, ""),
             };
-            let (strided, unroll) = (flags.contains('s'), flags.contains('u'));
-            if flags.len() != strided as usize + unroll as usize {
+            let (strided, unroll, double) = (
+                flags.contains('s'),
+                flags.contains('u'),
+                flags.contains('d'),
+            );
+            if flags.len() != strided as usize + unroll as usize + double as usize {
                 return Err(bad());
             }
             let nums: Vec<u32> = v
@@ -198,11 +212,11 @@ impl Tiles {
             match name.trim() {
                 "e" => {
                     (t.e_rm, t.e_rn, t.e_bk, t.e_wx) = (nums[0], nums[1], nums[2], wx);
-                    (t.e_strided, t.e_unroll) = (strided, unroll);
+                    (t.e_strided, t.e_unroll, t.e_double) = (strided, unroll, double);
                 }
                 "m" => {
                     (t.m_rk, t.m_rr, t.m_bk, t.m_wx) = (nums[0], nums[1], nums[2], wx);
-                    (t.m_strided, t.m_unroll) = (strided, unroll);
+                    (t.m_strided, t.m_unroll, t.m_double) = (strided, unroll, double);
                 }
                 _ => return Err(bad()),
             }
@@ -213,11 +227,12 @@ impl Tiles {
 
 impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = |strided: bool, unroll: bool| {
+        let s = |strided: bool, unroll: bool, double: bool| {
             format!(
-                "{}{}",
+                "{}{}{}",
                 if strided { "s" } else { "" },
-                if unroll { "u" } else { "" }
+                if unroll { "u" } else { "" },
+                if double { "d" } else { "" }
             )
         };
         write!(
@@ -227,12 +242,12 @@ impl std::fmt::Display for Tiles {
             self.e_rn,
             self.e_bk,
             self.e_wx,
-            s(self.e_strided, self.e_unroll),
+            s(self.e_strided, self.e_unroll, self.e_double),
             self.m_rk,
             self.m_rr,
             self.m_bk,
             self.m_wx,
-            s(self.m_strided, self.m_unroll)
+            s(self.m_strided, self.m_unroll, self.m_double)
         )
     }
 }
@@ -301,7 +316,7 @@ pub fn prefetch(parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, Str
                 "    var {reg}{t} = {};\n",
                 first.replace("{E}", &e)
             ));
-            let st = format!("{tile}[{e}] = {reg}{t};");
+            let st = format!("{tile}[{tile}_w + {e}] = {reg}{t};");
             if 256 * (t + 1) <= elements {
                 store.push_str(&format!("        {st}\n"));
             } else {
@@ -427,10 +442,10 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         kernel.to_string()
     };
     // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
-    let (rm, wx, strided) = if kernel.contains("{{RM}}") {
-        (tiles.e_rm, tiles.e_wx, tiles.e_strided)
+    let (rm, wx, strided, double) = if kernel.contains("{{RM}}") {
+        (tiles.e_rm, tiles.e_wx, tiles.e_strided, tiles.e_double)
     } else {
-        (tiles.m_rr, tiles.m_wx, tiles.m_strided)
+        (tiles.m_rr, tiles.m_wx, tiles.m_strided, tiles.m_double)
     };
     let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
     let kernel = if kernel.contains("{{RM}}") {
@@ -454,6 +469,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         )
         .replace("{{A_STEP}}", &a_step.to_string())
         .replace("{{A_GAP}}", &a_gap.to_string())
+        .replace("{{NBUF}}", if double { "2" } else { "1" })
         .replace(
             "{{WGX}}",
             &if kernel.contains("{{RM}}") {

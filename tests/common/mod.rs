@@ -43,6 +43,13 @@ pub fn random_theta(seed: u64, len: usize, scale: f32) -> Vec<f32> {
 /// max |a - b| / max |b|: the error relative to the reference's scale.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
+    // f64::max drops a NaN, so a value that is not finite counts as an infinite error.
+    if a.iter()
+        .zip(b)
+        .any(|(x, y)| !x.is_finite() && y.is_finite())
+    {
+        return f64::INFINITY;
+    }
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
     a.iter()
         .zip(b)
