@@ -11,6 +11,16 @@ fn calm() -> Command {
     Command::cargo_bin("calm-gpu").unwrap()
 }
 
+/// The command succeeded; otherwise fails with its stderr.
+#[track_caller]
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_npy_f32(path: &Path, a: &Array4<f32>) {
     ndarray_npy::write_npy(path, a).unwrap();
 }
@@ -134,11 +144,7 @@ fn train_cpu_writes_model_metrics_and_features() {
         .arg(&metrics)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("epoch   3/3"), "{stdout}");
     assert!(stdout.contains("GFLOP/s"), "{stdout}");
@@ -169,11 +175,7 @@ fn train_cpu_writes_model_metrics_and_features() {
         .arg(&feats)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let f: ndarray::Array2<f32> = ndarray_npy::read_npy(&feats).unwrap();
     assert_eq!(f.shape(), &[20, 3]);
     assert!(f.iter().all(|v| v.is_finite()));
@@ -300,11 +302,7 @@ fn gpu_streams_data_larger_than_its_memory_budget() {
     assert!(train("cpu", &cpu).status.success());
     let out = train("vulkan", &gpu);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(stdout.contains("data streamed in batches of"), "{stdout}");
     let a = calm_gpu::model::Model::load(&cpu).unwrap().theta;
     let b = calm_gpu::model::Model::load(&gpu).unwrap().theta;
@@ -391,11 +389,7 @@ fn numerical_precision_limit_keeps_last_finite_theta() {
         .arg(&model)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // Epoch 1 is finite (|L| ~ 1e31 fits f32); its update makes theta ~ 1e30, so L of epoch 2
     // overflows: training stops there and keeps epoch 1's theta.
     assert!(
@@ -574,11 +568,7 @@ fn killed_run_resumes(extra: &[&str]) {
         .arg(&ckdir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("resuming at epoch"));
     let (a, b) = (
         calm_gpu::model::Model::load(&straight).unwrap(),
@@ -638,11 +628,7 @@ fn show_info_and_plot_write_readable_files() {
         .arg(&plot)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let img = image::open(&plot).unwrap();
     assert_eq!((img.width(), img.height()), (800, 500));
     let grid = dir.path().join("k.png");
@@ -654,11 +640,7 @@ fn show_info_and_plot_write_readable_files() {
         .arg(&grid)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let img = image::open(&grid).unwrap();
     // 5 kernels, 4 per row: 4 columns x 2 rows of 4*3 px tiles with 1 px borders.
     let (w, h) = calm_gpu::viz::kernel_grid_size(5, 4, 4, 3);
@@ -775,11 +757,7 @@ fn ctrl_c_leaves_a_resumable_checkpoint() {
         .arg(&ckdir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(
         std::fs::read(&straight).unwrap(),
         std::fs::read(&out_path).unwrap()
@@ -821,11 +799,7 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         .arg(&model)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let m = calm_gpu::model::Model::load(&model).unwrap();
     let opts = m.meta.options.unwrap();
     assert_eq!(opts["init_method"], "patches");
@@ -850,11 +824,7 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         .arg(&model2)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let l = calm_gpu::model::Model::load(&model2).unwrap().meta.layer;
     assert_eq!((l.kernels, l.width, l.pad), (128, 8, 0));
     let json = dir.path().join("e.json");
@@ -878,11 +848,7 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(j["pool"], 4);
@@ -937,11 +903,7 @@ fn whitened_model_whitens_the_data_it_encodes() {
     let mut argv = train_argv(&data, &model, "3 3 1 7 2 0");
     argv.extend(["--whiten".into(), "3".into()]);
     let out = calm().args(&argv).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("patch-whitening"));
     let m = calm_gpu::model::Model::load(&model).unwrap();
     let wh = m
@@ -961,11 +923,7 @@ fn whitened_model_whitens_the_data_it_encodes() {
         .arg(&feats)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let got: ndarray::Array2<f32> = ndarray_npy::read_npy(&feats).unwrap();
     let g = m.geometry().unwrap();
     let features = |src: Arc<dyn ImageSource>| {
@@ -1005,11 +963,7 @@ fn settling_epochs_are_labelled() {
         .arg("--revive")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("epoch   1/1 "), "{stdout}");
     assert!(stdout.contains("one more epoch trains them"), "{stdout}");
