@@ -11,6 +11,10 @@
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
 # 6. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
 # the STL-10 protocol at full size (105,000 images), resident and streamed within 8 GB.
+# A dry run of the script's logic on lavapipe (about 6 minutes on 2 cores; the double-buffered
+# shapes stop with a clear error there, as lavapipe allows 32 KB of workgroup memory):
+#   BIN=target/release/calm-gpu OUT=/tmp/dc NO_DRIVER_FALLBACK=1 WGPU_ADAPTER_NAME=llvmpipe \
+#   MNIST_IMAGES=200 STL_IMAGES=4 SKIP_GL=1 SKIP_TF32=1 TORCH_DEVICE=cpu bash benches/device_check.sh
 set -u
 BIN=${BIN:-.dev/calm-gpu}
 OUT=${OUT:-/tmp/calm-out}
@@ -122,9 +126,10 @@ def torch_rows(f, name):
     secs = sorted(e["seconds"] for e in eps)
     med = secs[len(secs) // 2]
     rows.append((f"{name} {j.get('device_name', '')}"[:44], f"{j['N']}x{j['C']}x{j['H']}x{j['W']} K{j['K']} w{j['w']} p{j['p']}", med, j["flops_per_epoch"] / med / 1e9, None, None))
-torch_rows(os.path.join(out, "torch_mnist.json"), "pytorch cuda fp32 (mnist)")
-torch_rows(os.path.join(out, "torch_mnist_tf32.json"), "pytorch cuda tf32 (mnist)")
-torch_rows(os.path.join(out, "torch_stl10.json"), "pytorch cuda fp32 (stl10)")
+dev = os.environ.get("TORCH_DEVICE", "cuda")
+torch_rows(os.path.join(out, "torch_mnist.json"), f"pytorch {dev} fp32 (mnist)")
+torch_rows(os.path.join(out, "torch_mnist_tf32.json"), f"pytorch {dev} tf32 (mnist)")
+torch_rows(os.path.join(out, "torch_stl10.json"), f"pytorch {dev} fp32 (stl10)")
 print(f"{'engine':<44} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':>10} {'M GFLOP/s':>10}")
 for r in rows:
     print(f"{r[0]:<44} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
