@@ -350,7 +350,7 @@ fn fill(
 /// The reduction steps of a GEMM kernel's stage, the text between `{{KK_BEGIN}}` and
 /// `{{KK_END}}` (which uses `kk`): a loop over `kk < BK`, or with `unroll` the text written out
 /// `bk` times, each copy in its own block with `kk` a constant.
-pub fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
+fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
     let Some((head, rest)) = kernel.split_once("{{KK_BEGIN}}") else {
         return kernel.to_string();
     };
@@ -441,44 +441,39 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
     } else {
         kernel.to_string()
     };
+    // The E-step's tile settings or the M-step's (any other kernel uses none of them). `rm` is
+    // the register block along the A tile: RM positions (E) or RR columns (M).
+    let (rm, bk, wx, strided, unroll, double) = if kernel.contains("{{RM}}") {
+        (
+            tiles.e_rm,
+            tiles.e_bk,
+            tiles.e_wx,
+            tiles.e_strided,
+            tiles.e_unroll,
+            tiles.e_double,
+        )
+    } else {
+        (
+            tiles.m_rr,
+            tiles.m_bk,
+            tiles.m_wx,
+            tiles.m_strided,
+            tiles.m_unroll,
+            tiles.m_double,
+        )
+    };
     // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
-    let (rm, wx, strided, double) = if kernel.contains("{{RM}}") {
-        (tiles.e_rm, tiles.e_wx, tiles.e_strided, tiles.e_double)
-    } else {
-        (tiles.m_rr, tiles.m_wx, tiles.m_strided, tiles.m_double)
-    };
     let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
-    let kernel = if kernel.contains("{{RM}}") {
-        steps(&kernel, tiles.e_bk, tiles.e_unroll)
-    } else {
-        steps(&kernel, tiles.m_bk, tiles.m_unroll)
-    };
-    let body = kernel
+    let body = steps(&kernel, bk, unroll)
         .replace("{{RM}}", &tiles.e_rm.to_string())
         .replace("{{RN}}", &tiles.e_rn.to_string())
         .replace("{{RK}}", &tiles.m_rk.to_string())
         .replace("{{RR}}", &tiles.m_rr.to_string())
-        .replace(
-            "{{BK}}",
-            &if kernel.contains("{{RM}}") {
-                tiles.e_bk
-            } else {
-                tiles.m_bk
-            }
-            .to_string(),
-        )
+        .replace("{{BK}}", &bk.to_string())
+        .replace("{{WGX}}", &wx.to_string())
         .replace("{{A_STEP}}", &a_step.to_string())
         .replace("{{A_GAP}}", &a_gap.to_string())
-        .replace("{{NBUF}}", if double { "2" } else { "1" })
-        .replace(
-            "{{WGX}}",
-            &if kernel.contains("{{RM}}") {
-                tiles.e_wx
-            } else {
-                tiles.m_wx
-            }
-            .to_string(),
-        );
+        .replace("{{NBUF}}", if double { "2" } else { "1" });
     format!("{PARAMS}\n{body}")
 }
 
