@@ -91,11 +91,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         let m = m0 + i;
         var base = 0u;
         if (m < mtot) {
-            let n = m / prm.positions;
-            let p = m - n * prm.positions;
-            let h = p / prm.wo;
-            let w = p - h * prm.wo;
-            base = (prm.x_offset + n) * prm.img_stride + h * prm.wp + w;
+            base = patch_base(m);
         }
         row_base[i] = base;
     }

@@ -31,12 +31,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var base: array<u32, RM>;
     for (var i = 0u; i < RM; i++) {
-        let m = min(m0 + i, mtot - 1u);
-        let n = m / prm.positions;
-        let p = m - n * prm.positions;
-        let h = p / prm.wo;
-        let w = p - h * prm.wo;
-        base[i] = (prm.x_offset + n) * prm.img_stride + h * prm.wp + w;
+        base[i] = patch_base(min(m0 + i, mtot - 1u));
     }
     var acc: array<vec4<f32>, RM * RN4>;
     for (var r = 0u; r < prm.r; r++) {

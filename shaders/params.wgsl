@@ -26,6 +26,16 @@ fn is_finite_f32(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
 
+// Where the patch of batch position m = (n, h, w) starts in x, the padded images of the bound
+// data buffer: (x_offset + n) * img_stride + h * Wp + w. Shared by the three E-steps.
+fn patch_base(m: u32) -> u32 {
+    let n = m / prm.positions;
+    let p = m - n * prm.positions;
+    let h = p / prm.wo;
+    let w = p - h * prm.wo;
+    return (prm.x_offset + n) * prm.img_stride + h * prm.wp + w;
+}
+
 // K rounded up to a multiple of 8: the row length of theta_t (R, KP) and of the posteriors
 // G (n, P, KP), so that kernels can be read four or eight at a time as vec4.
 fn kpad() -> u32 {
