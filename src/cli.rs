@@ -1091,6 +1091,10 @@ fn validate(a: ValidateArgs) -> Result<()> {
     };
     let ctx = Arc::new(GpuContext::new(b, false)?);
     println!("adapter: {}", ctx.describe());
+    println!(
+        "kernels: {:?} (CALM_KERNELS=staged, direct or uniform chooses)",
+        calm_gpu::gpu::kernels::Variant::for_adapter(&ctx.info)?
+    );
     let t0 = std::time::Instant::now();
     let rows = calm_gpu::validate::run(&ctx)?;
     println!(

@@ -111,7 +111,7 @@ fn check_variant(
     );
 }
 
-/// Both implementations of the GEMM kernels, whichever the adapter would pick, and the staged
+/// The three implementations of the GEMM kernels, whichever the adapter would pick, and the staged
 /// kernels with tuning options (by seed): lane-strided register blocks of 8 along the A tile
 /// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), double-buffered tiles
 /// (`Tiles::e_double`), and combinations.
@@ -127,7 +127,7 @@ fn check(
     pad: usize,
     batch: usize,
 ) {
-    for v in [Variant::Staged, Variant::Direct] {
+    for v in [Variant::Staged, Variant::Direct, Variant::Uniform] {
         check_variant(v, None, seed, n, c, h, w, k, kw, pad, batch);
     }
     let shape = [
@@ -170,6 +170,32 @@ fn odd_sizes_k_not_power_of_two() {
 #[test]
 fn mnist_like_shape() {
     check(4, 9, 1, 28, 28, 64, 20, 2, 5);
+}
+
+/// The uniform-buffer kernels over many windows. K 200: rows of 200 floats, 80 to a 64 KiB
+/// window, and four blocks of 64 kernels (the last one partial); R = 2 * 8 * 8 = 128 steps, two
+/// E-step windows. 60 images of 12 x 12 with w 8, p 2: P = 81, 25 images to a chunk; in one
+/// batch 4,860 positions, 61 M-step windows shared out over 3 partial sums; in two batches of 30,
+/// 31 windows over 2 partial sums each (a window sent to the wrong sum leaves the first batch's
+/// value in the other one). Then 1 x 3 threads' blocks, and a single window each (K 16, R 9).
+#[test]
+fn uniform_kernels_over_many_windows() {
+    check_variant(Variant::Uniform, None, 11, 60, 2, 12, 12, 200, 8, 2, 60);
+    check_variant(Variant::Uniform, None, 12, 60, 2, 12, 12, 200, 8, 2, 30);
+    check_variant(
+        Variant::Uniform,
+        Tiles::parse("u=1x3").ok(),
+        13,
+        60,
+        2,
+        12,
+        12,
+        200,
+        8,
+        2,
+        60,
+    );
+    check_variant(Variant::Uniform, None, 14, 7, 1, 9, 9, 16, 3, 1, 3);
 }
 
 /// 9 images of 2 x 13 x 11, K 7, w 4, p 1: odd sizes, padding, several regions per grid.

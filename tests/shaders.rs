@@ -27,6 +27,8 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("e=8x8x16@32s,m=8x8x16@8s").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32su,m=4x8x8@16u").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32sud,m=8x8x16@8d").unwrap());
+    shapes.push(Tiles::parse("u=1x3").unwrap());
+    shapes.push(Tiles::for_shape(16, 49152));
     for t in &shapes {
         for (name, kernel) in ALL {
             validate(&format!("{name} {t}"), &source(kernel, t));
@@ -41,11 +43,15 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@32s,m=4x4x16@16s",
         "e=8x8x16@32su,m=4x4x16@16u",
         "e=8x8x16@32sud,m=4x4x16@16d",
+        "e=8x8x16@32,m=4x4x16@16,u=2x8",
     ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
         assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
     }
+    assert_eq!(Tiles::parse("u=2x3").unwrap().u_rm, 2);
+    assert_eq!(Tiles::parse("u=2x3").unwrap().u_rr, 3);
+    assert!(!Tiles::default().to_string().contains("u="));
     assert!(Tiles::parse("e=8x8x16@32s").unwrap().e_strided);
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().m_strided);
     assert!(Tiles::parse("e=8x8x16@32us").unwrap().e_unroll);
@@ -65,6 +71,10 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x0",
         "e=8x8x16@s",
         "e=8x8x16@32x",
+        "u=0x4",
+        "u=4x9",
+        "u=4",
+        "u=4x4x4",
     ] {
         assert!(Tiles::parse(bad).is_err(), "{bad}");
     }

@@ -16,7 +16,7 @@ use ndarray::Array2;
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{Params, Pipelines, Tiles, Variant};
+use super::kernels::{Params, Pipelines, Tiles, UBO_FLOATS, Variant, ubo_rows};
 use crate::cpu::reference::pad_images;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
@@ -64,10 +64,12 @@ struct Batch {
     /// Which of `Resident::x` it reads.
     x: usize,
     /// Bind groups, built once: estep, logsumexp, mstep, reduce_stats, features.
-    estep: wgpu::BindGroup,
+    /// The E-step's and the M-step's bind groups: one, or for the uniform-buffer kernels
+    /// ([`Variant::Uniform`]) one per window (of reduction steps, of positions), a dispatch each.
+    estep: Vec<wgpu::BindGroup>,
     lse: wgpu::BindGroup,
     posterior: wgpu::BindGroup,
-    mstep: wgpu::BindGroup,
+    mstep: Vec<wgpu::BindGroup>,
     reduce: wgpu::BindGroup,
     features: wgpu::BindGroup,
     tri_mean: wgpu::BindGroup,
@@ -133,35 +135,64 @@ pub struct GpuState {
     pub counts_next: Vec<f32>,
 }
 
-fn storage(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+/// Storage buffers; the ones the uniform-buffer kernels read in windows are also UNIFORM.
+const RW: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+const RW_UNIFORM: wgpu::BufferUsages = RW.union(wgpu::BufferUsages::UNIFORM);
+
+fn storage_as(
+    ctx: &GpuContext,
+    label: &str,
+    bytes: u64,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
     ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: bytes.max(4),
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
+        usage,
         mapped_at_creation: false,
     })
 }
 
-fn init(ctx: &GpuContext, label: &str, data: &[u8]) -> wgpu::Buffer {
+fn storage(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    storage_as(ctx, label, bytes, RW)
+}
+
+fn init_as(ctx: &GpuContext, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
     ctx.device
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: data,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage,
         })
 }
 
-fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = bufs
-        .iter()
+fn init(ctx: &GpuContext, label: &str, data: &[u8]) -> wgpu::Buffer {
+    init_as(ctx, label, data, RW)
+}
+
+/// A binding of `size` bytes of `buffer` from `offset`.
+fn part(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset,
+        size: std::num::NonZeroU64::new(size),
+    })
+}
+
+/// Binds `parts` in binding order.
+fn bind_parts(
+    ctx: &GpuContext,
+    pipe: &wgpu::ComputePipeline,
+    parts: Vec<wgpu::BindingResource<'_>>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = parts
+        .into_iter()
         .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
+        .map(|(i, resource)| wgpu::BindGroupEntry {
             binding: i as u32,
-            resource: b.as_entire_binding(),
+            resource,
         })
         .collect();
     ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -169,6 +200,94 @@ fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) 
         layout: &pipe.get_bind_group_layout(0),
         entries: &entries,
     })
+}
+
+/// Binds whole buffers, in binding order.
+fn bind(ctx: &GpuContext, pipe: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    bind_parts(
+        ctx,
+        pipe,
+        bufs.iter().map(|b| b.as_entire_binding()).collect(),
+    )
+}
+
+/// The bind groups of one batch's windows for the uniform-buffer kernels ([`Variant::Uniform`]):
+/// the E-step's reduction steps and the M-step's `nb * P` positions in windows of `rows`, each
+/// a 64 KiB uniform binding of theta_t or G and a dispatch. The M-step windows add to
+/// `n_chunks` partial sums in turn (window w to sum `w * n_chunks / windows`), the first window
+/// of each sum writing it. `bufs`: params, x, theta_t, bias, off, L, G, partials.
+fn uniform_windows(
+    ctx: &GpuContext,
+    pipes: &Pipelines,
+    g: &Geometry,
+    rows: usize,
+    nb: usize,
+    n_chunks: u32,
+    bufs: [&wgpu::Buffer; 8],
+) -> (Vec<wgpu::BindGroup>, Vec<wgpu::BindGroup>) {
+    let [pb, xb, theta_t, bias, off, l, gpost, partials] = bufs;
+    let kp = g.k.div_ceil(8) * 8;
+    let (e_windows, tot) = (g.r().div_ceil(rows), nb * g.positions());
+    let m_windows = tot.div_ceil(rows);
+    // Each window's `Window` uniform (lo, rows, slot, first), at the uniform offset alignment.
+    let stride = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+    let mut win: Vec<u32> = Vec::new();
+    let mut push = |lo: usize, len: usize, slot: usize, first: bool| {
+        let at = win.len();
+        win.resize(at + stride / 4, 0);
+        win[at..at + 4].copy_from_slice(&[lo as u32, len as u32, slot as u32, first as u32]);
+    };
+    for w in 0..e_windows {
+        push(w * rows, rows.min(g.r() - w * rows), 0, w == 0);
+    }
+    let slot = |w: usize| w * n_chunks as usize / m_windows;
+    for w in 0..m_windows {
+        let first = w == 0 || slot(w) != slot(w - 1);
+        push(w * rows, rows.min(tot - w * rows), slot(w), first);
+    }
+    let wb = init_as(
+        ctx,
+        "windows",
+        bytemuck::cast_slice(&win),
+        wgpu::BufferUsages::UNIFORM,
+    );
+    let window = |i: usize| part(&wb, (i * stride) as u64, 16);
+    let ubo = UBO_FLOATS as u64 * 4;
+    let at = |w: usize| (w * rows * kp * 4) as u64;
+    let estep = (0..e_windows)
+        .map(|w| {
+            bind_parts(
+                ctx,
+                &pipes.estep,
+                vec![
+                    pb.as_entire_binding(),
+                    xb.as_entire_binding(),
+                    part(theta_t, at(w), ubo),
+                    bias.as_entire_binding(),
+                    part(off, 0, ubo),
+                    l.as_entire_binding(),
+                    window(w),
+                ],
+            )
+        })
+        .collect();
+    let mstep = (0..m_windows)
+        .map(|w| {
+            bind_parts(
+                ctx,
+                &pipes.mstep,
+                vec![
+                    pb.as_entire_binding(),
+                    part(gpost, at(w), ubo),
+                    xb.as_entire_binding(),
+                    off.as_entire_binding(),
+                    partials.as_entire_binding(),
+                    window(e_windows + w),
+                ],
+            )
+        })
+        .collect();
+    (estep, mstep)
 }
 
 /// Images `start .. start + count` of `source`, checked finite and zero-padded (`host` is
@@ -197,6 +316,11 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
         (Some(t), _) => t,
         (None, Ok(s)) => Tiles::parse(&s)?,
         (None, Err(_)) => Tiles::for_shape(k, ctx.limits.max_compute_workgroup_storage_size),
+    };
+    // The uniform-buffer kernels' tile of kernels follows K, whoever chose the rest.
+    let tiles = Tiles {
+        u_tn: Tiles::for_shape(k, 0).u_tn,
+        ..tiles
     };
     let (e, m) = tiles.workgroup_bytes();
     let max = ctx.limits.max_compute_workgroup_storage_size;
@@ -249,10 +373,25 @@ impl GpuEngine {
         let grid = opts.grid.max(1);
         g.check_pool_grid(grid)?;
         let tri = opts.encoding == Encoding::Triangle;
-        let variant = match opts.variant {
+        let mut variant = match opts.variant {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
         };
+        // The uniform-buffer kernels need a row of theta and of G, and the offset table, to
+        // fit a 64 KiB window (K up to about 2,000, R up to 16,384); else the staged ones.
+        let kp_n = g.k.div_ceil(8) * 8;
+        let rows_u = ubo_rows(kp_n, tiles.u_tn);
+        if variant == Variant::Uniform && (rows_u == 0 || g.r() > UBO_FLOATS) {
+            if opts.variant.is_some() || std::env::var("CALM_KERNELS").is_ok() {
+                return Err(CalmError::Invalid(format!(
+                    "the uniform-buffer kernels need K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} do not fit (use CALM_KERNELS=staged)",
+                    g.k,
+                    g.r()
+                )));
+            }
+            variant = Variant::Staged;
+        }
+        let uniform = variant == Variant::Uniform;
         let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
         let kp = g.k.div_ceil(8) as u64 * 8;
 
@@ -307,6 +446,7 @@ impl GpuEngine {
                 + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
                 + n as u64 * 4 // logp_all
                 + (r + 1100 + p + 128) * 4 + 16 // offsets, summary
+                + if uniform { 3 * UBO_FLOATS as u64 * 4 } else { 0 } // 64 KiB window tails
         };
         let budget = opts.memory_budget.or(ctx.budget);
         if let Some(b) = budget {
@@ -393,6 +533,11 @@ impl GpuEngine {
             // instead of branching per element. 1,100 covers a 1,024-column tile.
             .chain(std::iter::repeat_n(0, 1100))
             .collect();
+        // The uniform-buffer E-step reads the table as one 64 KiB uniform binding.
+        let mut off = off;
+        if uniform {
+            off.resize(off.len().max(UBO_FLOATS), 0);
+        }
         let pos_off: Vec<u32> = (0..g.ho)
             .flat_map(|h| (0..g.wo).map(move |w| (h * g.wp + w) as u32))
             .chain(std::iter::repeat_n(0, 128))
@@ -400,13 +545,22 @@ impl GpuEngine {
         let n_chunks_max = max_batch.div_ceil(ipc) as u64;
         let buf = Resident {
             theta: init(&ctx, "theta", bytemuck::cast_slice(theta)),
-            theta_t: init(
-                &ctx,
-                "theta_t",
-                bytemuck::cast_slice(&transpose_padded(&g, theta)),
-            ),
+            theta_t: {
+                // Zero rows after theta_t so that the last window's 64 KiB binding fits.
+                let mut t = transpose_padded(&g, theta);
+                if uniform {
+                    let last = (g.r() - 1) / rows_u * rows_u;
+                    t.resize(t.len().max(last * kp_n + UBO_FLOATS), 0.0);
+                }
+                init_as(&ctx, "theta_t", bytemuck::cast_slice(&t), RW_UNIFORM)
+            },
             theta_t_next: storage(&ctx, "theta_t_next", r * kp * 4),
-            gpost: storage(&ctx, "G", max_batch as u64 * p * kp * 4),
+            gpost: storage_as(
+                &ctx,
+                "G",
+                max_batch as u64 * p * kp * 4 + if uniform { UBO_FLOATS as u64 * 4 } else { 0 },
+                RW_UNIFORM,
+            ),
             bias: init(&ctx, "bias", bytemuck::cast_slice(&bias)),
             theta_next: storage(&ctx, "theta_next", k * r * 4),
             bias_next: storage(&ctx, "bias_next", k * 4),
@@ -429,7 +583,7 @@ impl GpuEngine {
             ),
             x: x_bufs,
         };
-        let off_buf = init(&ctx, "off", bytemuck::cast_slice(&off));
+        let off_buf = init_as(&ctx, "off", bytemuck::cast_slice(&off), RW_UNIFORM);
         let pos_buf = init(&ctx, "pos_off", bytemuck::cast_slice(&pos_off));
         let partials = storage(&ctx, "partials", n_chunks_max * stat_bytes);
         let bad = storage(&ctx, "bad", k * 4);
@@ -450,7 +604,12 @@ impl GpuEngine {
         for &(xi, offset, first, nb) in &batch_plan {
             let xb = &buf.x[xi];
             {
-                let n_chunks = nb.div_ceil(ipc) as u32;
+                let mut n_chunks = nb.div_ceil(ipc);
+                if uniform {
+                    // Every partial sum gets at least one M-step window.
+                    n_chunks = n_chunks.min((nb * g.positions()).div_ceil(rows_u));
+                }
+                let n_chunks = n_chunks as u32;
                 let prm = Params {
                     n_images: nb as u32,
                     x_offset: offset as u32,
@@ -465,26 +624,51 @@ impl GpuEngine {
                         contents: bytemuck::bytes_of(&prm),
                         usage: wgpu::BufferUsages::UNIFORM,
                     });
+                let (estep, mstep) = if uniform {
+                    uniform_windows(
+                        &ctx,
+                        &pipes,
+                        &g,
+                        rows_u,
+                        nb,
+                        n_chunks,
+                        [
+                            &pb,
+                            xb,
+                            &buf.theta_t,
+                            &buf.bias,
+                            &off_buf,
+                            &buf.l,
+                            &buf.gpost,
+                            &partials,
+                        ],
+                    )
+                } else {
+                    (
+                        vec![bind(
+                            &ctx,
+                            &pipes.estep,
+                            &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
+                        )],
+                        vec![bind(
+                            &ctx,
+                            &pipes.mstep,
+                            &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
+                        )],
+                    )
+                };
                 batches.push(Batch {
                     n_images: nb,
                     first,
                     x: xi,
-                    estep: bind(
-                        &ctx,
-                        &pipes.estep,
-                        &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
-                    ),
+                    estep,
                     lse: bind(&ctx, &pipes.logsumexp, &[&pb, &buf.l, &buf.logp_all]),
                     posterior: bind(
                         &ctx,
                         &pipes.posterior,
                         &[&pb, &buf.l, &buf.logp_all, &buf.gpost],
                     ),
-                    mstep: bind(
-                        &ctx,
-                        &pipes.mstep,
-                        &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
-                    ),
+                    mstep,
                     reduce: bind(
                         &ctx,
                         &pipes.reduce_stats,
@@ -496,6 +680,9 @@ impl GpuEngine {
                     estep_groups: match variant {
                         Variant::Staged => (nb * g.positions()).div_ceil(tm) as u32,
                         Variant::Direct => (nb * g.positions()).div_ceil(8 * 64) as u32,
+                        Variant::Uniform => {
+                            (nb * g.positions()).div_ceil(64 * tiles.u_rm as usize) as u32
+                        }
                     },
                     n_chunks,
                 });
@@ -651,10 +838,13 @@ impl GpuEngine {
         let tn = match self.pipes.variant {
             Variant::Staged => self.tiles.e_tn() as usize,
             Variant::Direct => 8,
+            Variant::Uniform => self.tiles.u_tn as usize,
         };
         pass.set_pipeline(&self.pipes.estep);
-        pass.set_bind_group(0, &b.estep, &[]);
-        pass.dispatch_workgroups(b.estep_groups, self.g.k.div_ceil(tn) as u32, 1);
+        for bg in &b.estep {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(b.estep_groups, self.g.k.div_ceil(tn) as u32, 1);
+        }
     }
 
     fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
@@ -668,7 +858,7 @@ impl GpuEngine {
             b.n_images as u32,
         );
         pass.set_pipeline(&self.pipes.mstep);
-        pass.set_bind_group(0, &b.mstep, &[]);
+        pass.set_bind_group(0, &b.mstep[0], &[]);
         match self.pipes.variant {
             Variant::Staged => {
                 let tr = self.tiles.m_tr() as usize;
@@ -682,6 +872,14 @@ impl GpuEngine {
             Variant::Direct => {
                 let blocks = (g.r() + 1).div_ceil(8) * (kp / 8);
                 pass.dispatch_workgroups(blocks.div_ceil(64) as u32, 1, b.n_chunks)
+            }
+            Variant::Uniform => {
+                let cols = (g.r() + 1).div_ceil(32 * self.tiles.u_rr as usize) as u32;
+                let kb = g.k.div_ceil(self.tiles.u_tn as usize) as u32;
+                for bg in &b.mstep {
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(cols, kb, 1);
+                }
             }
         }
     }
@@ -770,7 +968,7 @@ impl GpuEngine {
             0,
             &self.buf.theta_t,
             0,
-            self.buf.theta_t.size(),
+            self.buf.theta_t_next.size(),
         );
         enc.copy_buffer_to_buffer(&self.buf.bias_next, 0, &self.buf.bias, 0, k * 4);
         enc.copy_buffer_to_buffer(&self.buf.counts_next, 0, &self.buf.counts, 0, k * 4);

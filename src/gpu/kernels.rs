@@ -19,11 +19,15 @@ pub const SUMMARY: &str = include_str!("../../shaders/summary.wgsl");
 pub const FEATURES: &str = include_str!("../../shaders/features.wgsl");
 pub const TRI_MEAN: &str = include_str!("../../shaders/tri_mean.wgsl");
 pub const FEATURES_TRI: &str = include_str!("../../shaders/features_tri.wgsl");
+pub const ESTEP_UBO: &str = include_str!("../../shaders/estep_ubo.wgsl");
+pub const MSTEP_UBO: &str = include_str!("../../shaders/mstep_ubo.wgsl");
 
 /// Every kernel with its name, for validation and tests.
-pub const ALL: [(&str, &str); 12] = [
+pub const ALL: [(&str, &str); 14] = [
     ("estep", ESTEP),
     ("estep_direct", ESTEP_DIRECT),
+    ("estep_ubo", ESTEP_UBO),
+    ("mstep_ubo", MSTEP_UBO),
     ("posterior", POSTERIOR),
     ("mstep_direct", MSTEP_DIRECT),
     ("logsumexp", LOGSUMEXP),
@@ -87,6 +91,13 @@ pub struct Tiles {
     /// conflict when RM is 8) and write neighbouring outputs.
     pub e_strided: bool,
     pub m_strided: bool,
+    /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): positions per thread
+    /// (E-step), columns per thread (M-step), kernels per workgroup (both; a multiple of 4).
+    /// `u_tn` is set from K by [`Tiles::for_shape`] (the engine sets it whatever the tiles'
+    /// origin) and is not part of the `CALM_TILES` string; `u=RMxRR` there sets the others.
+    pub u_rm: u32,
+    pub u_rr: u32,
+    pub u_tn: u32,
 }
 
 impl Default for Tiles {
@@ -109,6 +120,9 @@ impl Default for Tiles {
             m_unroll: false,
             e_double: false,
             m_double: false,
+            u_rm: 4,
+            u_rr: 4,
+            u_tn: 64,
         }
     }
 }
@@ -120,7 +134,11 @@ impl Tiles {
     /// tile for small K, and 8 x 8 blocks on a 256-kernel x 64-column tile from K = 128. Where
     /// the adapter allows only WebGPU's portable 16 KiB, the 12 KiB default.
     pub fn for_shape(k: usize, wg_bytes: u32) -> Self {
-        let mut t = Self::default();
+        let mut t = Self {
+            u_tn: (k.div_ceil(8) * 8).min(64) as u32,
+            ..Self::default()
+        };
+
         let e_big = Self {
             e_rm: 8,
             e_rn: 8,
@@ -166,18 +184,33 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]]` (the `CALM_TILES` variable,
-    /// for tuning); `s` asks for lane-strided register blocks, `u` for the steps written out,
-    /// `d` for double-buffered tiles.
+    /// Parses `e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]][,u=RMxRR]` (the `CALM_TILES`
+    /// variable, for tuning); `s` asks for lane-strided register blocks, `u` for the steps
+    /// written out, `d` for double-buffered tiles; `u=` sets the uniform-buffer kernels'
+    /// positions and columns per thread. Parts left out keep their defaults.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks, u for written-out steps and d for double-buffered tiles"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]][,u=RMxRR] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks, u for written-out steps and d for double-buffered tiles; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
+            if name.trim() == "u" {
+                // The uniform-buffer kernels: positions (E) and columns (M) per thread, 1 to 8.
+                let nums: Vec<u32> = v
+                    .split('x')
+                    .map(|n| n.trim().parse().map_err(|_| bad()))
+                    .collect::<Result<_>>()?;
+                match nums[..] {
+                    [rm, rr] if (1..=8).contains(&rm) && (1..=8).contains(&rr) => {
+                        (t.u_rm, t.u_rr) = (rm, rr);
+                    }
+                    _ => return Err(bad()),
+                }
+                continue;
+            }
             // WX, then the flags: s (lane-strided), u (steps written out), d (double-buffered),
             // each at most once.
             let (v, wx, flags) = match v.split_once('@') {
@@ -248,7 +281,12 @@ impl std::fmt::Display for Tiles {
             self.m_bk,
             self.m_wx,
             s(self.m_strided, self.m_unroll, self.m_double)
-        )
+        )?;
+        let d = Self::default();
+        if (self.u_rm, self.u_rr) != (d.u_rm, d.u_rr) {
+            write!(f, ",u={}x{}", self.u_rm, self.u_rr)?;
+        }
+        Ok(())
     }
 }
 
@@ -268,7 +306,6 @@ pub fn unrolled(
     let comp = ["x", "y", "z", "w"];
     let mut decl = String::new();
     let mut fma = String::new();
-    let mut st = String::new();
     for i in 0..rm {
         for q in 0..rn / 4 {
             decl.push_str(&format!("    var acc_{i}_{q} = vec4<f32>(0.0);\n"));
@@ -291,6 +328,19 @@ pub fn unrolled(
             ));
         }
     }
+    (decl, fma, stores(rm, rn, row, store))
+}
+
+/// The stores of an `rm` x `rn` block of vec4 accumulators `acc_i_q`: `store(j, acc)` gives
+/// the statement for column j of a row, `row(i, body)` wraps row i's statements.
+fn stores(
+    rm: u32,
+    rn: u32,
+    row: impl Fn(u32, &str) -> String,
+    store: impl Fn(u32, &str) -> String,
+) -> String {
+    let comp = ["x", "y", "z", "w"];
+    let mut st = String::new();
     for i in 0..rm {
         let mut body = String::new();
         for q in 0..rn / 4 {
@@ -300,7 +350,7 @@ pub fn unrolled(
         }
         st.push_str(&row(i, &body));
     }
-    (decl, fma, st)
+    st
 }
 
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
@@ -367,9 +417,98 @@ fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
     format!("{head}{steps}{tail}")
 }
 
+/// The uniform-buffer kernels' windows hold at most this many floats (64 KiB, the binding
+/// limit of uniform buffers on lavapipe and WebGPU's default).
+pub const UBO_FLOATS: usize = 16384;
+
+/// Rows of `KP` floats in one window of a uniform-buffer kernel: as many as fit with the last
+/// row's tile of `tn` kernels still inside the binding, a multiple of 8 so that every window
+/// starts on a 256-byte boundary (the strictest uniform offset alignment).
+pub fn ubo_rows(kp: usize, tn: u32) -> usize {
+    (UBO_FLOATS.saturating_sub(tn as usize) / kp) / 8 * 8
+}
+
+/// A uniform-buffer kernel's generated blocks: `rm` rows of `tn / 4` vec4 accumulators
+/// `acc_i_q`, one step's loads and FMAs (`load(i)` gives row i's patch value, `tile` the
+/// uniform array read at `base + q`), and the stores (`store(i, j, acc)` the statement for row i,
+/// kernel j).
+fn ubo_blocks(
+    kernel: &str,
+    rm: u32,
+    tn: u32,
+    load: impl Fn(u32) -> String,
+    tile: (&str, &str),
+    row: impl Fn(u32, &str) -> String,
+    store: impl Fn(u32, &str) -> String,
+) -> String {
+    let (mut decl, mut fma) = (String::new(), String::new());
+    for i in 0..rm {
+        fma.push_str(&format!("        let a{i} = vec4<f32>({});\n", load(i)));
+    }
+    for q in 0..tn / 4 {
+        fma.push_str(&format!(
+            "        let t{q} = {}[{} + {q}u];\n",
+            tile.0, tile.1
+        ));
+        for i in 0..rm {
+            decl.push_str(&format!("    var acc_{i}_{q} = vec4<f32>(0.0);\n"));
+            fma.push_str(&format!(
+                "        acc_{i}_{q} = fma(a{i}, t{q}, acc_{i}_{q});\n"
+            ));
+        }
+    }
+    kernel
+        .replace("{{ACC_DECL}}", &decl)
+        .replace("{{FMA}}", &fma)
+        .replace("{{STORE}}", &stores(rm, tn, row, store))
+        .replace("{{RM}}", &rm.to_string())
+        .replace("{{RR}}", &rm.to_string())
+        .replace("{{TN}}", &tn.to_string())
+}
+
 /// The full WGSL text of a kernel: the shared `Params` header, then the kernel with its tile
 /// constants substituted and, for the GEMM kernels, the register block written out.
 pub fn source(kernel: &str, tiles: &Tiles) -> String {
+    if kernel == ESTEP_UBO {
+        let body = ubo_blocks(
+            kernel,
+            tiles.u_rm,
+            tiles.u_tn,
+            |i| format!("x[base[{i}] + o]"),
+            ("theta_w", "tb"),
+            |i, body| {
+                format!(
+                    "    {{\n        let m = m0 + {i}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n{body}        }}\n    }}\n"
+                )
+            },
+            |j, acc| {
+                format!(
+                    "            {{ let k = n0 + {j}u; if (k < prm.k) {{ let li = lb + k * prm.positions; if (win.first == 1u) {{ l[li] = {acc} + bias[k]; }} else {{ l[li] = l[li] + {acc}; }} }} }}\n"
+                )
+            },
+        );
+        return format!("{PARAMS}\n{body}");
+    }
+    if kernel == MSTEP_UBO {
+        let body = ubo_blocks(
+            kernel,
+            tiles.u_rr,
+            tiles.u_tn,
+            |j| format!("select(x[xb + o[{j}]], 1.0, ones[{j}])"),
+            ("g_w", "gb"),
+            |j, body| {
+                format!(
+                    "    {{\n        let r = c0 + {j}u;\n        if (r < r1) {{\n{body}        }}\n    }}\n"
+                )
+            },
+            |i, acc| {
+                format!(
+                    "            {{ let k = k0 + {i}u; if (k < prm.k) {{ let pi = pbase + k * r1 + r; if (win.first == 1u) {{ partials[pi] = {acc}; }} else {{ partials[pi] = partials[pi] + {acc}; }} }} }}\n"
+                )
+            },
+        );
+        return format!("{PARAMS}\n{body}");
+    }
     let kernel = if kernel == ESTEP {
         let (d, f, s) = unrolled(
             tiles.e_rm,
@@ -486,18 +625,25 @@ pub enum Variant {
     /// or barriers: for adapters where those are slow (it was the faster one on lavapipe before
     /// the staged kernels were pipelined).
     Direct,
+    /// The shared operand (theta in the E-step, the posteriors in the M-step) read from
+    /// uniform buffers, 64 KiB windows of it, a dispatch per window (`*_ubo.wgsl`): for
+    /// llvmpipe, where a load from a storage buffer or workgroup memory inside a loop costs a
+    /// loop over the lanes and a uniform-buffer load does not (docs/perf.md).
+    Uniform,
 }
 
 impl Variant {
-    /// Staged everywhere: since the software pipeline went in it is also the faster one on
-    /// lavapipe (6.8 against 4.7 GFLOP/s for the MNIST protocol, docs/perf.md). `CALM_KERNELS`
-    /// (`staged` or `direct`) overrides.
-    pub fn for_adapter(_info: &wgpu::AdapterInfo) -> Result<Self> {
+    /// Staged on GPUs; the uniform-buffer kernels on CPU adapters (llvmpipe through Vulkan or
+    /// GL), where they run the MNIST-protocol epoch 6.4x faster than the staged ones on a
+    /// Zen 3 (docs/perf.md). `CALM_KERNELS` (`staged`, `direct` or `uniform`) overrides.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Result<Self> {
         match std::env::var("CALM_KERNELS").as_deref() {
+            Err(_) if info.device_type == wgpu::DeviceType::Cpu => Ok(Variant::Uniform),
             Ok("staged") | Err(_) => Ok(Variant::Staged),
             Ok("direct") => Ok(Variant::Direct),
+            Ok("uniform") => Ok(Variant::Uniform),
             Ok(other) => Err(CalmError::Invalid(format!(
-                "CALM_KERNELS={other}: expected staged or direct"
+                "CALM_KERNELS={other}: expected staged, direct or uniform"
             ))),
         }
     }
@@ -531,7 +677,8 @@ fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputeP
         label: Some(name),
         source: wgpu::ShaderSource::Wgsl(text.into()),
     };
-    let module = if (name == "estep" || name == "mstep") && !gemm_checks() {
+    let module = if matches!(name, "estep" | "mstep" | "estep_ubo" | "mstep_ubo") && !gemm_checks()
+    {
         // SAFETY: these two kernels index only within bounds they check explicitly (tile edges
         // against K, R, P and the batch; padded offset tables), and every loop has a uniform,
         // finite trip count; `validate` and tests/gpu_vs_cpu.rs run them on every shape class.
@@ -568,6 +715,7 @@ impl Pipelines {
                 b("estep_direct", ESTEP_DIRECT)?,
                 b("mstep_direct", MSTEP_DIRECT)?,
             ),
+            Variant::Uniform => (b("estep_ubo", ESTEP_UBO)?, b("mstep_ubo", MSTEP_UBO)?),
         };
         Ok(Self {
             variant,
