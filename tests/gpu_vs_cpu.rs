@@ -198,6 +198,45 @@ fn uniform_kernels_over_many_windows() {
     check_variant(Variant::Uniform, None, 14, 7, 1, 9, 9, 16, 3, 1, 3);
 }
 
+/// Which kernels an engine runs: the adapter's choice (uniform-buffer kernels on CPU adapters)
+/// for K 64; the staged ones by default where a 64 KiB window holds under 64 rows (K 256); an
+/// error when the uniform-buffer kernels are asked for and the offset table cannot fit one
+/// (R = 3 * 74 * 74 = 16,428 > 16,384).
+#[test]
+fn uniform_kernels_only_where_their_windows_fit() {
+    let Some(ctx) = gpu() else { return };
+    let engine = |k: usize, kw: usize, c: usize, hw: usize, variant: Option<Variant>| {
+        let g = Geometry::new(
+            LayerConfig {
+                kernels: k,
+                width: kw,
+                pad: 0,
+            },
+            c,
+            hw,
+            hw,
+        )
+        .unwrap();
+        let data = Arc::new(random_images(21, 2, c, hw, hw));
+        let theta = random_theta(22, g.k * g.r(), 0.1);
+        let opts = GpuOptions {
+            variant,
+            ..Default::default()
+        };
+        GpuEngine::new(Arc::clone(&ctx), g, data, &theta, opts)
+    };
+    let auto = Variant::for_adapter(&ctx.info).unwrap();
+    assert_eq!(engine(64, 5, 1, 12, None).unwrap().variant(), auto);
+    assert_eq!(
+        engine(256, 5, 1, 12, None).unwrap().variant(),
+        Variant::Staged
+    );
+    let small = engine(256, 5, 1, 12, Some(Variant::Uniform)).unwrap();
+    assert_eq!(small.variant(), Variant::Uniform);
+    let err = engine(4, 74, 3, 76, Some(Variant::Uniform)).err().unwrap();
+    assert!(err.to_string().contains("uniform-buffer kernels"), "{err}");
+}
+
 /// 9 images of 2 x 13 x 11, K 7, w 4, p 1: odd sizes, padding, several regions per grid.
 fn small_case() -> (usize, Geometry) {
     let g = Geometry::new(

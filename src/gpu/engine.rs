@@ -377,19 +377,29 @@ impl GpuEngine {
             Some(v) => v,
             None => Variant::for_adapter(&ctx.info)?,
         };
-        // The uniform-buffer kernels need a row of theta and of G, and the offset table, to
-        // fit a 64 KiB window (K up to about 2,000, R up to 16,384); else the staged ones.
+        // The uniform-buffer kernels need 64 KiB uniform bindings, and a row of theta and of G
+        // and the offset table to fit one (K up to about 2,000, R up to 16,384). Chosen by
+        // default only where a window holds 64 rows or more (K up to 248): below that, the
+        // windows (a bind group and a dispatch each) grow too many; else the staged kernels.
         let kp_n = g.k.div_ceil(8) * 8;
         let rows_u = ubo_rows(kp_n, tiles.u_tn);
-        if variant == Variant::Uniform && (rows_u == 0 || g.r() > UBO_FLOATS) {
-            if opts.variant.is_some() || std::env::var("CALM_KERNELS").is_ok() {
+        let asked = opts.variant.is_some() || std::env::var("CALM_KERNELS").is_ok();
+        if variant == Variant::Uniform {
+            let fits = rows_u > 0
+                && g.r() <= UBO_FLOATS
+                && ctx.limits.max_uniform_buffer_binding_size >= UBO_FLOATS as u64 * 4;
+            if asked && !fits {
                 return Err(CalmError::Invalid(format!(
-                    "the uniform-buffer kernels need K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} do not fit (use CALM_KERNELS=staged)",
+                    "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (use CALM_KERNELS=staged)",
+                    ctx.info.name,
+                    ctx.limits.max_uniform_buffer_binding_size,
                     g.k,
                     g.r()
                 )));
             }
-            variant = Variant::Staged;
+            if !fits || (!asked && rows_u < 64) {
+                variant = Variant::Staged;
+            }
         }
         let uniform = variant == Variant::Uniform;
         let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
@@ -409,9 +419,18 @@ impl GpuEngine {
         // hundreds of workgroups (PERF.md: split the long reduction).
         let ipc = (2048 / g.positions()).clamp(1, 64);
         let stat_bytes = k * (r + 1) * 4;
-        let by_l = (cap / (kp * p * 4)) as usize;
+        // G carries a 64 KiB tail for the uniform-buffer kernels' last window: bound only as
+        // windows, it counts against the buffer size, not the storage binding.
+        let g_tail = if uniform { UBO_FLOATS as u64 * 4 } else { 0 };
+        let by_l = (cap / (kp * p * 4))
+            .min(ctx.limits.max_buffer_size.saturating_sub(g_tail) / (kp * p * 4))
+            as usize;
         let by_partials = (cap / stat_bytes) as usize * ipc;
-        let tm = tiles.e_tm() as usize;
+        // Positions per E-step workgroup, for the 65,535-workgroup limit.
+        let tm = match variant {
+            Variant::Uniform => 64 * tiles.u_rm as usize,
+            _ => tiles.e_tm() as usize,
+        };
         let by_dispatch = (65535usize * tm / g.positions()).min(65535);
         let mut max_batch = opts
             .batch
@@ -434,6 +453,16 @@ impl GpuEngine {
 
         // Device memory: everything but the data scales with the batch; the data is either all
         // resident or `STREAM_SLOTS` batches. Plan within the budget before allocating.
+        // The uniform-buffer kernels' `Window` uniforms, 256 bytes each at the most, for every
+        // batch: the E-step's windows and the M-step's, about n * P / rows in all.
+        let windows = |mb: usize| -> u64 {
+            if !uniform {
+                return 0;
+            }
+            let batches = n.div_ceil(mb.max(1)) as u64;
+            let e_windows = g.r().div_ceil(rows_u) as u64;
+            256 * ((n as u64 * p).div_ceil(rows_u as u64) + batches * (e_windows + 1))
+        };
         let fixed = |mb: usize| -> u64 {
             let mb = mb as u64;
             let chunks = mb.div_ceil(ipc as u64);
@@ -447,6 +476,7 @@ impl GpuEngine {
                 + n as u64 * 4 // logp_all
                 + (r + 1100 + p + 128) * 4 + 16 // offsets, summary
                 + if uniform { 3 * UBO_FLOATS as u64 * 4 } else { 0 } // 64 KiB window tails
+                + windows(mb as usize)
         };
         let budget = opts.memory_budget.or(ctx.budget);
         if let Some(b) = budget {
@@ -663,10 +693,16 @@ impl GpuEngine {
                     x: xi,
                     estep,
                     lse: bind(&ctx, &pipes.logsumexp, &[&pb, &buf.l, &buf.logp_all]),
-                    posterior: bind(
+                    posterior: bind_parts(
                         &ctx,
                         &pipes.posterior,
-                        &[&pb, &buf.l, &buf.logp_all, &buf.gpost],
+                        vec![
+                            pb.as_entire_binding(),
+                            buf.l.as_entire_binding(),
+                            buf.logp_all.as_entire_binding(),
+                            // Without the uniform-buffer kernels' tail.
+                            part(&buf.gpost, 0, max_batch as u64 * p * kp * 4),
+                        ],
                     ),
                     mstep,
                     reduce: bind(
@@ -780,6 +816,11 @@ impl GpuEngine {
 
     pub fn tiles(&self) -> Tiles {
         self.tiles
+    }
+
+    /// The implementation of the GEMM kernels this engine runs.
+    pub fn variant(&self) -> Variant {
+        self.pipes.variant
     }
 
     /// The largest batch the engine runs (the user's, or less where the device requires).
