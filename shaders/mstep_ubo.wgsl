@@ -9,10 +9,12 @@
 // The only storage loads of a step are the thread's RR patch values.
 //
 // Shapes: g_w: rows lo.. of G (n_images * P, KP); x (images, C, Hp, Wp); off (R);
-//         partials (n_chunks, K, R + 1). Threads: 32 per workgroup, RR consecutive columns
-// each; workgroups x over column blocks, y over blocks of TK kernels.
+//         partials (n_chunks, K, R + 1). Threads: MT per workgroup (one SIMD register of
+// llvmpipe's, so that a block of columns wastes little: 401 columns take 416 slots with RR 4),
+// RR consecutive columns each; workgroups x over column blocks, y over blocks of TK kernels.
 
 const RR: u32 = {{RR}}u;   // columns per thread
+const MT: u32 = {{MT}}u;   // threads per workgroup
 const TK: u32 = {{TN}}u;   // kernels per workgroup, a multiple of 4
 const TK4: u32 = TK / 4u;
 
@@ -29,7 +31,7 @@ struct Window {
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(5) var<uniform> win: Window;
 
-@compute @workgroup_size(32, 1, 1)
+@compute @workgroup_size(MT, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let r1 = prm.r + 1u;
     let kp = kpad();

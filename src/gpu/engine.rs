@@ -915,7 +915,8 @@ impl GpuEngine {
                 pass.dispatch_workgroups(blocks.div_ceil(64) as u32, 1, b.n_chunks)
             }
             Variant::Uniform => {
-                let cols = (g.r() + 1).div_ceil(32 * self.tiles.u_rr as usize) as u32;
+                let per = super::kernels::UBO_M_THREADS * self.tiles.u_rr;
+                let cols = (g.r() + 1).div_ceil(per as usize) as u32;
                 let kb = g.k.div_ceil(self.tiles.u_tn as usize) as u32;
                 for bg in &b.mstep {
                     pass.set_bind_group(0, bg, &[]);

@@ -421,6 +421,10 @@ fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
 /// limit of uniform buffers on lavapipe and WebGPU's default).
 pub const UBO_FLOATS: usize = 16384;
 
+/// Threads per workgroup of the uniform-buffer M-step: one 8-lane register of llvmpipe's on
+/// AVX2 machines, so that the R + 1 columns are cut into small blocks.
+pub const UBO_M_THREADS: u32 = 8;
+
 /// Rows of `KP` floats in one window of a uniform-buffer kernel: as many as fit with the last
 /// row's tile of `tn` kernels still inside the binding, a multiple of 8 so that every window
 /// starts on a 256-byte boundary (the strictest uniform offset alignment).
@@ -464,6 +468,7 @@ fn ubo_blocks(
         .replace("{{RM}}", &rm.to_string())
         .replace("{{RR}}", &rm.to_string())
         .replace("{{TN}}", &tn.to_string())
+        .replace("{{MT}}", &UBO_M_THREADS.to_string())
 }
 
 /// The full WGSL text of a kernel: the shared `Params` header, then the kernel with its tile
