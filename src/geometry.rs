@@ -108,6 +108,12 @@ impl Geometry {
         self.ho * self.wo
     }
 
+    /// K rounded up to a multiple of 8: the row length of the GPU's transposed weights and
+    /// posteriors (`kpad()` in shaders/params.wgsl).
+    pub fn kpad(&self) -> usize {
+        self.k.div_ceil(8) * 8
+    }
+
     /// Floats in one padded image, `C * (H + 2p) * (W + 2p)`.
     pub fn padded_len(&self) -> usize {
         self.c * self.hp * self.wp

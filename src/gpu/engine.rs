@@ -226,7 +226,7 @@ fn uniform_windows(
     bufs: [&wgpu::Buffer; 8],
 ) -> (Vec<wgpu::BindGroup>, Vec<wgpu::BindGroup>) {
     let [pb, xb, theta_t, bias, off, l, gpost, partials] = bufs;
-    let kp = g.k.div_ceil(8) * 8;
+    let kp = g.kpad();
     let (e_windows, tot) = (g.r().div_ceil(rows), nb * g.positions());
     let m_windows = tot.div_ceil(rows);
     // Each window's `Window` uniform (lo, rows, slot, first), at the uniform offset alignment.
@@ -319,7 +319,7 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
     };
     // The uniform-buffer kernels' tile of kernels follows K, whoever chose the rest.
     let tiles = Tiles {
-        u_tn: Tiles::for_shape(k, 0).u_tn,
+        u_tn: Tiles::uniform_tn(k),
         ..tiles
     };
     let (e, m) = tiles.workgroup_bytes();
@@ -381,8 +381,7 @@ impl GpuEngine {
         // and the offset table to fit one (K up to about 2,000, R up to 16,384). Chosen by
         // default only where a window holds 64 rows or more (K up to 248): below that, the
         // windows (a bind group and a dispatch each) grow too many; else the staged kernels.
-        let kp_n = g.k.div_ceil(8) * 8;
-        let rows_u = ubo_rows(kp_n, tiles.u_tn);
+        let rows_u = ubo_rows(g.kpad(), tiles.u_tn);
         let asked = opts.variant.is_some() || std::env::var("CALM_KERNELS").is_ok();
         if variant == Variant::Uniform {
             let fits = rows_u > 0
@@ -403,7 +402,7 @@ impl GpuEngine {
         }
         let uniform = variant == Variant::Uniform;
         let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
-        let kp = g.k.div_ceil(8) as u64 * 8;
+        let kp = g.kpad() as u64;
 
         let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);
         let mut cap = ctx
@@ -427,10 +426,7 @@ impl GpuEngine {
             as usize;
         let by_partials = (cap / stat_bytes) as usize * ipc;
         // Positions per E-step workgroup, for the 65,535-workgroup limit.
-        let tm = match variant {
-            Variant::Uniform => 64 * tiles.u_rm as usize,
-            _ => tiles.e_tm() as usize,
-        };
+        let tm = variant.estep_positions(&tiles);
         let by_dispatch = (65535usize * tm / g.positions()).min(65535);
         let mut max_batch = opts
             .batch
@@ -580,7 +576,7 @@ impl GpuEngine {
                 let mut t = transpose_padded(&g, theta);
                 if uniform {
                     let last = (g.r() - 1) / rows_u * rows_u;
-                    t.resize(t.len().max(last * kp_n + UBO_FLOATS), 0.0);
+                    t.resize(t.len().max(last * g.kpad() + UBO_FLOATS), 0.0);
                 }
                 init_as(&ctx, "theta_t", bytemuck::cast_slice(&t), RW_UNIFORM)
             },
@@ -713,13 +709,7 @@ impl GpuEngine {
                     features: bind(&ctx, &pipes.features, &[&pb, &buf.l, &buf.f]),
                     tri_mean: bind(&ctx, &pipes.tri_mean, &[&pb, xb, &off_buf, &buf.l, &buf.pm]),
                     features_tri: bind(&ctx, &pipes.features_tri, &[&pb, &buf.l, &buf.pm, &buf.f]),
-                    estep_groups: match variant {
-                        Variant::Staged => (nb * g.positions()).div_ceil(tm) as u32,
-                        Variant::Direct => (nb * g.positions()).div_ceil(8 * 64) as u32,
-                        Variant::Uniform => {
-                            (nb * g.positions()).div_ceil(64 * tiles.u_rm as usize) as u32
-                        }
-                    },
+                    estep_groups: (nb * g.positions()).div_ceil(tm) as u32,
                     n_chunks,
                 });
             }
@@ -890,7 +880,7 @@ impl GpuEngine {
 
     fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
         let g = self.g;
-        let kp = g.k.div_ceil(8) * 8;
+        let kp = g.kpad();
         pass.set_pipeline(&self.pipes.posterior);
         pass.set_bind_group(0, &b.posterior, &[]);
         pass.dispatch_workgroups(
@@ -899,30 +889,29 @@ impl GpuEngine {
             b.n_images as u32,
         );
         pass.set_pipeline(&self.pipes.mstep);
-        pass.set_bind_group(0, &b.mstep[0], &[]);
-        match self.pipes.variant {
-            Variant::Staged => {
-                let tr = self.tiles.m_tr() as usize;
-                let tk = self.tiles.m_tk() as usize;
-                pass.dispatch_workgroups(
-                    (g.r() + 1).div_ceil(tr) as u32,
-                    g.k.div_ceil(tk) as u32,
-                    b.n_chunks,
-                )
-            }
+        let (x, y, z) = match self.pipes.variant {
+            Variant::Staged => (
+                (g.r() + 1).div_ceil(self.tiles.m_tr() as usize),
+                g.k.div_ceil(self.tiles.m_tk() as usize),
+                b.n_chunks as usize,
+            ),
             Variant::Direct => {
                 let blocks = (g.r() + 1).div_ceil(8) * (kp / 8);
-                pass.dispatch_workgroups(blocks.div_ceil(64) as u32, 1, b.n_chunks)
+                (blocks.div_ceil(64), 1, b.n_chunks as usize)
             }
+            // A dispatch per window; each adds to its own partial sum.
             Variant::Uniform => {
                 let per = super::kernels::UBO_M_THREADS * self.tiles.u_rr;
-                let cols = (g.r() + 1).div_ceil(per as usize) as u32;
-                let kb = g.k.div_ceil(self.tiles.u_tn as usize) as u32;
-                for bg in &b.mstep {
-                    pass.set_bind_group(0, bg, &[]);
-                    pass.dispatch_workgroups(cols, kb, 1);
-                }
+                (
+                    (g.r() + 1).div_ceil(per as usize),
+                    g.k.div_ceil(self.tiles.u_tn as usize),
+                    1,
+                )
             }
+        };
+        for bg in &b.mstep {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x as u32, y as u32, z as u32);
         }
     }
 
@@ -1133,7 +1122,7 @@ impl GpuEngine {
 
 /// `theta` `(K, R)` as the E-step reads it: transposed to `(R, KP)`, rows padded with zeros.
 fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
-    let kp = g.k.div_ceil(8) * 8;
+    let kp = g.kpad();
     let mut t = vec![0f32; g.r() * kp];
     for k in 0..g.k {
         for r in 0..g.r() {

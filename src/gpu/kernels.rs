@@ -135,7 +135,7 @@ impl Tiles {
     /// the adapter allows only WebGPU's portable 16 KiB, the 12 KiB default.
     pub fn for_shape(k: usize, wg_bytes: u32) -> Self {
         let mut t = Self {
-            u_tn: (k.div_ceil(8) * 8).min(64) as u32,
+            u_tn: Self::uniform_tn(k),
             ..Self::default()
         };
 
@@ -160,6 +160,12 @@ impl Tiles {
             t = m_big;
         }
         t
+    }
+
+    /// The uniform-buffer kernels' kernels per workgroup for K kernels: all of them (rounded up
+    /// to 8), at most 64.
+    pub fn uniform_tn(k: usize) -> u32 {
+        (k.div_ceil(8) * 8).min(64) as u32
     }
 
     /// Tile extents: E-step positions and kernels, M-step columns and kernels.
@@ -650,6 +656,17 @@ impl Variant {
             Ok(other) => Err(CalmError::Invalid(format!(
                 "CALM_KERNELS={other}: expected staged, direct or uniform"
             ))),
+        }
+    }
+}
+
+impl Variant {
+    /// Batch positions one E-step workgroup covers with `tiles`.
+    pub fn estep_positions(self, tiles: &Tiles) -> usize {
+        match self {
+            Variant::Staged => tiles.e_tm() as usize,
+            Variant::Direct => 8 * 64,
+            Variant::Uniform => 64 * tiles.u_rm as usize,
         }
     }
 }
