@@ -1,22 +1,24 @@
 // M-step statistics of one batch, as partial sums over chunks of images.
 //
 //   T[k, r]  = sum_{n,h,w} G[n,h,w,k] * Xpad[n, c, h+i, w+j],   r = (c, i, j) < R
-//   T[k, R]  = sum_{n,h,w} G[n,h,w,k]                  (= B[k]: a column of ones)
+//   T[k, R]  = sum_{n,h,w} G[n,h,w,k]                  (= B[k])
 //
-// with G = exp(L - logp) from posterior.wgsl, i.e. the GEMM  T[K x (R+1)] = G^T[K x M] A[M x (R+1)]
-// with A read from the padded images as in the E-step. The long
+// with G = exp(L - logp) from posterior.wgsl, i.e. the GEMM  T[K x R] = G^T[K x M] A[M x R]
+// with A read from the padded images as in the E-step, and B summed from the same G tiles by
+// the workgroups of column tile 0 (not as a column of ones in the GEMM: R + 1 columns would
+// cost a whole extra column tile wherever the tile width divides R). The long
 // reduction over M = n_images * P is split: workgroup (x, y, z) handles column tile x, kernel tile
 // y and images [z * imgs_per_chunk, (z+1) * imgs_per_chunk) of the batch, and writes its partial
 // sum to partials[z]; reduce_stats.wgsl adds the partials in a fixed order.
 //
 // Shapes: gpost (n_images, P, KP); x (images, C, Hp, Wp); off (R); pos_off (P), the
 //         offset h * Wp + w of position p; partials (n_chunks, K, R + 1).
-// Tiling: WGX (columns) x WGY (kernels) = 256 threads, a TK x TR tile, each thread RK contiguous kernels x RR contiguous
+// Tiling: WGX (columns) x WGY (kernels) threads (256 unless CALM_TILES says otherwise), a TK x TR tile, each thread RK contiguous kernels x RR contiguous
 // columns. Positions advance BK at a time within one image, so n is fixed per stage.
 
 const WGX: u32 = {{WGX}}u;  // threads along the tile's first axis (positions / columns)
-const WGY: u32 = 256u / WGX; // threads along kernels
-const NT: u32 = 256u;
+const WGY: u32 = {{WGY}}u;  // threads along kernels
+const NT: u32 = WGX * WGY;
 const RK: u32 = {{RK}}u;
 const RR: u32 = {{RR}}u;
 const BK: u32 = {{BK}}u;
@@ -62,15 +64,13 @@ fn load_g(n: u32, p0: u32, e: u32, k0: u32) -> vec4<f32> {
 }
 
 // One vec4 of the A tile: element e = (kk, four columns from c0). off and pos_off are padded with
-// zeros past R and P, so every read is in bounds; column R is the constant 1 (it sums B).
+// zeros past R and P, so every read is in bounds (columns past R are computed, never stored).
 fn load_x(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
     let kk = e / TR4;
     let cq = e - kk * TR4;
     let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
     let r = c0 + cq * 4u;
-    let v = vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
-    let rs = vec4<u32>(r, r + 1u, r + 2u, r + 3u);
-    return select(v, vec4<f32>(1.0), rs == vec4<u32>(prm.r));
+    return vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
 }
 
 @compute @workgroup_size(WGX, WGY, 1)
@@ -86,6 +86,10 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let kp = kpad();
 
 {{ACC_DECL}}
+    // B: in column tile 0, thread lid adds the G tile's vec4s lid, lid + NT, ...; NT is a
+    // multiple of TK4 (Tiles::parse), so they all hold the same four kernels, lid % TK4.
+    let sum_b = wid.x == 0u;
+    var bsum = vec4<f32>(0.0);
     // Stages run over (image, BK positions) of the chunk; the next stage's tiles are loaded into
     // registers while the current one computes (PF_* blocks from gpu::kernels::prefetch).
     let steps = (prm.positions + BK - 1u) / BK;
@@ -118,6 +122,11 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         // The register block: RR columns x RK kernels, unrolled by the host (kernels::unrolled).
         // A loop over the stage's BK steps, or the steps written out by the host
         // (Tiles::e_unroll / m_unroll): kernels::steps.
+        if (sum_b) {
+            for (var e = lid; e < BK * TK4; e += NT) {
+                bsum += b_tile[buf * B_HALF + e];
+            }
+        }
         {{KK_BEGIN}}
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
@@ -134,4 +143,25 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
 
     let pbase = wid.z * prm.k * r1;
 {{STORE}}
+
+    // B: the threads' sums of each vec4 of kernels, added in thread order through the (now
+    // free) G tile, written to column R.
+    if (sum_b) {
+        if (lid < BK * TK4) {
+            b_tile[lid] = bsum;
+        }
+        workgroupBarrier();
+        if (lid < TK4) {
+            var b = vec4<f32>(0.0);
+            for (var e = lid; e < min(NT, BK * TK4); e += TK4) {
+                b += b_tile[e];
+            }
+            let k = k0 + lid * 4u;
+            for (var c = 0u; c < 4u; c++) {
+                if (k + c < prm.k) {
+                    partials[pbase + (k + c) * r1 + prm.r] = b[c];
+                }
+            }
+        }
+    }
 }

@@ -389,3 +389,52 @@ fn prior_weights_and_variance_match_the_twin() {
         check("gpu", &mut eng, f.as_slice().unwrap());
     }
 }
+
+/// The staged kernels with workgroups of other than 256 threads (`@WXxWY` in `CALM_TILES`), so
+/// that a tile's width can divide R: 80-column M-step tiles for the MNIST shape (R = 400, five
+/// tiles, none partial), 400- and 480-thread workgroups, WX not a power of two, several kernel
+/// tiles (K 200 over M-step tiles of 192 kernels) and fewer B summands than threads (BK 8 x 48
+/// vec4s < 480 threads), each with B summed by column tile 0 rather than a column of ones.
+#[test]
+fn staged_kernels_with_any_thread_count() {
+    let t = |s: &str| Some(Tiles::parse(s).unwrap());
+    check_variant(
+        Variant::Staged,
+        t("e=8x8x16@20x16,m=4x4x16@20x16"),
+        21,
+        9,
+        1,
+        28,
+        28,
+        64,
+        20,
+        2,
+        5,
+    );
+    check_variant(
+        Variant::Staged,
+        t("e=4x4x8@24x12s,m=4x8x8@25x16su"),
+        22,
+        11,
+        2,
+        11,
+        7,
+        13,
+        3,
+        1,
+        3,
+    );
+    check_variant(
+        Variant::Staged,
+        t("e=8x4x8@12x20u,m=8x4x8@20x24d"),
+        23,
+        12,
+        2,
+        12,
+        12,
+        200,
+        8,
+        2,
+        7,
+    );
+}

@@ -28,6 +28,8 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("e=8x8x16@32su,m=4x8x8@16u").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32sud,m=8x8x16@8d").unwrap());
     shapes.push(Tiles::parse("u=1x3").unwrap());
+    shapes.push(Tiles::parse("e=8x8x16@20x16,m=4x4x16@20x16").unwrap());
+    shapes.push(Tiles::parse("e=8x4x8@12x20u,m=8x4x8@20x24d").unwrap());
     shapes.push(Tiles::for_shape(16, 49152));
     for t in &shapes {
         for (name, kernel) in ALL {
@@ -44,6 +46,8 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@32su,m=4x4x16@16u",
         "e=8x8x16@32sud,m=4x4x16@16d",
         "e=8x8x16@32,m=4x4x16@16,u=2x8",
+        "e=8x8x16@20x16,m=4x4x16@20x16",
+        "e=4x4x8@24x12s,m=4x8x8@25x16su",
     ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
@@ -71,6 +75,10 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x0",
         "e=8x8x16@s",
         "e=8x8x16@32x",
+        "e=8x8x16@32x0",
+        "e=8x8x16@4x4",
+        "e=8x8x16@64x32",
+        "m=8x4x16@3x64",
         "u=0x4",
         "u=4x9",
         "u=4",

@@ -323,13 +323,28 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
         ..tiles
     };
     let (e, m) = tiles.workgroup_bytes();
-    let max = ctx.limits.max_compute_workgroup_storage_size;
+    let l = &ctx.limits;
+    let max = l.max_compute_workgroup_storage_size;
     if e.max(m) > max {
         return Err(CalmError::Gpu(format!(
             "tiles {tiles} need {} bytes of workgroup memory; {} allows {max}",
             e.max(m),
             ctx.info.name
         )));
+    }
+    for (wx, wy) in [(tiles.e_wx, tiles.e_wy), (tiles.m_wx, tiles.m_wy)] {
+        if wx * wy > l.max_compute_invocations_per_workgroup
+            || wx > l.max_compute_workgroup_size_x
+            || wy > l.max_compute_workgroup_size_y
+        {
+            return Err(CalmError::Gpu(format!(
+                "tiles {tiles} need workgroups of {wx} x {wy} threads; {} allows {} x {}, {} in all",
+                ctx.info.name,
+                l.max_compute_workgroup_size_x,
+                l.max_compute_workgroup_size_y,
+                l.max_compute_invocations_per_workgroup
+            )));
+        }
     }
     Ok(tiles)
 }
@@ -890,8 +905,9 @@ impl GpuEngine {
         );
         pass.set_pipeline(&self.pipes.mstep);
         let (x, y, z) = match self.pipes.variant {
+            // R columns: B (column R of the partial sums) is summed by column tile 0.
             Variant::Staged => (
-                (g.r() + 1).div_ceil(self.tiles.m_tr() as usize),
+                g.r().div_ceil(self.tiles.m_tr() as usize),
                 g.k.div_ceil(self.tiles.m_tk() as usize),
                 b.n_chunks as usize,
             ),

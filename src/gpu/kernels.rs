@@ -60,9 +60,11 @@ pub struct Params {
     pub pad: [u32; 3],
 }
 
-/// Register-tile shape of the two GEMM kernels. Each workgroup has 256 threads, `wx` along the
-/// tile's first axis (positions in the E-step, columns `r` in the M-step) and `256 / wx` along
-/// kernels.
+/// Register-tile shape of the two GEMM kernels. Each workgroup has `wx` threads along the tile's
+/// first axis (positions in the E-step, columns `r` in the M-step) and `wy` along kernels; 256
+/// in all unless `CALM_TILES` says `@WXxWY` (any count up to 1024 the adapter allows), so that a
+/// tile's width can divide R (400 columns for the MNIST protocol: 80-column tiles of 20 x 16
+/// threads waste none, 64-column ones compute 448).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
     /// E-step: positions per thread, kernels per thread, reduction slice, threads along positions.
@@ -70,11 +72,13 @@ pub struct Tiles {
     pub e_rn: u32,
     pub e_bk: u32,
     pub e_wx: u32,
+    pub e_wy: u32,
     /// M-step: kernels per thread, columns per thread, reduction slice, threads along columns.
     pub m_rk: u32,
     pub m_rr: u32,
     pub m_bk: u32,
     pub m_wx: u32,
+    pub m_wy: u32,
     /// The BK reduction steps of a stage written out by the host (`u` after WX in `CALM_TILES`)
     /// instead of a loop the driver may or may not unroll: workgroup-memory addresses become
     /// constant offsets, no loop counter or branch per step.
@@ -110,10 +114,12 @@ impl Default for Tiles {
             e_rn: 4,
             e_bk: 16,
             e_wx: 16,
+            e_wy: 16,
             m_rk: 4,
             m_rr: 4,
             m_bk: 16,
             m_wx: 16,
+            m_wy: 16,
             e_strided: false,
             m_strided: false,
             e_unroll: false,
@@ -144,6 +150,7 @@ impl Tiles {
             e_rn: 8,
             e_bk: 16,
             e_wx: 32,
+            e_wy: 8,
             ..t
         };
         if e_big.workgroup_bytes().0 <= wg_bytes {
@@ -154,6 +161,7 @@ impl Tiles {
             m_rr: 8,
             m_bk: 16,
             m_wx: 8,
+            m_wy: 32,
             ..t
         };
         if k >= 128 && m_big.workgroup_bytes().1 <= wg_bytes {
@@ -173,13 +181,18 @@ impl Tiles {
         self.e_wx * self.e_rm
     }
     pub fn e_tn(&self) -> u32 {
-        (256 / self.e_wx) * self.e_rn
+        self.e_wy * self.e_rn
     }
     pub fn m_tr(&self) -> u32 {
         self.m_wx * self.m_rr
     }
     pub fn m_tk(&self) -> u32 {
-        (256 / self.m_wx) * self.m_rk
+        self.m_wy * self.m_rk
+    }
+
+    /// Threads per workgroup of the E-step and of the M-step.
+    pub fn threads(&self) -> (u32, u32) {
+        (self.e_wx * self.e_wy, self.m_wx * self.m_wy)
     }
 
     /// Workgroup memory the two GEMM kernels need, in bytes.
@@ -190,14 +203,17 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]][,u=RMxRR]` (the `CALM_TILES`
-    /// variable, for tuning); `s` asks for lane-strided register blocks, `u` for the steps
-    /// written out, `d` for double-buffered tiles; `u=` sets the uniform-buffer kernels'
-    /// positions and columns per thread. Parts left out keep their defaults.
+    /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d]][,u=RMxRR]` (the
+    /// `CALM_TILES` variable, for tuning); `WX` threads along the tile's first axis and `WY`
+    /// along kernels (`256 / WX` if left out), `s` asks for lane-strided register blocks, `u`
+    /// for the steps written out, `d` for double-buffered tiles; `u=` sets the uniform-buffer
+    /// kernels' positions and columns per thread. Parts left out keep their defaults. Whether
+    /// the adapter allows the thread counts and workgroup memory is checked when the engine is
+    /// built.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[s][u][d]],m=RKxRRxBK[@WX[s][u][d]][,u=RMxRR] with RM, RN, RK, RR multiples of 4, WX in 8, 16, 32, s for lane-strided blocks, u for written-out steps and d for double-buffered tiles; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps and d for double-buffered tiles; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
             ))
         };
         let mut t = Tiles::default();
@@ -217,16 +233,32 @@ impl Tiles {
                 }
                 continue;
             }
-            // WX, then the flags: s (lane-strided), u (steps written out), d (double-buffered),
-            // each at most once.
-            let (v, wx, flags) = match v.split_once('@') {
-                Some((v, wx)) => {
-                    let wx = wx.trim();
-                    let digits = wx.find(|c: char| !c.is_ascii_digit()).unwrap_or(wx.len());
-                    let (wx, flags) = wx.split_at(digits);
-                    (v, wx.parse::<u32>().map_err(|_| bad())?, flags)
+            // WX, an optional xWY, then the flags: s (lane-strided), u (steps written out),
+            // d (double-buffered), each at most once.
+            let number = |s: &str| -> Result<(u32, usize)> {
+                let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+                Ok((s[..end].parse::<u32>().map_err(|_| bad())?, end))
+            };
+            let (v, wx, wy, flags) = match v.split_once('@') {
+                Some((v, spec)) => {
+                    let spec = spec.trim();
+                    let (wx, end) = number(spec)?;
+                    let rest = &spec[end..];
+                    let (wy, flags) = match rest.strip_prefix('x') {
+                        Some(r) => {
+                            let (wy, end) = number(r)?;
+                            (Some(wy), &r[end..])
+                        }
+                        None => (None, rest),
+                    };
+                    (v, wx, wy, flags)
                 }
-                None => (v, 16, ""),
+                None => (v, 16, None, ""),
+            };
+            let wy = match wy {
+                Some(wy) => wy,
+                None if wx > 0 && 256 % wx == 0 => 256 / wx,
+                None => return Err(bad()),
             };
             let (strided, unroll, double) = (
                 flags.contains('s'),
@@ -244,17 +276,26 @@ impl Tiles {
                 || nums.iter().any(|&n| n == 0 || n > 64)
                 || !nums[0].is_multiple_of(4)
                 || !nums[1].is_multiple_of(4)
-                || ![8, 16, 32].contains(&wx)
+                || wx == 0
+                || wy == 0
+                || !(32..=1024).contains(&(wx * wy))
             {
                 return Err(bad());
             }
             match name.trim() {
                 "e" => {
-                    (t.e_rm, t.e_rn, t.e_bk, t.e_wx) = (nums[0], nums[1], nums[2], wx);
+                    (t.e_rm, t.e_rn, t.e_bk) = (nums[0], nums[1], nums[2]);
+                    (t.e_wx, t.e_wy) = (wx, wy);
                     (t.e_strided, t.e_unroll, t.e_double) = (strided, unroll, double);
                 }
                 "m" => {
-                    (t.m_rk, t.m_rr, t.m_bk, t.m_wx) = (nums[0], nums[1], nums[2], wx);
+                    // The M-step's column sums (B) are added by threads each holding one vec4
+                    // of kernels, which needs the thread count to be a multiple of TK / 4.
+                    if !(wx * 4).is_multiple_of(nums[0]) {
+                        return Err(bad());
+                    }
+                    (t.m_rk, t.m_rr, t.m_bk) = (nums[0], nums[1], nums[2]);
+                    (t.m_wx, t.m_wy) = (wx, wy);
                     (t.m_strided, t.m_unroll, t.m_double) = (strided, unroll, double);
                 }
                 _ => return Err(bad()),
@@ -274,18 +315,26 @@ impl std::fmt::Display for Tiles {
                 if double { "d" } else { "" }
             )
         };
+        // `@WX` where the threads are 256 (WY = 256 / WX), else `@WXxWY`.
+        let threads = |wx: u32, wy: u32| {
+            if wx * wy == 256 {
+                format!("{wx}")
+            } else {
+                format!("{wx}x{wy}")
+            }
+        };
         write!(
             f,
             "e={}x{}x{}@{}{},m={}x{}x{}@{}{}",
             self.e_rm,
             self.e_rn,
             self.e_bk,
-            self.e_wx,
+            threads(self.e_wx, self.e_wy),
             s(self.e_strided, self.e_unroll, self.e_double),
             self.m_rk,
             self.m_rr,
             self.m_bk,
-            self.m_wx,
+            threads(self.m_wx, self.m_wy),
             s(self.m_strided, self.m_unroll, self.m_double)
         )?;
         let d = Self::default();
@@ -361,19 +410,20 @@ fn stores(
 
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
 /// named registers. For each `(reg, tile, elements, init, next)`, `init` and `next` are the load
-/// calls for the first and the next stage with `{E}` standing for the element index. Returns
-/// the declarations with the first loads, the stores into workgroup memory, and the next loads.
-pub fn prefetch(parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, String) {
+/// calls for the first and the next stage with `{E}` standing for the element index; the
+/// workgroup's `nt` threads share the elements. Returns the declarations with the first loads,
+/// the stores into workgroup memory, and the next loads.
+pub fn prefetch(nt: u32, parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, String) {
     let (mut init, mut store, mut next) = (String::new(), String::new(), String::new());
     for &(reg, tile, elements, first, later) in parts {
-        for t in 0..elements.div_ceil(256) {
-            let e = format!("lid + {}u", 256 * t);
+        for t in 0..elements.div_ceil(nt) {
+            let e = format!("lid + {}u", nt * t);
             init.push_str(&format!(
                 "    var {reg}{t} = {};\n",
                 first.replace("{E}", &e)
             ));
             let st = format!("{tile}[{tile}_w + {e}] = {reg}{t};");
-            if 256 * (t + 1) <= elements {
+            if nt * (t + 1) <= elements {
                 store.push_str(&format!("        {st}\n"));
             } else {
                 store.push_str(&format!("        if ({e} < {elements}u) {{ {st} }}\n"));
@@ -537,22 +587,25 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
-        let (pi, ps, pn) = prefetch(&[
-            (
-                "pa",
-                "a_tile",
-                tiles.e_bk * tiles.e_tm() / 4,
-                "load_a(0u, {E})",
-                "load_a(r0 + BK, {E})",
-            ),
-            (
-                "pb",
-                "b_tile",
-                tiles.e_bk * tiles.e_tn() / 4,
-                "load_b(0u, {E}, n0)",
-                "load_b(r0 + BK, {E}, n0)",
-            ),
-        ]);
+        let (pi, ps, pn) = prefetch(
+            tiles.threads().0,
+            &[
+                (
+                    "pa",
+                    "a_tile",
+                    tiles.e_bk * tiles.e_tm() / 4,
+                    "load_a(0u, {E})",
+                    "load_a(r0 + BK, {E})",
+                ),
+                (
+                    "pb",
+                    "b_tile",
+                    tiles.e_bk * tiles.e_tn() / 4,
+                    "load_b(0u, {E}, n0)",
+                    "load_b(r0 + BK, {E}, n0)",
+                ),
+            ],
+        );
         fill(kernel, (d, f, s), (pi, ps, pn))
     } else if kernel == MSTEP {
         let (d, f, s) = unrolled(
@@ -560,7 +613,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_rk,
             |i, body| {
                 format!(
-                    "    {{\n        let r = c0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (r < r1) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
+                    "    {{\n        let r = c0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (r < prm.r) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
                     i / 4,
                     i % 4
                 )
@@ -571,33 +624,37 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
-        let (pi, ps, pn) = prefetch(&[
-            (
-                "pg",
-                "b_tile",
-                tiles.m_bk * tiles.m_tk() / 4,
-                "load_g(n, p0, {E}, k0)",
-                "load_g(n, p0, {E}, k0)",
-            ),
-            (
-                "px",
-                "a_tile",
-                tiles.m_bk * tiles.m_tr() / 4,
-                "load_x(n, p0, {E}, c0)",
-                "load_x(n, p0, {E}, c0)",
-            ),
-        ]);
+        let (pi, ps, pn) = prefetch(
+            tiles.threads().1,
+            &[
+                (
+                    "pg",
+                    "b_tile",
+                    tiles.m_bk * tiles.m_tk() / 4,
+                    "load_g(n, p0, {E}, k0)",
+                    "load_g(n, p0, {E}, k0)",
+                ),
+                (
+                    "px",
+                    "a_tile",
+                    tiles.m_bk * tiles.m_tr() / 4,
+                    "load_x(n, p0, {E}, c0)",
+                    "load_x(n, p0, {E}, c0)",
+                ),
+            ],
+        );
         fill(kernel, (d, f, s), (pi, ps, pn))
     } else {
         kernel.to_string()
     };
     // The E-step's tile settings or the M-step's (any other kernel uses none of them). `rm` is
     // the register block along the A tile: RM positions (E) or RR columns (M).
-    let (rm, bk, wx, strided, unroll, double) = if kernel.contains("{{RM}}") {
+    let (rm, bk, wx, wy, strided, unroll, double) = if kernel.contains("{{RM}}") {
         (
             tiles.e_rm,
             tiles.e_bk,
             tiles.e_wx,
+            tiles.e_wy,
             tiles.e_strided,
             tiles.e_unroll,
             tiles.e_double,
@@ -607,6 +664,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_rr,
             tiles.m_bk,
             tiles.m_wx,
+            tiles.m_wy,
             tiles.m_strided,
             tiles.m_unroll,
             tiles.m_double,
@@ -621,6 +679,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         .replace("{{RR}}", &tiles.m_rr.to_string())
         .replace("{{BK}}", &bk.to_string())
         .replace("{{WGX}}", &wx.to_string())
+        .replace("{{WGY}}", &wy.to_string())
         .replace("{{A_STEP}}", &a_step.to_string())
         .replace("{{A_GAP}}", &a_gap.to_string())
         .replace("{{NBUF}}", if double { "2" } else { "1" });
