@@ -11,7 +11,7 @@
 // y and images [z * imgs_per_chunk, (z+1) * imgs_per_chunk) of the batch, and writes its partial
 // sum to partials[z]; reduce_stats.wgsl adds the partials in a fixed order.
 //
-// Shapes: gpost (n_images, P, KP); x (images, C, Hp, Wp); off (R); pos_off (P), the
+// Shapes: gpost (n_images, P, KP) or, with Tiles::m_fused, l (n_images, K, P) and logp_all (N); x (images, C, Hp, Wp); off (R); pos_off (P), the
 //         offset h * Wp + w of position p; partials (n_chunks, K, R + 1).
 // Tiling: WGX (columns) x WGY (kernels) threads (256 unless CALM_TILES says otherwise), a TK x TR tile, each thread RK contiguous kernels x RR contiguous
 // columns. Positions advance BK at a time within one image, so n is fixed per stage.
@@ -35,7 +35,6 @@ const A_GAP: u32 = {{A_GAP}}u;
 const RM: u32 = RR;  // the unrolled block's names: RM along a (columns), RN along b (kernels)
 const RN: u32 = RK;
 
-@group(0) @binding(1) var<storage, read> gpost: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> off: array<u32>;
 @group(0) @binding(4) var<storage, read> pos_off: array<u32>;
@@ -48,20 +47,9 @@ const B_HALF: u32 = BK * TK4;
 var<workgroup> b_tile: array<vec4<f32>, NBUF * BK * TK4>;   // [buf][kk][k / 4], posteriors
 var<workgroup> a_tile: array<vec4<f32>, NBUF * BK * TR4>;   // [buf][kk][r / 4], patch values
 
-// One vec4 of the G tile: element e = (kk, four kernels from k0) of image n, positions from p0;
-// zero beyond K and P.
-fn load_g(n: u32, p0: u32, e: u32, k0: u32) -> vec4<f32> {
-    let kp = kpad();
-    let kk = e / TK4;
-    let kq = e - kk * TK4;
-    let p = p0 + kk;
-    let k = k0 + kq * 4u;
-    var v = vec4<f32>(0.0);
-    if (p < prm.positions && k < kp) {
-        v = gpost[((n * prm.positions + p) * kp + k) / 4u];
-    }
-    return v;
-}
+// The G tile's source: the posteriors from posterior.wgsl's G buffer, or computed from L while
+// loading (Tiles::m_fused); load_g(n, p0, e, k0) and g_slot(e) from gpu::kernels.
+{{G_SOURCE}}
 
 // One vec4 of the A tile: element e = (kk, four columns from c0). off and pos_off are padded with
 // zeros past R and P, so every read is in bounds (columns past R are computed, never stored).

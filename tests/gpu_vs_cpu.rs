@@ -114,7 +114,7 @@ fn check_variant(
 /// The three implementations of the GEMM kernels, whichever the adapter would pick, and the staged
 /// kernels with tuning options (by seed): lane-strided register blocks of 8 along the A tile
 /// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), double-buffered tiles
-/// (`Tiles::e_double`), and combinations.
+/// (`Tiles::e_double`), posteriors computed while loading (`Tiles::m_fused`), and combinations.
 #[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
@@ -133,7 +133,7 @@ fn check(
     let shape = [
         "e=8x8x16@32s,m=8x8x16@8s",
         "e=8x4x8@16su,m=4x8x8@16su",
-        "e=8x4x16@16ud,m=4x4x16@16d",
+        "e=8x4x16@16ud,m=4x4x16@16dp",
         "e=8x8x8@32sud,m=4x8x8@16sd",
     ][seed as usize % 4];
     let tiles = Tiles::parse(shape).unwrap();
@@ -394,13 +394,14 @@ fn prior_weights_and_variance_match_the_twin() {
 /// that a tile's width can divide R: 80-column M-step tiles for the MNIST shape (R = 400, five
 /// tiles, none partial), 400- and 480-thread workgroups, WX not a power of two, several kernel
 /// tiles (K 200 over M-step tiles of 192 kernels) and fewer B summands than threads (BK 8 x 48
-/// vec4s < 480 threads), each with B summed by column tile 0 rather than a column of ones.
+/// vec4s < 480 threads), each with B summed by column tile 0 rather than a column of ones; the
+/// first with the posteriors computed while loading (`p`), the M-step's G tile then read from L.
 #[test]
 fn staged_kernels_with_any_thread_count() {
     let t = |s: &str| Some(Tiles::parse(s).unwrap());
     check_variant(
         Variant::Staged,
-        t("e=8x8x16@20x16,m=4x4x16@20x16"),
+        t("e=8x8x16@20x16,m=4x4x16@20x16p"),
         21,
         9,
         1,

@@ -30,6 +30,8 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("u=1x3").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@20x16,m=4x4x16@20x16").unwrap());
     shapes.push(Tiles::parse("e=8x4x8@12x20u,m=8x4x8@20x24d").unwrap());
+    shapes.push(Tiles::parse("m=4x4x16@20x16p").unwrap());
+    shapes.push(Tiles::parse("m=8x8x16@8sudp").unwrap());
     shapes.push(Tiles::for_shape(16, 49152));
     for t in &shapes {
         for (name, kernel) in ALL {
@@ -48,6 +50,7 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@32,m=4x4x16@16,u=2x8",
         "e=8x8x16@20x16,m=4x4x16@20x16",
         "e=4x4x8@24x12s,m=4x8x8@25x16su",
+        "e=8x8x16@32s,m=4x4x16@20x16sudp",
     ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
@@ -60,6 +63,8 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().m_strided);
     assert!(Tiles::parse("e=8x8x16@32us").unwrap().e_unroll);
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_unroll);
+    assert!(Tiles::parse("m=4x4x16@16p").unwrap().m_fused);
+    assert!(!Tiles::parse("m=4x4x16@16sud").unwrap().m_fused);
     let d = Tiles::parse("e=8x8x16@32d,m=4x4x16@16d").unwrap();
     let single = Tiles::parse("e=8x8x16@32,m=4x4x16@16").unwrap();
     // Two stages of A and B tiles; the E-step's table of patch starts is not doubled.
@@ -79,6 +84,8 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@4x4",
         "e=8x8x16@64x32",
         "m=8x4x16@3x64",
+        "e=8x8x16@32p",
+        "m=4x4x16@16pp",
         "u=0x4",
         "u=4x9",
         "u=4",

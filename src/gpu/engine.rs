@@ -691,11 +691,28 @@ impl GpuEngine {
                             &pipes.estep,
                             &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
                         )],
-                        vec![bind(
-                            &ctx,
-                            &pipes.mstep,
-                            &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
-                        )],
+                        vec![if pipes.variant == Variant::Staged && tiles.m_fused {
+                            // The posteriors computed from L while loading (Tiles::m_fused).
+                            bind(
+                                &ctx,
+                                &pipes.mstep,
+                                &[
+                                    &pb,
+                                    &buf.l,
+                                    xb,
+                                    &off_buf,
+                                    &pos_buf,
+                                    &partials,
+                                    &buf.logp_all,
+                                ],
+                            )
+                        } else {
+                            bind(
+                                &ctx,
+                                &pipes.mstep,
+                                &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
+                            )
+                        }],
                     )
                 };
                 batches.push(Batch {
@@ -896,13 +913,16 @@ impl GpuEngine {
     fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
         let g = self.g;
         let kp = g.kpad();
-        pass.set_pipeline(&self.pipes.posterior);
-        pass.set_bind_group(0, &b.posterior, &[]);
-        pass.dispatch_workgroups(
-            g.positions().div_ceil(32) as u32,
-            kp.div_ceil(32) as u32,
-            b.n_images as u32,
-        );
+        // The staged M-step with Tiles::m_fused computes the posteriors itself.
+        if !(self.pipes.variant == Variant::Staged && self.tiles.m_fused) {
+            pass.set_pipeline(&self.pipes.posterior);
+            pass.set_bind_group(0, &b.posterior, &[]);
+            pass.dispatch_workgroups(
+                g.positions().div_ceil(32) as u32,
+                kp.div_ceil(32) as u32,
+                b.n_images as u32,
+            );
+        }
         pass.set_pipeline(&self.pipes.mstep);
         let (x, y, z) = match self.pipes.variant {
             // R columns: B (column R of the partial sums) is summed by column tile 0.

@@ -89,6 +89,11 @@ pub struct Tiles {
     /// the tiles' workgroup memory.
     pub e_double: bool,
     pub m_double: bool,
+    /// The staged M-step computes the posteriors `exp(L - logp)` while loading its G tiles
+    /// (`p` after the M-step's WX in `CALM_TILES`) instead of reading them from the `G` buffer
+    /// that `posterior.wgsl` writes: that pass (one read of `L`, one write of `G` per batch,
+    /// memory-bound) is skipped, for an `exp` per element per column tile.
+    pub m_fused: bool,
     /// Lane-strided register blocks (`s` after WX in `CALM_TILES`): a thread's RM positions (E)
     /// or RR columns (M) are RM / 4 groups of 4 that lie WX groups apart instead of side by
     /// side, so that neighbouring threads read neighbouring vec4s of the A tile (no 2-way bank
@@ -126,6 +131,7 @@ impl Default for Tiles {
             m_unroll: false,
             e_double: false,
             m_double: false,
+            m_fused: false,
             u_rm: 4,
             u_rr: 4,
             u_tn: 64,
@@ -203,17 +209,18 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d]][,u=RMxRR]` (the
+    /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d][p]][,u=RMxRR]` (the
     /// `CALM_TILES` variable, for tuning); `WX` threads along the tile's first axis and `WY`
     /// along kernels (`256 / WX` if left out), `s` asks for lane-strided register blocks, `u`
-    /// for the steps written out, `d` for double-buffered tiles; `u=` sets the uniform-buffer
+    /// for the steps written out, `d` for double-buffered tiles, `p` (M-step) for the
+    /// posteriors computed while loading ([`Tiles::m_fused`]); `u=` sets the uniform-buffer
     /// kernels' positions and columns per thread. Parts left out keep their defaults. Whether
     /// the adapter allows the thread counts and workgroup memory is checked when the engine is
     /// built.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps and d for double-buffered tiles; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
             ))
         };
         let mut t = Tiles::default();
@@ -260,12 +267,15 @@ impl Tiles {
                 None if wx > 0 && 256 % wx == 0 => 256 / wx,
                 None => return Err(bad()),
             };
-            let (strided, unroll, double) = (
+            let (strided, unroll, double, fused) = (
                 flags.contains('s'),
                 flags.contains('u'),
                 flags.contains('d'),
+                flags.contains('p'),
             );
-            if flags.len() != strided as usize + unroll as usize + double as usize {
+            if flags.len() != strided as usize + unroll as usize + double as usize + fused as usize
+                || (fused && name.trim() != "m")
+            {
                 return Err(bad());
             }
             let nums: Vec<u32> = v
@@ -297,6 +307,7 @@ impl Tiles {
                     (t.m_rk, t.m_rr, t.m_bk) = (nums[0], nums[1], nums[2]);
                     (t.m_wx, t.m_wy) = (wx, wy);
                     (t.m_strided, t.m_unroll, t.m_double) = (strided, unroll, double);
+                    t.m_fused = fused;
                 }
                 _ => return Err(bad()),
             }
@@ -307,12 +318,13 @@ impl Tiles {
 
 impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = |strided: bool, unroll: bool, double: bool| {
+        let s = |strided: bool, unroll: bool, double: bool, fused: bool| {
             format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 if strided { "s" } else { "" },
                 if unroll { "u" } else { "" },
-                if double { "d" } else { "" }
+                if double { "d" } else { "" },
+                if fused { "p" } else { "" }
             )
         };
         // `@WX` where the threads are 256 (WY = 256 / WX), else `@WXxWY`.
@@ -330,12 +342,12 @@ impl std::fmt::Display for Tiles {
             self.e_rn,
             self.e_bk,
             threads(self.e_wx, self.e_wy),
-            s(self.e_strided, self.e_unroll, self.e_double),
+            s(self.e_strided, self.e_unroll, self.e_double, false),
             self.m_rk,
             self.m_rr,
             self.m_bk,
             threads(self.m_wx, self.m_wy),
-            s(self.m_strided, self.m_unroll, self.m_double)
+            s(self.m_strided, self.m_unroll, self.m_double, self.m_fused)
         )?;
         let d = Self::default();
         if (self.u_rm, self.u_rr) != (d.u_rm, d.u_rr) {
@@ -409,20 +421,27 @@ fn stores(
 }
 
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
-/// named registers. For each `(reg, tile, elements, init, next)`, `init` and `next` are the load
-/// calls for the first and the next stage with `{E}` standing for the element index; the
-/// workgroup's `nt` threads share the elements. Returns the declarations with the first loads,
-/// the stores into workgroup memory, and the next loads.
-pub fn prefetch(nt: u32, parts: &[(&str, &str, u32, &str, &str)]) -> (String, String, String) {
+/// named registers. For each `(reg, tile, elements, init, next, slot)`, `init` and `next` are
+/// the load calls for the first and the next stage and `slot` the element's place in the tile,
+/// with `{E}` standing for the element index; the workgroup's `nt` threads share the elements.
+/// Returns the declarations with the first loads, the stores into workgroup memory, and the
+/// next loads.
+pub fn prefetch(
+    nt: u32,
+    parts: &[(&str, &str, u32, &str, &str, &str)],
+) -> (String, String, String) {
     let (mut init, mut store, mut next) = (String::new(), String::new(), String::new());
-    for &(reg, tile, elements, first, later) in parts {
+    for &(reg, tile, elements, first, later, slot) in parts {
         for t in 0..elements.div_ceil(nt) {
             let e = format!("lid + {}u", nt * t);
             init.push_str(&format!(
                 "    var {reg}{t} = {};\n",
                 first.replace("{E}", &e)
             ));
-            let st = format!("{tile}[{tile}_w + {e}] = {reg}{t};");
+            let st = format!(
+                "{tile}[{tile}_w + {}] = {reg}{t};",
+                slot.replace("{E}", &format!("({e})"))
+            );
             if nt * (t + 1) <= elements {
                 store.push_str(&format!("        {st}\n"));
             } else {
@@ -472,6 +491,62 @@ fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
     };
     format!("{head}{steps}{tail}")
 }
+
+/// The staged M-step's posteriors read from the `G` buffer that `posterior.wgsl` wrote
+/// (binding 1, `(n_images, P, KP)`): one vec4 of the G tile, element e = (kk, four kernels from
+/// k0) of image n, positions from p0; zero beyond K and P. `g_slot(e)` is its place in the tile.
+const MSTEP_G_BUFFER: &str = r#"
+@group(0) @binding(1) var<storage, read> gpost: array<vec4<f32>>;
+
+fn g_slot(e: u32) -> u32 {
+    return e;
+}
+
+fn load_g(n: u32, p0: u32, e: u32, k0: u32) -> vec4<f32> {
+    let kp = kpad();
+    let kk = e / TK4;
+    let kq = e - kk * TK4;
+    let p = p0 + kk;
+    let k = k0 + kq * 4u;
+    var v = vec4<f32>(0.0);
+    if (p < prm.positions && k < kp) {
+        v = gpost[((n * prm.positions + p) * kp + k) / 4u];
+    }
+    return v;
+}
+"#;
+
+/// The staged M-step's posteriors computed while loading ([`Tiles::m_fused`]): `exp(L - logp)`
+/// from `L` (binding 1, `(n_images, K, P)`) and the batch's `logp` (binding 6), the same
+/// expression as `posterior.wgsl`. Element e runs along positions first (kk = e % BK), so
+/// neighbouring threads read neighbouring floats of `L`; `g_slot` puts it at (kk, kq) in the
+/// tile. Zero beyond K and P.
+const MSTEP_G_FUSED: &str = r#"
+@group(0) @binding(1) var<storage, read> l: array<f32>;
+@group(0) @binding(6) var<storage, read> logp_all: array<f32>;
+
+fn g_slot(e: u32) -> u32 {
+    return (e % BK) * TK4 + e / BK;
+}
+
+fn load_g(n: u32, p0: u32, e: u32, k0: u32) -> vec4<f32> {
+    let kk = e % BK;
+    let kq = e / BK;
+    let p = p0 + kk;
+    let k = k0 + kq * 4u;
+    var v = vec4<f32>(0.0);
+    if (p < prm.positions) {
+        let lp = logp_all[prm.logp_offset + n];
+        let b = (n * prm.k + k) * prm.positions + p;
+        let ps = prm.positions;
+        if (k < prm.k) { v.x = exp(l[b] - lp); }
+        if (k + 1u < prm.k) { v.y = exp(l[b + ps] - lp); }
+        if (k + 2u < prm.k) { v.z = exp(l[b + 2u * ps] - lp); }
+        if (k + 3u < prm.k) { v.w = exp(l[b + 3u * ps] - lp); }
+    }
+    return v;
+}
+"#;
 
 /// The uniform-buffer kernels' windows hold at most this many floats (64 KiB, the binding
 /// limit of uniform buffers on lavapipe and WebGPU's default).
@@ -596,6 +671,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     tiles.e_bk * tiles.e_tm() / 4,
                     "load_a(0u, {E})",
                     "load_a(r0 + BK, {E})",
+                    "{E}",
                 ),
                 (
                     "pb",
@@ -603,6 +679,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     tiles.e_bk * tiles.e_tn() / 4,
                     "load_b(0u, {E}, n0)",
                     "load_b(r0 + BK, {E}, n0)",
+                    "{E}",
                 ),
             ],
         );
@@ -633,6 +710,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     tiles.m_bk * tiles.m_tk() / 4,
                     "load_g(n, p0, {E}, k0)",
                     "load_g(n, p0, {E}, k0)",
+                    "g_slot({E})",
                 ),
                 (
                     "px",
@@ -640,10 +718,20 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     tiles.m_bk * tiles.m_tr() / 4,
                     "load_x(n, p0, {E}, c0)",
                     "load_x(n, p0, {E}, c0)",
+                    "{E}",
                 ),
             ],
         );
-        fill(kernel, (d, f, s), (pi, ps, pn))
+        let g_source = if tiles.m_fused {
+            MSTEP_G_FUSED
+        } else {
+            MSTEP_G_BUFFER
+        };
+        fill(
+            &kernel.replace("{{G_SOURCE}}", g_source),
+            (d, f, s),
+            (pi, ps, pn),
+        )
     } else {
         kernel.to_string()
     };
