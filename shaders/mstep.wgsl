@@ -3,7 +3,7 @@
 //   T[k, r]  = sum_{n,h,w} G[n,h,w,k] * Xpad[n, c, h+i, w+j],   r = (c, i, j) < R
 //   T[k, R]  = sum_{n,h,w} G[n,h,w,k]                  (= B[k])
 //
-// with G = exp(L - logp) from posterior.wgsl, i.e. the GEMM  T[K x R] = G^T[K x M] A[M x R]
+// with G = exp(L - logp) from posterior.wgsl (or computed while loading, Tiles::m_fused), i.e. the GEMM  T[K x R] = G^T[K x M] A[M x R]
 // with A read from the padded images as in the E-step, and B summed from the same G tiles by
 // the workgroups of column tile 0 (not as a column of ones in the GEMM: R + 1 columns would
 // cost a whole extra column tile wherever the tile width divides R). The long
@@ -75,7 +75,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
 
 {{ACC_DECL}}
     // B: in column tile 0, thread lid adds the G tile's vec4s lid, lid + NT, ...; NT is a
-    // multiple of TK4 (Tiles::parse), so they all hold the same four kernels, lid % TK4.
+    // multiple of TK4 (Tiles::check), so they all hold the same four kernels, lid % TK4.
     let sum_b = wid.x == 0u;
     var bsum = vec4<f32>(0.0);
     // Stages run over (image, BK positions) of the chunk; the next stage's tiles are loaded into

@@ -395,7 +395,10 @@ fn prior_weights_and_variance_match_the_twin() {
 /// tiles, none partial), 400- and 480-thread workgroups, WX not a power of two, several kernel
 /// tiles (K 200 over M-step tiles of 192 kernels) and fewer B summands than threads (BK 8 x 48
 /// vec4s < 480 threads), each with B summed by column tile 0 rather than a column of ones; the
-/// first with the posteriors computed while loading (`p`), the M-step's G tile then read from L.
+/// first and the last with the posteriors computed while loading (`p`), the M-step's G tile then
+/// read from L (the last over several kernel tiles). Then images of P = 1,156 positions, one to
+/// an M-step chunk, so that a batch of 3 has 3 partial sums (`wid.z` up to 2), with and without
+/// `p`.
 #[test]
 fn staged_kernels_with_any_thread_count() {
     let t = |s: &str| Some(Tiles::parse(s).unwrap());
@@ -427,7 +430,7 @@ fn staged_kernels_with_any_thread_count() {
     );
     check_variant(
         Variant::Staged,
-        t("e=8x4x8@12x20u,m=8x4x8@20x24d"),
+        t("e=8x4x8@12x20u,m=8x4x8@20x24dp"),
         23,
         12,
         2,
@@ -438,4 +441,11 @@ fn staged_kernels_with_any_thread_count() {
         2,
         7,
     );
+    for shape in [
+        "e=8x8x16@32,m=4x4x16@20x16",
+        "e=8x8x16@32s,m=4x4x16@20x16p",
+        "e=8x8x16@32,m=4x4x16@16p",
+    ] {
+        check_variant(Variant::Staged, t(shape), 24, 7, 1, 34, 34, 8, 3, 1, 3);
+    }
 }

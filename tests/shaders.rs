@@ -86,6 +86,8 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "m=8x4x16@3x64",
         "e=8x8x16@32p",
         "m=4x4x16@16pp",
+        "e=8x8x16@70000x70000",
+        "e=8x8x16@16777217x256",
         "u=0x4",
         "u=4x9",
         "u=4",
@@ -93,4 +95,40 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     ] {
         assert!(Tiles::parse(bad).is_err(), "{bad}");
     }
+}
+
+/// Shapes made in code are held to the same rules as parsed ones (`Tiles::check`): the M-step's
+/// B sum needs a thread count that is a multiple of its kernel vec4s.
+#[test]
+fn tiles_made_in_code_are_checked() {
+    assert!(Tiles::default().check().is_ok());
+    let bad = Tiles {
+        m_wx: 2,
+        m_wy: 128,
+        m_rk: 16,
+        ..Tiles::default()
+    };
+    assert!(bad.check().is_err());
+    let bad = Tiles {
+        e_wx: 4,
+        e_wy: 4,
+        ..Tiles::default()
+    };
+    assert!(bad.check().is_err());
+}
+
+/// Where a stage's elements do not divide among the threads, the last share's loads are clamped
+/// to the last element (the loads run before the guarded store, with naga's bounds checks off):
+/// `m=4x4x4@20x16` has 4 x 20 = 80 vec4s of patches per stage for 320 threads. The default
+/// E-step's tiles divide evenly and need no clamp.
+#[test]
+fn partial_prefetch_loads_are_clamped() {
+    let t = Tiles::parse("e=8x8x16@32,m=4x4x4@20x16").unwrap();
+    let text = source(calm_gpu::gpu::kernels::MSTEP, &t);
+    assert!(
+        text.contains("load_x(n, p0, min(lid + 0u, 79u), c0)"),
+        "{text}"
+    );
+    let full = source(calm_gpu::gpu::kernels::ESTEP, &Tiles::default());
+    assert!(!full.contains("min(lid"), "a full share needs no clamp");
 }

@@ -322,6 +322,15 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
         u_tn: Tiles::uniform_tn(k),
         ..tiles
     };
+    tiles
+        .check()
+        .map_err(|why| CalmError::Invalid(format!("tiles {tiles}: {why}")))?;
+    Ok(tiles)
+}
+
+/// Whether the adapter runs the staged kernels with `tiles`: their workgroup memory and thread
+/// counts against its limits (the other variants use neither).
+fn staged_tiles_fit(ctx: &GpuContext, tiles: &Tiles) -> Result<()> {
     let (e, m) = tiles.workgroup_bytes();
     let l = &ctx.limits;
     let max = l.max_compute_workgroup_storage_size;
@@ -333,7 +342,7 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
         )));
     }
     for (wx, wy) in [(tiles.e_wx, tiles.e_wy), (tiles.m_wx, tiles.m_wy)] {
-        if wx * wy > l.max_compute_invocations_per_workgroup
+        if wx as u64 * wy as u64 > l.max_compute_invocations_per_workgroup as u64
             || wx > l.max_compute_workgroup_size_x
             || wy > l.max_compute_workgroup_size_y
         {
@@ -346,7 +355,7 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
             )));
         }
     }
-    Ok(tiles)
+    Ok(())
 }
 
 impl GpuEngine {
@@ -416,6 +425,9 @@ impl GpuEngine {
             }
         }
         let uniform = variant == Variant::Uniform;
+        if variant == Variant::Staged {
+            staged_tiles_fit(&ctx, &tiles)?;
+        }
         let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
         let kp = g.kpad() as u64;
 
@@ -571,8 +583,8 @@ impl GpuEngine {
                     .flat_map(move |i| (0..g.kw).map(move |j| ((c * g.hp + i) * g.wp + j) as u32))
             })
             // Zeros past R and P: the M-step's tile loads read them (in bounds, value unused)
-            // instead of branching per element. 1,100 covers a 1,024-column tile.
-            .chain(std::iter::repeat_n(0, 1100))
+            // instead of branching per element, up to a whole column tile past R.
+            .chain(std::iter::repeat_n(0, (tiles.m_tr() as usize).max(1100)))
             .collect();
         // The uniform-buffer E-step reads the table as one 64 KiB uniform binding.
         let mut off = off;

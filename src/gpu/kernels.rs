@@ -67,13 +67,15 @@ pub struct Params {
 /// threads waste none, 64-column ones compute 448).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
-    /// E-step: positions per thread, kernels per thread, reduction slice, threads along positions.
+    /// E-step: positions per thread, kernels per thread, reduction slice, threads along
+    /// positions, threads along kernels.
     pub e_rm: u32,
     pub e_rn: u32,
     pub e_bk: u32,
     pub e_wx: u32,
     pub e_wy: u32,
-    /// M-step: kernels per thread, columns per thread, reduction slice, threads along columns.
+    /// M-step: kernels per thread, columns per thread, reduction slice, threads along columns,
+    /// threads along kernels.
     pub m_rk: u32,
     pub m_rr: u32,
     pub m_bk: u32,
@@ -241,7 +243,8 @@ impl Tiles {
                 continue;
             }
             // WX, an optional xWY, then the flags: s (lane-strided), u (steps written out),
-            // d (double-buffered), each at most once.
+            // d (double-buffered), p (M-step: posteriors computed while loading), each at most
+            // once.
             let number = |s: &str| -> Result<(u32, usize)> {
                 let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
                 Ok((s[..end].parse::<u32>().map_err(|_| bad())?, end))
@@ -267,6 +270,9 @@ impl Tiles {
                 None if wx > 0 && 256 % wx == 0 => 256 / wx,
                 None => return Err(bad()),
             };
+            if wx.checked_mul(wy).is_none() {
+                return Err(bad());
+            }
             let (strided, unroll, double, fused) = (
                 flags.contains('s'),
                 flags.contains('u'),
@@ -282,14 +288,7 @@ impl Tiles {
                 .split('x')
                 .map(|n| n.trim().parse().map_err(|_| bad()))
                 .collect::<Result<_>>()?;
-            if nums.len() != 3
-                || nums.iter().any(|&n| n == 0 || n > 64)
-                || !nums[0].is_multiple_of(4)
-                || !nums[1].is_multiple_of(4)
-                || wx == 0
-                || wy == 0
-                || !(32..=1024).contains(&(wx * wy))
-            {
+            if nums.len() != 3 {
                 return Err(bad());
             }
             match name.trim() {
@@ -299,11 +298,6 @@ impl Tiles {
                     (t.e_strided, t.e_unroll, t.e_double) = (strided, unroll, double);
                 }
                 "m" => {
-                    // The M-step's column sums (B) are added by threads each holding one vec4
-                    // of kernels, which needs the thread count to be a multiple of TK / 4.
-                    if !(wx * 4).is_multiple_of(nums[0]) {
-                        return Err(bad());
-                    }
                     (t.m_rk, t.m_rr, t.m_bk) = (nums[0], nums[1], nums[2]);
                     (t.m_wx, t.m_wy) = (wx, wy);
                     (t.m_strided, t.m_unroll, t.m_double) = (strided, unroll, double);
@@ -312,7 +306,51 @@ impl Tiles {
                 _ => return Err(bad()),
             }
         }
+        t.check()
+            .map_err(|why| CalmError::Invalid(format!("tiles `{s}`: {why}")))?;
         Ok(t)
+    }
+
+    /// The rules every shape of the staged kernels keeps, whoever made it (`parse`, or code
+    /// filling the fields): register blocks of multiples of 4 up to 64, BK 1 to 64, 32 to 1,024
+    /// threads, and (M-step) a thread count that is a multiple of the kernels' vec4s, TK / 4, as
+    /// the sum of B needs (each thread adds the same four kernels at every step). Whether the
+    /// adapter allows the threads and the workgroup memory is the engine's check.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let parts = [
+            (
+                "E-step", self.e_rm, self.e_rn, self.e_bk, self.e_wx, self.e_wy,
+            ),
+            (
+                "M-step", self.m_rk, self.m_rr, self.m_bk, self.m_wx, self.m_wy,
+            ),
+        ];
+        for (name, a, b, bk, wx, wy) in parts {
+            if a == 0 || b == 0 || a > 64 || b > 64 || a % 4 != 0 || b % 4 != 0 {
+                return Err(format!(
+                    "{name} register blocks of {a} x {b}: multiples of 4 up to 64 are allowed"
+                ));
+            }
+            if !(1..=64).contains(&bk) {
+                return Err(format!("{name} BK {bk}: 1 to 64 is allowed"));
+            }
+            let nt = wx as u64 * wy as u64;
+            if wx == 0 || wy == 0 || !(32..=1024).contains(&nt) {
+                return Err(format!(
+                    "{name} workgroups of {wx} x {wy} threads: 32 to 1,024 in all are allowed"
+                ));
+            }
+        }
+        if !(self.m_wx as u64 * 4).is_multiple_of(self.m_rk as u64) {
+            return Err(format!(
+                "M-step threads {} x {} with {} kernels each: the thread count must be a multiple of the tile's {} kernel vec4s (4 WX a multiple of RK)",
+                self.m_wx,
+                self.m_wy,
+                self.m_rk,
+                self.m_tk() / 4
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -434,9 +472,16 @@ pub fn prefetch(
     for &(reg, tile, elements, first, later, slot) in parts {
         for t in 0..elements.div_ceil(nt) {
             let e = format!("lid + {}u", nt * t);
+            // The last, partial share loads a valid element (the last one) where it has none,
+            // so that no load reads past its tables; the store below is skipped for it.
+            let le = if nt * (t + 1) <= elements {
+                e.clone()
+            } else {
+                format!("min(lid + {}u, {}u)", nt * t, elements - 1)
+            };
             init.push_str(&format!(
                 "    var {reg}{t} = {};\n",
-                first.replace("{E}", &e)
+                first.replace("{E}", &le)
             ));
             let st = format!(
                 "{tile}[{tile}_w + {}] = {reg}{t};",
@@ -449,7 +494,7 @@ pub fn prefetch(
             }
             next.push_str(&format!(
                 "            {reg}{t} = {};\n",
-                later.replace("{E}", &e)
+                later.replace("{E}", &le)
             ));
         }
     }
@@ -849,7 +894,8 @@ fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputeP
     let module = if matches!(name, "estep" | "mstep" | "estep_ubo" | "mstep_ubo") && !gemm_checks()
     {
         // SAFETY: these two kernels index only within bounds they check explicitly (tile edges
-        // against K, R, P and the batch; padded offset tables), and every loop has a uniform,
+        // against K, R, P and the batch; offset tables padded by a tile; the last, partial share
+        // of a stage's loads clamped by `prefetch`), and every loop has a uniform,
         // finite trip count; `validate` and tests/gpu_vs_cpu.rs run them on every shape class.
         unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
     } else {
