@@ -173,7 +173,7 @@ fn mnist_like_shape() {
 }
 
 /// The uniform-buffer kernels over many windows. K 200: rows of 200 floats, 80 to a 64 KiB
-/// window, and four blocks of 64 kernels (the last one partial); R = 2 * 8 * 8 = 128 steps, two
+/// window, and four blocks of 52 kernels (the last one partial); R = 2 * 8 * 8 = 128 steps, two
 /// E-step windows. 60 images of 12 x 12 with w 8, p 2: P = 81, 25 images to a chunk; in one
 /// batch 4,860 positions, 61 M-step windows shared out over 3 partial sums; in two batches of 30,
 /// 31 windows over 2 partial sums each (a window sent to the wrong sum leaves the first batch's

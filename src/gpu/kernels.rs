@@ -179,9 +179,12 @@ impl Tiles {
     }
 
     /// The uniform-buffer kernels' kernels per workgroup for K kernels: all of them (rounded up
-    /// to 8), at most 64.
+    /// to 8) up to 64; beyond, the fewest blocks of at most 64, as equal as multiples of 4 allow
+    /// (K 200: 4 blocks of 52, 208 kernels computed, where blocks of 64 would compute 256).
     pub fn uniform_tn(k: usize) -> u32 {
-        (k.div_ceil(8) * 8).min(64) as u32
+        let kp = k.div_ceil(8) * 8;
+        let blocks = kp.div_ceil(64);
+        (kp.div_ceil(blocks).div_ceil(4) * 4) as u32
     }
 
     /// Tile extents: E-step positions and kernels, M-step columns and kernels.
