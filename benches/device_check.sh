@@ -29,8 +29,9 @@ TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 # of 64 for 400 columns), 100 and 200 columns; for STL-10 (K 200, R 675) E-step tiles of all
 # 200 kernels (against 4 of 64: 22% of the FMAs wasted) and M-step tiles of 200 kernels x 80
 # columns (9 tiles, 94% useful, against 256 x 64: 75%) or 200 x 136 (5 tiles, 99%); "p" after
-# the M-step's threads: the posteriors computed while loading, posterior.wgsl's pass skipped.
-TILES=${TILES:-"default e=8x8x16@32,m=4x4x16@20x16 e=8x8x16@32,m=4x4x16@20x16p e=8x8x16@32s,m=4x4x16@20x16p e=8x8x16@32,m=4x4x16@25x16 e=8x8x16@32,m=4x8x16@25x16s e=8x8x16@32s,m=4x4x16@20x16 e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32su,m=4x4x16@16u e=8x8x16@32sd,m=4x4x16@16d"}
+# the M-step's threads: the posteriors computed while loading, posterior.wgsl's pass skipped;
+# BK 32 (half the barriers per FMA; 41 KB of workgroup memory for the E-step: not on lavapipe).
+TILES=${TILES:-"default e=8x8x16@32,m=4x4x16@20x16 e=8x8x16@32,m=4x4x16@20x16p e=8x8x16@32s,m=4x4x16@20x16p e=8x8x32@32s,m=4x4x32@20x16p e=8x8x16@32,m=4x4x16@25x16 e=8x8x16@32,m=4x8x16@25x16s e=8x8x16@32s,m=4x4x16@20x16 e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32su,m=4x4x16@16u e=8x8x16@32sd,m=4x4x16@16d"}
 STL_TILES=${STL_TILES:-"default e=8x8x16@16x25,m=8x8x16@10x25 e=8x8x16@16x25,m=8x8x16@10x25p e=8x8x16@8x25,m=8x8x16@10x25 e=8x8x16@16x25s,m=4x8x16@17x50s e=8x8x16@32s,m=8x8x16@8s e=8x8x16@32sd,m=8x8x16@8sd"}
 mkdir -p "$OUT"
 # Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
