@@ -13,6 +13,8 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    #[cfg(target_os = "linux")]
+    quiet_wayland_probe();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -29,5 +31,35 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {line}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// On a headless Linux machine without `XDG_RUNTIME_DIR` (containers, batch jobs), enumerating
+/// Vulkan adapters makes Mesa's Wayland support print "error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment." twice, which reads as calm-gpu failing. calm-gpu never opens a
+/// window, so where the variable is unset and no Wayland display is named, it points at a
+/// private directory of its own (0700, this user's, under the temporary directory): the probe
+/// then finds no compositor and says nothing.
+#[cfg(target_os = "linux")]
+fn quiet_wayland_probe() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let usable = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .is_some_and(|d| d.is_absolute() && d.is_dir());
+    if usable || std::env::var_os("WAYLAND_DISPLAY").is_some() {
+        return;
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("calm-gpu-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    // Only a directory of this user's that no one else can enter (not one planted by another
+    // user under a shared /tmp).
+    let own = std::fs::symlink_metadata(&dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+    if own {
+        // SAFETY: called from main before any thread exists (nothing else reads or writes the
+        // environment concurrently).
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
     }
 }

@@ -972,3 +972,22 @@ fn settling_epochs_are_labelled() {
     let m = calm_gpu::model::Model::load(&model).unwrap();
     assert!(m.meta.history.len() >= 2, "{:?}", m.meta.history);
 }
+
+/// On a headless machine without XDG_RUNTIME_DIR, Mesa's Wayland probe prints "error:
+/// XDG_RUNTIME_DIR is invalid or not set" while adapters are enumerated; calm-gpu gives it a
+/// private runtime directory so that no such line reaches the user (main.rs).
+#[cfg(target_os = "linux")]
+#[test]
+fn no_runtime_dir_error_on_a_headless_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = calm()
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .env("TMPDIR", tmp.path())
+        .arg("devices")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
