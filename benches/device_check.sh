@@ -71,7 +71,7 @@ i=0
 for t in $TILES; do
   i=$((i+1))
   if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
-  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$(printf %02d $i).json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
   CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -1 | sed "s/^/checks-on  /"
@@ -82,7 +82,7 @@ i=0
 for t in $STL_TILES; do
   i=$((i+1))
   if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
-  timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$i.json" 2>&1 | tail -1 | sed "s/^/$t  /"
+  timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$(printf %02d $i).json" 2>&1 | tail -1 | sed "s/^/$t  /"
 done
 unset CALM_TILES
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
