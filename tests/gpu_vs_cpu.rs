@@ -449,3 +449,51 @@ fn staged_kernels_with_any_thread_count() {
         check_variant(Variant::Staged, t(shape), 24, 7, 1, 34, 34, 8, 3, 1, 3);
     }
 }
+
+/// With the posteriors computed while loading (`p`), the staged engine holds no G buffer: its
+/// device memory is smaller by exactly one batch of G (`B x P x KP` floats, less the 16-byte
+/// stand-in), and the epoch's statistics are the same as with G (to rounding).
+#[test]
+fn fused_posteriors_hold_no_g_buffer() {
+    let Some(ctx) = gpu() else { return };
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 13,
+            width: 5,
+            pad: 1,
+        },
+        2,
+        12,
+        10,
+    )
+    .unwrap();
+    let data = random_images(31, 9, 2, 12, 10);
+    let theta = random_theta(32, g.k * g.r(), 0.1);
+    let engine = |tiles: &str| {
+        GpuEngine::new(
+            Arc::clone(&ctx),
+            g,
+            Arc::new(data.clone()),
+            &theta,
+            GpuOptions {
+                batch: 4,
+                variant: Some(Variant::Staged),
+                tiles: Tiles::parse(tiles).ok(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (mut with_g, mut fused) = (engine("m=4x4x16@16"), engine("m=4x4x16@16p"));
+    let g_bytes = (with_g.max_batch() * g.positions() * g.kpad() * 4) as u64;
+    assert_eq!(with_g.device_bytes() - fused.device_bytes(), g_bytes - 16);
+    let (a, b) = (
+        with_g.epoch(&mut |_| {}).unwrap(),
+        fused.epoch(&mut |_| {}).unwrap(),
+    );
+    let (sa, sb) = (with_g.read_state().unwrap(), fused.read_state().unwrap());
+    let ta: Vec<f64> = sa.t.iter().map(|&v| v as f64).collect();
+    let e = rel_err(&sb.t, &ta);
+    assert!(e < 1e-5, "T with and without G: {e}");
+    assert!((a.loglik - b.loglik).abs() <= 1e-6 * a.loglik.abs().max(1.0));
+}

@@ -68,7 +68,8 @@ struct Batch {
     /// ([`Variant::Uniform`]) one per window (of reduction steps, of positions), a dispatch each.
     estep: Vec<wgpu::BindGroup>,
     lse: wgpu::BindGroup,
-    posterior: wgpu::BindGroup,
+    /// None where the M-step computes the posteriors itself (staged kernels, Tiles::m_fused).
+    posterior: Option<wgpu::BindGroup>,
     mstep: Vec<wgpu::BindGroup>,
     reduce: wgpu::BindGroup,
     features: wgpu::BindGroup,
@@ -425,6 +426,9 @@ impl GpuEngine {
             }
         }
         let uniform = variant == Variant::Uniform;
+        // The G buffer and the posterior pass, unless the staged M-step computes the
+        // posteriors while loading (Tiles::m_fused).
+        let uses_g = !(variant == Variant::Staged && tiles.m_fused);
         if variant == Variant::Staged {
             staged_tiles_fit(&ctx, &tiles)?;
         }
@@ -491,13 +495,13 @@ impl GpuEngine {
             let chunks = mb.div_ceil(ipc as u64);
             // theta, theta_next; theta_t, theta_t_next; bias, bias_next, counts, counts_next, bad
             2 * k * r * 4 + 2 * r * kp * 4 + 5 * k * 4
-                + mb * p * kp * 4 // G
+                + if uses_g { mb * p * kp * 4 } else { 0 } // G
                 + mb * k * p * 4 // L
                 + mb * k * (grid * grid) as u64 * 4 // features
                 + if tri { mb * p * 2 * 4 } else { 0 } // triangle: norms and means
                 + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
                 + n as u64 * 4 // logp_all
-                + (r + 1100 + p + 128) * 4 + 16 // offsets, summary
+                + (r + (tiles.m_tr() as u64).max(1100) + p + 128) * 4 + 16 // offsets, summary
                 + if uniform { 3 * UBO_FLOATS as u64 * 4 } else { 0 } // 64 KiB window tails
                 + windows(mb as usize)
         };
@@ -611,7 +615,11 @@ impl GpuEngine {
             gpost: storage_as(
                 &ctx,
                 "G",
-                max_batch as u64 * p * kp * 4 + if uniform { UBO_FLOATS as u64 * 4 } else { 0 },
+                if uses_g {
+                    max_batch as u64 * p * kp * 4 + if uniform { UBO_FLOATS as u64 * 4 } else { 0 }
+                } else {
+                    16 // bound nowhere
+                },
                 RW_UNIFORM,
             ),
             bias: init(&ctx, "bias", bytemuck::cast_slice(&bias)),
@@ -703,7 +711,7 @@ impl GpuEngine {
                             &pipes.estep,
                             &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
                         )],
-                        vec![if pipes.variant == Variant::Staged && tiles.m_fused {
+                        vec![if !uses_g {
                             // The posteriors computed from L while loading (Tiles::m_fused).
                             bind(
                                 &ctx,
@@ -733,17 +741,19 @@ impl GpuEngine {
                     x: xi,
                     estep,
                     lse: bind(&ctx, &pipes.logsumexp, &[&pb, &buf.l, &buf.logp_all]),
-                    posterior: bind_parts(
-                        &ctx,
-                        &pipes.posterior,
-                        vec![
-                            pb.as_entire_binding(),
-                            buf.l.as_entire_binding(),
-                            buf.logp_all.as_entire_binding(),
-                            // Without the uniform-buffer kernels' tail.
-                            part(&buf.gpost, 0, max_batch as u64 * p * kp * 4),
-                        ],
-                    ),
+                    posterior: uses_g.then(|| {
+                        bind_parts(
+                            &ctx,
+                            &pipes.posterior,
+                            vec![
+                                pb.as_entire_binding(),
+                                buf.l.as_entire_binding(),
+                                buf.logp_all.as_entire_binding(),
+                                // Without the uniform-buffer kernels' tail.
+                                part(&buf.gpost, 0, max_batch as u64 * p * kp * 4),
+                            ],
+                        )
+                    }),
                     mstep,
                     reduce: bind(
                         &ctx,
@@ -925,10 +935,10 @@ impl GpuEngine {
     fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: &Batch) {
         let g = self.g;
         let kp = g.kpad();
-        // The staged M-step with Tiles::m_fused computes the posteriors itself.
-        if !(self.pipes.variant == Variant::Staged && self.tiles.m_fused) {
+        // None where the staged M-step computes the posteriors itself (Tiles::m_fused).
+        if let Some(posterior) = &b.posterior {
             pass.set_pipeline(&self.pipes.posterior);
-            pass.set_bind_group(0, &b.posterior, &[]);
+            pass.set_bind_group(0, posterior, &[]);
             pass.dispatch_workgroups(
                 g.positions().div_ceil(32) as u32,
                 kp.div_ceil(32) as u32,
