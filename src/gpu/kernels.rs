@@ -461,43 +461,52 @@ fn stores(
     st
 }
 
+/// One tile of a GEMM kernel's stage, as [`prefetch`] loads it: the registers `reg0, reg1, ...`
+/// that hold each thread's share, the workgroup array `tile`, its `elements` vec4s, the load
+/// calls for the first and for the next stage, and each element's place in the tile (`{E}`
+/// stands for the element index in the last three).
+pub struct StageTile<'a> {
+    pub reg: &'a str,
+    pub tile: &'a str,
+    pub elements: u32,
+    pub first: &'a str,
+    pub next: &'a str,
+    pub slot: &'a str,
+}
+
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
-/// named registers. For each `(reg, tile, elements, init, next, slot)`, `init` and `next` are
-/// the load calls for the first and the next stage and `slot` the element's place in the tile,
-/// with `{E}` standing for the element index; the workgroup's `nt` threads share the elements.
-/// Returns the declarations with the first loads, the stores into workgroup memory, and the
-/// next loads.
-pub fn prefetch(
-    nt: u32,
-    parts: &[(&str, &str, u32, &str, &str, &str)],
-) -> (String, String, String) {
+/// named registers; the workgroup's `nt` threads share each tile's elements. Returns the
+/// declarations with the first loads, the stores into workgroup memory, and the next loads.
+pub fn prefetch(nt: u32, tiles: &[StageTile]) -> (String, String, String) {
     let (mut init, mut store, mut next) = (String::new(), String::new(), String::new());
-    for &(reg, tile, elements, first, later, slot) in parts {
+    for st in tiles {
+        let (reg, tile, elements) = (st.reg, st.tile, st.elements);
         for t in 0..elements.div_ceil(nt) {
             let e = format!("lid + {}u", nt * t);
+            let full = nt * (t + 1) <= elements;
             // The last, partial share loads a valid element (the last one) where it has none,
             // so that no load reads past its tables; the store below is skipped for it.
-            let le = if nt * (t + 1) <= elements {
+            let le = if full {
                 e.clone()
             } else {
                 format!("min(lid + {}u, {}u)", nt * t, elements - 1)
             };
             init.push_str(&format!(
                 "    var {reg}{t} = {};\n",
-                first.replace("{E}", &le)
+                st.first.replace("{E}", &le)
             ));
-            let st = format!(
+            let put = format!(
                 "{tile}[{tile}_w + {}] = {reg}{t};",
-                slot.replace("{E}", &format!("({e})"))
+                st.slot.replace("{E}", &format!("({e})"))
             );
-            if nt * (t + 1) <= elements {
-                store.push_str(&format!("        {st}\n"));
+            if full {
+                store.push_str(&format!("        {put}\n"));
             } else {
-                store.push_str(&format!("        if ({e} < {elements}u) {{ {st} }}\n"));
+                store.push_str(&format!("        if ({e} < {elements}u) {{ {put} }}\n"));
             }
             next.push_str(&format!(
                 "            {reg}{t} = {};\n",
-                later.replace("{E}", &le)
+                st.next.replace("{E}", &le)
             ));
         }
     }
@@ -713,22 +722,22 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         let (pi, ps, pn) = prefetch(
             tiles.threads().0,
             &[
-                (
-                    "pa",
-                    "a_tile",
-                    tiles.e_bk * tiles.e_tm() / 4,
-                    "load_a(0u, {E})",
-                    "load_a(r0 + BK, {E})",
-                    "{E}",
-                ),
-                (
-                    "pb",
-                    "b_tile",
-                    tiles.e_bk * tiles.e_tn() / 4,
-                    "load_b(0u, {E}, n0)",
-                    "load_b(r0 + BK, {E}, n0)",
-                    "{E}",
-                ),
+                StageTile {
+                    reg: "pa",
+                    tile: "a_tile",
+                    elements: tiles.e_bk * tiles.e_tm() / 4,
+                    first: "load_a(0u, {E})",
+                    next: "load_a(r0 + BK, {E})",
+                    slot: "{E}",
+                },
+                StageTile {
+                    reg: "pb",
+                    tile: "b_tile",
+                    elements: tiles.e_bk * tiles.e_tn() / 4,
+                    first: "load_b(0u, {E}, n0)",
+                    next: "load_b(r0 + BK, {E}, n0)",
+                    slot: "{E}",
+                },
             ],
         );
         fill(kernel, (d, f, s), (pi, ps, pn))
@@ -752,22 +761,22 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         let (pi, ps, pn) = prefetch(
             tiles.threads().1,
             &[
-                (
-                    "pg",
-                    "b_tile",
-                    tiles.m_bk * tiles.m_tk() / 4,
-                    "load_g(n, p0, {E}, k0)",
-                    "load_g(n, p0, {E}, k0)",
-                    "g_slot({E})",
-                ),
-                (
-                    "px",
-                    "a_tile",
-                    tiles.m_bk * tiles.m_tr() / 4,
-                    "load_x(n, p0, {E}, c0)",
-                    "load_x(n, p0, {E}, c0)",
-                    "{E}",
-                ),
+                StageTile {
+                    reg: "pg",
+                    tile: "b_tile",
+                    elements: tiles.m_bk * tiles.m_tk() / 4,
+                    first: "load_g(n, p0, {E}, k0)",
+                    next: "load_g(n, p0, {E}, k0)",
+                    slot: "g_slot({E})",
+                },
+                StageTile {
+                    reg: "px",
+                    tile: "a_tile",
+                    elements: tiles.m_bk * tiles.m_tr() / 4,
+                    first: "load_x(n, p0, {E}, c0)",
+                    next: "load_x(n, p0, {E}, c0)",
+                    slot: "{E}",
+                },
             ],
         );
         let g_source = if tiles.m_fused {
