@@ -429,6 +429,8 @@ impl GpuEngine {
         // The G buffer and the posterior pass, unless the staged M-step computes the
         // posteriors while loading (Tiles::m_fused).
         let uses_g = !(variant == Variant::Staged && tiles.m_fused);
+        // Zeros after the offset table: the M-step's tile loads read up to a column tile past R.
+        let off_pad = (tiles.m_tr() as usize).max(1100);
         if variant == Variant::Staged {
             staged_tiles_fit(&ctx, &tiles)?;
         }
@@ -501,7 +503,7 @@ impl GpuEngine {
                 + if tri { mb * p * 2 * 4 } else { 0 } // triangle: norms and means
                 + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
                 + n as u64 * 4 // logp_all
-                + (r + (tiles.m_tr() as u64).max(1100) + p + 128) * 4 + 16 // offsets, summary
+                + (r + off_pad as u64 + p + 128) * 4 + 16 // offsets, summary
                 + if uniform { 3 * UBO_FLOATS as u64 * 4 } else { 0 } // 64 KiB window tails
                 + windows(mb as usize)
         };
@@ -588,7 +590,7 @@ impl GpuEngine {
             })
             // Zeros past R and P: the M-step's tile loads read them (in bounds, value unused)
             // instead of branching per element, up to a whole column tile past R.
-            .chain(std::iter::repeat_n(0, (tiles.m_tr() as usize).max(1100)))
+            .chain(std::iter::repeat_n(0, off_pad))
             .collect();
         // The uniform-buffer E-step reads the table as one 64 KiB uniform binding.
         let mut off = off;
@@ -711,27 +713,14 @@ impl GpuEngine {
                             &pipes.estep,
                             &[&pb, xb, &buf.theta_t, &buf.bias, &off_buf, &buf.l],
                         )],
-                        vec![if !uses_g {
-                            // The posteriors computed from L while loading (Tiles::m_fused).
-                            bind(
-                                &ctx,
-                                &pipes.mstep,
-                                &[
-                                    &pb,
-                                    &buf.l,
-                                    xb,
-                                    &off_buf,
-                                    &pos_buf,
-                                    &partials,
-                                    &buf.logp_all,
-                                ],
-                            )
-                        } else {
-                            bind(
-                                &ctx,
-                                &pipes.mstep,
-                                &[&pb, &buf.gpost, xb, &off_buf, &pos_buf, &partials],
-                            )
+                        vec![{
+                            // The staged M-step reads G, or (Tiles::m_fused) L and logp.
+                            let g_src = if uses_g { &buf.gpost } else { &buf.l };
+                            let mut bufs = vec![&pb, g_src, xb, &off_buf, &pos_buf, &partials];
+                            if !uses_g {
+                                bufs.push(&buf.logp_all);
+                            }
+                            bind(&ctx, &pipes.mstep, &bufs)
                         }],
                     )
                 };

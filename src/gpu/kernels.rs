@@ -273,9 +273,6 @@ impl Tiles {
                 None if wx > 0 && 256 % wx == 0 => 256 / wx,
                 None => return Err(bad()),
             };
-            if wx.checked_mul(wy).is_none() {
-                return Err(bad());
-            }
             let (strided, unroll, double, fused) = (
                 flags.contains('s'),
                 flags.contains('u'),
@@ -370,7 +367,7 @@ impl std::fmt::Display for Tiles {
         };
         // `@WX` where the threads are 256 (WY = 256 / WX), else `@WXxWY`.
         let threads = |wx: u32, wy: u32| {
-            if wx * wy == 256 {
+            if wx as u64 * wy as u64 == 256 {
                 format!("{wx}")
             } else {
                 format!("{wx}x{wy}")
