@@ -6,38 +6,38 @@
 #   BIN=.dev/calm-gpu OUT=/tmp/out bash benches/device_check.sh
 #
 # 1. which card and driver; 2. `calm-gpu validate` on Vulkan (and GL) against the CPU reference;
-# 3. the main job on the embedded sample; 4. `calm-gpu bench`, MNIST protocol on 60,000 images,
-# over a few tile shapes, and the STL-10 protocol on a subset; 5. the PyTorch baseline
+# 3. the main job on the embedded sample; 4. `calm-gpu tune` (each candidate checked, then timed)
+# on the MNIST protocol's 60,000 images and the STL-10 protocol on a subset; 5. the PyTorch baseline
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
 # 6. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
 # the STL-10 protocol at full size (105,000 images), resident and streamed within 8 GB.
-# A dry run of the script's logic on lavapipe (about 6 minutes on 2 cores; the double-buffered
-# shapes stop with a clear error there, as lavapipe allows 32 KB of workgroup memory):
+# A dry run of the script's logic on lavapipe (about 10 minutes on 2 cores; tune's list there is
+# the software adapter's, and a double-buffered shape given in TILES stops with a clear error, as
+# lavapipe allows 32 KB of workgroup memory):
 #   BIN=target/release/calm-gpu OUT=/tmp/dc NO_DRIVER_FALLBACK=1 WGPU_ADAPTER_NAME=llvmpipe \
-#   MNIST_IMAGES=200 STL_IMAGES=4 SKIP_GL=1 SKIP_TF32=1 TORCH_DEVICE=cpu bash benches/device_check.sh
+#   MNIST_IMAGES=200 STL_IMAGES=4 SKIP_GL=1 SKIP_TF32=1 TORCH_DEVICE=cpu \
+#   TILES="e=8x8x16@32,m=4x4x16@20x16p e=8x8x16@32sd,m=4x4x16@16d" \
+#   STL_TILES="e=8x8x16@16x25,m=8x8x16@10x25p" bash benches/device_check.sh
 set -u
 BIN=${BIN:-.dev/calm-gpu}
 OUT=${OUT:-/tmp/calm-out}
 STL_IMAGES=${STL_IMAGES:-1000}
 MNIST_IMAGES=${MNIST_IMAGES:-60000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
-# Tile shapes to time; "default" lets calm-gpu choose (Tiles::for_shape). The others are not yet
-# measured on a GPU (docs/perf.md): "s" lane-strided register blocks, "u" the reduction steps
-# written out, "d" double-buffered tiles (41 KB of workgroup memory for these E-step tiles: fits
-# the H100's 48 KB, not lavapipe's 32); "@WXxWY" workgroups of other than 256 threads, whose
-# tiles fit the problem: for MNIST (K 64, R 400) M-step tiles of 80 columns (5 tiles, against 7
-# of 64 for 400 columns), 100 and 200 columns; for STL-10 (K 200, R 675) E-step tiles of all
-# 200 kernels (against 4 of 64: 22% of the FMAs wasted) and M-step tiles of 200 kernels x 80
-# columns (9 tiles, 94% useful, against 256 x 64: 75%) or 200 x 136 (5 tiles, 99%); "p" after
-# the M-step's threads: the posteriors computed while loading, posterior.wgsl's pass skipped;
-# BK 32 (half the barriers per FMA; 41 KB of workgroup memory for the E-step: not on lavapipe).
-TILES=${TILES:-"default e=8x8x16@32,m=4x4x16@20x16 e=8x8x16@32,m=4x4x16@20x16p e=8x8x16@32s,m=4x4x16@20x16p e=8x8x32@32s,m=4x4x32@20x16p e=8x8x16@32,m=4x4x16@25x16 e=8x8x16@32,m=4x8x16@25x16s e=8x8x16@32s,m=4x4x16@20x16 e=8x8x16@32s,m=4x4x16@16 e=8x8x16@32su,m=4x4x16@16u e=8x8x16@32sd,m=4x4x16@16d"}
-STL_TILES=${STL_TILES:-"default e=8x8x16@16x25,m=8x8x16@10x25 e=8x8x16@16x25,m=8x8x16@10x25p e=8x8x16@8x25,m=8x8x16@10x25 e=8x8x16@16x25s,m=4x8x16@17x50s e=8x8x16@32s,m=8x8x16@8s e=8x8x16@32sd,m=8x8x16@8sd"}
+# The sweep is `calm-gpu tune` (src/gpu/tune.rs holds the candidate lists and says why each
+# shape is there; docs/perf.md has the predictions): each candidate is checked against the CPU
+# reference on validate's problems, then timed; the built-in choice always comes first. TILES
+# and STL_TILES, when set, replace the lists (space-separated CALM_TILES strings).
+TILES=${TILES:-}
+STL_TILES=${STL_TILES:-}
 mkdir -p "$OUT"
 # Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
 # brings back at most 8 files).
 J=${J:-/tmp/calm-json}
 mkdir -p "$J"
+# `tune` keeps its choices here (copied to $OUT at the end); later runs in this script use them.
+export CALM_TUNE_FILE="$J/tuned.json"
+rm -f "$CALM_TUNE_FILE"
 if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
@@ -53,11 +53,6 @@ export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
 
 echo "== validate (vulkan)"
 timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$J/validate_vulkan.txt" | grep -E "FAIL|checks|error|adapter"
-for t in $TILES $STL_TILES; do
-  [ "$t" = default ] && continue
-  echo "== validate (vulkan) with tiles $t"
-  CALM_TILES=$t timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee -a "$J/validate_vulkan_tiles.txt" | grep -E "FAIL|checks|error"
-done
 if [ -z "${SKIP_GL:-}" ]; then
   echo "== validate (gl)"
   timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$J/validate_gl.txt" | tail -3
@@ -66,27 +61,17 @@ fi
 echo "== train on the embedded sample"
 timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors" --force 2>&1 | tail -6
 
-echo "== bench mnist protocol, $MNIST_IMAGES images, tile shapes"
-i=0
-for t in $TILES; do
-  i=$((i+1))
-  if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
-  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/mnist_$(printf %02d $i).json" 2>&1 | tail -1 | sed "s/^/$t  /"
-done
+# --candidate arguments for a list of tile shapes (none: tune's built-in list).
+candidates() { for t in $1; do printf -- "--candidate staged:%s " "$t"; done; }
+echo "== tune (check, then time) mnist protocol, $MNIST_IMAGES images"
+timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$J/tune_mnist.txt"
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
-  CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -1 | sed "s/^/checks-on  /"
+  CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -2 | sed "s/^/checks-on  /"
 fi
-unset CALM_TILES
-echo "== bench stl10 protocol, $STL_IMAGES images"
-i=0
-for t in $STL_TILES; do
-  i=$((i+1))
-  if [ "$t" = default ]; then unset CALM_TILES; else export CALM_TILES=$t; fi
-  timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --json "$J/stl10_$(printf %02d $i).json" 2>&1 | tail -1 | sed "s/^/$t  /"
-done
-unset CALM_TILES
+echo "== tune (check, then time) stl10 protocol, $STL_IMAGES images"
+timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$J/tune_stl10.txt"
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
-timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -1
+timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
 
 if [ -n "${FULL_STL:-}" ]; then
   # STL-10 at full size (105,000 random images, 11.6 GB): resident on a large card, then
@@ -111,16 +96,28 @@ if [ -n "${FASHION_DIR:-}" ]; then
 fi
 
 echo "== summary"
-cat "$J"/*.json > "$OUT/results.jsonl" 2>/dev/null
+cat "$J"/*.json "$J"/*.jsonl > "$OUT/results.jsonl" 2>/dev/null
+cp "$J"/tune_*.txt "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 python3 - "$J" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 rows = []
-for f in sorted(glob.glob(os.path.join(out, "mnist_*.json"))) + sorted(glob.glob(os.path.join(out, "stl10_*.json"))):
-    if os.path.exists(f):
-        for line in open(f):
-            r = json.loads(line)
-            rows.append((f"calm-gpu {r['engine']} {r.get('tiles') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
+for name in ("tune_mnist.jsonl", "tune_stl10.jsonl"):
+    f = os.path.join(out, name)
+    if not os.path.exists(f):
+        continue
+    for line in open(f):
+        t = json.loads(line)
+        r = t["row"]
+        if r is None:
+            print(f"{t['choice']}: {t['status']}")
+            continue
+        tag = " (built-in)" if t["builtin"] else ""
+        rows.append((f"calm-gpu {r['engine']} {t['choice']}{tag}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
+for f in sorted(glob.glob(os.path.join(out, "stl10_*.json"))):
+    for line in open(f):
+        r = json.loads(line)
+        rows.append((f"calm-gpu {r['engine']} {r.get('kernels') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
 def torch_rows(f, name):
     if not os.path.exists(f):
         return
@@ -135,7 +132,7 @@ dev = os.environ.get("TORCH_DEVICE", "cuda")
 torch_rows(os.path.join(out, "torch_mnist.json"), f"pytorch {dev} fp32 (mnist)")
 torch_rows(os.path.join(out, "torch_mnist_tf32.json"), f"pytorch {dev} tf32 (mnist)")
 torch_rows(os.path.join(out, "torch_stl10.json"), f"pytorch {dev} fp32 (stl10)")
-print(f"{'engine':<44} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':>10} {'M GFLOP/s':>10}")
+print(f"{'engine':<72} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':>10} {'M GFLOP/s':>10}")
 for r in rows:
-    print(f"{r[0]:<44} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
+    print(f"{r[0]:<72} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
 PY

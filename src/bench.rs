@@ -46,6 +46,8 @@ pub struct Row {
     /// Bytes of device buffers the engine allocated (GPU only).
     pub device_bytes: Option<u64>,
     pub tiles: Option<String>,
+    /// The GEMM kernels and where the choice came from (built-in, tuned, CALM_TILES; GPU only).
+    pub kernels: Option<String>,
 }
 
 impl Row {
@@ -102,18 +104,31 @@ pub fn time_gpu(
     epochs: usize,
     stream: bool,
 ) -> Result<Row> {
-    let n = data.images.shape()[0];
-    let mut eng = GpuEngine::new(
-        Arc::clone(ctx),
+    time_gpu_with(
+        ctx,
         g,
-        data.clone(),
+        data,
         theta,
+        epochs,
         GpuOptions {
             batch,
             stream,
             ..Default::default()
         },
-    )?;
+    )
+}
+
+/// [`time_gpu`] with every engine option (tiles and kernels for `calm-gpu tune`).
+pub fn time_gpu_with(
+    ctx: &Arc<GpuContext>,
+    g: Geometry,
+    data: &Arc<Dataset>,
+    theta: &[f32],
+    epochs: usize,
+    opts: GpuOptions,
+) -> Result<Row> {
+    let n = data.images.shape()[0];
+    let mut eng = GpuEngine::new(Arc::clone(ctx), g, data.clone(), theta, opts)?;
     eng.epoch(&mut |_| {})?; // warm-up: pipeline compilation, first-touch of memory
     eng.time_estep()?;
     let mut es = Vec::new();
@@ -146,6 +161,7 @@ pub fn time_gpu(
         epoch_gflops: g.epoch_flops(n) / p / 1e9,
         device_bytes: Some(eng.device_bytes()),
         tiles: Some(eng.tiles().to_string()),
+        kernels: Some(eng.describe_kernels()),
     })
 }
 
@@ -179,5 +195,6 @@ pub fn time_cpu(
         epoch_gflops: g.epoch_flops(n) / p / 1e9,
         device_bytes: None,
         tiles: None,
+        kernels: None,
     })
 }

@@ -44,6 +44,9 @@ pub enum Command {
     Devices,
     /// Time the E-step and whole epochs on random data of a protocol's shape; GFLOP/s by SPEC's count
     Bench(BenchArgs),
+    /// Find the fastest GEMM kernels for this GPU and a protocol's shape, each checked against
+    /// the CPU reference first, and keep the choice for later runs
+    Tune(TuneArgs),
     /// Draw a model's kernels as a PNG grid, and optionally its log-likelihood curve
     Show(ShowArgs),
     /// Print a model's config, preprocessing, LL history and per-kernel counts
@@ -351,6 +354,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Validate(a) => validate(a),
         Command::Devices => devices(),
         Command::Bench(a) => bench(a),
+        Command::Tune(a) => tune(a),
         Command::Show(a) => show(a),
         Command::Info(a) => info(a),
         Command::Eval(a) => eval(a).map(|_| ()),
@@ -1095,6 +1099,23 @@ fn validate(a: ValidateArgs) -> Result<()> {
         "kernels: {:?} (CALM_KERNELS=staged, direct or uniform chooses)",
         calm_gpu::gpu::kernels::Variant::for_adapter(&ctx.info)?
     );
+    // The shapes the tuning file (`calm-gpu tune`) has a choice for run that choice here too.
+    for (_, c, h, w, layer, _) in calm_gpu::validate::cases() {
+        let g = Geometry::new(layer, c, h, w)?;
+        match calm_gpu::gpu::tune::lookup(&ctx, &g)? {
+            calm_gpu::gpu::tune::Lookup::Found(choice, path) => println!(
+                "tuned for {}: {choice} ({})",
+                calm_gpu::gpu::tune::shape_key(&g),
+                path.display()
+            ),
+            calm_gpu::gpu::tune::Lookup::Stale(path) => println!(
+                "{} holds a choice for {} from another build of calm-gpu; ignored",
+                path.display(),
+                calm_gpu::gpu::tune::shape_key(&g)
+            ),
+            calm_gpu::gpu::tune::Lookup::None => {}
+        }
+    }
     let t0 = std::time::Instant::now();
     let rows = calm_gpu::validate::run(&ctx)?;
     println!(
@@ -1187,8 +1208,9 @@ pub enum Protocol {
     Stl10,
 }
 
-pub fn bench(a: BenchArgs) -> Result<()> {
-    let (c, h, w, layer, batch, images) = match a.protocol {
+/// A protocol's image shape, layer, batch and default number of benchmark images.
+fn protocol_shape(p: Protocol) -> (usize, usize, usize, LayerConfig, usize, usize) {
+    match p {
         Protocol::Mnist => (
             1,
             28,
@@ -1213,7 +1235,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             200,
             200,
         ),
-    };
+    }
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let (c, h, w, layer, batch, images) = protocol_shape(a.protocol);
     let n = a.images.unwrap_or(images);
     let batch = a.batch.unwrap_or(batch);
     check_positive("images", n)?;
@@ -1241,6 +1267,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for r in &rows {
         println!("{}", r.line());
     }
+    for k in rows.iter().filter_map(|r| r.kernels.as_ref()) {
+        println!("kernels: {k}");
+    }
     if let Some(p) = &a.json {
         let mut s = String::new();
         for r in &rows {
@@ -1249,6 +1278,201 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         std::fs::write(p, s).with_context(|| p.display().to_string())?;
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TuneArgs {
+    /// The GPU backend to tune (auto takes the best adapter, software ones included)
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Layer and image shape: mnist (1x28x28, K 64, w 20, p 2) or stl10 (3x96x96, K 200, w 15, p 0)
+    #[arg(long, value_enum, default_value_t = Protocol::Mnist)]
+    pub protocol: Protocol,
+    /// Random images per timed epoch; default: 8,000 for mnist and 200 for stl10 on a hardware
+    /// GPU, 300 and 4 on a software one (lavapipe)
+    #[arg(long)]
+    pub images: Option<usize>,
+    /// Timed epochs per candidate after one warm-up epoch
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// A candidate to time instead of the built-in list (repeatable; the built-in choice is
+    /// always timed too): staged:TILES (CALM_TILES' syntax, e.g.
+    /// staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct
+    #[arg(long = "candidate", value_name = "CHOICE")]
+    pub candidates: Vec<String>,
+    /// Time and print only: leave the tuning file as it is
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write one JSON line per candidate too
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// `calm-gpu tune`: every candidate checked against the CPU reference (`validate`'s problems),
+/// then timed; the fastest that passed goes into the tuning file for this adapter and shape.
+fn tune(a: TuneArgs) -> Result<()> {
+    use calm_gpu::gpu::tune::{self, Choice};
+    let Some(b) = a.backend.gpu() else {
+        bail!("tune times the GPU kernels; choose --backend vulkan, metal, dx12, gl or auto");
+    };
+    check_positive("epochs", a.epochs)?;
+    let (c, h, w, layer, batch, images) = protocol_shape(a.protocol);
+    let g = Geometry::new(layer, c, h, w)?;
+    let asked: Vec<Choice> = a
+        .candidates
+        .iter()
+        .map(|s| Choice::parse(s))
+        .collect::<calm_gpu::Result<_>>()?;
+    let ctx = Arc::new(GpuContext::new(b, false)?);
+    let software = ctx.info.device_type == wgpu::DeviceType::Cpu;
+    let n = a.images.unwrap_or(match (software, a.protocol) {
+        (false, _) => images,
+        (true, Protocol::Mnist) => 300,
+        (true, Protocol::Stl10) => 4,
+    });
+    check_positive("images", n)?;
+    install_ctrl_c();
+    let builtin = calm_gpu::gpu::engine::builtin_choice(&ctx, &g)?;
+    // The built-in choice is always timed first: what a tuned choice must beat.
+    let list = if asked.is_empty() {
+        tune::candidates(&ctx, &g)?
+    } else {
+        let mut list = vec![builtin];
+        list.extend(asked.into_iter().filter(|c| *c != builtin));
+        list
+    };
+    let path = tune::file_path();
+    if !a.dry_run {
+        match &path {
+            // Refuse a file that is not ours before the work, not after it.
+            Some(p) => drop(tune::load(p)?),
+            None => bail!(
+                "no tuning file: CALM_TUNE_FILE is off and there is no home or cache directory; name a file with CALM_TUNE_FILE or pass --dry-run"
+            ),
+        }
+    }
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "shape: {} on {n} random images, {} timed epochs per candidate; {} candidates, each checked against the CPU reference first",
+        tune::shape_key(&g),
+        a.epochs,
+        list.len()
+    );
+    let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
+    let theta = em::init_theta(&g, 0);
+    let mut results: Vec<(Choice, String, Option<calm_gpu::bench::Row>)> = Vec::new();
+    let mut json = String::new();
+    for (i, choice) in list.iter().enumerate() {
+        if calm_gpu::interrupt::requested() {
+            bail!("interrupted; the tuning file is unchanged");
+        }
+        let opts = calm_gpu::gpu::GpuOptions {
+            batch,
+            tiles: Some(choice.tiles),
+            variant: Some(choice.variant),
+            ..Default::default()
+        };
+        print!("[{}/{}] {choice}: ", i + 1, list.len());
+        let _ = std::io::stdout().flush();
+        let t0 = std::time::Instant::now();
+        let (status, row) = match calm_gpu::validate::run_with(&ctx, &opts) {
+            Err(e) => (format!("not run: {e}"), None),
+            Ok(rows) => match rows.iter().find(|r| !r.pass()) {
+                Some(r) => (
+                    format!(
+                        "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
+                        r.kernel, r.shape, r.error, r.tolerance
+                    ),
+                    None,
+                ),
+                None => {
+                    match calm_gpu::bench::time_gpu_with(&ctx, g, &data, &theta, a.epochs, opts) {
+                        Ok(row) => ("ok".to_string(), Some(row)),
+                        Err(e) => (format!("not run: {e}"), None),
+                    }
+                }
+            },
+        };
+        match &row {
+            Some(r) => println!(
+                "epoch {:.2} ms, {:.1} GFLOP/s (E {:.2} ms, M {:.2} ms; checked and timed in {:.1} s)",
+                r.epoch_s * 1e3,
+                r.epoch_gflops,
+                r.estep_s.unwrap_or(f64::NAN) * 1e3,
+                r.mstep_s.unwrap_or(f64::NAN) * 1e3,
+                t0.elapsed().as_secs_f64()
+            ),
+            None => println!("{status}"),
+        }
+        json.push_str(&serde_json::to_string(&serde_json::json!({
+            "choice": choice.to_string(),
+            "builtin": *choice == builtin,
+            "status": status,
+            "row": row,
+        }))?);
+        json.push('\n');
+        results.push((*choice, status, row));
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, &json).with_context(|| p.display().to_string())?;
+    }
+    let timed = |c: &Choice| {
+        results
+            .iter()
+            .find(|(r, _, _)| r == c)
+            .and_then(|(_, _, row)| row.as_ref())
+    };
+    let Some((best, _, Some(best_row))) =
+        results
+            .iter()
+            .filter(|(_, _, r)| r.is_some())
+            .min_by(|x, y| {
+                let t = |r: &Option<calm_gpu::bench::Row>| {
+                    r.as_ref().map_or(f64::INFINITY, |r| r.epoch_s)
+                };
+                t(&x.2).total_cmp(&t(&y.2))
+            })
+    else {
+        bail!("no candidate passed the check and ran; the tuning file is unchanged");
+    };
+    let builtin_ms = timed(&builtin).map(|r| r.epoch_s * 1e3);
+    println!(
+        "fastest: {best}, epoch {:.2} ms, {:.1} GFLOP/s{}",
+        best_row.epoch_s * 1e3,
+        best_row.epoch_gflops,
+        builtin_ms.map_or(String::new(), |ms| format!(
+            " (built-in {builtin}: {ms:.2} ms, {:.2}x)",
+            ms / (best_row.epoch_s * 1e3)
+        ))
+    );
+    if a.dry_run {
+        println!("--dry-run: the tuning file is unchanged");
+        return Ok(());
+    }
+    let path = path.expect("checked above");
+    tune::store(
+        &path,
+        tune::Entry {
+            adapter: tune::AdapterKey::of(&ctx.info),
+            shape: tune::shape_key(&g),
+            choice: best.to_string(),
+            code: best.code_hash(g.k),
+            epoch_ms: best_row.epoch_s * 1e3,
+            gflops: best_row.epoch_gflops,
+            builtin: builtin.to_string(),
+            builtin_epoch_ms: builtin_ms,
+            images: n,
+            measured_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        },
+    )?;
+    println!(
+        "saved to {}: train, features, bench and validate run it on this adapter for {} (unless CALM_TILES or CALM_KERNELS is set; CALM_TUNE_FILE=off ignores the file)",
+        path.display(),
+        tune::shape_key(&g)
+    );
     Ok(())
 }
 

@@ -71,10 +71,13 @@ pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 }
 
 /// Runs one shape on the GPU and on the CPU reference and compares every kernel's output.
+/// `base`'s tiles and kernel variant go to every engine it builds (`None`: the engine's own
+/// choice, as for `train`).
 pub fn run_case(
     ctx: &Arc<GpuContext>,
     seed: u64,
     (n, c, h, w, layer, batch): (usize, usize, usize, usize, LayerConfig, usize),
+    base: &GpuOptions,
 ) -> Result<Vec<Row>> {
     let g = Geometry::new(layer, c, h, w)?;
     let data = crate::bench::random_images(seed, n, c, h, w);
@@ -93,7 +96,12 @@ pub fn run_case(
             g,
             source.clone(),
             theta,
-            GpuOptions { batch, ..opts },
+            GpuOptions {
+                batch,
+                tiles: base.tiles,
+                variant: base.variant,
+                ..opts
+            },
         )
     };
     let mut eng = engine(&theta, GpuOptions::default())?;
@@ -254,11 +262,16 @@ pub fn run_case(
     Ok(rows)
 }
 
-/// Every case; the caller prints the table.
+/// Every case, with the kernels the engine chooses; the caller prints the table.
 pub fn run(ctx: &Arc<GpuContext>) -> Result<Vec<Row>> {
+    run_with(ctx, &GpuOptions::default())
+}
+
+/// Every case with `base`'s tiles and kernel variant (see [`run_case`]).
+pub fn run_with(ctx: &Arc<GpuContext>, base: &GpuOptions) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (i, case) in cases().into_iter().enumerate() {
-        rows.extend(run_case(ctx, 1000 + i as u64, case)?);
+        rows.extend(run_case(ctx, 1000 + i as u64, case, base)?);
     }
     Ok(rows)
 }

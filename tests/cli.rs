@@ -87,6 +87,7 @@ fn help_for_every_command() {
         vec!["validate", "--help"],
         vec!["devices", "--help"],
         vec!["bench", "--help"],
+        vec!["tune", "--help"],
     ] {
         let out = calm().args(&cmd).output().unwrap();
         assert!(out.status.success(), "{cmd:?}");
@@ -990,4 +991,173 @@ fn no_runtime_dir_error_on_a_headless_machine() {
     assert_ok(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+/// `tune` checks each candidate against the CPU reference, times the ones that pass, keeps the
+/// fastest for this adapter and shape, and later engines run it (until CALM_TILES or a new build
+/// says otherwise); a candidate the adapter cannot run is reported, not chosen; a broken tuning
+/// file is a one-line error, not ignored.
+#[test]
+fn tune_keeps_the_fastest_checked_choice_for_later_runs() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cache").join("tuned.json");
+    let jsonl = dir.path().join("tune.jsonl");
+    let run = |args: &[&str]| {
+        calm()
+            .env("CALM_TUNE_FILE", &file)
+            .env_remove("CALM_TILES")
+            .env_remove("CALM_KERNELS")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let candidates = [
+        "uniform:u=4x4",
+        "staged:e=8x4x16@16,m=4x4x16@16",
+        // 2 x 32 x (256 + 64) x 4 bytes of workgroup memory: more than lavapipe's 32 KiB.
+        "staged:e=8x8x32@32d,m=4x4x16@16",
+    ];
+    let mut argv = vec![
+        "tune",
+        "--backend",
+        "vulkan",
+        "--images",
+        "6",
+        "--epochs",
+        "1",
+        "--json",
+        jsonl.to_str().unwrap(),
+    ];
+    for c in candidates {
+        argv.extend(["--candidate", c]);
+    }
+    // --dry-run times but writes nothing.
+    let mut dry = argv.clone();
+    dry.push("--dry-run");
+    assert_ok(&run(&dry));
+    assert!(!file.exists());
+
+    let out = run(&argv);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The built-in choice is timed first, whether or not it is among the candidates.
+    assert_eq!(lines[0]["builtin"], true, "{stdout}");
+    let line = |c: &str| {
+        lines
+            .iter()
+            .find(|l| l["choice"] == c)
+            .unwrap_or_else(|| panic!("{c} not tried: {stdout}"))
+    };
+    for c in &candidates[..2] {
+        assert_eq!(line(c)["status"], "ok", "{stdout}");
+    }
+    let big = line(candidates[2])["status"].as_str().unwrap();
+    assert!(
+        big.starts_with("not run") && big.contains("workgroup memory"),
+        "{big}"
+    );
+    let fastest = lines
+        .iter()
+        .filter(|l| l["status"] == "ok")
+        .min_by(|a, b| {
+            let t = |l: &serde_json::Value| l["row"]["epoch_s"].as_f64().unwrap();
+            t(a).total_cmp(&t(b))
+        })
+        .unwrap()["choice"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let tuned: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let entries = tuned["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["choice"], fastest);
+    assert_eq!(entries[0]["shape"], "1x28x28 K64 w20 p2");
+
+    // Later engines for this adapter and shape run it; CALM_TILES still decides where set.
+    let bench = [
+        "bench",
+        "--backend",
+        "vulkan",
+        "--images",
+        "3",
+        "--epochs",
+        "1",
+    ];
+    let out = run(&bench);
+    assert_ok(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains(&format!("kernels: {fastest} (tuned")), "{s}");
+    let out = calm()
+        .env("CALM_TUNE_FILE", &file)
+        .env("CALM_KERNELS", "direct")
+        .args(bench)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("kernels: direct (CALM_TILES / CALM_KERNELS)"),
+        "{s}"
+    );
+
+    // Tuning again replaces the entry for the same adapter and shape.
+    let mut again = argv.clone();
+    again[4] = "5";
+    assert_ok(&run(&again));
+    let tuned: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let entries = tuned["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["images"], 5);
+
+    // An entry whose kernels are not this build's is ignored, and said to be.
+    let mut stale = tuned.clone();
+    stale["entries"][0]["code"] = "0000000000000000".into();
+    std::fs::write(&file, serde_json::to_string(&stale).unwrap()).unwrap();
+    let out = run(&bench);
+    assert_ok(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("(built-in;") && s.contains("another build"),
+        "{s}"
+    );
+
+    // A file that is not a tuning file stops the run with one line, and is left as it was.
+    std::fs::write(&file, "{ not json").unwrap();
+    for args in [&bench[..], &argv[..]] {
+        let out = run(args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].starts_with("error: tuning file"), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ not json");
+}
+
+#[test]
+fn tune_refuses_bad_candidates_and_the_cpu() {
+    fails_with(&["tune", "--backend", "cpu"], "tune times the GPU kernels");
+    fails_with(
+        &["tune", "--backend", "vulkan", "--candidate", "staged"],
+        "need their tiles",
+    );
+    fails_with(
+        &[
+            "tune",
+            "--backend",
+            "vulkan",
+            "--candidate",
+            "staged:e=7x8x16",
+        ],
+        "kernel choice `staged:e=7x8x16`",
+    );
 }

@@ -17,6 +17,7 @@ use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::{Params, Pipelines, Tiles, UBO_FLOATS, Variant, ubo_rows};
+use super::tune::{self, Choice, Lookup};
 use crate::cpu::reference::pad_images;
 use crate::data::ImageSource;
 use crate::engine::{Engine, EpochStats};
@@ -33,9 +34,12 @@ pub struct GpuOptions {
     /// Pretend storage bindings and buffers can hold at most this many bytes (to test the
     /// split of large datasets on a small problem).
     pub binding_cap: Option<u64>,
-    /// Tile shapes; `None` picks them from the adapter (or `CALM_TILES`).
+    /// Tile shapes; `None`: `CALM_TILES`, else the tuning file's choice for this adapter and
+    /// shape (`calm-gpu tune`, [`super::tune`]), else the built-in rule for the adapter.
     pub tiles: Option<Tiles>,
-    /// Kernel implementation; `None` picks it from the adapter (or `CALM_KERNELS`).
+    /// Kernel implementation; `None`: `CALM_KERNELS`, else the tuning file's, else the
+    /// adapter's default. The tuning file is read only when neither field is set and neither
+    /// variable is.
     pub variant: Option<Variant>,
     /// Features: pooling regions per axis (0 or 1: image-wide, SPEC's features).
     pub grid: usize,
@@ -122,6 +126,10 @@ pub struct GpuEngine {
     /// Mixing weights and variance: `theta_t` and `bias` hold the effective weights of
     /// [`Prior::effective`], `theta` the model's.
     prior: Prior,
+    /// What the tuning file said for this adapter and shape (`calm-gpu tune`).
+    tuned: Lookup,
+    /// Who chose the kernels when neither the tuning file nor the built-in rule did.
+    chosen_by: Option<&'static str>,
 }
 
 /// What the engine holds after an epoch, read back for validation.
@@ -329,6 +337,53 @@ fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
     Ok(tiles)
 }
 
+/// The variant an engine runs when `wanted` is asked for (`asked`: by the caller, CALM_KERNELS
+/// or the tuning file) or is the adapter's default. The uniform-buffer kernels need 64 KiB
+/// uniform bindings, and a row of theta and of G and the offset table to fit one (K up to about
+/// 2,000, R up to 16,384): asked for where they do not fit, an error. Chosen by default only
+/// where a window holds 64 rows or more (K up to 248): below that, the windows (a bind group and
+/// a dispatch each) grow too many; else the staged kernels.
+fn resolve_variant(
+    ctx: &GpuContext,
+    g: &Geometry,
+    tiles: &Tiles,
+    wanted: Variant,
+    asked: bool,
+) -> Result<Variant> {
+    if wanted != Variant::Uniform {
+        return Ok(wanted);
+    }
+    let rows_u = ubo_rows(g.kpad(), tiles.u_tn);
+    let fits = rows_u > 0
+        && g.r() <= UBO_FLOATS
+        && ctx.limits.max_uniform_buffer_binding_size >= UBO_FLOATS as u64 * 4;
+    if asked && !fits {
+        return Err(CalmError::Invalid(format!(
+            "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (use CALM_KERNELS=staged)",
+            ctx.info.name,
+            ctx.limits.max_uniform_buffer_binding_size,
+            g.k,
+            g.r()
+        )));
+    }
+    Ok(if !fits || (!asked && rows_u < 64) {
+        Variant::Staged
+    } else {
+        Variant::Uniform
+    })
+}
+
+/// The kernels an engine for `g` runs on `ctx`'s adapter when nobody chose (no options, no
+/// `CALM_TILES` or `CALM_KERNELS`, no tuning file): what `calm-gpu tune` measures against.
+pub fn builtin_choice(ctx: &GpuContext, g: &Geometry) -> Result<Choice> {
+    let tiles = Tiles {
+        u_tn: Tiles::uniform_tn(g.k),
+        ..Tiles::for_shape(g.k, ctx.limits.max_compute_workgroup_storage_size)
+    };
+    let variant = resolve_variant(ctx, g, &tiles, Variant::builtin(&ctx.info), false)?;
+    Ok(Choice::new(variant, tiles))
+}
+
 /// Whether the adapter runs the staged kernels with `tiles`: their workgroup memory and thread
 /// counts against its limits (the other variants use neither).
 fn staged_tiles_fit(ctx: &GpuContext, tiles: &Tiles) -> Result<()> {
@@ -394,38 +449,43 @@ impl GpuEngine {
             return Err(CalmError::Invalid("the dataset holds no images".into()));
         }
         assert_eq!(theta.len(), g.k * g.r());
-        let tiles = tiles_for(&ctx, opts.tiles, g.k)?;
+        // A choice tuned on this adapter for this shape (`calm-gpu tune`), unless the caller or
+        // CALM_TILES / CALM_KERNELS chose.
+        let by_env =
+            std::env::var_os("CALM_TILES").is_some() || std::env::var_os("CALM_KERNELS").is_some();
+        let chosen_by = if opts.tiles.is_some() || opts.variant.is_some() {
+            Some("chosen by the caller")
+        } else if by_env {
+            Some("CALM_TILES / CALM_KERNELS")
+        } else {
+            None
+        };
+        let tuned = if chosen_by.is_some() {
+            Lookup::None
+        } else {
+            tune::lookup(&ctx, &g)?
+        };
+        let tuned_choice = match &tuned {
+            Lookup::Found(c, _) => Some(*c),
+            _ => None,
+        };
+        let tiles = tiles_for(&ctx, opts.tiles.or(tuned_choice.map(|c| c.tiles)), g.k)?;
         let grid = opts.grid.max(1);
         g.check_pool_grid(grid)?;
         let tri = opts.encoding == Encoding::Triangle;
-        let mut variant = match opts.variant {
-            Some(v) => v,
-            None => Variant::for_adapter(&ctx.info)?,
+        let asked = opts.variant.or(tuned_choice.map(|c| c.variant));
+        let variant = match asked {
+            Some(v) => resolve_variant(&ctx, &g, &tiles, v, true)?,
+            None => resolve_variant(
+                &ctx,
+                &g,
+                &tiles,
+                Variant::for_adapter(&ctx.info)?,
+                std::env::var("CALM_KERNELS").is_ok(),
+            )?,
         };
-        // The uniform-buffer kernels need 64 KiB uniform bindings, and a row of theta and of G
-        // and the offset table to fit one (K up to about 2,000, R up to 16,384). Chosen by
-        // default only where a window holds 64 rows or more (K up to 248): below that, the
-        // windows (a bind group and a dispatch each) grow too many; else the staged kernels.
-        let rows_u = ubo_rows(g.kpad(), tiles.u_tn);
-        let asked = opts.variant.is_some() || std::env::var("CALM_KERNELS").is_ok();
-        if variant == Variant::Uniform {
-            let fits = rows_u > 0
-                && g.r() <= UBO_FLOATS
-                && ctx.limits.max_uniform_buffer_binding_size >= UBO_FLOATS as u64 * 4;
-            if asked && !fits {
-                return Err(CalmError::Invalid(format!(
-                    "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (use CALM_KERNELS=staged)",
-                    ctx.info.name,
-                    ctx.limits.max_uniform_buffer_binding_size,
-                    g.k,
-                    g.r()
-                )));
-            }
-            if !fits || (!asked && rows_u < 64) {
-                variant = Variant::Staged;
-            }
-        }
         let uniform = variant == Variant::Uniform;
+        let rows_u = ubo_rows(g.kpad(), tiles.u_tn);
         // The G buffer and the posterior pass, unless the staged M-step computes the
         // posteriors while loading (Tiles::m_fused).
         let uses_g = !(variant == Variant::Staged && tiles.m_fused);
@@ -839,6 +899,8 @@ impl GpuEngine {
             update_bg,
             summary_bg,
             max_batch,
+            tuned,
+            chosen_by,
         })
     }
 
@@ -854,6 +916,25 @@ impl GpuEngine {
     /// The implementation of the GEMM kernels this engine runs.
     pub fn variant(&self) -> Variant {
         self.pipes.variant
+    }
+
+    /// What the tuning file said for this adapter and shape: [`Lookup::Found`] when the engine
+    /// runs the tuned choice.
+    pub fn tuned(&self) -> &Lookup {
+        &self.tuned
+    }
+
+    /// One line on the GEMM kernels this engine runs and where the choice came from.
+    pub fn describe_kernels(&self) -> String {
+        let c = Choice::new(self.variant(), self.tiles);
+        match &self.tuned {
+            Lookup::Found(_, p) => format!("{c} (tuned, {})", p.display()),
+            Lookup::Stale(p) => format!(
+                "{c} (built-in; {} was tuned by another build of calm-gpu: run `calm-gpu tune` again)",
+                p.display()
+            ),
+            Lookup::None => format!("{c} ({})", self.chosen_by.unwrap_or("built-in")),
+        }
     }
 
     /// The largest batch the engine runs (the user's, or less where the device requires).

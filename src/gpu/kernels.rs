@@ -850,8 +850,8 @@ impl Variant {
     /// Zen 3 (docs/perf.md). `CALM_KERNELS` (`staged`, `direct` or `uniform`) overrides.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Result<Self> {
         match std::env::var("CALM_KERNELS").as_deref() {
-            Err(_) if info.device_type == wgpu::DeviceType::Cpu => Ok(Variant::Uniform),
-            Ok("staged") | Err(_) => Ok(Variant::Staged),
+            Err(_) => Ok(Self::builtin(info)),
+            Ok("staged") => Ok(Variant::Staged),
             Ok("direct") => Ok(Variant::Direct),
             Ok("uniform") => Ok(Variant::Uniform),
             Ok(other) => Err(CalmError::Invalid(format!(
@@ -862,6 +862,16 @@ impl Variant {
 }
 
 impl Variant {
+    /// The adapter's default, whatever `CALM_KERNELS` says: staged on GPUs, the uniform-buffer
+    /// kernels on CPU adapters.
+    pub fn builtin(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            Variant::Uniform
+        } else {
+            Variant::Staged
+        }
+    }
+
     /// Batch positions one E-step workgroup covers with `tiles`.
     pub fn estep_positions(self, tiles: &Tiles) -> usize {
         match self {

@@ -4,6 +4,7 @@
 pub mod context;
 pub mod engine;
 pub mod kernels;
+pub mod tune;
 
 pub use context::{GpuBackend, GpuContext, is_real_gpu, list_adapters};
 pub use engine::{GpuEngine, GpuOptions, GpuState};

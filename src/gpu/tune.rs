@@ -1,0 +1,383 @@
+//! Kernel choices tuned on the user's own adapter (`calm-gpu tune`), and the file that keeps
+//! them. The built-in choice ([`Variant::for_adapter`], [`Tiles::for_shape`]) is what measured
+//! fastest on an H100 and on lavapipe; another GPU may want other tiles. `calm-gpu tune` times
+//! candidates on the adapter after checking each against the CPU reference, and writes the
+//! fastest into a small JSON file. Every engine built later for the same adapter, driver and
+//! layer shape runs it, unless `CALM_TILES` or `CALM_KERNELS` is set or the caller chose.
+//!
+//! An entry carries a hash of the two GEMM kernels' generated WGSL (and the crate's version):
+//! an entry made by another build of calm-gpu, whose kernels were not the ones checked, is
+//! ignored, and the engine says so ([`Lookup::Stale`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::context::GpuContext;
+use super::kernels::{self, Tiles, Variant};
+use crate::error::{CalmError, Result};
+use crate::geometry::Geometry;
+
+/// The file's layout version.
+const FORMAT: u32 = 1;
+
+/// One way to run the two GEMM kernels: an implementation and its tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub variant: Variant,
+    pub tiles: Tiles,
+}
+
+impl Choice {
+    /// The choice with the fields its variant does not read set to their defaults, so that two
+    /// choices that run the same kernels compare equal: the uniform-buffer kernels read only
+    /// `u_rm` and `u_rr`, the staged ones all but those, the direct ones none; `u_tn` follows K
+    /// whoever chose ([`Tiles::uniform_tn`]).
+    pub fn new(variant: Variant, tiles: Tiles) -> Self {
+        let d = Tiles::default();
+        let tiles = match variant {
+            Variant::Staged => Tiles {
+                u_rm: d.u_rm,
+                u_rr: d.u_rr,
+                u_tn: d.u_tn,
+                ..tiles
+            },
+            Variant::Uniform => Tiles {
+                u_rm: tiles.u_rm,
+                u_rr: tiles.u_rr,
+                ..d
+            },
+            Variant::Direct => d,
+        };
+        Self { variant, tiles }
+    }
+
+    /// `staged:TILES` (TILES in `CALM_TILES`' syntax), `uniform[:u=RMxRR]` or `direct`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            CalmError::Invalid(format!(
+                "kernel choice `{s}`: {why}; expected staged:TILES (CALM_TILES' syntax, e.g. staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct"
+            ))
+        };
+        let (name, rest) = match s.trim().split_once(':') {
+            Some((n, r)) => (n.trim(), Some(r.trim())),
+            None => (s.trim(), None),
+        };
+        let tiles = |rest: &str| {
+            Tiles::parse(rest).map_err(|e| CalmError::Invalid(format!("kernel choice `{s}`: {e}")))
+        };
+        match (name, rest) {
+            ("staged", Some(r)) if r.starts_with("e=") || r.starts_with("m=") => {
+                Ok(Self::new(Variant::Staged, tiles(r)?))
+            }
+            ("staged", _) => Err(bad("the staged kernels need their tiles")),
+            ("uniform", None) => Ok(Self {
+                variant: Variant::Uniform,
+                tiles: Tiles::default(),
+            }),
+            ("uniform", Some(r)) if r.starts_with("u=") && !r.contains(',') => {
+                Ok(Self::new(Variant::Uniform, tiles(r)?))
+            }
+            ("direct", None) => Ok(Self {
+                variant: Variant::Direct,
+                tiles: Tiles::default(),
+            }),
+            _ => Err(bad("not a kernel choice")),
+        }
+    }
+
+    /// A hash of what this choice runs for `k` kernels: the two GEMM kernels' WGSL as generated
+    /// for its tiles, and the crate's version (FNV-1a, so that it is the same in every build).
+    pub fn code_hash(&self, k: usize) -> String {
+        let t = Tiles {
+            u_tn: Tiles::uniform_tn(k),
+            ..self.tiles
+        };
+        let (e, m) = match self.variant {
+            Variant::Staged => (kernels::ESTEP, kernels::MSTEP),
+            Variant::Direct => (kernels::ESTEP_DIRECT, kernels::MSTEP_DIRECT),
+            Variant::Uniform => (kernels::ESTEP_UBO, kernels::MSTEP_UBO),
+        };
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in [
+            env!("CARGO_PKG_VERSION"),
+            &kernels::source(e, &t),
+            &kernels::source(m, &t),
+        ] {
+            for b in part.bytes().chain([0u8]) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.variant {
+            Variant::Staged => write!(f, "staged:{}", self.tiles),
+            Variant::Uniform => write!(f, "uniform:u={}x{}", self.tiles.u_rm, self.tiles.u_rr),
+            Variant::Direct => f.write_str("direct"),
+        }
+    }
+}
+
+/// The adapter an entry was measured on: everything wgpu reports of it but the device type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterKey {
+    pub backend: String,
+    pub name: String,
+    pub vendor: u32,
+    pub device: u32,
+    pub driver: String,
+    pub driver_info: String,
+}
+
+impl AdapterKey {
+    pub fn of(info: &wgpu::AdapterInfo) -> Self {
+        Self {
+            backend: format!("{:?}", info.backend).to_lowercase(),
+            name: info.name.clone(),
+            vendor: info.vendor,
+            device: info.device,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+        }
+    }
+}
+
+/// The layer and image shape an entry was measured for, e.g. `1x28x28 K64 w20 p2`.
+pub fn shape_key(g: &Geometry) -> String {
+    format!("{}x{}x{} K{} w{} p{}", g.c, g.h, g.w, g.k, g.kw, g.pad)
+}
+
+/// One tuned choice.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub adapter: AdapterKey,
+    pub shape: String,
+    /// [`Choice`]'s text.
+    pub choice: String,
+    /// [`Choice::code_hash`] when it was measured.
+    pub code: String,
+    /// Its median epoch and the built-in choice's, on `images` random images.
+    pub epoch_ms: f64,
+    pub gflops: f64,
+    pub builtin: String,
+    pub builtin_epoch_ms: Option<f64>,
+    pub images: usize,
+    /// Seconds since 1970 when it was measured.
+    pub measured_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TuneFile {
+    pub format: u32,
+    pub entries: Vec<Entry>,
+}
+
+/// Where the tuning file is: `CALM_TUNE_FILE` (empty or `off`: none), else
+/// `$XDG_CACHE_HOME/calm-gpu/tuned.json`, `~/.cache/calm-gpu/tuned.json`, or on Windows
+/// `%LOCALAPPDATA%\calm-gpu\tuned.json`.
+pub fn file_path() -> Option<PathBuf> {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(p) = std::env::var_os("CALM_TUNE_FILE") {
+        return (!p.is_empty() && p != "off").then(|| PathBuf::from(p));
+    }
+    let dir = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .or_else(|| env("LOCALAPPDATA").map(PathBuf::from))?;
+    Some(dir.join("calm-gpu").join("tuned.json"))
+}
+
+/// The file's entries; none if it does not exist. A file that is not one of ours is an error
+/// rather than something to overwrite or to ignore in silence.
+pub fn load(path: &Path) -> Result<TuneFile> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(TuneFile {
+                format: FORMAT,
+                entries: Vec::new(),
+            });
+        }
+        Err(e) => return Err(CalmError::io(path, e)),
+    };
+    let bad = |why: String| {
+        CalmError::Invalid(format!(
+            "tuning file {}: {why}; delete it (or set CALM_TUNE_FILE=off) and run `calm-gpu tune` again",
+            path.display()
+        ))
+    };
+    let file: TuneFile = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if file.format != FORMAT {
+        return Err(bad(format!(
+            "format {} (this calm-gpu writes {FORMAT})",
+            file.format
+        )));
+    }
+    Ok(file)
+}
+
+/// Adds `entry` to the file at `path`, replacing the entry for the same adapter and shape;
+/// written whole to a temporary file and renamed, so an interrupted write leaves the old file.
+pub fn store(path: &Path, entry: Entry) -> Result<()> {
+    let mut file = load(path)?;
+    file.entries
+        .retain(|e| !(e.adapter == entry.adapter && e.shape == entry.shape));
+    file.entries.push(entry);
+    let text = serde_json::to_string_pretty(&file).expect("plain data serialises");
+    crate::model::write_atomic(path, text.as_bytes(), true)
+}
+
+/// What the tuning file holds for an adapter and shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lookup {
+    /// No file, or no entry for them.
+    None,
+    /// A choice measured with these kernels, and the file it came from.
+    Found(Choice, PathBuf),
+    /// An entry made by another build of calm-gpu (other kernels), ignored.
+    Stale(PathBuf),
+}
+
+/// The tuned choice for `ctx`'s adapter and `g`, if the tuning file has one.
+pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Result<Lookup> {
+    let Some(path) = file_path() else {
+        return Ok(Lookup::None);
+    };
+    let file = load(&path)?;
+    let key = AdapterKey::of(&ctx.info);
+    let shape = shape_key(g);
+    let Some(e) = file
+        .entries
+        .iter()
+        .find(|e| e.adapter == key && e.shape == shape)
+    else {
+        return Ok(Lookup::None);
+    };
+    Ok(match Choice::parse(&e.choice) {
+        Ok(c) if c.code_hash(g.k) == e.code => Lookup::Found(c, path),
+        _ => Lookup::Stale(path),
+    })
+}
+
+/// The candidates `calm-gpu tune` times by default for `k` kernels on `ctx`'s adapter: the
+/// built-in choice first, then the shapes that fit K and R (docs/perf.md says why each), the
+/// uniform-buffer kernels and the direct ones. On a software adapter (llvmpipe), where the
+/// staged kernels run several times slower than the uniform-buffer ones, only those and the
+/// built-in staged tiles.
+pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
+    let k = g.k;
+    let staged = |s: &str| {
+        Choice::new(
+            Variant::Staged,
+            Tiles::parse(s).expect("a built-in tile shape parses"),
+        )
+    };
+    let uniform = |rm, rr| {
+        Choice::new(
+            Variant::Uniform,
+            Tiles {
+                u_rm: rm,
+                u_rr: rr,
+                ..Tiles::default()
+            },
+        )
+    };
+    let builtin = super::engine::builtin_choice(ctx, g)?;
+    let mut list = vec![builtin];
+    let software = ctx.info.device_type == wgpu::DeviceType::Cpu;
+    if software {
+        list.push(Choice::new(Variant::Staged, builtin.tiles));
+        list.extend([uniform(4, 4), uniform(8, 4), uniform(4, 8), uniform(2, 4)]);
+    } else {
+        let shapes: &[&str] = if k <= 64 {
+            &[
+                "e=8x8x16@32,m=4x4x16@20x16",
+                "e=8x8x16@32,m=4x4x16@20x16p",
+                "e=8x8x16@32s,m=4x4x16@20x16p",
+                "e=8x8x32@32s,m=4x4x32@20x16p",
+                "e=8x8x16@32,m=4x4x16@25x16",
+                "e=8x8x16@32,m=4x8x16@25x16s",
+                "e=8x8x16@32s,m=4x4x16@20x16",
+                "e=8x8x16@32s,m=4x4x16@16",
+                "e=8x8x16@32su,m=4x4x16@16u",
+                "e=8x8x16@32sd,m=4x4x16@16d",
+                "e=8x4x16@16,m=4x4x16@16",
+            ]
+        } else {
+            &[
+                "e=8x8x16@16x25,m=8x8x16@10x25",
+                "e=8x8x16@16x25,m=8x8x16@10x25p",
+                "e=8x8x16@8x25,m=8x8x16@10x25",
+                "e=8x8x16@16x25s,m=4x8x16@17x50s",
+                "e=8x8x16@32s,m=8x8x16@8s",
+                "e=8x8x16@32sd,m=8x8x16@8sd",
+                "e=8x8x16@16,m=8x8x16@16",
+            ]
+        };
+        list.extend(shapes.iter().map(|s| staged(s)));
+        list.extend([
+            uniform(4, 4),
+            Choice::new(Variant::Direct, Tiles::default()),
+        ]);
+    }
+    // The same choice twice (the built-in one is also in a list) is timed once.
+    let mut seen: Vec<Choice> = Vec::new();
+    list.retain(|c| {
+        let fresh = !seen.contains(c);
+        seen.push(*c);
+        fresh
+    });
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_round_trip_and_bad_ones_are_refused() {
+        for s in [
+            "staged:e=8x8x16@32,m=4x4x16@20x16p",
+            "staged:e=8x8x16@32sd,m=4x4x16@16d",
+            "uniform:u=8x4",
+            "direct",
+        ] {
+            let c = Choice::parse(s).unwrap();
+            assert_eq!(c.to_string(), s);
+            assert_eq!(Choice::parse(&c.to_string()).unwrap(), c);
+        }
+        assert_eq!(
+            Choice::parse("uniform").unwrap().to_string(),
+            "uniform:u=4x4"
+        );
+        for s in [
+            "staged",
+            "staged:",
+            "staged:u=4x4",
+            "uniform:e=8x8x16@32",
+            "uniform:u=9x4",
+            "direct:e=8x8x16@32",
+            "fast",
+            "",
+        ] {
+            assert!(Choice::parse(s).is_err(), "{s} parsed");
+        }
+    }
+
+    #[test]
+    fn code_hash_follows_the_generated_kernels() {
+        let a = Choice::parse("staged:e=8x8x16@32,m=4x4x16@20x16").unwrap();
+        let b = Choice::parse("staged:e=8x8x16@32,m=4x4x16@20x16p").unwrap();
+        assert_eq!(a.code_hash(64), a.code_hash(64));
+        assert_ne!(a.code_hash(64), b.code_hash(64));
+        // The uniform kernels' block of kernels follows K, so their code does too.
+        let u = Choice::parse("uniform:u=4x4").unwrap();
+        assert_ne!(u.code_hash(64), u.code_hash(200));
+        assert_eq!(a.code_hash(64).len(), 16);
+    }
+}
