@@ -35,6 +35,7 @@ mkdir -p "$OUT"
 # brings back at most 8 files).
 J=${J:-/tmp/calm-json}
 mkdir -p "$J"
+rm -f "$J"/*.json "$J"/*.jsonl "$J"/*.txt
 # `tune` keeps its choices here (copied to $OUT at the end); later runs in this script use them.
 export CALM_TUNE_FILE="$J/tuned.json"
 rm -f "$CALM_TUNE_FILE"
@@ -62,7 +63,7 @@ echo "== train on the embedded sample"
 timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors" --force 2>&1 | tail -6
 
 # --candidate arguments for a list of tile shapes (none: tune's built-in list).
-candidates() { for t in $1; do printf -- "--candidate staged:%s " "$t"; done; }
+candidates() { for t in $1; do [ "$t" = default ] || printf -- "--candidate staged:%s " "$t"; done; }
 echo "== tune (check, then time) mnist protocol, $MNIST_IMAGES images"
 timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$J/tune_mnist.txt"
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
@@ -96,7 +97,7 @@ if [ -n "${FASHION_DIR:-}" ]; then
 fi
 
 echo "== summary"
-cat "$J"/*.json "$J"/*.jsonl > "$OUT/results.jsonl" 2>/dev/null
+cat "$J"/tune_*.jsonl "$J"/stl10_*.json "$J"/torch_*.json > "$OUT/results.jsonl" 2>/dev/null
 cp "$J"/tune_*.txt "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 python3 - "$J" <<'PY'
 import glob, json, os, sys

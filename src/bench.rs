@@ -48,6 +48,8 @@ pub struct Row {
     pub tiles: Option<String>,
     /// The GEMM kernels and where the choice came from (built-in, tuned, CALM_TILES; GPU only).
     pub kernels: Option<String>,
+    /// LL of the warm-up epoch, from the starting theta (GPU only).
+    pub first_loglik: Option<f64>,
 }
 
 impl Row {
@@ -129,7 +131,9 @@ pub fn time_gpu_with(
 ) -> Result<Row> {
     let n = data.images.shape()[0];
     let mut eng = GpuEngine::new(Arc::clone(ctx), g, data.clone(), theta, opts)?;
-    eng.epoch(&mut |_| {})?; // warm-up: pipeline compilation, first-touch of memory
+    // Warm-up: pipeline compilation, first-touch of memory. Its LL, from the starting theta,
+    // is the same for every choice of kernels up to f32 rounding (`calm-gpu tune` compares).
+    let first = eng.epoch(&mut |_| {})?;
     eng.time_estep()?;
     let mut es = Vec::new();
     let mut ms = Vec::new();
@@ -162,6 +166,7 @@ pub fn time_gpu_with(
         device_bytes: Some(eng.device_bytes()),
         tiles: Some(eng.tiles().to_string()),
         kernels: Some(eng.describe_kernels()),
+        first_loglik: Some(first.loglik),
     })
 }
 
@@ -196,5 +201,6 @@ pub fn time_cpu(
         device_bytes: None,
         tiles: None,
         kernels: None,
+        first_loglik: None,
     })
 }

@@ -1102,7 +1102,7 @@ fn validate(a: ValidateArgs) -> Result<()> {
     // The shapes the tuning file (`calm-gpu tune`) has a choice for run that choice here too.
     for (_, c, h, w, layer, _) in calm_gpu::validate::cases() {
         let g = Geometry::new(layer, c, h, w)?;
-        match calm_gpu::gpu::tune::lookup(&ctx, &g)? {
+        match calm_gpu::gpu::tune::lookup(&ctx, &g) {
             calm_gpu::gpu::tune::Lookup::Found(choice, path) => println!(
                 "tuned for {}: {choice} ({})",
                 calm_gpu::gpu::tune::shape_key(&g),
@@ -1113,6 +1113,10 @@ fn validate(a: ValidateArgs) -> Result<()> {
                 path.display(),
                 calm_gpu::gpu::tune::shape_key(&g)
             ),
+            calm_gpu::gpu::tune::Lookup::Unreadable(path, why) => {
+                println!("tuning file {} ignored: {why}", path.display());
+                break;
+            }
             calm_gpu::gpu::tune::Lookup::None => {}
         }
     }
@@ -1339,7 +1343,11 @@ fn tune(a: TuneArgs) -> Result<()> {
         tune::candidates(&ctx, &g)?
     } else {
         let mut list = vec![builtin];
-        list.extend(asked.into_iter().filter(|c| *c != builtin));
+        for c in asked {
+            if !list.contains(&c) {
+                list.push(c);
+            }
+        }
         list
     };
     let path = tune::file_path();
@@ -1361,37 +1369,56 @@ fn tune(a: TuneArgs) -> Result<()> {
     );
     let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
     let theta = em::init_theta(&g, 0);
-    let mut results: Vec<(Choice, String, Option<calm_gpu::bench::Row>)> = Vec::new();
-    let mut json = String::new();
+    // The check: validate's problems, and a small one of this layer (how K splits into tiles).
+    let mut checks = calm_gpu::validate::cases();
+    checks.extend(calm_gpu::validate::case_for(&g));
+    // One JSON line per candidate, written as it finishes, so a sweep cut short keeps its lines.
+    let mut json = match &a.json {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| p.display().to_string())?),
+        None => None,
+    };
+    let stop = || anyhow::anyhow!("interrupted; the tuning file is unchanged");
+    let mut timed: Vec<(Choice, f64)> = Vec::new();
+    // The first row timed (the built-in choice's, unless it failed): the others' LL reference.
+    let mut reference: Option<calm_gpu::bench::Row> = None;
     for (i, choice) in list.iter().enumerate() {
         if calm_gpu::interrupt::requested() {
-            bail!("interrupted; the tuning file is unchanged");
+            return Err(stop());
         }
+        print!("[{}/{}] {choice}: ", i + 1, list.len());
+        let _ = std::io::stdout().flush();
         let opts = calm_gpu::gpu::GpuOptions {
             batch,
             tiles: Some(choice.tiles),
             variant: Some(choice.variant),
             ..Default::default()
         };
-        print!("[{}/{}] {choice}: ", i + 1, list.len());
-        let _ = std::io::stdout().flush();
         let t0 = std::time::Instant::now();
-        let (status, row) = match calm_gpu::validate::run_with(&ctx, &opts) {
+        let outcome = calm_gpu::validate::run_cases(&ctx, &opts, &checks).and_then(|checked| {
+            Ok(match checked.iter().find(|r| !r.pass()) {
+                Some(r) => Err(format!(
+                    "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
+                    r.kernel, r.shape, r.error, r.tolerance
+                )),
+                None => Ok(calm_gpu::bench::time_gpu_with(
+                    &ctx, g, &data, &theta, a.epochs, opts,
+                )?),
+            })
+        });
+        let (status, row) = match outcome {
+            Err(calm_gpu::CalmError::Interrupted) => {
+                println!("interrupted");
+                return Err(stop());
+            }
             Err(e) => (format!("not run: {e}"), None),
-            Ok(rows) => match rows.iter().find(|r| !r.pass()) {
-                Some(r) => (
-                    format!(
-                        "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
-                        r.kernel, r.shape, r.error, r.tolerance
-                    ),
-                    None,
-                ),
-                None => {
-                    match calm_gpu::bench::time_gpu_with(&ctx, g, &data, &theta, a.epochs, opts) {
-                        Ok(row) => ("ok".to_string(), Some(row)),
-                        Err(e) => (format!("not run: {e}"), None),
-                    }
-                }
+            Ok(Err(failed)) => (failed, None),
+            Ok(Ok(row)) => match tune::ll_disagrees(
+                reference.as_ref().and_then(|r| r.first_loglik),
+                row.first_loglik.unwrap_or(f64::NAN),
+                n,
+            ) {
+                Some(why) => (why, None),
+                None => ("ok".to_string(), Some(row)),
             },
         };
         match &row {
@@ -1405,63 +1432,75 @@ fn tune(a: TuneArgs) -> Result<()> {
             ),
             None => println!("{status}"),
         }
-        json.push_str(&serde_json::to_string(&serde_json::json!({
-            "choice": choice.to_string(),
-            "builtin": *choice == builtin,
-            "status": status,
-            "row": row,
-        }))?);
-        json.push('\n');
-        results.push((*choice, status, row));
+        if let Some(f) = json.as_mut() {
+            let line = serde_json::json!({
+                "choice": choice.to_string(),
+                "builtin": *choice == builtin,
+                "status": status,
+                "row": row,
+            });
+            writeln!(f, "{line}")
+                .and_then(|_| f.flush())
+                .with_context(|| format!("{}", a.json.as_ref().expect("open").display()))?;
+        }
+        if let Some(r) = row {
+            timed.push((*choice, r.epoch_s));
+            reference.get_or_insert(r);
+        }
     }
-    if let Some(p) = &a.json {
-        std::fs::write(p, &json).with_context(|| p.display().to_string())?;
+    if calm_gpu::interrupt::requested() {
+        return Err(stop());
     }
-    let timed = |c: &Choice| {
-        results
-            .iter()
-            .find(|(r, _, _)| r == c)
-            .and_then(|(_, _, row)| row.as_ref())
-    };
-    let Some((best, _, Some(best_row))) =
-        results
-            .iter()
-            .filter(|(_, _, r)| r.is_some())
-            .min_by(|x, y| {
-                let t = |r: &Option<calm_gpu::bench::Row>| {
-                    r.as_ref().map_or(f64::INFINITY, |r| r.epoch_s)
-                };
-                t(&x.2).total_cmp(&t(&y.2))
-            })
+    let builtin_s = timed.iter().find(|(c, _)| *c == builtin).map(|t| t.1);
+    let Some((fastest, fastest_s)) = timed.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1))
     else {
         bail!("no candidate passed the check and ran; the tuning file is unchanged");
     };
-    let builtin_ms = timed(&builtin).map(|r| r.epoch_s * 1e3);
+    let gflops = |s: f64| g.epoch_flops(n) / s / 1e9;
     println!(
-        "fastest: {best}, epoch {:.2} ms, {:.1} GFLOP/s{}",
-        best_row.epoch_s * 1e3,
-        best_row.epoch_gflops,
-        builtin_ms.map_or(String::new(), |ms| format!(
-            " (built-in {builtin}: {ms:.2} ms, {:.2}x)",
-            ms / (best_row.epoch_s * 1e3)
+        "fastest: {fastest}, epoch {:.2} ms, {:.1} GFLOP/s{}",
+        fastest_s * 1e3,
+        gflops(fastest_s),
+        builtin_s.map_or(String::new(), |b| format!(
+            "; built-in {builtin}: {:.2} ms, {:.1} GFLOP/s",
+            b * 1e3,
+            gflops(b)
         ))
     );
+    let keep = tune::pick(builtin_s, &timed);
     if a.dry_run {
         println!("--dry-run: the tuning file is unchanged");
         return Ok(());
     }
     let path = path.expect("checked above");
+    let adapter = tune::AdapterKey::of(&ctx.info);
+    let Some((best, best_s)) = keep else {
+        let removed = tune::remove(&path, &adapter, &tune::shape_key(&g))?;
+        println!(
+            "the built-in choice stays (nothing beat it by {:.0}% or more){}",
+            tune::MARGIN * 100.0,
+            if removed {
+                format!(
+                    "; the earlier entry for this adapter and shape was removed from {}",
+                    path.display()
+                )
+            } else {
+                String::new()
+            }
+        );
+        return Ok(());
+    };
     tune::store(
         &path,
         tune::Entry {
-            adapter: tune::AdapterKey::of(&ctx.info),
+            adapter,
             shape: tune::shape_key(&g),
             choice: best.to_string(),
             code: best.code_hash(g.k),
-            epoch_ms: best_row.epoch_s * 1e3,
-            gflops: best_row.epoch_gflops,
+            epoch_ms: best_s * 1e3,
+            gflops: gflops(best_s),
             builtin: builtin.to_string(),
-            builtin_epoch_ms: builtin_ms,
+            builtin_epoch_ms: builtin_s.map(|b| b * 1e3),
             images: n,
             measured_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1469,7 +1508,7 @@ fn tune(a: TuneArgs) -> Result<()> {
         },
     )?;
     println!(
-        "saved to {}: train, features, bench and validate run it on this adapter for {} (unless CALM_TILES or CALM_KERNELS is set; CALM_TUNE_FILE=off ignores the file)",
+        "saved to {}: train, features, bench and validate run {best} on this adapter for {} (unless CALM_TILES or CALM_KERNELS is set; CALM_TUNE_FILE=off ignores the file)",
         path.display(),
         tune::shape_key(&g)
     );

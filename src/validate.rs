@@ -43,7 +43,10 @@ pub const TOL_POSTERIOR: f64 = 2e-4;
 
 /// The shapes `validate` runs: C = 1 and 3, padding 0, 1 and 2, odd and non-square images,
 /// K not a power of two, batches that do not divide N, and the MNIST protocol's layer.
-pub fn cases() -> Vec<(usize, usize, usize, usize, LayerConfig, usize)> {
+/// Images, C, H, W, the layer, the batch.
+pub type Case = (usize, usize, usize, usize, LayerConfig, usize);
+
+pub fn cases() -> Vec<Case> {
     let l = |k, w, p| LayerConfig {
         kernels: k,
         width: w,
@@ -76,7 +79,7 @@ pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 pub fn run_case(
     ctx: &Arc<GpuContext>,
     seed: u64,
-    (n, c, h, w, layer, batch): (usize, usize, usize, usize, LayerConfig, usize),
+    (n, c, h, w, layer, batch): Case,
     base: &GpuOptions,
 ) -> Result<Vec<Row>> {
     let g = Geometry::new(layer, c, h, w)?;
@@ -269,9 +272,67 @@ pub fn run(ctx: &Arc<GpuContext>) -> Result<Vec<Row>> {
 
 /// Every case with `base`'s tiles and kernel variant (see [`run_case`]).
 pub fn run_with(ctx: &Arc<GpuContext>, base: &GpuOptions) -> Result<Vec<Row>> {
+    run_cases(ctx, base, &cases())
+}
+
+/// `list`'s cases with `base`'s tiles and kernel variant.
+pub fn run_cases(ctx: &Arc<GpuContext>, base: &GpuOptions, list: &[Case]) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (i, case) in cases().into_iter().enumerate() {
-        rows.extend(run_case(ctx, 1000 + i as u64, case, base)?);
+    for (i, case) in list.iter().enumerate() {
+        rows.extend(run_case(ctx, 1000 + i as u64, *case, base)?);
     }
     Ok(rows)
+}
+
+/// A small case of `g`'s layer (its C, K, w and padding; images at most 12 positions wider than
+/// the window), so that a choice of kernels is checked on the layer it will run: how K splits
+/// into kernel tiles, the uniform-buffer kernels' blocks of K. `None` where `cases()` already
+/// has that layer and image shape.
+pub fn case_for(g: &Geometry) -> Option<Case> {
+    let side = |s: usize| s.min(g.kw + 12 - 2 * g.pad.min(6));
+    let layer = LayerConfig {
+        kernels: g.k,
+        width: g.kw,
+        pad: g.pad,
+    };
+    let case = (3, g.c, side(g.h), side(g.w), layer, 2);
+    let same = |c: &Case| (c.1, c.2, c.3, c.4) == (case.1, case.2, case.3, case.4);
+    (!cases().iter().any(same)).then_some(case)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tuned_layer_gets_a_small_case_of_its_own() {
+        let geo = |c, h, w, k, kw, pad| {
+            Geometry::new(
+                LayerConfig {
+                    kernels: k,
+                    width: kw,
+                    pad,
+                },
+                c,
+                h,
+                w,
+            )
+            .unwrap()
+        };
+        // STL-10's layer: 27 x 27 images, 13 x 13 positions, all 200 kernels.
+        let (n, c, h, w, layer, batch) = case_for(&geo(3, 96, 96, 200, 15, 0)).unwrap();
+        assert_eq!(
+            (n, c, h, w, layer.kernels, layer.width, batch),
+            (3, 3, 27, 27, 200, 15, 2)
+        );
+        let small = geo(c, h, w, 200, 15, 0);
+        assert_eq!((small.ho, small.wo), (13, 13));
+        // MNIST's layer is one of validate's cases already.
+        assert_eq!(case_for(&geo(1, 28, 28, 64, 20, 2)), None);
+        // Images no larger than the cap keep their size, larger ones are cut to it (5 + 12 - 8);
+        // wide padding still leaves positions.
+        let (_, _, h, w, _, _) = case_for(&geo(1, 9, 40, 8, 5, 4)).unwrap();
+        assert_eq!((h, w), (9, 9));
+        assert!(geo(1, h, w, 8, 5, 4).ho >= 1);
+    }
 }

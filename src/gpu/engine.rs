@@ -463,7 +463,7 @@ impl GpuEngine {
         let tuned = if chosen_by.is_some() {
             Lookup::None
         } else {
-            tune::lookup(&ctx, &g)?
+            tune::lookup(&ctx, &g)
         };
         let tuned_choice = match &tuned {
             Lookup::Found(c, _) => Some(*c),
@@ -933,6 +933,9 @@ impl GpuEngine {
                 "{c} (built-in; {} was tuned by another build of calm-gpu: run `calm-gpu tune` again)",
                 p.display()
             ),
+            Lookup::Unreadable(p, why) => {
+                format!("{c} (built-in; tuning file {} ignored: {why})", p.display())
+            }
             Lookup::None => format!("{c} ({})", self.chosen_by.unwrap_or("built-in")),
         }
     }
@@ -1262,7 +1265,7 @@ fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
 
 impl Engine for GpuEngine {
     fn describe(&self) -> String {
-        if self.streamed() {
+        let base = if self.streamed() {
             format!(
                 "GPU: {}; data streamed in batches of {}",
                 self.ctx.describe(),
@@ -1270,6 +1273,11 @@ impl Engine for GpuEngine {
             )
         } else {
             format!("GPU: {}", self.ctx.describe())
+        };
+        // The kernels are named where the tuning file had a say, so that a run's log shows it.
+        match self.tuned {
+            Lookup::None => base,
+            _ => format!("{base}; kernels {}", self.describe_kernels()),
         }
     }
 

@@ -905,6 +905,10 @@ fn gemm_checks() -> bool {
 }
 
 fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputePipeline> {
+    // A driver that fails to compile a pipeline reports an internal error; caught here, it is
+    // this kernel's error (one line, and `calm-gpu tune` moves on to the next candidate)
+    // instead of wgpu's uncaptured-error panic.
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let desc = wgpu::ShaderModuleDescriptor {
         label: Some(name),
@@ -935,6 +939,11 @@ fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputeP
     if let Some(e) = pollster::block_on(scope.pop()) {
         return Err(CalmError::Gpu(format!(
             "shader {name} failed to build: {e}"
+        )));
+    }
+    if let Some(e) = pollster::block_on(internal.pop()) {
+        return Err(CalmError::Gpu(format!(
+            "the driver failed to build shader {name}: {e}"
         )));
     }
     Ok(pipeline)

@@ -177,13 +177,14 @@ pub struct TuneFile {
     pub entries: Vec<Entry>,
 }
 
-/// Where the tuning file is: `CALM_TUNE_FILE` (empty or `off`: none), else
+/// Where the tuning file is: `CALM_TUNE_FILE` (empty or `off`, any case: none), else
 /// `$XDG_CACHE_HOME/calm-gpu/tuned.json`, `~/.cache/calm-gpu/tuned.json`, or on Windows
 /// `%LOCALAPPDATA%\calm-gpu\tuned.json`.
 pub fn file_path() -> Option<PathBuf> {
     let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(p) = std::env::var_os("CALM_TUNE_FILE") {
-        return (!p.is_empty() && p != "off").then(|| PathBuf::from(p));
+        let off = p.is_empty() || p.to_str().is_some_and(|s| s.eq_ignore_ascii_case("off"));
+        return (!off).then(|| PathBuf::from(p));
     }
     let dir = env("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -228,7 +229,25 @@ pub fn store(path: &Path, entry: Entry) -> Result<()> {
     file.entries
         .retain(|e| !(e.adapter == entry.adapter && e.shape == entry.shape));
     file.entries.push(entry);
-    let text = serde_json::to_string_pretty(&file).expect("plain data serialises");
+    save(path, &file)
+}
+
+/// Removes the entry for `adapter` and `shape`, if there is one (the built-in choice won).
+/// Returns whether there was one.
+pub fn remove(path: &Path, adapter: &AdapterKey, shape: &str) -> Result<bool> {
+    let mut file = load(path)?;
+    let before = file.entries.len();
+    file.entries
+        .retain(|e| !(e.adapter == *adapter && e.shape == shape));
+    if file.entries.len() == before {
+        return Ok(false);
+    }
+    save(path, &file)?;
+    Ok(true)
+}
+
+fn save(path: &Path, file: &TuneFile) -> Result<()> {
+    let text = serde_json::to_string_pretty(file).expect("plain data serialises");
     crate::model::write_atomic(path, text.as_bytes(), true)
 }
 
@@ -241,14 +260,30 @@ pub enum Lookup {
     Found(Choice, PathBuf),
     /// An entry made by another build of calm-gpu (other kernels), ignored.
     Stale(PathBuf),
+    /// A file that cannot be read or is not one this build understands, and why: ignored by
+    /// engines (a file shared with a newer calm-gpu must not stop an older one), refused by
+    /// `calm-gpu tune`, which would overwrite it.
+    Unreadable(PathBuf, String),
 }
 
-/// The tuned choice for `ctx`'s adapter and `g`, if the tuning file has one.
-pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Result<Lookup> {
+/// The tuned choice for `ctx`'s adapter and `g`, if the tuning file has one. Never fails: a
+/// file it cannot use is [`Lookup::Unreadable`].
+pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Lookup {
     let Some(path) = file_path() else {
-        return Ok(Lookup::None);
+        return Lookup::None;
     };
-    let file = load(&path)?;
+    let file = match load(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            let why = e.to_string();
+            // load's message names the file and the remedy; keep only the cause.
+            let why = why
+                .strip_prefix(&format!("tuning file {}: ", path.display()))
+                .map(|w| w.split("; delete it").next().unwrap_or(w).to_string())
+                .unwrap_or(why);
+            return Lookup::Unreadable(path, why);
+        }
+    };
     let key = AdapterKey::of(&ctx.info);
     let shape = shape_key(g);
     let Some(e) = file
@@ -256,12 +291,12 @@ pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Result<Lookup> {
         .iter()
         .find(|e| e.adapter == key && e.shape == shape)
     else {
-        return Ok(Lookup::None);
+        return Lookup::None;
     };
-    Ok(match Choice::parse(&e.choice) {
+    match Choice::parse(&e.choice) {
         Ok(c) if c.code_hash(g.k) == e.code => Lookup::Found(c, path),
         _ => Lookup::Stale(path),
-    })
+    }
 }
 
 /// The candidates `calm-gpu tune` times by default for `k` kernels on `ctx`'s adapter: the
@@ -291,7 +326,11 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
     let mut list = vec![builtin];
     let software = ctx.info.device_type == wgpu::DeviceType::Cpu;
     if software {
-        list.push(Choice::new(Variant::Staged, builtin.tiles));
+        // What CALM_KERNELS=staged runs here.
+        list.push(Choice::new(
+            Variant::Staged,
+            Tiles::for_shape(k, ctx.limits.max_compute_workgroup_storage_size),
+        ));
         list.extend([uniform(4, 4), uniform(8, 4), uniform(4, 8), uniform(2, 4)]);
     } else {
         let shapes: &[&str] = if k <= 64 {
@@ -335,9 +374,77 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
     Ok(list)
 }
 
+/// A tuned choice must beat the built-in one by this fraction of its epoch to be kept: two
+/// timings of the same kernels differ by a few percent on a busy machine (docs/perf.md), and a
+/// kept choice outlives later changes to the built-in rule.
+pub const MARGIN: f64 = 0.03;
+
+/// Which of the timed candidates to keep: the fastest, if it beats the built-in choice's epoch
+/// (`builtin_s`; `None` if the built-in did not run) by [`MARGIN`]; `None` when the built-in
+/// choice stays. `timed` holds each candidate that passed the check with its epoch seconds.
+pub fn pick(builtin_s: Option<f64>, timed: &[(Choice, f64)]) -> Option<(Choice, f64)> {
+    let best = timed.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    match builtin_s {
+        Some(b) if best.1 > b * (1.0 - MARGIN) => None,
+        _ => Some(best),
+    }
+}
+
+/// Why a timed candidate's first epoch (LL `ll` over `n` images) disagrees with the reference
+/// run's (`reference`: the built-in choice's, or the first that was timed), if it does. Both
+/// start from the same theta on the same images, so they agree to f32 rounding: allowed 1e-4 of
+/// |LL| plus 1e-3 nats per image, far below what a wrong tile gives (order 1 per image).
+pub fn ll_disagrees(reference: Option<f64>, ll: f64, n: usize) -> Option<String> {
+    if !ll.is_finite() {
+        return Some(format!("FAILED: the first epoch's LL is {ll}"));
+    }
+    let lb = reference?;
+    let allowed = 1e-4 * lb.abs() + 1e-3 * n as f64;
+    ((ll - lb).abs() > allowed).then(|| {
+        format!(
+            "FAILED: the first epoch's LL {ll:.6e} differs from the reference run's {lb:.6e} by more than {allowed:.1e}"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_epochs_must_agree_to_rounding() {
+        // 1,000 images, LL -1.2e5: allowed 12 + 1 nats.
+        assert_eq!(ll_disagrees(Some(-1.2e5), -1.2e5 + 12.9, 1000), None);
+        assert!(ll_disagrees(Some(-1.2e5), -1.2e5 + 13.1, 1000).is_some());
+        assert!(ll_disagrees(Some(-1.2e5), -1.2e5 - 13.1, 1000).is_some());
+        // LL near zero: the per-image floor.
+        assert_eq!(ll_disagrees(Some(0.5), 0.9, 1000), None);
+        assert!(ll_disagrees(Some(0.5), 2.0, 1000).is_some());
+        // Not finite: a failure with or without a reference.
+        assert!(ll_disagrees(None, f64::NAN, 10).is_some());
+        assert!(ll_disagrees(Some(1.0), f64::INFINITY, 10).is_some());
+        assert_eq!(ll_disagrees(None, -5.0, 10), None);
+    }
+
+    #[test]
+    fn a_choice_is_kept_only_where_it_beats_the_built_in_by_the_margin() {
+        let c = |s| Choice::parse(s).unwrap();
+        let (u, d, s) = (
+            c("uniform:u=4x4"),
+            c("direct"),
+            c("staged:e=8x8x16@32,m=4x4x16@16"),
+        );
+        // The built-in is among the timed ones: 1.0 s; 0.98 is within the margin, 0.96 is not.
+        assert_eq!(pick(Some(1.0), &[(u, 1.0), (d, 0.98)]), None);
+        assert_eq!(
+            pick(Some(1.0), &[(u, 1.0), (d, 0.98), (s, 0.96)]),
+            Some((s, 0.96))
+        );
+        assert_eq!(pick(Some(1.0), &[(u, 1.0)]), None);
+        // Nothing passed; or the built-in did not run, so the fastest that did is kept.
+        assert_eq!(pick(Some(1.0), &[]), None);
+        assert_eq!(pick(None, &[(d, 2.0), (s, 1.5)]), Some((s, 1.5)));
+    }
 
     #[test]
     fn choices_round_trip_and_bad_ones_are_refused() {
