@@ -178,7 +178,7 @@ pub struct TuneFile {
 }
 
 /// Where the tuning file is: `CALM_TUNE_FILE` (empty or `off`, any case: none), else
-/// `$XDG_CACHE_HOME/calm-gpu/tuned.json`, `~/.cache/calm-gpu/tuned.json`, or on Windows
+/// `$XDG_CACHE_HOME/calm-gpu/tuned.json` or `~/.cache/calm-gpu/tuned.json`; on Windows
 /// `%LOCALAPPDATA%\calm-gpu\tuned.json`.
 pub fn file_path() -> Option<PathBuf> {
     let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
@@ -186,8 +186,15 @@ pub fn file_path() -> Option<PathBuf> {
         let off = p.is_empty() || p.to_str().is_some_and(|s| s.eq_ignore_ascii_case("off"));
         return (!off).then(|| PathBuf::from(p));
     }
-    let dir = env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
+    // Windows first asks LOCALAPPDATA: shells such as Git Bash set HOME too, and every shell
+    // should find the same file.
+    let windows = if cfg!(windows) {
+        env("LOCALAPPDATA").map(PathBuf::from)
+    } else {
+        None
+    };
+    let dir = windows
+        .or_else(|| env("XDG_CACHE_HOME").map(PathBuf::from))
         .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .or_else(|| env("LOCALAPPDATA").map(PathBuf::from))?;
     Some(dir.join("calm-gpu").join("tuned.json"))
