@@ -97,11 +97,19 @@ if [ -n "${FASHION_DIR:-}" ]; then
 fi
 
 echo "== summary"
-cat "$J"/tune_*.jsonl "$J"/stl10_*.json "$J"/torch_*.json > "$OUT/results.jsonl" 2>/dev/null
 cp "$J"/tune_*.txt "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
-python3 - "$J" <<'PY'
+python3 - "$J" "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
+# Every result as one JSON object per line in $OUT/results.jsonl (the torch files are pretty-printed).
+with open(os.path.join(sys.argv[2], "results.jsonl"), "w") as w:
+    for f in sorted(glob.glob(os.path.join(out, "tune_*.jsonl")) + glob.glob(os.path.join(out, "stl10_*.json"))):
+        for line in open(f):
+            w.write(json.dumps(json.loads(line)) + "\n")
+    for f in sorted(glob.glob(os.path.join(out, "torch_*.json"))):
+        j = json.load(open(f))
+        j["file"] = os.path.basename(f)
+        w.write(json.dumps(j) + "\n")
 rows = []
 for name in ("tune_mnist.jsonl", "tune_stl10.jsonl"):
     f = os.path.join(out, name)
