@@ -5,9 +5,9 @@
 //! fastest into a small JSON file. Every engine built later for the same adapter, driver and
 //! layer shape runs it, unless `CALM_TILES` or `CALM_KERNELS` is set or the caller chose.
 //!
-//! An entry carries a hash of the two GEMM kernels' generated WGSL (and the crate's version):
-//! an entry made by another build of calm-gpu, whose kernels were not the ones checked, is
-//! ignored, and the engine says so ([`Lookup::Stale`]).
+//! An entry carries a hash of the two GEMM kernels' generated WGSL and of the host code that runs
+//! them ([`Choice::code_hash`]): an entry made by another build of calm-gpu, whose kernels were
+//! not the ones checked, is ignored, and the engine says so ([`Lookup::Stale`]).
 
 use std::path::{Path, PathBuf};
 
@@ -87,7 +87,8 @@ impl Choice {
     }
 
     /// A hash of what this choice runs for `k` kernels: the two GEMM kernels' WGSL as generated
-    /// for its tiles, and the crate's version (FNV-1a, so that it is the same in every build).
+    /// for its tiles, the engine's host code and the crate's version (FNV-1a, so that it is the
+    /// same in every build of the same source).
     pub fn code_hash(&self, k: usize) -> String {
         let t = Tiles {
             u_tn: Tiles::uniform_tn(k),
@@ -99,10 +100,14 @@ impl Choice {
             Variant::Uniform => (kernels::ESTEP_UBO, kernels::MSTEP_UBO),
         };
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        // The host code that sizes, binds and dispatches them too: a choice checked with other
+        // host code is not the one this build would run.
         for part in [
             env!("CARGO_PKG_VERSION"),
             &kernels::source(e, &t),
             &kernels::source(m, &t),
+            include_str!("engine.rs"),
+            include_str!("kernels.rs"),
         ] {
             for b in part.bytes().chain([0u8]) {
                 h ^= b as u64;
