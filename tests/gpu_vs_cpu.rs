@@ -445,6 +445,7 @@ fn staged_kernels_with_any_thread_count() {
         "e=8x8x16@32,m=4x4x16@20x16",
         "e=8x8x16@32s,m=4x4x16@20x16p",
         "e=8x8x16@32,m=4x4x16@16p",
+        "e=8x8x16@32s,m=8x8x16@50x8sp",
     ] {
         check_variant(Variant::Staged, t(shape), 24, 7, 1, 34, 34, 8, 3, 1, 3);
     }
