@@ -43,7 +43,7 @@ fn check_variant(
     let data = random_images(seed, n, c, h, w);
     // Scaled so that posteriors spread over several kernels (N(0,1) weights put all mass on one).
     let theta = random_theta(seed + 1, g.k * g.r(), 0.1);
-    let mut eng = GpuEngine::new(
+    let built = GpuEngine::new(
         Arc::clone(&ctx),
         g,
         Arc::new(data.clone()),
@@ -54,8 +54,20 @@ fn check_variant(
             tiles,
             ..Default::default()
         },
-    )
-    .unwrap();
+    );
+    let mut eng = match built {
+        // Shapes beyond this adapter's thread or workgroup-memory limits (WebGPU's portable
+        // 256 threads and 16 KiB, on some Metal and GL adapters) are skipped with a message
+        // there; CI's lavapipe allows them all, and CALM_REQUIRE_GPU=1 makes a skip a failure.
+        Err(e @ calm_gpu::CalmError::Gpu(_))
+            if e.to_string().contains(" allows ")
+                && std::env::var("CALM_REQUIRE_GPU").as_deref() != Ok("1") =>
+        {
+            eprintln!("skipping tiles {tiles:?} on {}: {e}", ctx.info.name);
+            return;
+        }
+        r => r.unwrap(),
+    };
     let stats = eng.epoch(&mut |_| {}).unwrap();
     let st = eng.read_state().unwrap();
 
