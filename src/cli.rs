@@ -1297,8 +1297,9 @@ pub struct TuneArgs {
     /// GPU, 300 and 4 on a software one (lavapipe)
     #[arg(long)]
     pub images: Option<usize>,
-    /// Timed epochs per candidate after one warm-up epoch
-    #[arg(long, default_value_t = 2)]
+    /// Timed epochs per candidate after one warm-up epoch (the median counts: with 3, one slow
+    /// epoch does not decide)
+    #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// A candidate to time instead of the built-in list (repeatable; the built-in choice is
     /// always timed too): staged:TILES (CALM_TILES' syntax, e.g.
