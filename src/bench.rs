@@ -94,34 +94,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn shape(g: &Geometry, n: usize) -> String {
-    format!("{n}x{}x{}x{} K{} w{} p{}", g.c, g.h, g.w, g.k, g.kw, g.pad)
+    format!("{n}x{}", crate::gpu::tune::shape_key(g))
 }
 
+/// Times a GPU engine built with `opts` (batch, streaming; tiles and kernels for
+/// `calm-gpu tune`).
 pub fn time_gpu(
-    ctx: &Arc<GpuContext>,
-    g: Geometry,
-    data: &Arc<Dataset>,
-    theta: &[f32],
-    batch: usize,
-    epochs: usize,
-    stream: bool,
-) -> Result<Row> {
-    time_gpu_with(
-        ctx,
-        g,
-        data,
-        theta,
-        epochs,
-        GpuOptions {
-            batch,
-            stream,
-            ..Default::default()
-        },
-    )
-}
-
-/// [`time_gpu`] with every engine option (tiles and kernels for `calm-gpu tune`).
-pub fn time_gpu_with(
     ctx: &Arc<GpuContext>,
     g: Geometry,
     data: &Arc<Dataset>,

@@ -1255,7 +1255,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(b) = a.backend.gpu() {
         let ctx = Arc::new(GpuContext::new(b, false)?);
         rows.push(calm_gpu::bench::time_gpu(
-            &ctx, g, &data, &theta, batch, a.epochs, a.stream,
+            &ctx,
+            g,
+            &data,
+            &theta,
+            a.epochs,
+            calm_gpu::gpu::GpuOptions {
+                batch,
+                stream: a.stream,
+                ..Default::default()
+            },
         )?);
     }
     if a.with_cpu || a.backend == Backend::Cpu {
@@ -1401,7 +1410,7 @@ fn tune(a: TuneArgs) -> Result<()> {
                     "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
                     r.kernel, r.shape, r.error, r.tolerance
                 )),
-                None => Ok(calm_gpu::bench::time_gpu_with(
+                None => Ok(calm_gpu::bench::time_gpu(
                     &ctx, g, &data, &theta, a.epochs, opts,
                 )?),
             })

@@ -1094,21 +1094,10 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
     }
 
     // A kept choice: later engines for this adapter and shape run it, and say so.
-    let g = calm_gpu::Geometry::new(
-        calm_gpu::LayerConfig {
-            kernels: 64,
-            width: 20,
-            pad: 2,
-        },
-        1,
-        28,
-        28,
-    )
-    .unwrap();
     let choice = calm_gpu::gpu::tune::Choice::parse(staged).unwrap();
     let entry = |code: String| calm_gpu::gpu::tune::Entry {
         adapter: calm_gpu::gpu::tune::AdapterKey::of(&ctx.info),
-        shape: calm_gpu::gpu::tune::shape_key(&g),
+        shape: "1x28x28 K64 w20 p2".into(),
         choice: staged.into(),
         code,
         epoch_ms: 1.0,

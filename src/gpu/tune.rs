@@ -208,6 +208,16 @@ pub fn file_path() -> Option<PathBuf> {
 /// The file's entries; none if it does not exist. A file that is not one of ours is an error
 /// rather than something to overwrite or to ignore in silence.
 pub fn load(path: &Path) -> Result<TuneFile> {
+    read(path).map_err(|why| {
+        CalmError::Invalid(format!(
+            "tuning file {}: {why}; delete it (or set CALM_TUNE_FILE=off) and run `calm-gpu tune` again",
+            path.display()
+        ))
+    })
+}
+
+/// [`load`], with the cause alone as the error.
+fn read(path: &Path) -> std::result::Result<TuneFile, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -216,20 +226,14 @@ pub fn load(path: &Path) -> Result<TuneFile> {
                 entries: Vec::new(),
             });
         }
-        Err(e) => return Err(CalmError::io(path, e)),
+        Err(e) => return Err(e.to_string()),
     };
-    let bad = |why: String| {
-        CalmError::Invalid(format!(
-            "tuning file {}: {why}; delete it (or set CALM_TUNE_FILE=off) and run `calm-gpu tune` again",
-            path.display()
-        ))
-    };
-    let file: TuneFile = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let file: TuneFile = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if file.format != FORMAT {
-        return Err(bad(format!(
+        return Err(format!(
             "format {} (this calm-gpu writes {FORMAT})",
             file.format
-        )));
+        ));
     }
     Ok(file)
 }
@@ -238,8 +242,7 @@ pub fn load(path: &Path) -> Result<TuneFile> {
 /// written whole to a temporary file and renamed, so an interrupted write leaves the old file.
 pub fn store(path: &Path, entry: Entry) -> Result<()> {
     let mut file = load(path)?;
-    file.entries
-        .retain(|e| !(e.adapter == entry.adapter && e.shape == entry.shape));
+    drop_entry(&mut file, &entry.adapter, &entry.shape);
     file.entries.push(entry);
     save(path, &file)
 }
@@ -248,14 +251,19 @@ pub fn store(path: &Path, entry: Entry) -> Result<()> {
 /// Returns whether there was one.
 pub fn remove(path: &Path, adapter: &AdapterKey, shape: &str) -> Result<bool> {
     let mut file = load(path)?;
+    let removed = drop_entry(&mut file, adapter, shape);
+    if removed {
+        save(path, &file)?;
+    }
+    Ok(removed)
+}
+
+/// Drops `file`'s entry for `adapter` and `shape`; whether there was one.
+fn drop_entry(file: &mut TuneFile, adapter: &AdapterKey, shape: &str) -> bool {
     let before = file.entries.len();
     file.entries
         .retain(|e| !(e.adapter == *adapter && e.shape == shape));
-    if file.entries.len() == before {
-        return Ok(false);
-    }
-    save(path, &file)?;
-    Ok(true)
+    file.entries.len() != before
 }
 
 fn save(path: &Path, file: &TuneFile) -> Result<()> {
@@ -284,17 +292,9 @@ pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Lookup {
     let Some(path) = file_path() else {
         return Lookup::None;
     };
-    let file = match load(&path) {
+    let file = match read(&path) {
         Ok(f) => f,
-        Err(e) => {
-            let why = e.to_string();
-            // load's message names the file and the remedy; keep only the cause.
-            let why = why
-                .strip_prefix(&format!("tuning file {}: ", path.display()))
-                .map(|w| w.split("; delete it").next().unwrap_or(w).to_string())
-                .unwrap_or(why);
-            return Lookup::Unreadable(path, why);
-        }
+        Err(why) => return Lookup::Unreadable(path, why),
     };
     let key = AdapterKey::of(&ctx.info);
     let shape = shape_key(g);
