@@ -41,6 +41,8 @@ pub struct Row {
     pub mstep_gflops: Option<f64>,
     /// Median seconds of a whole epoch (E-step, log-sum-exp, M-step, update).
     pub epoch_s: f64,
+    /// Seconds of each timed epoch, in order (their spread is the run's noise).
+    pub epochs_s: Vec<f64>,
     pub estep_gflops: Option<f64>,
     pub epoch_gflops: f64,
     /// Bytes of device buffers the engine allocated (GPU only).
@@ -88,7 +90,8 @@ impl Row {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -123,7 +126,7 @@ pub fn time_gpu(
         eng.epoch(&mut |_| {})?;
         ep.push(t0.elapsed().as_secs_f64());
     }
-    let (e, m, p) = (median(es), median(ms), median(ep));
+    let (e, m, p) = (median(&es), median(&ms), median(&ep));
     Ok(Row {
         engine: format!(
             "{:?}{}",
@@ -137,6 +140,7 @@ pub fn time_gpu(
         batch: eng.max_batch(),
         estep_s: Some(e),
         epoch_s: p,
+        epochs_s: ep,
         estep_gflops: Some(g.step_flops(n) / e / 1e9),
         mstep_s: Some(m),
         mstep_gflops: Some(g.step_flops(n) / m / 1e9),
@@ -163,7 +167,7 @@ pub fn time_cpu(
         eng.epoch(&mut |_| {})?;
         ep.push(t0.elapsed().as_secs_f64());
     }
-    let p = median(ep);
+    let p = median(&ep);
     Ok(Row {
         engine: "cpu".into(),
         adapter: format!("gemm, {} threads", rayon::current_num_threads()),
@@ -172,6 +176,7 @@ pub fn time_cpu(
         batch,
         estep_s: None,
         epoch_s: p,
+        epochs_s: ep,
         estep_gflops: None,
         mstep_s: None,
         mstep_gflops: None,

@@ -1307,7 +1307,8 @@ pub struct TuneArgs {
     #[arg(long)]
     pub images: Option<usize>,
     /// Timed epochs per candidate after one warm-up epoch (the median counts: with 3, one slow
-    /// epoch does not decide)
+    /// epoch does not decide; a candidate is kept only if its slowest epoch beats the built-in
+    /// choice's fastest)
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// A candidate to time instead of the built-in list (repeatable; the built-in choice is
@@ -1388,7 +1389,7 @@ fn tune(a: TuneArgs) -> Result<()> {
         None => None,
     };
     let stop = || anyhow::anyhow!("interrupted; the tuning file is unchanged");
-    let mut timed: Vec<(Choice, f64)> = Vec::new();
+    let mut timed: Vec<(Choice, tune::Timing)> = Vec::new();
     // The first row timed (the built-in choice's, unless it failed): the others' LL reference.
     let mut reference: Option<calm_gpu::bench::Row> = None;
     for (i, choice) in list.iter().enumerate() {
@@ -1454,52 +1455,62 @@ fn tune(a: TuneArgs) -> Result<()> {
                 .with_context(|| format!("{}", a.json.as_ref().expect("open").display()))?;
         }
         if let Some(r) = row {
-            timed.push((*choice, r.epoch_s));
+            timed.push((
+                *choice,
+                tune::Timing::of(&r.epochs_s).expect("at least one epoch"),
+            ));
             reference.get_or_insert(r);
         }
     }
     if calm_gpu::interrupt::requested() {
         return Err(stop());
     }
-    let builtin_s = timed.iter().find(|(c, _)| *c == builtin).map(|t| t.1);
-    let Some((fastest, fastest_s)) = timed.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1))
+    let builtin_t = timed.iter().find(|(c, _)| *c == builtin).map(|t| t.1);
+    let Some((fastest, fastest_t)) = timed
+        .iter()
+        .copied()
+        .min_by(|x, y| x.1.median.total_cmp(&y.1.median))
     else {
         bail!("no candidate passed the check and ran; the tuning file is unchanged");
     };
     let gflops = |s: f64| g.epoch_flops(n) / s / 1e9;
     println!(
         "fastest: {fastest}, epoch {:.2} ms, {:.1} GFLOP/s{}",
-        fastest_s * 1e3,
-        gflops(fastest_s),
-        builtin_s.map_or(String::new(), |b| format!(
+        fastest_t.median * 1e3,
+        gflops(fastest_t.median),
+        builtin_t.map_or(String::new(), |b| format!(
             "; built-in {builtin}: {:.2} ms, {:.1} GFLOP/s",
-            b * 1e3,
-            gflops(b)
+            b.median * 1e3,
+            gflops(b.median)
         ))
     );
-    let keep = tune::pick(builtin_s, &timed);
+    let keep = tune::pick(builtin_t, &timed);
     if a.dry_run {
         println!("--dry-run: the tuning file is unchanged");
         return Ok(());
     }
     let path = path.expect("checked above");
     let adapter = tune::AdapterKey::of(&ctx.info);
-    let Some((best, best_s)) = keep else {
-        let removed = tune::remove(&path, &adapter, &tune::shape_key(&g))?;
-        println!(
-            "the built-in choice stays (nothing beat it by {:.0}% or more){}",
-            tune::MARGIN * 100.0,
-            if removed {
-                format!(
-                    "; the earlier entry for this adapter and shape was removed from {}",
-                    path.display()
-                )
-            } else {
-                String::new()
-            }
-        );
-        return Ok(());
+    let (best, best_t) = match keep {
+        Ok(k) => k,
+        Err(why) => {
+            let removed = tune::remove(&path, &adapter, &tune::shape_key(&g))?;
+            println!(
+                "the built-in choice stays ({why}){}",
+                if removed {
+                    format!(
+                        "; the earlier entry for this adapter and shape was removed from {}",
+                        path.display()
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            return Ok(());
+        }
     };
+    let best_s = best_t.median;
+    let builtin_s = builtin_t.map(|b| b.median);
     tune::store(
         &path,
         tune::Entry {

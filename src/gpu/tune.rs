@@ -241,21 +241,46 @@ fn read(path: &Path) -> std::result::Result<TuneFile, String> {
 /// Adds `entry` to the file at `path`, replacing the entry for the same adapter and shape;
 /// written whole to a temporary file and renamed, so an interrupted write leaves the old file.
 pub fn store(path: &Path, entry: Entry) -> Result<()> {
-    let mut file = load(path)?;
-    drop_entry(&mut file, &entry.adapter, &entry.shape);
-    file.entries.push(entry);
-    save(path, &file)
+    with_lock(path, || {
+        let mut file = load(path)?;
+        drop_entry(&mut file, &entry.adapter, &entry.shape);
+        file.entries.push(entry);
+        save(path, &file)
+    })
 }
 
 /// Removes the entry for `adapter` and `shape`, if there is one (the built-in choice won).
 /// Returns whether there was one.
 pub fn remove(path: &Path, adapter: &AdapterKey, shape: &str) -> Result<bool> {
-    let mut file = load(path)?;
-    let removed = drop_entry(&mut file, adapter, shape);
-    if removed {
-        save(path, &file)?;
+    with_lock(path, || {
+        let mut file = load(path)?;
+        let removed = drop_entry(&mut file, adapter, shape);
+        if removed {
+            save(path, &file)?;
+        }
+        Ok(removed)
+    })
+}
+
+/// Runs `change` (read, modify, rename over `path`) holding an exclusive lock on `path`'s
+/// `.lock` file beside it, so that two `calm-gpu tune` runs (two GPUs, or two shapes) that
+/// finish together both keep their entries. Readers need no lock: the rename is atomic.
+fn with_lock<T>(path: &Path, change: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| CalmError::io(dir, e))?;
     }
-    Ok(removed)
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| CalmError::io(&lock_path, e))?;
+    lock.lock().map_err(|e| CalmError::io(&lock_path, e))?;
+    // Released when `lock` is closed, also on an error or a panic in `change`.
+    change()
 }
 
 /// Drops `file`'s entry for `adapter` and `shape`; whether there was one.
@@ -396,14 +421,61 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
 /// kept choice outlives later changes to the built-in rule.
 pub const MARGIN: f64 = 0.03;
 
-/// Which of the timed candidates to keep: the fastest, if it beats the built-in choice's epoch
-/// (`builtin_s`; `None` if the built-in did not run) by [`MARGIN`]; `None` when the built-in
-/// choice stays. `timed` holds each candidate that passed the check with its epoch seconds.
-pub fn pick(builtin_s: Option<f64>, timed: &[(Choice, f64)]) -> Option<(Choice, f64)> {
-    let best = timed.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
-    match builtin_s {
-        Some(b) if best.1 > b * (1.0 - MARGIN) => None,
-        _ => Some(best),
+/// A candidate's timed epochs, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    pub median: f64,
+    pub fastest: f64,
+    pub slowest: f64,
+}
+
+impl Timing {
+    /// The median and range of `epochs` (seconds of each timed epoch); `None` if empty.
+    pub fn of(epochs: &[f64]) -> Option<Timing> {
+        let mut v = epochs.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(Timing {
+            median: *v.get(v.len() / 2)?,
+            fastest: v[0],
+            slowest: v[v.len() - 1],
+        })
+    }
+}
+
+/// Which of the timed candidates to keep: the fastest by median, if it beats the built-in
+/// choice's (`builtin`; `None` if the built-in did not run) by [`MARGIN`] and its slowest epoch
+/// was faster than the built-in's fastest, so that the difference is not the run's noise (short
+/// epochs on a busy machine spread by more than the margin). `timed` holds each candidate that
+/// passed the check. `Err` says why the built-in choice stays.
+pub fn pick(
+    builtin: Option<Timing>,
+    timed: &[(Choice, Timing)],
+) -> std::result::Result<(Choice, Timing), String> {
+    let Some(best) = timed
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
+    else {
+        return Err("no candidate ran".into());
+    };
+    let Some(b) = builtin else {
+        return Ok(best);
+    };
+    let ms = |s: f64| s * 1e3;
+    if best.1.median > b.median * (1.0 - MARGIN) {
+        Err(format!("nothing beat it by {:.0}% or more", MARGIN * 100.0))
+    } else if best.1.slowest >= b.fastest {
+        Err(format!(
+            "{} was faster by its median, but its epochs ({:.2}-{:.2} ms) overlap the built-in's \
+             ({:.2}-{:.2} ms): within the noise of this run; try more --images or --epochs",
+            best.0,
+            ms(best.1.fastest),
+            ms(best.1.slowest),
+            ms(b.fastest),
+            ms(b.slowest)
+        ))
+    } else {
+        Ok(best)
     }
 }
 
@@ -444,23 +516,93 @@ mod tests {
     }
 
     #[test]
-    fn a_choice_is_kept_only_where_it_beats_the_built_in_by_the_margin() {
+    fn a_choice_is_kept_only_where_it_beats_the_built_in_by_the_margin_and_the_noise() {
         let c = |s| Choice::parse(s).unwrap();
         let (u, d, s) = (
             c("uniform:u=4x4"),
             c("direct"),
             c("staged:e=8x8x16@32,m=4x4x16@16"),
         );
-        // The built-in is among the timed ones: 1.0 s; 0.98 is within the margin, 0.96 is not.
-        assert_eq!(pick(Some(1.0), &[(u, 1.0), (d, 0.98)]), None);
+        let t = |e: &[f64]| Timing::of(e).unwrap();
         assert_eq!(
-            pick(Some(1.0), &[(u, 1.0), (d, 0.98), (s, 0.96)]),
-            Some((s, 0.96))
+            t(&[3.0, 1.0, 2.0]),
+            Timing {
+                median: 2.0,
+                fastest: 1.0,
+                slowest: 3.0
+            }
         );
-        assert_eq!(pick(Some(1.0), &[(u, 1.0)]), None);
+        assert_eq!(Timing::of(&[]), None);
+        let one = t(&[1.0]);
+        // The built-in is among the timed ones: 1.0 s; 0.98 is within the margin, 0.96 is not.
+        let within = pick(Some(one), &[(u, one), (d, t(&[0.98]))]).unwrap_err();
+        assert!(within.contains("by 3%"), "{within}");
+        assert_eq!(
+            pick(Some(one), &[(u, one), (d, t(&[0.98])), (s, t(&[0.96]))]),
+            Ok((s, t(&[0.96])))
+        );
+        assert!(pick(Some(one), &[(u, one)]).is_err());
+        // Faster by the median, but a slow epoch reaches the built-in's fastest: noise.
+        let b = t(&[1.0, 0.95, 1.05]);
+        let noisy = pick(Some(b), &[(u, b), (s, t(&[0.8, 0.85, 0.95]))]).unwrap_err();
+        assert!(noisy.contains("within the noise"), "{noisy}");
+        assert_eq!(
+            pick(Some(b), &[(u, b), (s, t(&[0.8, 0.85, 0.94]))]),
+            Ok((s, t(&[0.8, 0.85, 0.94])))
+        );
         // Nothing passed; or the built-in did not run, so the fastest that did is kept.
-        assert_eq!(pick(Some(1.0), &[]), None);
-        assert_eq!(pick(None, &[(d, 2.0), (s, 1.5)]), Some((s, 1.5)));
+        assert!(pick(Some(one), &[]).is_err());
+        assert_eq!(
+            pick(None, &[(d, t(&[2.0])), (s, t(&[1.5]))]),
+            Ok((s, t(&[1.5])))
+        );
+    }
+
+    #[test]
+    fn tune_runs_that_store_at_once_keep_every_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("tuned.json");
+        let adapter = AdapterKey {
+            backend: "vulkan".into(),
+            name: "test".into(),
+            vendor: 1,
+            device: 2,
+            driver: "d".into(),
+            driver_info: "i".into(),
+        };
+        let (threads, each) = (8, 5);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (path, adapter) = (&path, &adapter);
+                s.spawn(move || {
+                    for i in 0..each {
+                        let entry = Entry {
+                            adapter: adapter.clone(),
+                            shape: format!("shape {t} {i}"),
+                            choice: "direct".into(),
+                            code: "0".into(),
+                            epoch_ms: 1.0,
+                            gflops: 1.0,
+                            builtin: "uniform:u=4x4".into(),
+                            builtin_epoch_ms: None,
+                            images: 1,
+                            measured_at: 0,
+                        };
+                        store(path, entry).unwrap();
+                    }
+                    // And one removed again, beside the others' stores.
+                    assert!(remove(path, adapter, &format!("shape {t} 0")).unwrap());
+                });
+            }
+        });
+        let file = load(&path).unwrap();
+        let mut shapes: Vec<_> = file.entries.iter().map(|e| e.shape.clone()).collect();
+        shapes.sort();
+        let mut want: Vec<_> = (0..threads)
+            .flat_map(|t| (1..each).map(move |i| format!("shape {t} {i}")))
+            .collect();
+        want.sort();
+        assert_eq!(shapes, want);
     }
 
     #[test]
