@@ -9,7 +9,8 @@
 # 3. the main job on the embedded sample; 4. `calm-gpu tune` (each candidate checked, then timed)
 # on the MNIST protocol's 60,000 images and the STL-10 protocol on a subset; 5. the PyTorch baseline
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
-# 6. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
+# 6. the MNIST epoch of calm-gpu (tune's choice) and of PyTorch, alternating, ROUNDS (2) times;
+# 7. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
 # the STL-10 protocol at full size (105,000 images), resident and streamed within 8 GB.
 # A dry run of the script's logic on lavapipe (about 10 minutes on 2 cores; tune's list there is
 # the software adapter's, and a double-buffered shape given in TILES stops with a clear error, as
@@ -90,6 +91,15 @@ if [ -z "${SKIP_TF32:-}" ]; then
 fi
 timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$J/torch_stl10.json" 2>&1 | tail -3
 
+# The judged comparison: the same MNIST epoch for calm-gpu (with tune's choice, if it kept one:
+# bench reads $CALM_TUNE_FILE and names the kernels) and for PyTorch, alternating, ROUNDS times.
+ROUNDS=${ROUNDS:-2}
+echo "== alternating: calm-gpu bench and PyTorch, mnist protocol, $MNIST_IMAGES images, $ROUNDS rounds"
+for r in $(seq 1 "$ROUNDS"); do
+  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/alt_calm_$r.json" 2>&1 | tail -2
+  timeout 90 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/alt_torch_$r.json" 2>&1 | tail -1
+done
+
 if [ -n "${FASHION_DIR:-}" ]; then
   echo "== reproduce fashion (the paper's MNIST protocol on Fashion-MNIST) on the GPU"
   timeout 240 "$BIN" reproduce fashion --data-dir "$FASHION_DIR" --out-dir "$J/fashion" --backend vulkan --force 2>&1 | grep -v "^ *[0-9]* *[0-9]* " | tail -12
@@ -98,15 +108,15 @@ fi
 
 echo "== summary"
 cp "$J"/tune_*.txt "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
-python3 - "$J" "$OUT" <<'PY'
+ROUNDS="$ROUNDS" python3 - "$J" "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 # Every result as one JSON object per line in $OUT/results.jsonl (the torch files are pretty-printed).
 with open(os.path.join(sys.argv[2], "results.jsonl"), "w") as w:
-    for f in sorted(glob.glob(os.path.join(out, "tune_*.jsonl")) + glob.glob(os.path.join(out, "stl10_*.json"))):
+    for f in sorted(glob.glob(os.path.join(out, "tune_*.jsonl")) + glob.glob(os.path.join(out, "stl10_*.json")) + glob.glob(os.path.join(out, "alt_calm_*.json"))):
         for line in open(f):
             w.write(json.dumps(json.loads(line)) + "\n")
-    for f in sorted(glob.glob(os.path.join(out, "torch_*.json"))):
+    for f in sorted(glob.glob(os.path.join(out, "torch_*.json")) + glob.glob(os.path.join(out, "alt_torch_*.json"))):
         j = json.load(open(f))
         j["file"] = os.path.basename(f)
         w.write(json.dumps(j) + "\n")
@@ -123,10 +133,12 @@ for name in ("tune_mnist.jsonl", "tune_stl10.jsonl"):
             continue
         tag = " (built-in)" if t["builtin"] else ""
         rows.append((f"calm-gpu {r['engine']} {t['choice']}{tag}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
-for f in sorted(glob.glob(os.path.join(out, "stl10_*.json"))):
-    for line in open(f):
-        r = json.loads(line)
-        rows.append((f"calm-gpu {r['engine']} {r.get('kernels') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
+def calm_rows(pattern, tag=""):
+    for f in sorted(glob.glob(os.path.join(out, pattern))):
+        for line in open(f):
+            r = json.loads(line)
+            rows.append((f"{tag}calm-gpu {r['engine']} {r.get('kernels') or ''}", r["shape"], r["epoch_s"], r["epoch_gflops"], r.get("estep_gflops"), r.get("mstep_gflops")))
+calm_rows("stl10_*.json")
 def torch_rows(f, name):
     if not os.path.exists(f):
         return
@@ -141,6 +153,10 @@ dev = os.environ.get("TORCH_DEVICE", "cuda")
 torch_rows(os.path.join(out, "torch_mnist.json"), f"pytorch {dev} fp32 (mnist)")
 torch_rows(os.path.join(out, "torch_mnist_tf32.json"), f"pytorch {dev} tf32 (mnist)")
 torch_rows(os.path.join(out, "torch_stl10.json"), f"pytorch {dev} fp32 (stl10)")
+rounds = int(os.environ.get("ROUNDS", "2"))
+for i in range(1, rounds + 1):
+    calm_rows(f"alt_calm_{i}.json", f"round {i}: ")
+    torch_rows(os.path.join(out, f"alt_torch_{i}.json"), f"round {i}: pytorch {dev} fp32")
 print(f"{'engine':<72} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':>10} {'M GFLOP/s':>10}")
 for r in rows:
     print(f"{r[0]:<72} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
