@@ -66,12 +66,12 @@ timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors
 # --candidate arguments for a list of tile shapes (none: tune's built-in list).
 candidates() { for t in $1; do [ "$t" = default ] || printf -- "--candidate staged:%s " "$t"; done; }
 echo "== tune (check, then time) mnist protocol, $MNIST_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$J/tune_mnist.txt"
+timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 5 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$J/tune_mnist.txt"
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
   CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -2 | sed "s/^/checks-on  /"
 fi
 echo "== tune (check, then time) stl10 protocol, $STL_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$J/tune_stl10.txt"
+timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 3 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$J/tune_stl10.txt"
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
 timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
 

@@ -52,6 +52,8 @@ pub struct Row {
     pub kernels: Option<String>,
     /// LL of the warm-up epoch, from the starting theta (GPU only).
     pub first_loglik: Option<f64>,
+    /// Seconds of the warm-up epoch, pipeline compilation included (GPU only).
+    pub warmup_s: Option<f64>,
 }
 
 impl Row {
@@ -110,11 +112,31 @@ pub fn time_gpu(
     epochs: usize,
     opts: GpuOptions,
 ) -> Result<Row> {
+    Ok(time_gpu_within(ctx, g, data, theta, epochs, opts, None)?.expect("no limit on the warm-up"))
+}
+
+/// [`time_gpu`], giving up after the warm-up epoch if it took longer than `warmup_limit_s`
+/// (`calm-gpu tune` does not time a candidate far slower than the built-in choice): then
+/// `Ok(Err(seconds of the warm-up))`.
+pub fn time_gpu_within(
+    ctx: &Arc<GpuContext>,
+    g: Geometry,
+    data: &Arc<Dataset>,
+    theta: &[f32],
+    epochs: usize,
+    opts: GpuOptions,
+    warmup_limit_s: Option<f64>,
+) -> Result<std::result::Result<Row, f64>> {
     let n = data.images.shape()[0];
     let mut eng = GpuEngine::new(Arc::clone(ctx), g, data.clone(), theta, opts)?;
     // Warm-up: pipeline compilation, first-touch of memory. Its LL, from the starting theta,
     // is the same for every choice of kernels up to f32 rounding (`calm-gpu tune` compares).
+    let t0 = Instant::now();
     let first = eng.epoch(&mut |_| {})?;
+    let warmup_s = t0.elapsed().as_secs_f64();
+    if warmup_limit_s.is_some_and(|limit| warmup_s > limit) {
+        return Ok(Err(warmup_s));
+    }
     eng.time_estep()?;
     let mut es = Vec::new();
     let mut ms = Vec::new();
@@ -127,7 +149,7 @@ pub fn time_gpu(
         ep.push(t0.elapsed().as_secs_f64());
     }
     let (e, m, p) = (median(&es), median(&ms), median(&ep));
-    Ok(Row {
+    Ok(Ok(Row {
         engine: format!(
             "{:?}{}",
             ctx.info.backend,
@@ -149,7 +171,8 @@ pub fn time_gpu(
         tiles: Some(eng.tiles().to_string()),
         kernels: Some(eng.describe_kernels()),
         first_loglik: Some(first.loglik),
-    })
+        warmup_s: Some(warmup_s),
+    }))
 }
 
 pub fn time_cpu(
@@ -185,5 +208,6 @@ pub fn time_cpu(
         tiles: None,
         kernels: None,
         first_loglik: None,
+        warmup_s: None,
     })
 }

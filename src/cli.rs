@@ -1411,9 +1411,21 @@ fn tune(a: TuneArgs) -> Result<()> {
                     "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
                     r.kernel, r.shape, r.error, r.tolerance
                 )),
-                None => Ok(calm_gpu::bench::time_gpu(
-                    &ctx, g, &data, &theta, a.epochs, opts,
-                )?),
+                None => {
+                    let reference_warmup = reference.as_ref().and_then(|r| r.warmup_s);
+                    let limit = reference_warmup.map(tune::warmup_limit);
+                    match calm_gpu::bench::time_gpu_within(
+                        &ctx, g, &data, &theta, a.epochs, opts, limit,
+                    )? {
+                        Ok(row) => Ok(row),
+                        Err(warmup_s) => Err(format!(
+                            "not timed: its warm-up epoch took {:.0} ms, over {}x the first timed choice's {:.0} ms",
+                            warmup_s * 1e3,
+                            tune::SLOW_WARMUP,
+                            reference_warmup.unwrap_or(f64::NAN) * 1e3
+                        )),
+                    }
+                }
             })
         });
         let (status, row) = match outcome {

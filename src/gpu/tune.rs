@@ -416,6 +416,19 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
     Ok(list)
 }
 
+/// A candidate whose warm-up epoch (pipeline compilation included) takes [`SLOW_WARMUP`] times
+/// the reference's (the built-in choice's), and over [`SLOW_WARMUP_FLOOR_S`], is not timed
+/// further: it cannot win, and on a large problem its timed epochs would cost minutes of a
+/// lent GPU (the direct kernels on the STL-10 shape). The floor keeps small runs, where
+/// compilation is most of a warm-up, from cutting anything.
+pub const SLOW_WARMUP: f64 = 5.0;
+pub const SLOW_WARMUP_FLOOR_S: f64 = 2.0;
+
+/// The warm-up seconds beyond which a candidate is not timed, given the reference's.
+pub fn warmup_limit(reference_warmup_s: f64) -> f64 {
+    (reference_warmup_s * SLOW_WARMUP).max(SLOW_WARMUP_FLOOR_S)
+}
+
 /// A tuned choice must beat the built-in one by this fraction of its epoch to be kept: two
 /// timings of the same kernels differ by a few percent on a busy machine (docs/perf.md), and a
 /// kept choice outlives later changes to the built-in rule.
@@ -556,6 +569,13 @@ mod tests {
             pick(None, &[(d, t(&[2.0])), (s, t(&[1.5]))]),
             Ok((s, t(&[1.5])))
         );
+    }
+
+    #[test]
+    fn only_a_long_and_much_slower_warm_up_is_cut() {
+        assert_eq!(warmup_limit(1.0), 5.0);
+        // Small runs: compilation dominates, nothing under the floor is cut.
+        assert_eq!(warmup_limit(0.01), SLOW_WARMUP_FLOOR_S);
     }
 
     #[test]
