@@ -18,12 +18,30 @@ use crate::geometry::Geometry;
 use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
 
 pub fn random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Dataset {
+    try_random_images(seed, n, c, h, w).expect("random images fit in memory")
+}
+
+/// [`random_images`] for a count a user gave (`bench --images`): an error, not an abort, when
+/// the machine cannot hold them.
+pub fn try_random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Result<Dataset> {
+    let too_many = || {
+        crate::error::CalmError::Invalid(format!(
+            "{n} random images of {c}x{h}x{w} need {:.1} GB of memory, more than this machine can give; use fewer --images",
+            n as f64 * (c * h * w * 4) as f64 / 1e9
+        ))
+    };
+    let len = n
+        .checked_mul(c * h * w)
+        .filter(|&l| l <= isize::MAX as usize / 4)
+        .ok_or_else(too_many)?;
+    let mut x: Vec<f32> = Vec::new();
+    x.try_reserve_exact(len).map_err(|_| too_many())?;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-    Dataset::new(
+    x.extend((0..len).map(|_| rng.random::<f32>()));
+    Ok(Dataset::new(
         Array4::from_shape_vec((n, c, h, w), x).expect("shape"),
         None,
-    )
+    ))
 }
 
 /// One line of the benchmark table.

@@ -286,8 +286,13 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
     /// Continue the run checkpointed in DIR from its last complete epoch, with its arguments
-    /// (other training options are taken from the checkpoint; --quiet still applies)
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["data", "init", "checkpoint_dir"])]
+    /// (the training options are the checkpoint's and are refused here; --quiet, --plot and
+    /// --force still apply)
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "data", "init", "checkpoint_dir", "backend", "kernels", "width", "pad", "batch", "epochs",
+        "seed", "out", "metrics", "init_method", "revive", "tol", "whiten", "learn_weights",
+        "learn_variance", "protocol", "preset", "preprocess", "cache",
+    ])]
     pub resume: Option<PathBuf>,
     /// Write the preprocessed images once to this float32 .npy (plus FILE.json naming the data
     /// it holds) and read them from it every epoch: for preprocessing that costs more than the
@@ -424,11 +429,56 @@ fn check_output(path: &Path, force: bool) -> Result<()> {
     if path.is_dir() {
         bail!("{} is a directory; give a file name", path.display());
     }
+    // A missing directory is created when the file is written; a file in its place cannot be.
+    if let Some(blocker) = path
+        .ancestors()
+        .skip(1)
+        .find(|d| !d.as_os_str().is_empty() && d.exists())
+        .filter(|d| !d.is_dir())
+    {
+        bail!(
+            "{}: {} is a file, not a directory",
+            path.display(),
+            blocker.display()
+        );
+    }
     if path.exists() && !force {
         bail!(
             "{} already exists; pass --force to replace it",
             path.display()
         );
+    }
+    Ok(())
+}
+
+/// Refuses a run that names one file as two of its outputs, or an output that is one of its
+/// inputs: with --force the second write would destroy the first, or the data being read.
+fn check_distinct(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
+    // The same file under any spelling: the canonical path, or for a file not written yet its
+    // directory's canonical path and its name.
+    let key = |p: &Path| -> PathBuf {
+        std::fs::canonicalize(p).unwrap_or_else(|_| {
+            let abs = absolute(p);
+            match (abs.parent(), abs.file_name()) {
+                (Some(d), Some(n)) => std::fs::canonicalize(d).map_or(abs.clone(), |d| d.join(n)),
+                _ => abs.clone(),
+            }
+        })
+    };
+    for (i, out) in outputs.iter().enumerate() {
+        let k = key(out);
+        if outputs[..i].iter().any(|o| key(o) == k) {
+            bail!(
+                "{} is named for two outputs of this run; give each its own file",
+                out.display()
+            );
+        }
+        if inputs.iter().any(|p| key(p) == k) {
+            bail!(
+                "{} is an input of this run; write the output to another file",
+                out.display()
+            );
+        }
     }
     Ok(())
 }
@@ -538,11 +588,24 @@ fn cached(
 ) -> Result<Arc<dyn ImageSource>> {
     let key_path = PathBuf::from(format!("{}.json", path.display()));
     let key = cache_key(names, pre);
+    if path.is_dir() {
+        bail!(
+            "--cache {} is a directory; give a file name",
+            path.display()
+        );
+    }
     if path.exists() {
         let stored: Option<serde_json::Value> = std::fs::read(&key_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if stored.as_ref() != Some(&key) {
+            if !key_path.exists() {
+                bail!(
+                    "--cache {}: the file exists but {} (what it holds) does not, so it was not written by calm-gpu's cache; name another file",
+                    path.display(),
+                    key_path.display()
+                );
+            }
             bail!(
                 "--cache {}: it holds other data or preprocessing than this run's (see {}); delete both or name another file",
                 path.display(),
@@ -550,6 +613,10 @@ fn cached(
             );
         }
     } else {
+        check_output(path, false)?;
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+        }
         if !quiet {
             println!(
                 "caching {} preprocessed images in {} (once)",
@@ -643,6 +710,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 RunConfig {
                     checkpoint_dir: Some(absolute(dir)),
                     plot,
+                    force: cfg.force || a.force,
                     ..cfg
                 },
                 Some((ck, records)),
@@ -706,6 +774,29 @@ fn train(mut a: TrainArgs) -> Result<()> {
     check_output(&cfg.out, cfg.force)?;
     if let (Some(m), None) = (&cfg.metrics, &resume) {
         check_output(m, cfg.force)?;
+    }
+    if let Some(p) = &cfg.plot {
+        check_output(p, cfg.force)?;
+    }
+    if let Some(dir) = &cfg.checkpoint_dir {
+        let ck = dir.join(CHECKPOINT);
+        if resume.is_none() && ck.exists() && !cfg.force {
+            bail!(
+                "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
+                dir.display(),
+                dir.display()
+            );
+        }
+        check_output(&ck, true)?;
+    }
+    {
+        let mut inputs: Vec<&Path> = cfg.data.iter().map(PathBuf::as_path).collect();
+        inputs.extend(cfg.init.as_deref());
+        inputs.extend(cfg.cache.as_deref());
+        let mut outputs = vec![cfg.out.as_path()];
+        outputs.extend(cfg.metrics.as_deref());
+        outputs.extend(cfg.plot.as_deref());
+        check_distinct(&inputs, &outputs)?;
     }
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
     let data = match &cfg.cache {
@@ -782,8 +873,20 @@ fn train(mut a: TrainArgs) -> Result<()> {
     ));
     let first = records.len() + 1;
     if resume.is_some() {
-        say(format!("resuming at epoch {first} of {}", cfg.epochs));
+        if first > cfg.epochs {
+            say(format!(
+                "the checkpoint holds all {} epochs of its run; writing its model",
+                records.len()
+            ));
+        } else {
+            say(format!("resuming at epoch {first} of {}", cfg.epochs));
+        }
     }
+    // An engine that has run no epoch has no counts: a model written before this process ran
+    // one (a checkpoint of a finished run) takes the checkpoint's.
+    let checkpoint_counts = resume
+        .as_ref()
+        .map(|(ck, records)| (records.len(), ck.counts.clone()));
     // Metrics: a fresh file, or on resume the checkpoint's epochs rewritten (a kill between the
     // checkpoint and the metrics line must not lose or repeat a line), then appended to.
     let mut metrics = match &cfg.metrics {
@@ -840,7 +943,10 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     }),
             },
             theta: engine.theta()?,
-            counts: engine.counts()?,
+            counts: match &checkpoint_counts {
+                Some((epochs, counts)) if *epochs == history.len() => counts.clone(),
+                _ => engine.counts()?,
+            },
             prior: cfg.schedule.prior.any().then(|| engine.prior()),
             whiten: whitening.clone(),
             extra: Default::default(),
@@ -1010,6 +1116,9 @@ fn progress_bar(quiet: bool, n: usize) -> Option<indicatif::ProgressBar> {
 fn features(a: FeaturesArgs) -> Result<()> {
     check_positive("batch", a.batch)?;
     check_output(&a.out, a.force)?;
+    let mut inputs = vec![a.model.as_path()];
+    inputs.extend(a.data.as_deref());
+    check_distinct(&inputs, &[&a.out])?;
     let model = Model::load(&a.model)?;
     let pre = model_preprocess(&model)?;
     let (data, _, _) = match &a.data {
@@ -1200,6 +1309,9 @@ pub struct BenchArgs {
     /// Write the table as JSON lines too
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Replace --json if it exists
+    #[arg(long)]
+    pub force: bool,
     /// Stream the images through two batch buffers even where they fit on the GPU (to time
     /// what a GPU with less memory than the data pays; the epoch includes the copies)
     #[arg(long)]
@@ -1248,8 +1360,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let batch = a.batch.unwrap_or(batch);
     check_positive("images", n)?;
     check_positive("epochs", a.epochs)?;
+    if let Some(p) = &a.json {
+        check_output(p, a.force)?;
+    }
     let g = Geometry::new(layer, c, h, w)?;
-    let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
+    let data = Arc::new(calm_gpu::bench::try_random_images(7, n, c, h, w)?);
     let theta = em::init_theta(&g, 0);
     let mut rows = Vec::new();
     if let Some(b) = a.backend.gpu() {
@@ -1289,7 +1404,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             s.push_str(&serde_json::to_string(r)?);
             s.push('\n');
         }
-        std::fs::write(p, s).with_context(|| p.display().to_string())?;
+        model::write_atomic(p, s.as_bytes(), true)?;
     }
     Ok(())
 }
@@ -1322,6 +1437,9 @@ pub struct TuneArgs {
     /// Write one JSON line per candidate too
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Replace --json if it exists
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `calm-gpu tune`: every candidate checked against the CPU reference (`validate`'s problems),
@@ -1378,14 +1496,20 @@ fn tune(a: TuneArgs) -> Result<()> {
         a.epochs,
         list.len()
     );
-    let data = Arc::new(calm_gpu::bench::random_images(7, n, c, h, w));
+    let data = Arc::new(calm_gpu::bench::try_random_images(7, n, c, h, w)?);
     let theta = em::init_theta(&g, 0);
     // The check: validate's problems, and a small one of this layer (how K splits into tiles).
     let mut checks = calm_gpu::validate::cases();
     checks.extend(calm_gpu::validate::case_for(&g));
     // One JSON line per candidate, written as it finishes, so a sweep cut short keeps its lines.
     let mut json = match &a.json {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| p.display().to_string())?),
+        Some(p) => {
+            check_output(p, a.force)?;
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+            }
+            Some(std::fs::File::create(p).with_context(|| p.display().to_string())?)
+        }
         None => None,
     };
     let stop = || anyhow::anyhow!("interrupted; the tuning file is unchanged");
@@ -1577,9 +1701,20 @@ fn show(a: ShowArgs) -> Result<()> {
     if a.out.is_none() && a.plot.is_none() {
         bail!("nothing to draw: give --out kernels.png and/or --plot loglik.png");
     }
+    // Every output checked, and the model read whole, before the first is written.
+    let outputs: Vec<&Path> = a.out.iter().chain(&a.plot).map(PathBuf::as_path).collect();
+    for p in &outputs {
+        check_output(p, a.force)?;
+    }
+    check_distinct(&[&a.model], &outputs)?;
     let model = Model::load(&a.model)?;
+    if a.plot.is_some() && model.meta.history.is_empty() {
+        bail!(
+            "{}: the model has no completed epochs to plot",
+            a.model.display()
+        );
+    }
     if let Some(out) = &a.out {
-        check_output(out, a.force)?;
         let l = model.meta.layer;
         let scale = a
             .scale
@@ -1774,6 +1909,14 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     check_positive("batch", a.batch)?;
     if let Some(j) = &a.json {
         check_output(j, a.force)?;
+        let inputs: Vec<&Path> = std::iter::once(&a.model)
+            .chain(&a.train)
+            .chain(&a.train_labels)
+            .chain(&a.test)
+            .chain(&a.test_labels)
+            .map(PathBuf::as_path)
+            .collect();
+        check_distinct(&inputs, &[j])?;
     }
     let model = Model::load(&a.model)?;
     let pre = model_preprocess(&model)?;
@@ -2032,6 +2175,21 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
             )
         }
     };
+    // Everything this run writes is refused up front without --force (nothing trained first),
+    // and the probe's label files are read before the training they would follow.
+    for f in [
+        "model.safetensors",
+        "metrics.jsonl",
+        "loglik.png",
+        "kernels.png",
+        "results.json",
+        "results.md",
+    ] {
+        check_output(&out.join(f), a.force)?;
+    }
+    for labels in [&probe_train.1, &probe_test.1] {
+        data::load_labels(labels)?;
+    }
     let mnist_preset = a.preset == Some(Preset::Recommended) && a.protocol != ProtocolName::Stl10;
     let (layer, epochs) = if mnist_preset {
         (RECOMMENDED.layer, a.epochs.unwrap_or(RECOMMENDED.epochs))

@@ -53,7 +53,17 @@ pub enum GeometryError {
         w: usize,
         pad: usize,
     },
+    #[error(
+        "the layer is too large: {what} would hold {n} values (at most {MAX_ELEMENTS}, which also bounds the GPU's 32-bit indices)"
+    )]
+    TooLarge { what: &'static str, n: u128 },
 }
+
+/// The most values any one of a layer's arrays may hold (weights, one padded image, one
+/// image's feature map or patch matrix): 2^31, so that indices fit the shaders' 32-bit
+/// integers with room for offsets, and an impossible shape is an error, not an abort when the
+/// allocation fails.
+pub const MAX_ELEMENTS: u128 = 1 << 31;
 
 impl Geometry {
     pub fn new(layer: LayerConfig, c: usize, h: usize, w: usize) -> Result<Self, GeometryError> {
@@ -65,6 +75,35 @@ impl Geometry {
         }
         if c == 0 {
             return Err(GeometryError::NoChannels);
+        }
+        let (k, kw, pad) = (
+            layer.kernels as u128,
+            layer.width as u128,
+            layer.pad as u128,
+        );
+        let (c128, h128, w128) = (c as u128, h as u128, w as u128);
+        let (hp128, wp128) = (h128 + 2 * pad, w128 + 2 * pad);
+        // Products of values up to 2^64 can pass even u128: saturate.
+        let mul = |xs: &[u128]| xs.iter().fold(1u128, |a, &b| a.saturating_mul(b));
+        let positions = mul(&[hp128.saturating_sub(kw) + 1, wp128.saturating_sub(kw) + 1]);
+        for (what, n) in [
+            ("the weights (K x C x w x w)", mul(&[k, c128, kw, kw])),
+            (
+                "one padded image (C x (H + 2p) x (W + 2p))",
+                mul(&[c128, hp128, wp128]),
+            ),
+            (
+                "one image's feature map (K x Ho x Wo)",
+                mul(&[k, positions]),
+            ),
+            (
+                "one image's patches (Ho x Wo x C x w x w)",
+                mul(&[positions, c128, kw, kw]),
+            ),
+        ] {
+            if n > MAX_ELEMENTS {
+                return Err(GeometryError::TooLarge { what, n });
+            }
         }
         let hp = h + 2 * layer.pad;
         let wp = w + 2 * layer.pad;
@@ -145,6 +184,32 @@ impl Geometry {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn impossible_sizes_are_errors_not_aborts() {
+        let l = |kernels, width, pad| LayerConfig {
+            kernels,
+            width,
+            pad,
+        };
+        for (layer, what) in [
+            (l(99_999_999_999, 20, 2), "weights"),
+            (l(usize::MAX, usize::MAX, 0), "weights"),
+            (l(64, 20, 1_000_000), "padded image"),
+            (l(64, 3, usize::MAX / 4), "padded image"),
+            (l(20_000_000, 3, 2), "feature map"),
+        ] {
+            match Geometry::new(layer, 1, 28, 28) {
+                Err(e @ GeometryError::TooLarge { .. }) => {
+                    assert!(e.to_string().contains(what), "{e}")
+                }
+                other => panic!("{layer:?}: {other:?}"),
+            }
+        }
+        // The protocols' shapes are far inside the bound.
+        Geometry::new(l(64, 20, 2), 1, 28, 28).unwrap();
+        Geometry::new(l(200, 15, 0), 3, 96, 96).unwrap();
+    }
+
     use super::*;
 
     #[test]

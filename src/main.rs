@@ -13,6 +13,22 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // stdout that cannot be written (a full disk, `> /dev/full`) makes println! panic: say so
+    // in one line and exit 1 instead of printing a panic message and a backtrace hint.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            eprintln!("error: cannot write to standard output: {why}");
+            std::process::exit(1);
+        }
+        default_hook(info)
+    }));
     #[cfg(target_os = "linux")]
     quiet_wayland_probe();
     let cli = cli::Cli::parse();

@@ -266,6 +266,19 @@ impl Model {
         let l = meta.layer;
         let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
         let counts = read("counts", &[l.kernels])?;
+        // calm-gpu never writes non-finite weights (the precision limit keeps the last finite
+        // theta): such a file is damaged, and its features would all be -inf.
+        for (name, v) in [("theta", &theta), ("counts", &counts)] {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(model_err(
+                    path,
+                    format!(
+                        "tensor `{name}` holds {} at index {i}; the file is damaged",
+                        v[i]
+                    ),
+                ));
+            }
+        }
         let prior = match (st.tensor("inv_variance"), st.tensor("log_weight")) {
             (Err(_), Err(_)) => None,
             _ => {

@@ -1036,6 +1036,7 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
         "1",
         "--json",
         jsonl.to_str().unwrap(),
+        "--force",
     ];
     for c in candidates {
         argv.extend(["--candidate", c]);
@@ -1119,6 +1120,7 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
         "1",
         "--json",
         bench_json.to_str().unwrap(),
+        "--force",
     ];
     let out = run(&bench);
     assert_ok(&out);
@@ -1193,4 +1195,262 @@ fn tune_refuses_bad_candidates_and_the_cpu() {
         ],
         "kernel choice `staged:e=7x8x16`",
     );
+}
+
+/// What a review of the CLI found (2026-11-29): each output is checked before any work, no run
+/// writes one file twice or over its own input, a finished checkpoint resumes to its model,
+/// impossible sizes are errors rather than aborts, a damaged model is refused.
+#[test]
+fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = small_data(d);
+    let data_bytes = std::fs::read(&data).unwrap();
+    let p = |name: &str| d.join(name).to_string_lossy().to_string();
+    let x = data.to_string_lossy().to_string();
+    let train = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "3",
+            "--width",
+            "3",
+            "--pad",
+            "0",
+            "--epochs",
+            "2",
+            "--data",
+            &x,
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let fails = |args: Vec<String>, needle: &str| {
+        fails_with(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle)
+    };
+
+    // An existing --plot is refused before training: the model is not written either.
+    std::fs::write(p("ll.png"), b"precious").unwrap();
+    fails(
+        train(&p("a.safetensors"), &["--plot", &p("ll.png")]),
+        "--force",
+    );
+    assert!(!d.join("a.safetensors").exists());
+    assert_eq!(std::fs::read(p("ll.png")).unwrap(), b"precious");
+    // A directory that is a file.
+    fails(
+        train(&p("a.safetensors"), &["--plot", &p("ll.png/x.png")]),
+        "not a directory",
+    );
+    // One file for two outputs, or an output over an input, even with --force.
+    fails(
+        train(
+            &p("a.safetensors"),
+            &["--plot", &p("a.safetensors"), "--force"],
+        ),
+        "two outputs",
+    );
+    fails(train(&x, &["--force"]), "input of this run");
+    assert_eq!(std::fs::read(&data).unwrap(), data_bytes);
+
+    // A run with a checkpoint directory; a second run does not replace its checkpoint.
+    let model = p("m.safetensors");
+    assert_ok(
+        &calm()
+            .args(train(&model, &["--checkpoint-dir", &p("ck")]))
+            .output()
+            .unwrap(),
+    );
+    fails(
+        train(&p("b.safetensors"), &["--checkpoint-dir", &p("ck")]),
+        "--resume",
+    );
+    // Resuming the finished run writes its model again, byte for byte (counts included).
+    let first = std::fs::read(&model).unwrap();
+    std::fs::remove_file(&model).unwrap();
+    assert_ok(
+        &calm()
+            .args(["train", "--resume", &p("ck")])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), first);
+    // --force applies on resume; training options are refused there.
+    fails_with(&["train", "--resume", &p("ck")], "--force");
+    assert_ok(
+        &calm()
+            .args(["train", "--resume", &p("ck"), "--force", "--quiet"])
+            .output()
+            .unwrap(),
+    );
+    let out = calm()
+        .args(["train", "--resume", &p("ck"), "--epochs", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+
+    fails_with(
+        &["features", "--model", &model, "--out", &model, "--force"],
+        "input of this run",
+    );
+    fails_with(
+        &["eval", "--model", &model, "--json", &model, "--force"],
+        "input of this run",
+    );
+    fails_with(
+        &[
+            "show",
+            "--model",
+            &model,
+            "--out",
+            &p("s.png"),
+            "--plot",
+            &p("s.png"),
+            "--force",
+        ],
+        "two outputs",
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), first);
+
+    // Sizes no machine can hold: one-line errors, not allocation aborts.
+    fails_with(
+        &[
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "99999999999",
+            "--data",
+            &x,
+            "--out",
+            &p("c.safetensors"),
+        ],
+        "too large",
+    );
+    fails_with(
+        &["bench", "--backend", "cpu", "--images", "99999999999"],
+        "fewer --images",
+    );
+    // bench --json: an existing file is refused before the benchmark runs.
+    std::fs::write(p("b.json"), b"precious").unwrap();
+    fails_with(
+        &[
+            "bench",
+            "--backend",
+            "cpu",
+            "--images",
+            "2",
+            "--json",
+            &p("b.json"),
+        ],
+        "--force",
+    );
+    assert_eq!(std::fs::read(p("b.json")).unwrap(), b"precious");
+
+    // A model whose weights hold NaN is damaged: refused by every reader.
+    let mut m = calm_gpu::model::Model::load(std::path::Path::new(&model)).unwrap();
+    m.theta[4] = f32::NAN;
+    m.save(&d.join("nan.safetensors"), false).unwrap();
+    fails_with(&["info", "--model", &p("nan.safetensors")], "damaged");
+    fails_with(
+        &[
+            "features",
+            "--model",
+            &p("nan.safetensors"),
+            "--data",
+            &x,
+            "--out",
+            &p("f.npy"),
+        ],
+        "damaged",
+    );
+
+    // stdout that cannot be written: one line and exit 1, no panic.
+    #[cfg(target_os = "linux")]
+    {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+            .env("CALM_TUNE_FILE", "off")
+            .args(["info", "--model", &model])
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.trim()
+                .starts_with("error: cannot write to standard output"),
+            "{err}"
+        );
+    }
+}
+
+/// `reproduce` refuses an out-dir holding earlier results, and unreadable label files, before
+/// it trains.
+#[test]
+fn reproduce_checks_its_outputs_and_labels_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mnist");
+    std::fs::create_dir(&data).unwrap();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    for (from, to) in [
+        (
+            "digits-train-images-idx3-ubyte.gz",
+            "train-images-idx3-ubyte.gz",
+        ),
+        (
+            "digits-train-labels-idx1-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+        ),
+        (
+            "digits-test-images-idx3-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+        ),
+        (
+            "digits-test-labels-idx1-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        ),
+    ] {
+        std::fs::copy(assets.join(from), data.join(to)).unwrap();
+    }
+    let out = dir.path().join("r");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("results.md"), b"precious").unwrap();
+    let args = |out: &Path| {
+        vec![
+            "reproduce".to_string(),
+            "mnist".into(),
+            "--backend".into(),
+            "cpu".into(),
+            "--epochs".into(),
+            "1".into(),
+            "--data-dir".into(),
+            data.to_string_lossy().into(),
+            "--out-dir".into(),
+            out.to_string_lossy().into(),
+        ]
+    };
+    let a = args(&out);
+    fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), "--force");
+    assert_eq!(std::fs::read(out.join("results.md")).unwrap(), b"precious");
+    assert!(!out.join("model.safetensors").exists());
+    // A truncated test-label file: refused before training.
+    let labels = data.join("t10k-labels-idx1-ubyte.gz");
+    let bytes = std::fs::read(&labels).unwrap();
+    std::fs::write(&labels, &bytes[..bytes.len() / 2]).unwrap();
+    let fresh = dir.path().join("r2");
+    let a = args(&fresh);
+    fails_with(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "t10k-labels",
+    );
+    assert!(!fresh.join("model.safetensors").exists());
 }
