@@ -69,6 +69,8 @@ pub enum ProtocolName {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct ReproduceArgs {
     /// The reference protocol to run (SPEC.md)
     #[arg(value_enum)]
@@ -100,6 +102,8 @@ pub struct ReproduceArgs {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct EvalArgs {
     /// A model written by `calm-gpu train`
     #[arg(long, value_name = "FILE")]
@@ -167,6 +171,8 @@ pub enum Baseline {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct ShowArgs {
     /// A model written by `calm-gpu train` (or a checkpoint)
     #[arg(long, value_name = "FILE")]
@@ -199,6 +205,8 @@ pub struct InfoArgs {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
     /// Training data: MNIST/Fashion-MNIST IDX (raw or .gz, pixels / 255) or .npy float32 (N,C,H,W) or
     /// (N,H,W). May be given several times (same image shape). Without it, the 8,000 real MNIST
@@ -318,6 +326,8 @@ pub enum TrainProtocol {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct FeaturesArgs {
     /// A model written by `calm-gpu train`
     #[arg(long, value_name = "FILE")]
@@ -1115,6 +1125,7 @@ fn progress_bar(quiet: bool, n: usize) -> Option<indicatif::ProgressBar> {
 
 fn features(a: FeaturesArgs) -> Result<()> {
     check_positive("batch", a.batch)?;
+    check_positive("pool", a.pool)?;
     check_output(&a.out, a.force)?;
     let mut inputs = vec![a.model.as_path()];
     inputs.extend(a.data.as_deref());
@@ -1287,6 +1298,8 @@ fn devices() -> Result<()> {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct BenchArgs {
     /// Engines to time: one of the GPU backends, cpu, or all (every backend present plus cpu)
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
@@ -1357,6 +1370,9 @@ fn protocol_shape(p: Protocol) -> (usize, usize, usize, LayerConfig, usize, usiz
 pub fn bench(a: BenchArgs) -> Result<()> {
     let (c, h, w, layer, batch, images) = protocol_shape(a.protocol);
     let n = a.images.unwrap_or(images);
+    if let Some(b) = a.batch {
+        check_positive("batch", b)?;
+    }
     let batch = a.batch.unwrap_or(batch);
     check_positive("images", n)?;
     check_positive("epochs", a.epochs)?;
@@ -1410,6 +1426,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
 pub struct TuneArgs {
     /// The GPU backend to tune (auto takes the best adapter, software ones included)
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
@@ -1701,6 +1719,10 @@ fn show(a: ShowArgs) -> Result<()> {
     if a.out.is_none() && a.plot.is_none() {
         bail!("nothing to draw: give --out kernels.png and/or --plot loglik.png");
     }
+    check_positive("per-row", a.per_row)?;
+    if let Some(scale) = a.scale {
+        check_positive("scale", scale)?;
+    }
     // Every output checked, and the model read whole, before the first is written.
     let outputs: Vec<&Path> = a.out.iter().chain(&a.plot).map(PathBuf::as_path).collect();
     for p in &outputs {
@@ -1894,6 +1916,8 @@ fn flatten(src: &dyn ImageSource) -> Result<ndarray::Array2<f32>> {
 }
 
 pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
+    check_positive("pool", a.pool)?;
+    check_positive("max-iter", a.max_iter)?;
     if a.preset == Some(Preset::Recommended) {
         if a.pool != 1 || a.encode != Encoding::Lse {
             bail!(
@@ -1955,6 +1979,13 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
             (xtr, ytr, xte, yte, "test")
         }
     };
+    if xtr.shape() != xte.shape() {
+        bail!(
+            "training images are {:?} (C, H, W) but {held_out} images {:?}; the probe needs one shape",
+            xtr.shape(),
+            xte.shape()
+        );
+    }
     let n_classes = ytr
         .iter()
         .chain(&yte)

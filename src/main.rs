@@ -31,7 +31,10 @@ fn main() -> std::process::ExitCode {
     }));
     #[cfg(target_os = "linux")]
     quiet_wayland_probe();
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -48,6 +51,40 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version go to stdout as clap writes them; an argument error is one line, like every
+/// other error, with a pointer to the help (clap's usage block and its tips follow it otherwise;
+/// its tip for "-1", `-- -1`, would not work for calm-gpu's options).
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let text = e.render().to_string();
+    let mut line = text
+        .lines()
+        .next()
+        .unwrap_or("error: bad arguments")
+        .to_string();
+    // What clap says on the lines below that helps: the values allowed, a near-miss's name.
+    for extra in text.lines().skip(1).map(str::trim) {
+        if extra.starts_with("[possible values:") {
+            line.push(' ');
+            line.push_str(extra);
+        } else if let Some(tip) = extra.strip_prefix("tip: a similar") {
+            line.push_str("; a similar");
+            line.push_str(tip);
+        }
+    }
+    eprintln!("{line} (see --help)");
+    std::process::ExitCode::from(2)
 }
 
 /// On a headless Linux machine without `XDG_RUNTIME_DIR` (containers, batch jobs), enumerating

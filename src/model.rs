@@ -264,6 +264,17 @@ impl Model {
                 .collect())
         };
         let l = meta.layer;
+        // Metadata that no run could have written (K 0, a kernel wider than the padded image,
+        // arrays beyond any engine's reach) marks a damaged file, before any array is read.
+        crate::geometry::Geometry::new(l, meta.channels, meta.height, meta.width).map_err(|e| {
+            model_err(
+                path,
+                format!(
+                    "its metadata describes no possible layer (K {}, w {}, p {} on {}x{}x{} images): {e}",
+                    l.kernels, l.width, l.pad, meta.channels, meta.height, meta.width
+                ),
+            )
+        })?;
         let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
         let counts = read("counts", &[l.kernels])?;
         // calm-gpu never writes non-finite weights (the precision limit keeps the last finite

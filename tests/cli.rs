@@ -1373,6 +1373,75 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
         "damaged",
     );
 
+    // Metadata no run could write (K 0): damaged, not "--kernels must be at least 1".
+    let mut m0 = calm_gpu::model::Model::load(std::path::Path::new(&model)).unwrap();
+    m0.meta.layer.kernels = 0;
+    m0.theta.clear();
+    m0.counts.clear();
+    m0.save(&d.join("k0.safetensors"), false).unwrap();
+    fails_with(
+        &["info", "--model", &p("k0.safetensors")],
+        "no possible layer",
+    );
+
+    // Numbers: a negative one is named as such, zero is refused where it used to mean 1.
+    fails(
+        train(&p("n.safetensors"), &["--seed", "-1"]),
+        "invalid value '-1'",
+    );
+    fails_with(
+        &[
+            "features",
+            "--model",
+            &model,
+            "--out",
+            &p("f.npy"),
+            "--data",
+            &x,
+            "--pool",
+            "0",
+        ],
+        "--pool",
+    );
+    fails_with(
+        &[
+            "show",
+            "--model",
+            &model,
+            "--out",
+            &p("k.png"),
+            "--per-row",
+            "0",
+        ],
+        "--per-row",
+    );
+    fails_with(
+        &["eval", "--model", &model, "--max-iter", "0"],
+        "--max-iter",
+    );
+    fails_with(&["bench", "--backend", "cpu", "--batch", "0"], "--batch");
+    // Train and test images of different shapes.
+    let other = d.join("other.npy");
+    write_npy_f32(&other, &Array4::<f32>::zeros((4, 1, 12, 12)));
+    ndarray_npy::write_npy(p("y4.npy"), &ndarray::Array1::<u8>::zeros(4)).unwrap();
+    ndarray_npy::write_npy(p("y20.npy"), &ndarray::Array1::<u8>::zeros(20)).unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--train",
+            &x,
+            "--train-labels",
+            &p("y20.npy"),
+            "--test",
+            &p("other.npy"),
+            "--test-labels",
+            &p("y4.npy"),
+        ],
+        "one shape",
+    );
+
     // stdout that cannot be written: one line and exit 1, no panic.
     #[cfg(target_os = "linux")]
     {
