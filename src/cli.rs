@@ -213,9 +213,9 @@ pub struct TrainArgs {
     /// digits shipped inside calm-gpu are used.
     #[arg(long, value_name = "PATH")]
     pub data: Vec<PathBuf>,
-    /// Where to run
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
+    /// Where to run [default: auto; with --resume, the checkpoint's]
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// Number of kernels K [default: 64; 128 with --preset recommended]
     #[arg(long)]
     pub kernels: Option<usize>,
@@ -294,10 +294,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
     /// Continue the run checkpointed in DIR from its last complete epoch, with its arguments
-    /// (the training options are the checkpoint's and are refused here; --quiet, --plot and
-    /// --force still apply)
+    /// (the training options are the checkpoint's and are refused here; --quiet, --plot,
+    /// --force and --backend still apply: a run checkpointed on a GPU may finish on the CPU)
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "data", "init", "checkpoint_dir", "backend", "kernels", "width", "pad", "batch", "epochs",
+        "data", "init", "checkpoint_dir", "kernels", "width", "pad", "batch", "epochs",
         "seed", "out", "metrics", "init_method", "revive", "tol", "whiten", "learn_weights",
         "learn_variance", "protocol", "preset", "preprocess", "cache",
     ])]
@@ -464,19 +464,9 @@ fn check_output(path: &Path, force: bool) -> Result<()> {
 /// Refuses a run that names one file as two of its outputs, or an output that is one of its
 /// inputs: with --force the second write would destroy the first, or the data being read.
 fn check_distinct(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
-    // The same file under any spelling: the canonical path, or for a file not written yet its
-    // directory's canonical path and its name.
-    let key = |p: &Path| -> PathBuf {
-        std::fs::canonicalize(p).unwrap_or_else(|_| {
-            let abs = absolute(p);
-            match (abs.parent(), abs.file_name()) {
-                (Some(d), Some(n)) => std::fs::canonicalize(d).map_or(abs.clone(), |d| d.join(n)),
-                _ => abs.clone(),
-            }
-        })
-    };
     for (i, out) in outputs.iter().enumerate() {
-        let k = key(out);
+        let k = same_file_key(out);
+        let key = |p: &&Path| same_file_key(p);
         if outputs[..i].iter().any(|o| key(o) == k) {
             bail!(
                 "{} is named for two outputs of this run; give each its own file",
@@ -491,6 +481,37 @@ fn check_distinct(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One path for a file under any spelling (`./a`, `d/../a`, a symlink): the canonical path of
+/// its deepest existing ancestor, joined with the rest with `.` and `..` resolved, so that files
+/// not written yet compare too.
+fn same_file_key(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in absolute(p).components() {
+        match c {
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            Component::CurDir => {}
+            c => lexical.push(c),
+        }
+    }
+    let mut rest = Vec::new();
+    let mut base = lexical.as_path();
+    loop {
+        if let Ok(canon) = std::fs::canonicalize(base) {
+            return rest.iter().rev().fold(canon, |acc, n| acc.join(n));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                base = parent;
+            }
+            _ => return lexical,
+        }
+    }
 }
 
 /// Everything a run needs to be repeated or resumed; kept in its checkpoints.
@@ -721,6 +742,9 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     checkpoint_dir: Some(absolute(dir)),
                     plot,
                     force: cfg.force || a.force,
+                    backend: a
+                        .backend
+                        .map_or(cfg.backend.clone(), |b| format!("{b:?}").to_lowercase()),
                     ..cfg
                 },
                 Some((ck, records)),
@@ -729,7 +753,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
         None => (
             RunConfig {
                 data: a.data.iter().map(|p| absolute(p)).collect(),
-                backend: format!("{:?}", a.backend).to_lowercase(),
+                backend: format!("{:?}", a.backend.unwrap_or(Backend::Auto)).to_lowercase(),
                 kernels,
                 width,
                 pad,
@@ -788,24 +812,44 @@ fn train(mut a: TrainArgs) -> Result<()> {
     if let Some(p) = &cfg.plot {
         check_output(p, cfg.force)?;
     }
-    if let Some(dir) = &cfg.checkpoint_dir {
-        let ck = dir.join(CHECKPOINT);
-        if resume.is_none() && ck.exists() && !cfg.force {
-            bail!(
-                "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
-                dir.display(),
-                dir.display()
-            );
-        }
-        check_output(&ck, true)?;
+    // Where checkpoints go: --checkpoint-dir after every epoch, else `<out>.checkpoint` on
+    // Ctrl-C. A new run does not replace another run's checkpoint without --force.
+    let checkpoint_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
+        let mut d = cfg.out.clone().into_os_string();
+        d.push(".checkpoint");
+        PathBuf::from(d)
+    });
+    let checkpoint_file = checkpoint_dir.join(CHECKPOINT);
+    if resume.is_none() && checkpoint_file.exists() && !cfg.force {
+        bail!(
+            "{} already holds a checkpoint{}; continue it with --resume {}, or pass --force to start over",
+            checkpoint_dir.display(),
+            if cfg.checkpoint_dir.is_none() {
+                " of an interrupted run"
+            } else {
+                ""
+            },
+            checkpoint_dir.display()
+        );
     }
+    check_output(&checkpoint_file, true)?;
     {
         let mut inputs: Vec<&Path> = cfg.data.iter().map(PathBuf::as_path).collect();
         inputs.extend(cfg.init.as_deref());
+        // The cache is read and written by this run; its key file beside it too.
+        let cache_key_file = cfg.cache.as_ref().map(|c| {
+            let mut k = c.clone().into_os_string();
+            k.push(".json");
+            PathBuf::from(k)
+        });
         inputs.extend(cfg.cache.as_deref());
+        inputs.extend(cache_key_file.as_deref());
         let mut outputs = vec![cfg.out.as_path()];
         outputs.extend(cfg.metrics.as_deref());
         outputs.extend(cfg.plot.as_deref());
+        outputs.push(&checkpoint_file);
+        // Nor may an output file be the checkpoint directory itself.
+        outputs.push(&checkpoint_dir);
         check_distinct(&inputs, &outputs)?;
     }
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
@@ -1069,11 +1113,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
         bail!("writing --metrics failed: {e}");
     }
     if outcome.interrupted {
-        let dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
-            let mut d = cfg.out.clone().into_os_string();
-            d.push(".checkpoint");
-            PathBuf::from(d)
-        });
+        let dir = checkpoint_dir;
         let m = make_model(engine.as_mut(), &outcome.history, None)?;
         write_checkpoint(&dir, &m, &outcome.history)?;
         eprintln!(
@@ -2162,7 +2202,9 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         .out_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("results").join(&name));
-    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    if out.exists() && !out.is_dir() {
+        bail!("--out-dir {} is a file; name a directory", out.display());
+    }
     let model_path = out.join("model.safetensors");
     // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)
     let (train_data, probe_train, probe_test, layer, batch, epochs, pre) = match a.protocol {
@@ -2218,9 +2260,19 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
     ] {
         check_output(&out.join(f), a.force)?;
     }
-    for labels in [&probe_train.1, &probe_test.1] {
-        data::load_labels(labels)?;
+    for (images, labels) in [&probe_train, &probe_test] {
+        let y = data::load_labels(labels)?;
+        let n = data::open_source(images, Some(Preprocess::None))?.len();
+        if y.len() != n {
+            bail!(
+                "{}: {n} images but {} labels in {}",
+                images.display(),
+                y.len(),
+                labels.display()
+            );
+        }
     }
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     let mnist_preset = a.preset == Some(Preset::Recommended) && a.protocol != ProtocolName::Stl10;
     let (layer, epochs) = if mnist_preset {
         (RECOMMENDED.layer, a.epochs.unwrap_or(RECOMMENDED.epochs))
@@ -2242,7 +2294,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     train(TrainArgs {
         data: train_data.clone(),
-        backend: a.backend,
+        backend: Some(a.backend),
         // The preset brings its own layer for MNIST-shaped data; STL-10 keeps its protocol's.
         kernels: (!mnist_preset).then_some(layer.kernels),
         width: (!mnist_preset).then_some(layer.width),

@@ -68,17 +68,17 @@ fn usage_error(e: clap::Error) -> std::process::ExitCode {
         return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
     }
     let text = e.render().to_string();
-    let mut line = text
-        .lines()
-        .next()
-        .unwrap_or("error: bad arguments")
-        .to_string();
-    // What clap says on the lines below that helps: the values allowed, a near-miss's name.
-    for extra in text.lines().skip(1).map(str::trim) {
-        if extra.starts_with("[possible values:") {
-            line.push(' ');
-            line.push_str(extra);
-        } else if let Some(tip) = extra.strip_prefix("tip: a similar") {
+    // clap's first paragraph is the error with what belongs to it (the arguments missing, the
+    // values allowed), one item a line; later ones are tips and the usage. Of the tips, a
+    // near-miss's name is kept.
+    let mut lines = text.lines().map(str::trim);
+    let mut line = lines.next().unwrap_or("error: bad arguments").to_string();
+    for extra in lines.by_ref().take_while(|l| !l.is_empty()) {
+        line.push(' ');
+        line.push_str(extra);
+    }
+    for extra in lines {
+        if let Some(tip) = extra.strip_prefix("tip: a similar") {
             line.push_str("; a similar");
             line.push_str(tip);
         }

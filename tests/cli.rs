@@ -1260,6 +1260,41 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
     fails(train(&x, &["--force"]), "input of this run");
     assert_eq!(std::fs::read(&data).unwrap(), data_bytes);
 
+    // Spellings of one file that does not exist yet, in a directory that does not either.
+    fails(
+        train(
+            &p("nd/a.safetensors"),
+            &["--plot", &p("nd/../nd/./a.safetensors")],
+        ),
+        "two outputs",
+    );
+    // The checkpoint directory is no output file's name, and its checkpoint no other output.
+    fails(
+        train(
+            &p("o.safetensors"),
+            &["--checkpoint-dir", &p("o.safetensors")],
+        ),
+        "two outputs",
+    );
+    fails(
+        train(
+            &p("o.safetensors"),
+            &[
+                "--checkpoint-dir",
+                &p("cd"),
+                "--metrics",
+                &p("cd/checkpoint.safetensors"),
+            ],
+        ),
+        "two outputs",
+    );
+    // The cache's key file is an input.
+    fails(
+        train(&p("c.npy.json"), &["--cache", &p("c.npy"), "--force"]),
+        "input of this run",
+    );
+    assert!(!d.join("c.npy").exists() && !d.join("o.safetensors").exists());
+
     // A run with a checkpoint directory; a second run does not replace its checkpoint.
     let model = p("m.safetensors");
     assert_ok(
@@ -1290,12 +1325,20 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
             .output()
             .unwrap(),
     );
-    let out = calm()
-        .args(["train", "--resume", &p("ck"), "--epochs", "5"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    fails_with(
+        &["train", "--resume", &p("ck"), "--epochs", "5"],
+        "cannot be used with",
+    );
+    // The backend may change on resume (a GPU run finishing on the CPU).
+    assert_ok(
+        &calm()
+            .args(["train", "--resume", &p("ck"), "--backend", "cpu", "--force"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), first);
+    // A missing argument names it.
+    fails_with(&["features", "--model", &model], "--out <FILE>");
 
     fails_with(
         &["features", "--model", &model, "--out", &model, "--force"],
@@ -1511,6 +1554,26 @@ fn reproduce_checks_its_outputs_and_labels_before_training() {
     fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), "--force");
     assert_eq!(std::fs::read(out.join("results.md")).unwrap(), b"precious");
     assert!(!out.join("model.safetensors").exists());
+    // One label too few for the training images: refused before training, and no out-dir.
+    let train_labels = data.join("train-labels-idx1-ubyte.gz");
+    let good = std::fs::read(&train_labels).unwrap();
+    let mut y = calm_gpu::data::load_labels(&train_labels).unwrap();
+    y.pop();
+    let raw = data.join("train-labels-idx1-ubyte");
+    let mut idx = vec![0u8, 0, 8, 1];
+    idx.extend((y.len() as u32).to_be_bytes());
+    idx.extend(&y);
+    std::fs::remove_file(&train_labels).unwrap();
+    std::fs::write(&raw, idx).unwrap();
+    let fresh = dir.path().join("r1");
+    let a = args(&fresh);
+    fails_with(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "images but",
+    );
+    assert!(!fresh.exists());
+    std::fs::remove_file(&raw).unwrap();
+    std::fs::write(&train_labels, good).unwrap();
     // A truncated test-label file: refused before training.
     let labels = data.join("t10k-labels-idx1-ubyte.gz");
     let bytes = std::fs::read(&labels).unwrap();
