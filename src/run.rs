@@ -73,7 +73,10 @@ pub fn engine(
                 ..Default::default()
             },
         )?),
-        None => Box::new(CpuEngine::new(g, source, theta, batch)),
+        None => {
+            crate::cpu::fast::check_host_memory(&g)?;
+            Box::new(CpuEngine::new(g, source, theta, batch))
+        }
     })
 }
 
@@ -121,6 +124,7 @@ pub fn features(
         }
         None => {
             let (t, b) = prior.effective(&g, theta);
+            crate::cpu::fast::check_host_memory(&g)?;
             crate::cpu::fast::features(&g, source.as_ref(), &t, &b, batch, pooling, progress)
         }
     }

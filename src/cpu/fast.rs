@@ -39,6 +39,46 @@ fn chunk_images(g: &Geometry) -> usize {
     (BYTES / per_image.max(1)).max(1)
 }
 
+/// Host bytes the CPU engine needs at least for `g`: each worker's chunk buffers (images,
+/// padded images, patches `A`, `L`) and its `T`, plus the f64 sums.
+pub fn host_bytes(g: &Geometry) -> u128 {
+    let ci = chunk_images(g) as u128;
+    let (p, r, k) = (g.positions() as u128, g.r() as u128, g.k as u128);
+    let image = (g.c * g.h * g.w) as u128 + g.padded_len() as u128;
+    let worker = ci * (image + p * r + p * k) * 4 + k * r * 4;
+    rayon::current_num_threads() as u128 * worker + k * r * 8
+}
+
+/// Refuses a layer whose CPU-engine buffers ([`host_bytes`]) exceed the machine's memory
+/// (Linux's `MemTotal`; elsewhere nothing is checked): an error instead of an abort when the
+/// allocation fails mid-epoch.
+pub fn check_host_memory(g: &Geometry) -> Result<()> {
+    let Some(total) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u128>().ok())
+            .map(|kb| kb * 1024)
+    }) else {
+        return Ok(());
+    };
+    let need = host_bytes(g);
+    if need > total {
+        return Err(crate::error::CalmError::Invalid(format!(
+            "the CPU engine needs at least {:.1} GB for K {} kernels of {}x{}x{} on {}x{}x{} images, more than this machine's {:.1} GB; use fewer --kernels or a smaller --width",
+            need as f64 / 1e9,
+            g.k,
+            g.c,
+            g.kw,
+            g.kw,
+            g.c,
+            g.h,
+            g.w,
+            total as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
 pub struct CpuEngine {
     g: Geometry,
     source: Arc<dyn ImageSource>,
@@ -660,6 +700,31 @@ fn triangle_image(g: &Geometry, l: &[f32], a: &[f32], grid: usize, f: &mut [f32]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_memory_estimate_counts_the_chunk_buffers() {
+        let l = |kernels, width, pad| crate::geometry::LayerConfig {
+            kernels,
+            width,
+            pad,
+        };
+        let mnist = Geometry::new(l(64, 20, 2), 1, 28, 28).unwrap();
+        // One chunk's patches and L alone, per worker, are a lower bound.
+        let ci = chunk_images(&mnist) as u128;
+        let floor = rayon::current_num_threads() as u128
+            * ci
+            * (mnist.positions() * (mnist.r() + mnist.k)) as u128
+            * 4;
+        let bytes = host_bytes(&mnist);
+        assert!(
+            bytes >= floor && bytes < 4 * floor + (1 << 20),
+            "{bytes} vs {floor}"
+        );
+        check_host_memory(&mnist).unwrap();
+        // 2^31 L values per image and worker: beyond any machine this runs on.
+        let huge = Geometry::new(l(2_000_000, 1, 0), 1, 32, 32).unwrap();
+        assert!(host_bytes(&huge) > 8_000_000_000);
+    }
 
     /// Error of `exp_nonpos` in units in the last place of the correctly rounded f32 result.
     fn ulps(x: f32) -> f64 {
