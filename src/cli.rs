@@ -1481,7 +1481,7 @@ pub struct TuneArgs {
     pub images: Option<usize>,
     /// Timed epochs per candidate after one warm-up epoch (the median counts: with 3, one slow
     /// epoch does not decide; a candidate is kept only if its slowest epoch beats the built-in
-    /// choice's fastest)
+    /// choice's fastest, leaving out one stray epoch each from 4 epochs on)
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// A candidate to time instead of the built-in list (repeatable; the built-in choice is
