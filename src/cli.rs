@@ -452,7 +452,8 @@ fn check_output(path: &Path, force: bool) -> Result<()> {
             blocker.display()
         );
     }
-    if path.exists() && !force {
+    // A pipe or a device (`/dev/stdout`) is written to, not replaced: no --force needed.
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file()) && !force {
         bail!(
             "{} already exists; pass --force to replace it",
             path.display()
@@ -484,34 +485,36 @@ fn check_distinct(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
 }
 
 /// One path for a file under any spelling (`./a`, `d/../a`, a symlink): the canonical path of
-/// its deepest existing ancestor, joined with the rest with `.` and `..` resolved, so that files
-/// not written yet compare too.
+/// its deepest existing ancestor (symlinks and `..` resolved by the file system), then the
+/// components that do not exist yet with `.` and `..` applied, so that files not written yet
+/// compare too.
 fn same_file_key(p: &Path) -> PathBuf {
     use std::path::Component;
-    let mut lexical = PathBuf::new();
-    for c in absolute(p).components() {
-        match c {
-            Component::ParentDir => {
-                lexical.pop();
-            }
-            Component::CurDir => {}
-            c => lexical.push(c),
-        }
-    }
+    let abs = absolute(p);
     let mut rest = Vec::new();
-    let mut base = lexical.as_path();
-    loop {
-        if let Ok(canon) = std::fs::canonicalize(base) {
-            return rest.iter().rev().fold(canon, |acc, n| acc.join(n));
+    let mut base = abs.as_path();
+    let canon = loop {
+        if let Ok(c) = std::fs::canonicalize(base) {
+            break c;
         }
-        match (base.parent(), base.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_owned());
+        match (base.parent(), base.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
                 base = parent;
             }
-            _ => return lexical,
+            _ => break PathBuf::new(),
         }
-    }
+    };
+    rest.iter().rev().fold(canon, |mut acc, c| {
+        match c {
+            Component::ParentDir => {
+                acc.pop();
+            }
+            Component::CurDir => {}
+            c => acc.push(c),
+        }
+        acc
+    })
 }
 
 /// Everything a run needs to be repeated or resumed; kept in its checkpoints.
@@ -813,29 +816,36 @@ fn train(mut a: TrainArgs) -> Result<()> {
         check_output(p, cfg.force)?;
     }
     // Where checkpoints go: --checkpoint-dir after every epoch, else `<out>.checkpoint` on
-    // Ctrl-C. A new run does not replace another run's checkpoint without --force.
+    // Ctrl-C. A new run does not reuse a --checkpoint-dir that holds another run's checkpoint
+    // without --force; an interrupted run's `<out>.checkpoint` only gets a note (scripts that
+    // train "if the model is missing" must still run again after a Ctrl-C).
     let checkpoint_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
         let mut d = cfg.out.clone().into_os_string();
         d.push(".checkpoint");
         PathBuf::from(d)
     });
     let checkpoint_file = checkpoint_dir.join(CHECKPOINT);
-    if resume.is_none() && checkpoint_file.exists() && !cfg.force {
-        bail!(
-            "{} already holds a checkpoint{}; continue it with --resume {}, or pass --force to start over",
-            checkpoint_dir.display(),
-            if cfg.checkpoint_dir.is_none() {
-                " of an interrupted run"
-            } else {
-                ""
-            },
-            checkpoint_dir.display()
-        );
+    if resume.is_none() && checkpoint_file.exists() {
+        if cfg.checkpoint_dir.is_some() && !cfg.force {
+            bail!(
+                "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
+                checkpoint_dir.display(),
+                checkpoint_dir.display()
+            );
+        }
+        if cfg.checkpoint_dir.is_none() && !quiet {
+            eprintln!(
+                "note: {} holds an interrupted run's checkpoint (calm-gpu train --resume {} continues it); this run replaces it only if it is interrupted too",
+                checkpoint_dir.display(),
+                checkpoint_dir.display()
+            );
+        }
     }
     check_output(&checkpoint_file, true)?;
     {
+        // --init is read whole before training and the model written atomically, so `--init m
+        // --out m --force` (refining a model in place) is fine; the data may stream from disk.
         let mut inputs: Vec<&Path> = cfg.data.iter().map(PathBuf::as_path).collect();
-        inputs.extend(cfg.init.as_deref());
         // The cache is read and written by this run; its key file beside it too.
         let cache_key_file = cfg.cache.as_ref().map(|c| {
             let mut k = c.clone().into_os_string();
@@ -929,8 +939,8 @@ fn train(mut a: TrainArgs) -> Result<()> {
     if resume.is_some() {
         if first > cfg.epochs {
             say(format!(
-                "the checkpoint holds all {} epochs of its run; writing its model",
-                records.len()
+                "the checkpoint's run has completed its {} epochs; finishing it",
+                cfg.epochs
             ));
         } else {
             say(format!("resuming at epoch {first} of {}", cfg.epochs));
@@ -1508,6 +1518,9 @@ fn tune(a: TuneArgs) -> Result<()> {
         bail!("tune times the GPU kernels; choose --backend vulkan, metal, dx12, gl or auto");
     };
     check_positive("epochs", a.epochs)?;
+    if let Some(p) = &a.json {
+        check_output(p, a.force)?;
+    }
     let (c, h, w, layer, batch, images) = protocol_shape(a.protocol);
     let g = Geometry::new(layer, c, h, w)?;
     let asked: Vec<Choice> = a
@@ -1562,7 +1575,6 @@ fn tune(a: TuneArgs) -> Result<()> {
     // One JSON line per candidate, written as it finishes, so a sweep cut short keeps its lines.
     let mut json = match &a.json {
         Some(p) => {
-            check_output(p, a.force)?;
             if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
             }
@@ -1680,7 +1692,12 @@ fn tune(a: TuneArgs) -> Result<()> {
     );
     let keep = tune::pick(builtin_t, &timed);
     if a.dry_run {
-        println!("--dry-run: the tuning file is unchanged");
+        match &keep {
+            Ok((c, _)) => println!("--dry-run: {c} would be kept; the tuning file is unchanged"),
+            Err(why) => println!(
+                "--dry-run: the built-in choice would stay ({why}); the tuning file is unchanged"
+            ),
+        }
         return Ok(());
     }
     let path = path.expect("checked above");
@@ -2019,9 +2036,9 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
             (xtr, ytr, xte, yte, "test")
         }
     };
-    if xtr.shape() != xte.shape() {
+    if a.baseline.contains(&Baseline::Raw) && xtr.shape() != xte.shape() {
         bail!(
-            "training images are {:?} (C, H, W) but {held_out} images {:?}; the probe needs one shape",
+            "training images are {:?} (C, H, W) but {held_out} images {:?}; the raw-pixel baseline needs one shape",
             xtr.shape(),
             xte.shape()
         );

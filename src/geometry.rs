@@ -60,7 +60,8 @@ pub enum GeometryError {
 }
 
 /// The most values any one of a layer's arrays may hold (weights, one padded image, one
-/// image's feature map or patch matrix): 2^31, so that indices fit the shaders' 32-bit
+/// image's feature map; the CPU engine's patch matrices are held to the machine's memory by
+/// `cpu::fast::check_host_memory`): 2^31, so that indices fit the shaders' 32-bit
 /// integers with room for offsets, and an impossible shape is an error, not an abort when the
 /// allocation fails.
 pub const MAX_ELEMENTS: u128 = 1 << 31;
@@ -95,10 +96,6 @@ impl Geometry {
             (
                 "one image's feature map (K x Ho x Wo)",
                 mul(&[k, positions]),
-            ),
-            (
-                "one image's patches (Ho x Wo x C x w x w)",
-                mul(&[positions, c128, kw, kw]),
             ),
         ] {
             if n > MAX_ELEMENTS {

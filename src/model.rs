@@ -339,6 +339,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
             path.display()
         )));
     }
+    // A pipe or a device (`--json /dev/stdout`, `>(jq .)`) is written to, not replaced: a
+    // rename over it would put a regular file in its place.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return std::fs::write(path, bytes).map_err(|e| CalmError::io(path, e));
+    }
     if !force && path.exists() {
         return Err(CalmError::Invalid(format!(
             "{} already exists; pass --force to replace it",

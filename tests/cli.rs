@@ -1337,6 +1337,19 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
             .unwrap(),
     );
     assert_eq!(std::fs::read(&model).unwrap(), first);
+    // Honoured, not ignored: metal is not there on Linux.
+    #[cfg(target_os = "linux")]
+    fails_with(
+        &[
+            "train",
+            "--resume",
+            &p("ck"),
+            "--backend",
+            "metal",
+            "--force",
+        ],
+        "metal",
+    );
     // A missing argument names it.
     fails_with(&["features", "--model", &model], "--out <FILE>");
 
@@ -1481,8 +1494,56 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
             &p("other.npy"),
             "--test-labels",
             &p("y4.npy"),
+            "--baseline",
+            "raw",
         ],
         "one shape",
+    );
+
+    // A pipe is written to, not refused as existing or replaced.
+    #[cfg(target_os = "linux")]
+    {
+        let out = calm()
+            .args([
+                "bench",
+                "--backend",
+                "cpu",
+                "--images",
+                "2",
+                "--epochs",
+                "1",
+            ])
+            .args(["--json", "/dev/stdout"])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"epoch_gflops\""));
+    }
+    // --init over --out refines a model in place.
+    assert_ok(
+        &calm()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--kernels",
+                "3",
+                "--width",
+                "3",
+                "--pad",
+                "0",
+                "--epochs",
+                "1",
+                "--data",
+                &x,
+                "--init",
+                &model,
+                "--out",
+                &model,
+                "--force",
+            ])
+            .output()
+            .unwrap(),
     );
 
     // stdout that cannot be written: one line and exit 1, no panic.
