@@ -32,8 +32,12 @@ TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 TILES=${TILES:-}
 STL_TILES=${STL_TILES:-}
 mkdir -p "$OUT"
-# Per-run JSON goes to $J; only the log and one combined file go to $OUT (the device tool
-# brings back at most 8 files).
+# The whole log goes to $OUT as it is written, and so do tune's tables and the tuning file after
+# each step: a call stopped at the device tool's 10-minute limit still brings back what ran.
+exec > >(tee "$OUT/log.txt") 2>&1
+TEE_PID=$!
+# Per-run JSON goes to $J; only the logs and one combined file go to $OUT (the device tool
+# brings back at most 8 files: log, gpu, devices, two tune tables, tuned.json, results.jsonl).
 J=${J:-/tmp/calm-json}
 mkdir -p "$J"
 rm -f "$J"/*.json "$J"/*.jsonl "$J"/*.txt
@@ -66,12 +70,14 @@ timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors
 # --candidate arguments for a list of tile shapes (none: tune's built-in list).
 candidates() { for t in $1; do [ "$t" = default ] || printf -- "--candidate staged:%s " "$t"; done; }
 echo "== tune (check, then time) mnist protocol, $MNIST_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 5 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$J/tune_mnist.txt"
+timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 5 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$OUT/tune_mnist.txt"
+cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 if [ -n "${CHECKS_ON_TOO:-}" ]; then
   CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -2 | sed "s/^/checks-on  /"
 fi
 echo "== tune (check, then time) stl10 protocol, $STL_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 3 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$J/tune_stl10.txt"
+timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 3 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$OUT/tune_stl10.txt"
+cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
 timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
 
@@ -107,7 +113,7 @@ if [ -n "${FASHION_DIR:-}" ]; then
 fi
 
 echo "== summary"
-cp "$J"/tune_*.txt "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
+cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 ROUNDS="$ROUNDS" python3 - "$J" "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
@@ -161,3 +167,6 @@ print(f"{'engine':<72} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':
 for r in rows:
     print(f"{r[0]:<72} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
 PY
+# Let tee write the last lines to $OUT/log.txt before the call ends.
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
