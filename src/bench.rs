@@ -121,7 +121,9 @@ fn shape(g: &Geometry, n: usize) -> String {
 }
 
 /// Times a GPU engine built with `opts` (batch, streaming; tiles and kernels for
-/// `calm-gpu tune`).
+/// `calm-gpu tune`). With `warmup_limit_s`, gives up after the warm-up epoch if it took longer
+/// ([`crate::CalmError::SlowWarmup`]: `calm-gpu tune` does not time a candidate far slower
+/// than the built-in choice).
 pub fn time_gpu(
     ctx: &Arc<GpuContext>,
     g: Geometry,
@@ -129,22 +131,8 @@ pub fn time_gpu(
     theta: &[f32],
     epochs: usize,
     opts: GpuOptions,
-) -> Result<Row> {
-    Ok(time_gpu_within(ctx, g, data, theta, epochs, opts, None)?.expect("no limit on the warm-up"))
-}
-
-/// [`time_gpu`], giving up after the warm-up epoch if it took longer than `warmup_limit_s`
-/// (`calm-gpu tune` does not time a candidate far slower than the built-in choice): then
-/// `Ok(Err(seconds of the warm-up))`.
-pub fn time_gpu_within(
-    ctx: &Arc<GpuContext>,
-    g: Geometry,
-    data: &Arc<Dataset>,
-    theta: &[f32],
-    epochs: usize,
-    opts: GpuOptions,
     warmup_limit_s: Option<f64>,
-) -> Result<std::result::Result<Row, f64>> {
+) -> Result<Row> {
     let n = data.images.shape()[0];
     let mut eng = GpuEngine::new(Arc::clone(ctx), g, data.clone(), theta, opts)?;
     // Warm-up: pipeline compilation, first-touch of memory. Its LL, from the starting theta,
@@ -152,8 +140,8 @@ pub fn time_gpu_within(
     let t0 = Instant::now();
     let first = eng.epoch(&mut |_| {})?;
     let warmup_s = t0.elapsed().as_secs_f64();
-    if warmup_limit_s.is_some_and(|limit| warmup_s > limit) {
-        return Ok(Err(warmup_s));
+    if let Some(limit_s) = warmup_limit_s.filter(|&limit| warmup_s > limit) {
+        return Err(crate::error::CalmError::SlowWarmup { warmup_s, limit_s });
     }
     eng.time_estep()?;
     let mut es = Vec::new();
@@ -167,7 +155,7 @@ pub fn time_gpu_within(
         ep.push(t0.elapsed().as_secs_f64());
     }
     let (e, m, p) = (median(&es), median(&ms), median(&ep));
-    Ok(Ok(Row {
+    Ok(Row {
         engine: format!(
             "{:?}{}",
             ctx.info.backend,
@@ -190,7 +178,7 @@ pub fn time_gpu_within(
         kernels: Some(eng.describe_kernels()),
         first_loglik: Some(first.loglik),
         warmup_s: Some(warmup_s),
-    }))
+    })
 }
 
 pub fn time_cpu(

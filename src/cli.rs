@@ -462,6 +462,15 @@ fn check_output(path: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Creates the missing directories above `path`, for outputs written in place (not through
+/// `model::write_atomic`, which does this itself).
+fn create_parent(path: &Path) -> Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+    }
+    Ok(())
+}
+
 /// Refuses a run that names one file as two of its outputs, or an output that is one of its
 /// inputs: with --force the second write would destroy the first, or the data being read.
 fn check_distinct(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
@@ -648,9 +657,7 @@ fn cached(
         }
     } else {
         check_output(path, false)?;
-        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-        }
+        create_parent(path)?;
         if !quiet {
             println!(
                 "caching {} preprocessed images in {} (once)",
@@ -955,9 +962,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
     // checkpoint and the metrics line must not lose or repeat a line), then appended to.
     let mut metrics = match &cfg.metrics {
         Some(p) => {
-            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-            }
+            create_parent(p)?;
             let mut text = String::new();
             for r in &records {
                 text.push_str(&serde_json::to_string(r)?);
@@ -1446,6 +1451,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 stream: a.stream,
                 ..Default::default()
             },
+            None,
         )?);
     }
     if a.with_cpu || a.backend == Backend::Cpu {
@@ -1575,9 +1581,7 @@ fn tune(a: TuneArgs) -> Result<()> {
     // One JSON line per candidate, written as it finishes, so a sweep cut short keeps its lines.
     let mut json = match &a.json {
         Some(p) => {
-            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-            }
+            create_parent(p)?;
             Some(std::fs::File::create(p).with_context(|| p.display().to_string())?)
         }
         None => None,
@@ -1608,16 +1612,15 @@ fn tune(a: TuneArgs) -> Result<()> {
                 None => {
                     let reference_warmup = reference.as_ref().and_then(|r| r.warmup_s);
                     let limit = reference_warmup.map(tune::warmup_limit);
-                    match calm_gpu::bench::time_gpu_within(
-                        &ctx, g, &data, &theta, a.epochs, opts, limit,
-                    )? {
-                        Ok(row) => Ok(row),
-                        Err(warmup_s) => Err(format!(
+                    match calm_gpu::bench::time_gpu(&ctx, g, &data, &theta, a.epochs, opts, limit)
+                    {
+                        Err(calm_gpu::CalmError::SlowWarmup { warmup_s, .. }) => Err(format!(
                             "not timed: its warm-up epoch took {:.0} ms, over {}x the first timed choice's {:.0} ms",
                             warmup_s * 1e3,
                             tune::SLOW_WARMUP,
                             reference_warmup.unwrap_or(f64::NAN) * 1e3
                         )),
+                        timed => Ok(timed?),
                     }
                 }
             })

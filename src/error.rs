@@ -18,6 +18,10 @@ pub enum CalmError {
     Model(String),
     #[error("{0}")]
     Invalid(String),
+    /// A timed run gave up after its warm-up epoch took longer than it was allowed
+    /// (`bench::time_gpu`'s limit; `calm-gpu tune` skips such a candidate).
+    #[error("the warm-up epoch took {warmup_s:.3} s, over the limit of {limit_s:.3} s")]
+    SlowWarmup { warmup_s: f64, limit_s: f64 },
     /// A stop was requested (Ctrl-C) and the epoch in progress was abandoned.
     #[error("interrupted")]
     Interrupted,

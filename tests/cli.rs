@@ -1208,27 +1208,9 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
     let data_bytes = std::fs::read(&data).unwrap();
     let p = |name: &str| d.join(name).to_string_lossy().to_string();
     let x = data.to_string_lossy().to_string();
+    // `train` on the CPU engine, K 3, w 3, p 0, 2 epochs, with `extra` options.
     let train = |out: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "train",
-            "--backend",
-            "cpu",
-            "--kernels",
-            "3",
-            "--width",
-            "3",
-            "--pad",
-            "0",
-            "--epochs",
-            "2",
-            "--data",
-            &x,
-            "--out",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut v = train_argv(&data, Path::new(out), "3 3 0 1000 2 0");
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -1442,7 +1424,7 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
 
     // Numbers: a negative one is named as such, zero is refused where it used to mean 1.
     fails(
-        train(&p("n.safetensors"), &["--seed", "-1"]),
+        train_argv(&data, Path::new(&p("n.safetensors")), "3 3 0 1000 2 -1"),
         "invalid value '-1'",
     );
     fails_with(
@@ -1522,26 +1504,7 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
     // --init over --out refines a model in place.
     assert_ok(
         &calm()
-            .args([
-                "train",
-                "--backend",
-                "cpu",
-                "--kernels",
-                "3",
-                "--width",
-                "3",
-                "--pad",
-                "0",
-                "--epochs",
-                "1",
-                "--data",
-                &x,
-                "--init",
-                &model,
-                "--out",
-                &model,
-                "--force",
-            ])
+            .args(train(&model, &["--init", &model, "--force"]))
             .output()
             .unwrap(),
     );
