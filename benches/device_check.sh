@@ -10,13 +10,17 @@
 # on the MNIST protocol's 60,000 images and the STL-10 protocol on a subset; 5. the PyTorch baseline
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
 # 6. the MNIST epoch of calm-gpu (tune's choice) and of PyTorch, alternating, ROUNDS (2) times;
-# 7. one table. Every step has its own timeout so a hang cannot eat the lease. FULL_STL=1 adds
-# the STL-10 protocol at full size (105,000 images), resident and streamed within 8 GB.
-# A dry run of the script's logic on lavapipe (about 10 minutes on 2 cores; tune's list there is
-# the software adapter's, and a double-buffered shape given in TILES stops with a clear error, as
-# lavapipe allows 32 KB of workgroup memory):
+# 7. one table. The steps run in the order of their worth (the judged MNIST comparison right after
+# the MNIST sweep, STL-10 next, GL's validate and the TF32 baseline last), each with its own
+# timeout, and all within DEADLINE seconds (540: the device tool stops a call at 600, and the
+# lease's 15 minutes include the machine's start): a step that would outrun it is cut short or
+# skipped, and the summary is always written. FULL_STL=1 adds the STL-10 protocol at full size
+# (105,000 images), resident and streamed within 8 GB.
+# A dry run of the script's logic on lavapipe (about 10 minutes on 2 cores, hence DEADLINE=900;
+# tune's list there is the software adapter's, and a double-buffered shape given in TILES stops
+# with a clear error, as lavapipe allows 32 KB of workgroup memory):
 #   BIN=target/release/calm-gpu OUT=/tmp/dc NO_DRIVER_FALLBACK=1 WGPU_ADAPTER_NAME=llvmpipe \
-#   MNIST_IMAGES=200 STL_IMAGES=4 SKIP_GL=1 SKIP_TF32=1 TORCH_DEVICE=cpu \
+#   DEADLINE=900 MNIST_IMAGES=200 STL_IMAGES=4 SKIP_GL=1 SKIP_TF32=1 TORCH_DEVICE=cpu \
 #   TILES="e=8x8x16@32,m=4x4x16@20x16p e=8x8x16@32sd,m=4x4x16@16d" \
 #   STL_TILES="e=8x8x16@16x25,m=8x8x16@10x25p" bash benches/device_check.sh
 set -u
@@ -31,7 +35,23 @@ TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 # and STL_TILES, when set, replace the lists (space-separated CALM_TILES strings).
 TILES=${TILES:-}
 STL_TILES=${STL_TILES:-}
+DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
+# within N CMD...: run CMD with a timeout of N seconds, or of what is left before the deadline
+# (less 15 s kept for the summary) if that is shorter; skip it when under 10 s are left.
+within() {
+  local n=$1 left=$((DEADLINE - SECONDS - 15))
+  shift
+  [ "$left" -lt "$n" ] && n=$left
+  if [ "$n" -lt 10 ]; then
+    echo "skipped, ${DEADLINE} s deadline reached: ${*:1:3} ..." >&2
+    return 124
+  fi
+  timeout "$n" "$@"
+  local rc=$?
+  [ "$rc" -eq 124 ] && printf '\ncut after %s s (the step'"'"'s limit or the %s s deadline)\n' "$n" "$DEADLINE" >&2
+  return "$rc"
+}
 # The whole log goes to $OUT as it is written, and so do tune's tables and the tuning file after
 # each step: a call stopped at the device tool's 10-minute limit still brings back what ran.
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -57,62 +77,63 @@ if [ -z "${NO_DRIVER_FALLBACK:-}" ] && ! grep -qi nvidia "$OUT/devices.txt"; the
 fi
 export WGPU_ADAPTER_NAME=${WGPU_ADAPTER_NAME:-nvidia}
 
+export PYTHONUNBUFFERED=1
 echo "== validate (vulkan)"
-timeout 120 "$BIN" validate --backend vulkan 2>&1 | tee "$J/validate_vulkan.txt" | grep -E "FAIL|checks|error|adapter"
-if [ -z "${SKIP_GL:-}" ]; then
-  echo "== validate (gl)"
-  timeout 60 "$BIN" validate --backend gl 2>&1 | tee "$J/validate_gl.txt" | tail -3
-fi
+within 120 "$BIN" validate --backend vulkan 2>&1 | tee "$J/validate_vulkan.txt" | grep -E "FAIL|checks|error|adapter|skipped"
 
 echo "== train on the embedded sample"
-timeout 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors" --force 2>&1 | tail -6
+within 60 "$BIN" train --backend vulkan --epochs 3 --out "$J/sample.safetensors" --force 2>&1 | tail -6
 
 # --candidate arguments for a list of tile shapes (none: tune's built-in list).
 candidates() { for t in $1; do [ "$t" = default ] || printf -- "--candidate staged:%s " "$t"; done; }
 echo "== tune (check, then time) mnist protocol, $MNIST_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 5 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$OUT/tune_mnist.txt"
+within 240 "$BIN" tune --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 5 $(candidates "$TILES") --json "$J/tune_mnist.jsonl" 2>&1 | tee "$OUT/tune_mnist.txt"
 cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
-if [ -n "${CHECKS_ON_TOO:-}" ]; then
-  CALM_CHECKS=on timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -2 | sed "s/^/checks-on  /"
-fi
-echo "== tune (check, then time) stl10 protocol, $STL_IMAGES images"
-timeout 420 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 3 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$OUT/tune_stl10.txt"
-cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
-echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
-timeout 150 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
-
-if [ -n "${FULL_STL:-}" ]; then
-  # STL-10 at full size (105,000 random images, 11.6 GB): resident on a large card, then
-  # streamed as on an 8 GB card (CALM_GPU_MEMORY), one timed epoch each.
-  echo "== bench stl10 protocol, 105,000 images: resident, then within 8 GB"
-  timeout 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full.json" 2>&1 | tail -1
-  CALM_GPU_MEMORY=8192 timeout 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full_8g.json" 2>&1 | tail -1
-fi
-
-echo "== PyTorch baseline, same card"
-export PYTHONUNBUFFERED=1
-timeout 180 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/torch_mnist.json" 2>&1 | tail -6
-if [ -z "${SKIP_TF32:-}" ]; then
-  timeout 120 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$J/torch_mnist_tf32.json" 2>&1 | tail -3
-fi
-timeout 240 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$J/torch_stl10.json" 2>&1 | tail -3
 
 # The judged comparison: the same MNIST epoch for calm-gpu (with tune's choice, if it kept one:
 # bench reads $CALM_TUNE_FILE and names the kernels) and for PyTorch, alternating, ROUNDS times.
 ROUNDS=${ROUNDS:-2}
 echo "== alternating: calm-gpu bench and PyTorch, mnist protocol, $MNIST_IMAGES images, $ROUNDS rounds"
 for r in $(seq 1 "$ROUNDS"); do
-  timeout 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/alt_calm_$r.json" 2>&1 | tail -2
-  timeout 90 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/alt_torch_$r.json" 2>&1 | tail -1
+  within 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 --json "$J/alt_calm_$r.json" 2>&1 | tail -2
+  within 90 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split --json "$J/alt_torch_$r.json" 2>&1 | tail -4
 done
+if [ -n "${CHECKS_ON_TOO:-}" ]; then
+  CALM_CHECKS=on within 90 "$BIN" bench --backend vulkan --protocol mnist --images $MNIST_IMAGES --epochs 3 2>&1 | tail -2 | sed "s/^/checks-on  /"
+fi
+
+echo "== tune (check, then time) stl10 protocol, $STL_IMAGES images"
+within 180 "$BIN" tune --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 3 $(candidates "$STL_TILES") --json "$J/tune_stl10.jsonl" 2>&1 | tee "$OUT/tune_stl10.txt"
+cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
+echo "== PyTorch baseline, stl10 protocol, $STL_IMAGES images"
+within 120 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --images "$STL_IMAGES" --device $TORCH_DEVICE --warmup --epochs 1 --no-split --json "$J/torch_stl10.json" 2>&1 | tail -3
+echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
+within 90 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
+
+if [ -z "${SKIP_TF32:-}" ]; then
+  echo "== PyTorch baseline with TF32 on, mnist protocol"
+  within 60 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$J/torch_mnist_tf32.json" 2>&1 | tail -3
+fi
+if [ -z "${SKIP_GL:-}" ]; then
+  echo "== validate (gl)"
+  within 60 "$BIN" validate --backend gl 2>&1 | tee "$J/validate_gl.txt" | tail -3
+fi
+
+if [ -n "${FULL_STL:-}" ]; then
+  # STL-10 at full size (105,000 random images, 11.6 GB): resident on a large card, then
+  # streamed as on an 8 GB card (CALM_GPU_MEMORY), one timed epoch each.
+  echo "== bench stl10 protocol, 105,000 images: resident, then within 8 GB"
+  within 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full.json" 2>&1 | tail -1
+  CALM_GPU_MEMORY=8192 within 300 "$BIN" bench --backend vulkan --protocol stl10 --images 105000 --epochs 1 --json "$J/stl10_full_8g.json" 2>&1 | tail -1
+fi
 
 if [ -n "${FASHION_DIR:-}" ]; then
   echo "== reproduce fashion (the paper's MNIST protocol on Fashion-MNIST) on the GPU"
-  timeout 240 "$BIN" reproduce fashion --data-dir "$FASHION_DIR" --out-dir "$J/fashion" --backend vulkan --force 2>&1 | grep -v "^ *[0-9]* *[0-9]* " | tail -12
+  within 240 "$BIN" reproduce fashion --data-dir "$FASHION_DIR" --out-dir "$J/fashion" --backend vulkan --force 2>&1 | grep -v "^ *[0-9]* *[0-9]* " | tail -12
   cp "$J/fashion/results.md" "$OUT/fashion_results.md" 2>/dev/null
 fi
 
-echo "== summary"
+echo "== summary (${SECONDS} s)"
 cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 ROUNDS="$ROUNDS" python3 - "$J" "$OUT" <<'PY'
 import glob, json, os, sys
@@ -156,7 +177,6 @@ def torch_rows(f, name):
     med = secs[len(secs) // 2]
     rows.append((f"{name} {j.get('device_name', '')}"[:44], f"{j['N']}x{j['C']}x{j['H']}x{j['W']} K{j['K']} w{j['w']} p{j['p']}", med, j["flops_per_epoch"] / med / 1e9, None, None))
 dev = os.environ.get("TORCH_DEVICE", "cuda")
-torch_rows(os.path.join(out, "torch_mnist.json"), f"pytorch {dev} fp32 (mnist)")
 torch_rows(os.path.join(out, "torch_mnist_tf32.json"), f"pytorch {dev} tf32 (mnist)")
 torch_rows(os.path.join(out, "torch_stl10.json"), f"pytorch {dev} fp32 (stl10)")
 rounds = int(os.environ.get("ROUNDS", "2"))
