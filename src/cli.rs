@@ -254,8 +254,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// How theta starts: normal (i.i.d. N(0,1), SPEC's) or patches (random patches of the data)
-    #[arg(long, value_enum, default_value_t = em::InitMethod::Normal)]
-    pub init_method: em::InitMethod,
+    /// [default: normal; patches with --preset recommended]
+    #[arg(long, value_enum)]
+    pub init_method: Option<em::InitMethod>,
     /// After each epoch, re-seed kernels with count < 1, or that copy another kernel (within
     /// 1%), with the data patches worst explained by the other kernels; if the last epoch leaves such kernels, up to 3 more epochs
     /// run to train their replacements
@@ -705,10 +706,10 @@ fn install_ctrl_c() {
 fn train(mut a: TrainArgs) -> Result<()> {
     let recommended = a.preset == Some(Preset::Recommended);
     if recommended {
-        if a.init_method != em::InitMethod::Normal {
-            bail!("--preset recommended sets --init-method patches; drop --init-method");
+        if a.init_method == Some(em::InitMethod::Normal) {
+            bail!("--preset recommended sets --init-method patches; drop --init-method normal");
         }
-        a.init_method = em::InitMethod::Patches;
+        a.init_method = Some(em::InitMethod::Patches);
         a.revive = true;
         a.whiten = a.whiten.or(Some(RECOMMENDED.whiten));
     }
@@ -777,7 +778,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
                 checkpoint_dir: a.checkpoint_dir.as_ref().map(|p| absolute(p)),
                 plot: a.plot.as_ref().map(|p| absolute(p)),
                 preprocess: a.preprocess,
-                init_method: a.init_method,
+                init_method: a.init_method.unwrap_or(em::InitMethod::Normal),
                 schedule: em::Schedule {
                     revive: a.revive,
                     tol: a.tol,
@@ -2039,6 +2040,36 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
             (xtr, ytr, xte, yte, "test")
         }
     };
+    // One set given and the other the shipped digits: say so, and refuse where the shapes show
+    // that the two cannot be the same kind of images.
+    let shipped = match (&a.train, &a.test, a.val_split) {
+        (Some(_), None, None) => Some(("--train", "tested on", "--test")),
+        (None, Some(_), None) => Some(("--test", "fitted on", "--train")),
+        (None, Some(_), Some(_)) => {
+            bail!(
+                "--val-split holds out part of the shipped digits here, so --test is not used; give --train too, or drop --test"
+            )
+        }
+        _ => None,
+    };
+    if let Some((given, role, missing)) = shipped {
+        if xtr.shape() != xte.shape() {
+            bail!(
+                "{given} images are {:?} (C, H, W) but the probe would be {role} the shipped digits {:?}; give {missing} too",
+                if given == "--train" {
+                    xtr.shape()
+                } else {
+                    xte.shape()
+                },
+                if given == "--train" {
+                    xte.shape()
+                } else {
+                    xtr.shape()
+                },
+            );
+        }
+        eprintln!("note: the probe is {role} the shipped digits (no {missing} given)");
+    }
     if a.baseline.contains(&Baseline::Raw) && xtr.shape() != xte.shape() {
         bail!(
             "training images are {:?} (C, H, W) but {held_out} images {:?}; the raw-pixel baseline needs one shape",
@@ -2331,7 +2362,7 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
         preprocess: Some(pre),
         plot: Some(out.join("loglik.png")),
         resume: None,
-        init_method: em::InitMethod::Normal,
+        init_method: None,
         revive: false,
         tol: None,
         learn_weights: false,

@@ -893,6 +893,22 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
         ],
         "--learn-variance",
     );
+    // The preset starts from patches; an explicit `--init-method normal` beside it is refused, not
+    // silently replaced (it was, while the option's default could not be told from its absence).
+    fails_with(
+        &[
+            "train",
+            "--preset",
+            "recommended",
+            "--init-method",
+            "normal",
+            "--data",
+            &data.to_string_lossy(),
+            "--out",
+            &dir.path().join("z.safetensors").to_string_lossy(),
+        ],
+        "drop --init-method normal",
+    );
 }
 
 /// `train --whiten W` fits the filter on the training images, keeps it in the model, trains on
@@ -1480,6 +1496,51 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
             "raw",
         ],
         "one shape",
+    );
+    // One set given, the other left to the shipped 28 x 28 digits: 10 x 10 images cannot be
+    // their kind, so the probe is refused rather than fitted on one and tested on the other.
+    // (The model divides by 255 like the digits; a model of unscaled data is refused earlier.)
+    let scaled = p("scaled.safetensors");
+    let mut argv = train_argv(&data, Path::new(&scaled), "3 3 0 1000 1 0");
+    argv.extend(["--preprocess".into(), "scale".into()]);
+    assert_ok(&calm().args(&argv).output().unwrap());
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &scaled,
+            "--train",
+            &x,
+            "--train-labels",
+            &p("y20.npy"),
+        ],
+        "give --test too",
+    );
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &scaled,
+            "--test",
+            &x,
+            "--test-labels",
+            &p("y20.npy"),
+        ],
+        "give --train too",
+    );
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &scaled,
+            "--test",
+            &x,
+            "--test-labels",
+            &p("y20.npy"),
+            "--val-split",
+            "0.5",
+        ],
+        "--test is not used",
     );
 
     // A pipe is written to, not refused as existing or replaced.
