@@ -1,0 +1,96 @@
+//! `calm-gpu features`: a dataset's features under a model, written as .npy.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use calm_gpu::data::preprocess::Preprocess;
+use calm_gpu::features::{Encoding, Pooling};
+use calm_gpu::model::Model;
+use calm_gpu::run::Backend;
+use calm_gpu::{data, model, run};
+
+use super::outputs::{check_distinct, check_output};
+use super::{check_positive, embedded, load_data, model_geometry_for, model_preprocess, whitened};
+
+#[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
+pub struct FeaturesArgs {
+    /// A model written by `calm-gpu train`
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The images (same formats as `train --data`); without it, the shipped sample's test split
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// The .npy file to write, float32 (N, K), or (N, K*G*G) with --pool G
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Pool L over a G x G grid of regions instead of the whole image (1: SPEC's features)
+    #[arg(long, default_value_t = 1, value_name = "G")]
+    pub pool: usize,
+    /// Encoding of L before pooling: lse (SPEC's log-sum-exp) or triangle (see `eval --help`)
+    #[arg(long, value_enum, default_value_t = Encoding::Lse)]
+    pub encode: Encoding,
+    /// Where the features are computed: a hardware GPU if auto finds one, else the CPU engine
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Images per batch; bounds memory only
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Replace --out if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub(super) fn features(a: FeaturesArgs) -> Result<()> {
+    check_positive("batch", a.batch)?;
+    check_positive("pool", a.pool)?;
+    check_output(&a.out, a.force)?;
+    let mut inputs = vec![a.model.as_path()];
+    inputs.extend(a.data.as_deref());
+    check_distinct(&inputs, &[&a.out])?;
+    let model = Model::load(&a.model)?;
+    let pre = model_preprocess(&model)?;
+    let (data, _, _) = match &a.data {
+        Some(p) => load_data(std::slice::from_ref(p), Some(pre))?,
+        None => {
+            if pre != Preprocess::Scale {
+                bail!(
+                    "the model was trained with --preprocess {pre}; give --data to compute features"
+                );
+            }
+            (
+                embedded(data::Split::Test),
+                vec!["embedded:digits-test".into()],
+                pre,
+            )
+        }
+    };
+    let g = model_geometry_for(&model, data.as_ref())?;
+    let data = whitened(&model, data)?;
+    let f = run::features(
+        a.backend,
+        g,
+        data.clone(),
+        &model.theta,
+        &model.prior_or_uniform(),
+        a.batch,
+        Pooling {
+            grid: a.pool,
+            encoding: a.encode,
+        },
+        &mut |_| {},
+    )?;
+    let mut bytes = Vec::new();
+    ndarray_npy::WriteNpyExt::write_npy(&f, &mut bytes)?;
+    model::write_atomic(&a.out, &bytes, a.force)?;
+    println!(
+        "wrote {} ({} x {} float32)",
+        a.out.display(),
+        f.nrows(),
+        f.ncols()
+    );
+    Ok(())
+}

@@ -1,0 +1,753 @@
+//! `calm-gpu train`: a fresh run from the arguments or the run a checkpoint describes, with the optional preprocessed-data cache.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+
+use calm_gpu::data::ImageSource;
+use calm_gpu::data::preprocess::Preprocess;
+use calm_gpu::em::Event;
+use calm_gpu::model::{Model, ModelMeta};
+use calm_gpu::prior::PriorOptions;
+use calm_gpu::run::Backend;
+use calm_gpu::{Engine, Geometry, LayerConfig, data, em, model, run};
+
+use super::outputs::{check_distinct, check_output, create_parent};
+use super::show::write_plot;
+use super::{
+    Preset, RECOMMENDED, absolute, backend_from_name, check_positive, install_ctrl_c, load_data,
+    progress_bar,
+};
+
+#[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
+pub struct TrainArgs {
+    /// Training data: MNIST/Fashion-MNIST IDX (raw or .gz, pixels / 255) or .npy float32 (N,C,H,W) or
+    /// (N,H,W). May be given several times (same image shape). Without it, the 8,000 real MNIST
+    /// digits shipped inside calm-gpu are used.
+    #[arg(long, value_name = "PATH")]
+    pub data: Vec<PathBuf>,
+    /// Where to run [default: auto; with --resume, the checkpoint's]
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Number of kernels K [default: 64; 128 with --preset recommended]
+    #[arg(long)]
+    pub kernels: Option<usize>,
+    /// Kernel width w (kernels are w x w) [default: 20; 8 with --preset recommended]
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Zero padding p [default: 2; 0 with --preset recommended]
+    #[arg(long)]
+    pub pad: Option<usize>,
+    /// Images per batch; bounds memory only (theta is fixed for the whole epoch)
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// EM iterations (passes over the data) [default: 15; 10 with --preset recommended]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Seed of the initial weights (N(0,1) draws or data patches) and of revival
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Start from these weights instead: a .npy float32 (K,C,w,w) or a saved model
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// The model file to write (safetensors)
+    #[arg(long, default_value = "calm-model.safetensors", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write one JSON object per epoch to this file (JSON lines)
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// Replace --out and --metrics if they exist (otherwise an existing file is refused)
+    #[arg(long)]
+    pub force: bool,
+    /// Print only the final summary
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Write a checkpoint here after every epoch (atomically); `--resume DIR` continues from it.
+    /// Without it, Ctrl-C still leaves one in `<out>.checkpoint/`.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// How theta starts: normal (i.i.d. N(0,1), SPEC's) or patches (random patches of the data)
+    /// [default: normal; patches with --preset recommended]
+    #[arg(long, value_enum)]
+    pub init_method: Option<em::InitMethod>,
+    /// After each epoch, re-seed kernels with count < 1, or that copy another kernel (within
+    /// 1%), with the data patches worst explained by the other kernels; if the last epoch leaves such kernels, up to 3 more epochs
+    /// run to train their replacements
+    #[arg(long)]
+    pub revive: bool,
+    /// Stop early once LL changes by less than this fraction between epochs
+    #[arg(long, value_name = "FRACTION")]
+    pub tol: Option<f64>,
+    /// Whiten the images with a ZCA filter fitted on W x W patches of the training data (applied
+    /// as a convolution; kept in the model and applied again by features and eval)
+    #[arg(long, value_name = "W")]
+    pub whiten: Option<usize>,
+    /// Learn mixing weights over the kernels in the M-step (SPEC: uniform); kept in the model
+    #[arg(long)]
+    pub learn_weights: bool,
+    /// Learn the patches' variance in the M-step (SPEC: 1), i.e. the posterior's temperature;
+    /// kept in the model
+    #[arg(long)]
+    pub learn_variance: bool,
+    /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
+    /// options that would change that
+    #[arg(long, value_enum, conflicts_with = "preset")]
+    pub protocol: Option<TrainProtocol>,
+    /// recommended: the configuration docs/results.md's ablation chose: images whitened over
+    /// 7x7 patches, K 128 kernels of 8x8 without padding, data-patch initialisation with
+    /// revival, 10 epochs (explicit --kernels/--width/--pad/--epochs/--whiten still apply);
+    /// evaluate with `eval --preset recommended`
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Preprocessing of every image: scale (x / 255), zca-image (per-image, per-channel ZCA, the
+    /// STL-10 protocol's), none. Default: scale for 8-bit data, none for float data. Recorded in
+    /// the model and applied again by `features` and `eval`.
+    #[arg(long, value_name = "KIND")]
+    pub preprocess: Option<Preprocess>,
+    /// Draw LL per image against epoch into this PNG at the end
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR from its last complete epoch, with its arguments
+    /// (the training options are the checkpoint's and are refused here; --quiet, --plot,
+    /// --force and --backend still apply: a run checkpointed on a GPU may finish on the CPU)
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "data", "init", "checkpoint_dir", "kernels", "width", "pad", "batch", "epochs",
+        "seed", "out", "metrics", "init_method", "revive", "tol", "whiten", "learn_weights",
+        "learn_variance", "protocol", "preset", "preprocess", "cache",
+    ])]
+    pub resume: Option<PathBuf>,
+    /// Write the preprocessed images once to this float32 .npy (plus FILE.json naming the data
+    /// it holds) and read them from it every epoch: for preprocessing that costs more than the
+    /// epoch (zca-image on STL-10's 105,000 images), when the data streams (CPU engine, or a GPU
+    /// with less memory than the data). A later run with the same data reuses the file
+    #[arg(long, value_name = "FILE.npy")]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainProtocol {
+    /// SPEC.md's batch EM exactly, as the paper's code runs it
+    Paper,
+}
+
+/// Everything a run needs to be repeated or resumed; kept in its checkpoints.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RunConfig {
+    data: Vec<PathBuf>,
+    backend: String,
+    kernels: usize,
+    width: usize,
+    pad: usize,
+    batch: usize,
+    epochs: usize,
+    seed: u64,
+    init: Option<PathBuf>,
+    out: PathBuf,
+    metrics: Option<PathBuf>,
+    force: bool,
+    checkpoint_dir: Option<PathBuf>,
+    #[serde(default)]
+    plot: Option<PathBuf>,
+    #[serde(default)]
+    preprocess: Option<Preprocess>,
+    #[serde(default)]
+    init_method: em::InitMethod,
+    #[serde(default)]
+    schedule: em::Schedule,
+    #[serde(default)]
+    cache: Option<PathBuf>,
+    #[serde(default)]
+    whiten: Option<usize>,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// What a `--cache` file holds: the inputs (path, size, modification time) and preprocessing.
+fn cache_key(names: &[String], pre: Preprocess) -> serde_json::Value {
+    let inputs: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| {
+            let meta = std::fs::metadata(n).ok();
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            input_key(n, meta.map(|m| m.len()), modified)
+        })
+        .collect();
+    serde_json::json!({ "inputs": inputs, "preprocess": pre.to_string() })
+}
+
+/// One input of a cache key. The modification time is kept as integer nanoseconds: a key must
+/// read back from its JSON file equal to itself, and serde_json does not promise that a float
+/// (seconds as f64) parses back to the same bits (CI once refused a run's own cache that way).
+fn input_key(
+    path: &str,
+    bytes: Option<u64>,
+    modified: Option<std::time::Duration>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "path": path,
+        "bytes": bytes,
+        "modified_ns": modified.map(|d| d.as_nanos().to_string()),
+    })
+}
+
+/// `src` read through the float32 `.npy` cache at `path`, written first if absent (atomically,
+/// with a `.json` key beside it); a cache of other data is refused rather than used.
+fn cached(
+    path: &Path,
+    src: Arc<dyn ImageSource>,
+    names: &[String],
+    pre: Preprocess,
+    quiet: bool,
+) -> Result<Arc<dyn ImageSource>> {
+    let key_path = PathBuf::from(format!("{}.json", path.display()));
+    let key = cache_key(names, pre);
+    if path.is_dir() {
+        bail!(
+            "--cache {} is a directory; give a file name",
+            path.display()
+        );
+    }
+    if path.exists() {
+        let stored: Option<serde_json::Value> = std::fs::read(&key_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if stored.as_ref() != Some(&key) {
+            if !key_path.exists() {
+                bail!(
+                    "--cache {}: the file exists but {} (what it holds) does not, so it was not written by calm-gpu's cache; name another file",
+                    path.display(),
+                    key_path.display()
+                );
+            }
+            bail!(
+                "--cache {}: it holds other data or preprocessing than this run's (see {}); delete both or name another file",
+                path.display(),
+                key_path.display()
+            );
+        }
+    } else {
+        check_output(path, false)?;
+        create_parent(path)?;
+        if !quiet {
+            println!(
+                "caching {} preprocessed images in {} (once)",
+                src.len(),
+                path.display()
+            );
+        }
+        let tmp = PathBuf::from(format!("{}.partial", path.display()));
+        data::npy::write_source_f32(&tmp, src.as_ref(), 256, |_| {})?;
+        model::write_atomic(
+            &key_path,
+            serde_json::to_string_pretty(&key)?.as_bytes(),
+            true,
+        )?;
+        std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    }
+    let file = data::NpyFile::open(path)?;
+    if file.len() != src.len() || file.shape() != src.shape() {
+        bail!(
+            "--cache {}: holds {} images of {:?}, the data {} of {:?}; delete it or name another file",
+            path.display(),
+            file.len(),
+            file.shape(),
+            src.len(),
+            src.shape()
+        );
+    }
+    Ok(Arc::new(file))
+}
+
+pub(super) fn train(mut a: TrainArgs) -> Result<()> {
+    let recommended = a.preset == Some(Preset::Recommended);
+    if recommended {
+        if a.init_method == Some(em::InitMethod::Normal) {
+            bail!("--preset recommended sets --init-method patches; drop --init-method normal");
+        }
+        a.init_method = Some(em::InitMethod::Patches);
+        a.revive = true;
+        a.whiten = a.whiten.or(Some(RECOMMENDED.whiten));
+    }
+    let pick = |v: Option<usize>, spec: usize, rec: usize| {
+        v.unwrap_or(if recommended { rec } else { spec })
+    };
+    let (kernels, width, pad, epochs) = (
+        pick(a.kernels, 64, RECOMMENDED.layer.kernels),
+        pick(a.width, 20, RECOMMENDED.layer.width),
+        pick(a.pad, 2, RECOMMENDED.layer.pad),
+        pick(a.epochs, 15, RECOMMENDED.epochs),
+    );
+    let quiet = a.quiet;
+    // Either a fresh run from the arguments, or the run a checkpoint describes.
+    let (cfg, resume) = match &a.resume {
+        Some(dir) => {
+            let path = dir.join(CHECKPOINT);
+            let ck = Model::load(&path)
+                .with_context(|| format!("--resume {}: no readable checkpoint", dir.display()))?;
+            let cfg: RunConfig = ck
+                .extra
+                .get("run")
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: not a training checkpoint (no run arguments)",
+                        path.display()
+                    )
+                })
+                .and_then(|s| {
+                    serde_json::from_str(s)
+                        .map_err(|e| anyhow::anyhow!("{}: bad run arguments: {e}", path.display()))
+                })?;
+            let records: Vec<calm_gpu::model::EpochRecord> = ck
+                .extra
+                .get("records")
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default();
+            let plot = a.plot.as_ref().map(|p| absolute(p)).or(cfg.plot.clone());
+            (
+                RunConfig {
+                    checkpoint_dir: Some(absolute(dir)),
+                    plot,
+                    force: cfg.force || a.force,
+                    backend: a
+                        .backend
+                        .map_or(cfg.backend.clone(), |b| format!("{b:?}").to_lowercase()),
+                    ..cfg
+                },
+                Some((ck, records)),
+            )
+        }
+        None => (
+            RunConfig {
+                data: a.data.iter().map(|p| absolute(p)).collect(),
+                backend: format!("{:?}", a.backend.unwrap_or(Backend::Auto)).to_lowercase(),
+                kernels,
+                width,
+                pad,
+                batch: a.batch,
+                epochs,
+                seed: a.seed,
+                init: a.init.as_ref().map(|p| absolute(p)),
+                out: absolute(&a.out),
+                metrics: a.metrics.as_ref().map(|p| absolute(p)),
+                force: a.force,
+                checkpoint_dir: a.checkpoint_dir.as_ref().map(|p| absolute(p)),
+                plot: a.plot.as_ref().map(|p| absolute(p)),
+                preprocess: a.preprocess,
+                init_method: a.init_method.unwrap_or(em::InitMethod::Normal),
+                schedule: em::Schedule {
+                    revive: a.revive,
+                    tol: a.tol,
+                    seed: a.seed,
+                    prior: PriorOptions {
+                        weights: a.learn_weights,
+                        variance: a.learn_variance,
+                    },
+                },
+                cache: a.cache.as_ref().map(|p| absolute(p)),
+                whiten: a.whiten,
+            },
+            None,
+        ),
+    };
+    if a.protocol == Some(TrainProtocol::Paper)
+        && (cfg.init_method != em::InitMethod::Normal
+            || cfg.whiten.is_some()
+            || cfg.schedule
+                != em::Schedule {
+                    seed: cfg.seed,
+                    ..Default::default()
+                })
+    {
+        bail!(
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights and --learn-variance"
+        );
+    }
+    if let Some(t) = cfg.schedule.tol
+        && !(t >= 0.0 && t.is_finite())
+    {
+        bail!("--tol must be a non-negative number (got {t})");
+    }
+    check_positive("kernels", cfg.kernels)?;
+    check_positive("width", cfg.width)?;
+    check_positive("batch", cfg.batch)?;
+    check_positive("epochs", cfg.epochs)?;
+    check_output(&cfg.out, cfg.force)?;
+    if let (Some(m), None) = (&cfg.metrics, &resume) {
+        check_output(m, cfg.force)?;
+    }
+    if let Some(p) = &cfg.plot {
+        check_output(p, cfg.force)?;
+    }
+    // Where checkpoints go: --checkpoint-dir after every epoch, else `<out>.checkpoint` on
+    // Ctrl-C. A new run does not reuse a --checkpoint-dir that holds another run's checkpoint
+    // without --force; an interrupted run's `<out>.checkpoint` only gets a note (scripts that
+    // train "if the model is missing" must still run again after a Ctrl-C).
+    let checkpoint_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
+        let mut d = cfg.out.clone().into_os_string();
+        d.push(".checkpoint");
+        PathBuf::from(d)
+    });
+    let checkpoint_file = checkpoint_dir.join(CHECKPOINT);
+    if resume.is_none() && checkpoint_file.exists() {
+        if cfg.checkpoint_dir.is_some() && !cfg.force {
+            bail!(
+                "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
+                checkpoint_dir.display(),
+                checkpoint_dir.display()
+            );
+        }
+        if cfg.checkpoint_dir.is_none() && !quiet {
+            eprintln!(
+                "note: {} holds an interrupted run's checkpoint (calm-gpu train --resume {} continues it); this run replaces it only if it is interrupted too",
+                checkpoint_dir.display(),
+                checkpoint_dir.display()
+            );
+        }
+    }
+    check_output(&checkpoint_file, true)?;
+    {
+        // --init is read whole before training and the model written atomically, so `--init m
+        // --out m --force` (refining a model in place) is fine; the data may stream from disk.
+        let mut inputs: Vec<&Path> = cfg.data.iter().map(PathBuf::as_path).collect();
+        // The cache is read and written by this run; its key file beside it too.
+        let cache_key_file = cfg.cache.as_ref().map(|c| {
+            let mut k = c.clone().into_os_string();
+            k.push(".json");
+            PathBuf::from(k)
+        });
+        inputs.extend(cfg.cache.as_deref());
+        inputs.extend(cache_key_file.as_deref());
+        let mut outputs = vec![cfg.out.as_path()];
+        outputs.extend(cfg.metrics.as_deref());
+        outputs.extend(cfg.plot.as_deref());
+        outputs.push(&checkpoint_file);
+        // Nor may an output file be the checkpoint directory itself.
+        outputs.push(&checkpoint_dir);
+        check_distinct(&inputs, &outputs)?;
+    }
+    let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+    let data = match &cfg.cache {
+        Some(p) => cached(p, data, &names, pre, quiet)?,
+        None => data,
+    };
+    // Patch whitening: fitted on the training images, or the checkpoint's when resuming.
+    let whitening = match (&resume, cfg.whiten) {
+        (Some((ck, _)), _) if ck.whiten.is_some() => ck.whiten.clone(),
+        (_, Some(width)) => {
+            if !quiet {
+                println!("fitting a {width}x{width} patch-whitening filter");
+            }
+            Some(data::Whitening::fit(data.as_ref(), width, cfg.seed)?)
+        }
+        _ => None,
+    };
+    let data: Arc<dyn ImageSource> = match &whitening {
+        Some(wh) => Arc::new(data::Whitened::new(data, Arc::new(wh.clone()))?),
+        None => data,
+    };
+    let (c, h, w) = data.shape();
+    let layer = LayerConfig {
+        kernels: cfg.kernels,
+        width: cfg.width,
+        pad: cfg.pad,
+    };
+    let g = Geometry::new(layer, c, h, w)?;
+    let (theta, mut records) = match &resume {
+        Some((ck, records)) => {
+            if ck.meta.layer != layer
+                || (ck.meta.channels, ck.meta.height, ck.meta.width) != (c, h, w)
+            {
+                bail!("the checkpoint's layer or image shape does not match its data any more");
+            }
+            (ck.theta.clone(), records.clone())
+        }
+        None => (
+            match &cfg.init {
+                Some(p) => model::load_init(p, &g)?,
+                None => em::initial_theta(&g, cfg.init_method, data.as_ref(), cfg.seed)?,
+            },
+            Vec::new(),
+        ),
+    };
+    let n = data.len();
+    let mut engine = run::engine(
+        backend_from_name(&cfg.backend)?,
+        g,
+        data.clone(),
+        theta,
+        cfg.batch,
+    )?;
+    let say = |s: String| {
+        if !quiet {
+            println!("{s}");
+        }
+    };
+    if let Some((ck, _)) = &resume
+        && let Some(p) = &ck.prior
+    {
+        engine.set_prior(p)?;
+    }
+    say(format!("engine: {}", engine.describe()));
+    say(format!(
+        "data: {n} images of {c}x{h}x{w} from {}; K={} w={} p={} (Ho={}, Wo={}); {:.1} GFLOP per epoch",
+        names.join(", "),
+        g.k,
+        g.kw,
+        g.pad,
+        g.ho,
+        g.wo,
+        g.epoch_flops(n) / 1e9
+    ));
+    let first = records.len() + 1;
+    if resume.is_some() {
+        if first > cfg.epochs {
+            say(format!(
+                "the checkpoint's run has completed its {} epochs; finishing it",
+                cfg.epochs
+            ));
+        } else {
+            say(format!("resuming at epoch {first} of {}", cfg.epochs));
+        }
+    }
+    // An engine that has run no epoch has no counts: a model written before this process ran
+    // one (a checkpoint of a finished run) takes the checkpoint's.
+    let checkpoint_counts = resume
+        .as_ref()
+        .map(|(ck, records)| (records.len(), ck.counts.clone()));
+    // Metrics: a fresh file, or on resume the checkpoint's epochs rewritten (a kill between the
+    // checkpoint and the metrics line must not lose or repeat a line), then appended to.
+    let mut metrics = match &cfg.metrics {
+        Some(p) => {
+            create_parent(p)?;
+            let mut text = String::new();
+            for r in &records {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            model::write_atomic(p, text.as_bytes(), true)?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .with_context(|| p.display().to_string())?,
+            )
+        }
+        None => None,
+    };
+    let make_model = |engine: &mut dyn Engine,
+                      history: &[calm_gpu::model::EpochRecord],
+                      stopped: Option<String>|
+     -> Result<Model> {
+        Ok(Model {
+            meta: ModelMeta {
+                layer,
+                channels: c,
+                height: h,
+                width: w,
+                seed: cfg.seed,
+                batch: cfg.batch,
+                epochs_requested: cfg.epochs,
+                preprocess: pre.to_string(),
+                engine: engine.describe(),
+                images: n,
+                data: names.clone(),
+                history: history.iter().map(Into::into).collect(),
+                stopped,
+                calm_gpu_version: env!("CARGO_PKG_VERSION").into(),
+                options: (cfg.init_method != em::InitMethod::Normal
+                    || cfg.whiten.is_some()
+                    || cfg.schedule.revive
+                    || cfg.schedule.tol.is_some()
+                    || cfg.schedule.prior.any())
+                    .then(|| {
+                        let mut o = serde_json::json!({ "init_method": cfg.init_method, "schedule": cfg.schedule });
+                        if let Some(wd) = cfg.whiten {
+                            o["whiten"] = wd.into();
+                        }
+                        o
+                    }),
+            },
+            theta: engine.theta()?,
+            counts: match &checkpoint_counts {
+                Some((epochs, counts)) if *epochs == history.len() => counts.clone(),
+                _ => engine.counts()?,
+            },
+            prior: cfg.schedule.prior.any().then(|| engine.prior()),
+            whiten: whitening.clone(),
+            extra: Default::default(),
+        })
+    };
+    let write_checkpoint =
+        |dir: &Path, m: &Model, history: &[calm_gpu::model::EpochRecord]| -> Result<()> {
+            let mut m = m.clone();
+            m.extra.insert("run".into(), serde_json::to_string(&cfg)?);
+            m.extra
+                .insert("records".into(), serde_json::to_string(history)?);
+            m.save(&dir.join(CHECKPOINT), true)?;
+            Ok(())
+        };
+    let bar = progress_bar(quiet, n);
+    install_ctrl_c();
+    let mut io_err: Option<std::io::Error> = None;
+    let mut after = |engine: &mut dyn Engine,
+                     history: &[calm_gpu::model::EpochRecord]|
+     -> calm_gpu::Result<()> {
+        if let Some(dir) = &cfg.checkpoint_dir {
+            let m = make_model(engine, history, None)
+                .map_err(|e| calm_gpu::CalmError::Invalid(format!("{e:#}")))?;
+            write_checkpoint(dir, &m, history).map_err(|e| {
+                calm_gpu::CalmError::Invalid(format!("writing the checkpoint failed: {e:#}"))
+            })?;
+        }
+        Ok(())
+    };
+    let outcome = em::run_with(
+        engine.as_mut(),
+        Some(data.as_ref()),
+        cfg.schedule,
+        std::mem::take(&mut records),
+        first,
+        cfg.epochs,
+        &mut |ev| match ev {
+            Event::EpochStart { epoch, .. } => {
+                if let Some(b) = &bar {
+                    b.reset();
+                    b.set_message(if epoch <= cfg.epochs {
+                        format!("epoch {epoch}/{}", cfg.epochs)
+                    } else {
+                        format!("epoch {epoch} (settling)")
+                    });
+                }
+            }
+            Event::Progress { images } => {
+                if let Some(b) = &bar {
+                    b.set_position(images as u64);
+                }
+            }
+            Event::EpochEnd(r) => {
+                // Epochs past the requested ones are revival's settling epochs.
+                let of = if r.epoch <= cfg.epochs {
+                    format!("/{}", cfg.epochs)
+                } else {
+                    " settling".to_string()
+                };
+                let line = format!(
+                    "epoch {:>3}{of}  LL {:>14.6e}  LL/image {:>10.4}  {:>8.3} s  {:>8.1} GFLOP/s",
+                    r.epoch, r.loglik, r.loglik_per_image, r.seconds, r.gflops
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => say(line),
+                }
+                if let Some(f) = metrics.as_mut() {
+                    let j = serde_json::to_string(r).expect("plain numbers serialise");
+                    if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
+                        io_err.get_or_insert(e);
+                    }
+                }
+            }
+            Event::Revived {
+                epoch,
+                kernels,
+                settling,
+            } => {
+                let line = format!(
+                    "revived {kernels} unused or duplicate kernel{} after epoch {epoch}{}",
+                    if kernels == 1 { "" } else { "s" },
+                    if settling {
+                        "; one more epoch trains them"
+                    } else {
+                        ""
+                    }
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => say(line),
+                }
+            }
+            Event::PrecisionLimit { epoch } => {
+                let line = format!(
+                    "numerical precision limit reached at epoch {epoch}; keeping the last finite theta"
+                );
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
+                }
+            }
+        },
+        &mut after,
+    )?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = io_err {
+        bail!("writing --metrics failed: {e}");
+    }
+    if outcome.interrupted {
+        let dir = checkpoint_dir;
+        let m = make_model(engine.as_mut(), &outcome.history, None)?;
+        write_checkpoint(&dir, &m, &outcome.history)?;
+        eprintln!(
+            "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
+            outcome.stopped.as_deref().unwrap_or("interrupted"),
+            outcome.history.len(),
+            dir.display()
+        );
+        std::process::exit(130);
+    }
+    let model = make_model(engine.as_mut(), &outcome.history, outcome.stopped.clone())?;
+    model.save(&cfg.out, cfg.force)?;
+    if let Some(p) = &model.prior {
+        say(format!("learned {}", p.summary()));
+    }
+    if let Some(p) = &cfg.plot {
+        write_plot(&model, p, cfg.force)?;
+        say(format!("wrote {}", p.display()));
+    }
+    let secs: f64 = outcome.history.iter().map(|r| r.seconds).sum();
+    println!(
+        "wrote {} after {} epochs in {:.2} s{}",
+        cfg.out.display(),
+        outcome.history.len(),
+        secs,
+        outcome
+            .history
+            .last()
+            .map(|r| format!(" (LL/image {:.4})", r.loglik_per_image))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache key read back from its file equals the key computed again for the same inputs,
+    /// for modification times with any nanoseconds.
+    #[test]
+    fn cache_key_survives_its_json_file() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..10_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let t = std::time::Duration::new(
+                1_700_000_000 + (state >> 40),
+                (state % 1_000_000_000) as u32,
+            );
+            let key = input_key("/data/x.npy", Some(state >> 20), Some(t));
+            let text = serde_json::to_string_pretty(&key).unwrap();
+            let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, key, "{text}");
+        }
+    }
+}
