@@ -63,6 +63,19 @@ fn load_a(r0: u32, e: u32) -> vec4<f32> {
     return v;
 }
 
+// One float of the A tile (Tiles::e_gather): element f = (kk, position), positions fastest, so
+// that neighbouring threads read neighbouring positions (and neighbouring row_base entries); its
+// place in the tile is vec4 f / 4, component f % 4, the same layout as load_a's.
+fn load_a1(r0: u32, f: u32) -> f32 {
+    let kk = f / TM;
+    let r = r0 + kk;
+    var v = 0.0;
+    if (r < prm.r) {
+        v = x[row_base[f - kk * TM] + off[r]];
+    }
+    return v;
+}
+
 // One vec4 of the theta tile: element e = (kk, four kernels from n0), zero beyond R and KP.
 fn load_b(r0: u32, e: u32, n0: u32) -> vec4<f32> {
     let kp = kpad();

@@ -61,6 +61,15 @@ fn load_x(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
     return vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
 }
 
+// One float of the A tile (Tiles::m_gather): element f = (kk, column), columns fastest, so that
+// neighbouring threads read neighbouring entries of off and, along a kernel row, of x; its place
+// in the tile is vec4 f / 4, component f % 4, the same layout as load_x's.
+fn load_x1(n: u32, p0: u32, f: u32, c0: u32) -> f32 {
+    let kk = f / TR;
+    let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
+    return x[pb + off[c0 + f - kk * TR]];
+}
+
 @compute @workgroup_size(WGX, WGY, 1)
 fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tx = lid3.x;

@@ -126,7 +126,9 @@ fn check_variant(
 /// The three implementations of the GEMM kernels, whichever the adapter would pick, and the staged
 /// kernels with tuning options (by seed): lane-strided register blocks of 8 along the A tile
 /// (`Tiles::e_strided`), the steps written out (`Tiles::e_unroll`), double-buffered tiles
-/// (`Tiles::e_double`), posteriors computed while loading (`Tiles::m_fused`), and combinations.
+/// (`Tiles::e_double`), posteriors computed while loading (`Tiles::m_fused`), the E-step's
+/// results written through workgroup memory (`Tiles::e_coalesced`), the A tiles loaded a float
+/// per thread (`Tiles::e_gather`, `m_gather`), and combinations.
 #[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
@@ -143,10 +145,10 @@ fn check(
         check_variant(v, None, seed, n, c, h, w, k, kw, pad, batch);
     }
     let shape = [
-        "e=8x8x16@32s,m=8x8x16@8s",
-        "e=8x4x8@16su,m=4x8x8@16su",
-        "e=8x4x16@16ud,m=4x4x16@16dp",
-        "e=8x8x8@32sud,m=4x8x8@16sd",
+        "e=8x8x16@32sc,m=8x8x16@8s",
+        "e=8x4x8@16sug,m=4x8x8@16sug",
+        "e=8x4x16@16udc,m=4x4x16@16dp",
+        "e=8x8x8@32sudg,m=4x8x8@16sdg",
     ][seed as usize % 4];
     let tiles = Tiles::parse(shape).unwrap();
     check_variant(
@@ -429,7 +431,7 @@ fn staged_kernels_with_any_thread_count() {
     );
     check_variant(
         Variant::Staged,
-        t("e=4x4x8@24x12s,m=4x8x8@25x16su"),
+        t("e=4x4x8@24x12sg,m=4x8x8@25x16sug"),
         22,
         11,
         2,
@@ -453,8 +455,25 @@ fn staged_kernels_with_any_thread_count() {
         2,
         7,
     );
+    // The E-step's results through workgroup memory (`c`) in uneven rounds: 12 kernels per
+    // thread, 3 thread rows and BK 16 hold 5 kernels a round (5, 5, 2), over 6 kernel tiles of
+    // 36 for K 200 (the last partial); the A tiles a float per thread (`g`), the E-step's 2,048
+    // floats shared out over 96 threads (the last share partial).
+    check_variant(
+        Variant::Staged,
+        t("e=4x12x16@32x3gc,m=4x4x16@16g"),
+        25,
+        12,
+        2,
+        12,
+        12,
+        200,
+        8,
+        2,
+        7,
+    );
     for shape in [
-        "e=8x8x16@32,m=4x4x16@20x16",
+        "e=8x8x16@32c,m=4x4x16@20x16",
         "e=8x8x16@32s,m=4x4x16@20x16p",
         "e=8x8x16@32,m=4x4x16@16p",
         "e=8x8x16@32s,m=8x8x16@50x8sp",

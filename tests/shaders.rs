@@ -40,6 +40,12 @@ fn every_kernel_validates() {
     }
 }
 
+fn single_bytes() -> (u32, u32) {
+    Tiles::parse("e=8x8x16@32,m=4x4x16@16")
+        .unwrap()
+        .workgroup_bytes()
+}
+
 #[test]
 fn tile_strings_round_trip_and_bad_ones_fail() {
     for s in [
@@ -51,6 +57,8 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "e=8x8x16@20x16,m=4x4x16@20x16",
         "e=4x4x8@24x12s,m=4x8x8@25x16su",
         "e=8x8x16@32s,m=4x4x16@20x16sudp",
+        "e=8x8x16@32sudc,m=4x4x16@20x16p",
+        "e=8x8x16@32sgc,m=8x8x16@50x8sgp",
     ] {
         let t = Tiles::parse(s).unwrap();
         assert_eq!(t.to_string(), s);
@@ -65,6 +73,18 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_unroll);
     assert!(Tiles::parse("m=4x4x16@16p").unwrap().m_fused);
     assert!(!Tiles::parse("m=4x4x16@16sud").unwrap().m_fused);
+    assert!(Tiles::parse("e=8x8x16@32c").unwrap().e_coalesced);
+    assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_coalesced);
+    let g = Tiles::parse("e=8x8x16@32g,m=4x4x16@16g").unwrap();
+    assert!(g.e_gather && g.m_gather);
+    assert!(!Tiles::parse("e=8x8x16@32g").unwrap().m_gather);
+    // A float per thread and load: the same tiles in workgroup memory.
+    assert_eq!(g.workgroup_bytes(), single_bytes());
+    // `c` keeps the workgroup memory: the results pass through the A tile.
+    assert_eq!(
+        Tiles::parse("e=8x8x16@32c").unwrap().workgroup_bytes(),
+        Tiles::parse("e=8x8x16@32").unwrap().workgroup_bytes()
+    );
     let d = Tiles::parse("e=8x8x16@32d,m=4x4x16@16d").unwrap();
     let single = Tiles::parse("e=8x8x16@32,m=4x4x16@16").unwrap();
     // Two stages of A and B tiles; the E-step's table of patch starts is not doubled.
@@ -86,6 +106,12 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
         "m=8x4x16@3x64",
         "e=8x8x16@32p",
         "m=4x4x16@16pp",
+        "m=4x4x16@16c",
+        "e=8x8x16@32cc",
+        "e=8x8x16@32gg",
+        // 20 thread rows of results do not fit an A tile of 8 rows (16 when double-buffered).
+        "e=8x4x8@16x20c",
+        "e=8x4x8@16x20dc",
         "e=8x8x16@70000x70000",
         "e=8x8x16@16777217x256",
         "u=0x4",

@@ -102,6 +102,20 @@ pub struct Tiles {
     /// conflict when RM is 8) and write neighbouring outputs.
     pub e_strided: bool,
     pub m_strided: bool,
+    /// The E-step writes its tile of `L` through workgroup memory (`c` after the E-step's WX in
+    /// `CALM_TILES`): after the last stage, the results are put into the A tile a few kernels
+    /// at a time and written out with neighbouring threads on neighbouring positions, so that a
+    /// warp's store fills whole 32-byte sectors. Without it each thread writes its RM positions
+    /// of a kernel itself, and a warp's 32 stores land RM (or 4, strided) floats apart: one
+    /// sector per float, 8 times the bytes the L2 cache has to take for 8 x 8 blocks.
+    pub e_coalesced: bool,
+    /// The A tile (patch values) loaded one float per thread and load, neighbouring threads on
+    /// neighbouring positions (E) or columns (M) (`g` after WX in `CALM_TILES`), instead of a
+    /// vec4 of four neighbours per thread: a warp's gather then reads whole runs of the image,
+    /// and its reads of `row_base` (E) or `off` (M) are consecutive, about a quarter of the
+    /// memory transactions for the same loads and workgroup-memory stores.
+    pub e_gather: bool,
+    pub m_gather: bool,
     /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): positions per thread
     /// (E-step), columns per thread (M-step), kernels per workgroup (both; a multiple of 4).
     /// `u_tn` is set from K by [`Tiles::for_shape`] (the engine sets it whatever the tiles'
@@ -129,6 +143,9 @@ impl Default for Tiles {
             m_wy: 16,
             e_strided: false,
             m_strided: false,
+            e_coalesced: false,
+            e_gather: false,
+            m_gather: false,
             e_unroll: false,
             m_unroll: false,
             e_double: false,
@@ -214,18 +231,20 @@ impl Tiles {
         (e, m)
     }
 
-    /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d][p]][,u=RMxRR]` (the
+    /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR]` (the
     /// `CALM_TILES` variable, for tuning); `WX` threads along the tile's first axis and `WY`
     /// along kernels (`256 / WX` if left out), `s` asks for lane-strided register blocks, `u`
-    /// for the steps written out, `d` for double-buffered tiles, `p` (M-step) for the
-    /// posteriors computed while loading ([`Tiles::m_fused`]); `u=` sets the uniform-buffer
+    /// for the steps written out, `d` for double-buffered tiles, `g` for the A tile loaded a float
+    /// per thread ([`Tiles::e_gather`]), `c` (E-step) for stores through
+    /// workgroup memory ([`Tiles::e_coalesced`]), `p` (M-step) for the posteriors computed
+    /// while loading ([`Tiles::m_fused`]); `u=` sets the uniform-buffer
     /// kernels' positions and columns per thread. Parts left out keep their defaults. Whether
     /// the adapter allows the thread counts and workgroup memory is checked when the engine is
     /// built.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d]],m=RKxRRxBK[@WX[xWY][s][u][d][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles, g for the A tile loaded a float per thread, (E-step only) c for stores through workgroup memory and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
             ))
         };
         let mut t = Tiles::default();
@@ -273,14 +292,23 @@ impl Tiles {
                 None if wx > 0 && 256 % wx == 0 => 256 / wx,
                 None => return Err(bad()),
             };
-            let (strided, unroll, double, fused) = (
+            let (strided, unroll, double, fused, coalesced, gather) = (
                 flags.contains('s'),
                 flags.contains('u'),
                 flags.contains('d'),
                 flags.contains('p'),
+                flags.contains('c'),
+                flags.contains('g'),
             );
-            if flags.len() != strided as usize + unroll as usize + double as usize + fused as usize
+            if flags.len()
+                != strided as usize
+                    + unroll as usize
+                    + double as usize
+                    + fused as usize
+                    + coalesced as usize
+                    + gather as usize
                 || (fused && name.trim() != "m")
+                || (coalesced && name.trim() != "e")
             {
                 return Err(bad());
             }
@@ -296,12 +324,13 @@ impl Tiles {
                     (t.e_rm, t.e_rn, t.e_bk) = (nums[0], nums[1], nums[2]);
                     (t.e_wx, t.e_wy) = (wx, wy);
                     (t.e_strided, t.e_unroll, t.e_double) = (strided, unroll, double);
+                    (t.e_coalesced, t.e_gather) = (coalesced, gather);
                 }
                 "m" => {
                     (t.m_rk, t.m_rr, t.m_bk) = (nums[0], nums[1], nums[2]);
                     (t.m_wx, t.m_wy) = (wx, wy);
                     (t.m_strided, t.m_unroll, t.m_double) = (strided, unroll, double);
-                    t.m_fused = fused;
+                    (t.m_fused, t.m_gather) = (fused, gather);
                 }
                 _ => return Err(bad()),
             }
@@ -341,6 +370,19 @@ impl Tiles {
                 ));
             }
         }
+        let e_bufs = if self.e_double { 2 } else { 1 };
+        if self.e_coalesced && self.e_wy > e_bufs * self.e_bk {
+            return Err(format!(
+                "E-step stores through workgroup memory (c) with {} threads along kernels and BK {}: the A tile holds a row of results per thread row, so WY must be at most BK{}",
+                self.e_wy,
+                self.e_bk,
+                if self.e_double {
+                    " x 2 (double-buffered)"
+                } else {
+                    ""
+                }
+            ));
+        }
         if !(self.m_wx as u64 * 4).is_multiple_of(self.m_rk as u64) {
             return Err(format!(
                 "M-step threads {} x {} with {} kernels each: the thread count must be a multiple of the tile's {} kernel vec4s (4 WX a multiple of RK)",
@@ -356,15 +398,17 @@ impl Tiles {
 
 impl std::fmt::Display for Tiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = |strided: bool, unroll: bool, double: bool, fused: bool| {
-            format!(
-                "{}{}{}{}",
-                if strided { "s" } else { "" },
-                if unroll { "u" } else { "" },
-                if double { "d" } else { "" },
-                if fused { "p" } else { "" }
-            )
-        };
+        let s =
+            |strided: bool, unroll: bool, double: bool, gather: bool, last: bool, flag: &str| {
+                format!(
+                    "{}{}{}{}{}",
+                    if strided { "s" } else { "" },
+                    if unroll { "u" } else { "" },
+                    if double { "d" } else { "" },
+                    if gather { "g" } else { "" },
+                    if last { flag } else { "" }
+                )
+            };
         // `@WX` where the threads are 256 (WY = 256 / WX), else `@WXxWY`.
         let threads = |wx: u32, wy: u32| {
             if wx as u64 * wy as u64 == 256 {
@@ -380,12 +424,26 @@ impl std::fmt::Display for Tiles {
             self.e_rn,
             self.e_bk,
             threads(self.e_wx, self.e_wy),
-            s(self.e_strided, self.e_unroll, self.e_double, false),
+            s(
+                self.e_strided,
+                self.e_unroll,
+                self.e_double,
+                self.e_gather,
+                self.e_coalesced,
+                "c"
+            ),
             self.m_rk,
             self.m_rr,
             self.m_bk,
             threads(self.m_wx, self.m_wy),
-            s(self.m_strided, self.m_unroll, self.m_double, self.m_fused)
+            s(
+                self.m_strided,
+                self.m_unroll,
+                self.m_double,
+                self.m_gather,
+                self.m_fused,
+                "p"
+            )
         )?;
         let d = Self::default();
         if (self.u_rm, self.u_rr) != (d.u_rm, d.u_rr) {
@@ -458,10 +516,85 @@ fn stores(
     st
 }
 
+/// The E-step's epilogue with [`Tiles::e_coalesced`]: the tile's results leave through the A
+/// tile, in rounds of as many kernels per thread as its `NBUF * BK` rows of TM floats hold for
+/// all WY thread rows. In a round each thread puts the RM values of each of its kernels as RM / 4
+/// vec4s (the same places along the tile as its A reads), then the workgroup writes the rows
+/// out, thread `lid` taking elements `lid`, `lid + NT`, ...: neighbouring threads on
+/// neighbouring positions. `row_base`, no longer read once the last stage is done, holds each
+/// position's start in `l` (`n K P + p`, or `0xffffffff` past the batch).
+fn coalesced_store(tiles: &Tiles) -> String {
+    let comp = ["x", "y", "z", "w"];
+    let bufs = if tiles.e_double { 2 } else { 1 };
+    let per_round = (bufs * tiles.e_bk / tiles.e_wy).clamp(1, tiles.e_rn);
+    let mut s = String::from(
+        "    // The results leave through workgroup memory (Tiles::e_coalesced, kernels::coalesced_store).
+    for (var i = lid; i < TM; i += NT) {
+        let m = m0 + i;
+        var b = 0xffffffffu;
+        if (m < mtot) {
+            let n = m / prm.positions;
+            b = n * prm.k * prm.positions + (m - n * prm.positions);
+        }
+        row_base[i] = b;
+    }
+",
+    );
+    let mut j0 = 0;
+    while j0 < tiles.e_rn {
+        let j1 = (j0 + per_round).min(tiles.e_rn);
+        s.push_str(
+            "    {
+",
+        );
+        if j0 > 0 {
+            s.push_str(
+                "        workgroupBarrier();
+",
+            );
+        }
+        for j in j0..j1 {
+            let (q, c) = (j / 4, comp[(j % 4) as usize]);
+            for g in 0..tiles.e_rm / 4 {
+                let v: Vec<String> = (0..4)
+                    .map(|i| format!("acc_{}_{q}.{c}", 4 * g + i))
+                    .collect();
+                s.push_str(&format!(
+                    "        a_tile[({}u * WGY + ty) * TM4 + tx * A_STEP + {g}u * A_GAP] = vec4<f32>({});
+",
+                    j - j0,
+                    v.join(", ")
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "        workgroupBarrier();
+        for (var f = lid; f < {}u * WGY * TM; f += NT) {{
+            let row = f / TM;
+            let ml = f - row * TM;
+            let jj = row / WGY;
+            let k = n0 + (row - jj * WGY) * RN + {j0}u + jj;
+            let b = row_base[ml];
+            if (b != 0xffffffffu && k < prm.k) {{
+                l[b + k * prm.positions] = a_tile[f / 4u][f % 4u] + bias[k];
+            }}
+        }}
+    }}
+",
+            j1 - j0
+        ));
+        j0 = j1;
+    }
+    s
+}
+
 /// One tile of a GEMM kernel's stage, as [`prefetch`] loads it: the registers `reg0, reg1, ...`
 /// that hold each thread's share, the workgroup array `tile`, its `elements` vec4s, the load
 /// calls for the first and for the next stage, and each element's place in the tile (`{E}`
 /// stands for the element index in the last three).
+///
+/// `slot` is a vec4 index into the tile, or `V][C` (vec4 `V`, component `C`) where the
+/// registers hold single floats (the A tiles with [`Tiles::e_gather`] / [`Tiles::m_gather`]).
 pub struct StageTile<'a> {
     pub reg: &'a str,
     pub tile: &'a str,
@@ -469,6 +602,32 @@ pub struct StageTile<'a> {
     pub first: &'a str,
     pub next: &'a str,
     pub slot: &'a str,
+}
+
+/// The A tile (patch values) of a GEMM kernel's stage, `floats` of them: loaded as vec4s of four
+/// neighbours per thread by the `vec4` calls (first stage, next stage), or with `gather` a float
+/// per thread by the `scalar` calls ([`Tiles::e_gather`], [`Tiles::m_gather`]), float `f` at
+/// vec4 `f / 4`, component `f % 4`.
+fn a_stage<'a>(
+    reg: &'a str,
+    floats: u32,
+    gather: bool,
+    vec4: [&'a str; 2],
+    scalar: [&'a str; 2],
+) -> StageTile<'a> {
+    let ([first, next], elements, slot) = if gather {
+        (scalar, floats, "{E} / 4u][{E} % 4u")
+    } else {
+        (vec4, floats / 4, "{E}")
+    };
+    StageTile {
+        reg,
+        tile: "a_tile",
+        elements,
+        first,
+        next,
+        slot,
+    }
 }
 
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
@@ -716,17 +875,22 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
+        let s = if tiles.e_coalesced {
+            coalesced_store(tiles)
+        } else {
+            s
+        };
+        let a = a_stage(
+            "pa",
+            tiles.e_bk * tiles.e_tm(),
+            tiles.e_gather,
+            ["load_a(0u, {E})", "load_a(r0 + BK, {E})"],
+            ["load_a1(0u, {E})", "load_a1(r0 + BK, {E})"],
+        );
         let (pi, ps, pn) = prefetch(
             tiles.threads().0,
             &[
-                StageTile {
-                    reg: "pa",
-                    tile: "a_tile",
-                    elements: tiles.e_bk * tiles.e_tm() / 4,
-                    first: "load_a(0u, {E})",
-                    next: "load_a(r0 + BK, {E})",
-                    slot: "{E}",
-                },
+                a,
                 StageTile {
                     reg: "pb",
                     tile: "b_tile",
@@ -755,6 +919,13 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
+        let x = a_stage(
+            "px",
+            tiles.m_bk * tiles.m_tr(),
+            tiles.m_gather,
+            ["load_x(n, p0, {E}, c0)"; 2],
+            ["load_x1(n, p0, {E}, c0)"; 2],
+        );
         let (pi, ps, pn) = prefetch(
             tiles.threads().1,
             &[
@@ -766,14 +937,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     next: "load_g(n, p0, {E}, k0)",
                     slot: "g_slot({E})",
                 },
-                StageTile {
-                    reg: "px",
-                    tile: "a_tile",
-                    elements: tiles.m_bk * tiles.m_tr() / 4,
-                    first: "load_x(n, p0, {E}, c0)",
-                    next: "load_x(n, p0, {E}, c0)",
-                    slot: "{E}",
-                },
+                x,
             ],
         );
         let g_source = if tiles.m_fused {

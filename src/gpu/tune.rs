@@ -340,6 +340,50 @@ pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Lookup {
     }
 }
 
+/// The staged tile shapes `calm-gpu tune` tries on a hardware adapter for K up to 64 (the MNIST
+/// protocol's shape first), after the built-in choice; docs/perf.md gives each one's prediction.
+pub const SHAPES_SMALL_K: &[&str] = &[
+    // Every option that cuts the E-step's memory transactions (`s`, `g`, `c`) with the M-step
+    // tile of all 400 columns (below); then the A tiles a float per thread (`g`) and the
+    // E-step's results through workgroup memory (`c`) on the built-in shapes, together and
+    // alone, so that each one's effect can be read off.
+    "e=8x8x16@32sgc,m=8x8x16@50x8sgp",
+    "e=8x8x16@32gc,m=4x4x16@16g",
+    "e=8x8x16@32g,m=4x4x16@16g",
+    "e=8x8x16@32c,m=4x4x16@16",
+    "e=8x8x16@32sgc,m=4x4x16@20x16gp",
+    // One M-step column tile of all 400 columns and 64 kernels, 8 x 8 blocks (4 FMAs
+    // per workgroup-memory load against 2 for 4 x 4): 1.8x faster M-step on lavapipe.
+    "e=8x8x16@32s,m=8x8x16@50x8sp",
+    "e=8x8x16@32s,m=8x8x16@50x8s",
+    "e=8x8x16@32s,m=4x8x16@50x16s",
+    "e=8x8x16@32,m=4x4x16@20x16",
+    "e=8x8x16@32,m=4x4x16@20x16p",
+    "e=8x8x16@32s,m=4x4x16@20x16p",
+    "e=8x8x32@32s,m=4x4x32@20x16p",
+    "e=8x8x16@32,m=4x4x16@25x16",
+    "e=8x8x16@32,m=4x8x16@25x16s",
+    "e=8x8x16@32s,m=4x4x16@20x16",
+    "e=8x8x16@32s,m=4x4x16@16",
+    "e=8x8x16@32su,m=4x4x16@16u",
+    "e=8x8x16@32sd,m=4x4x16@16d",
+    "e=8x4x16@16,m=4x4x16@16",
+];
+
+/// The same for K above 64 (the STL-10 protocol's K 200).
+pub const SHAPES_LARGE_K: &[&str] = &[
+    "e=8x8x16@16x25,m=8x8x16@10x25",
+    "e=8x8x16@16x25,m=8x8x16@10x25p",
+    "e=8x8x16@8x25,m=8x8x16@10x25",
+    "e=8x8x16@16x25s,m=4x8x16@17x50s",
+    "e=8x8x16@32s,m=8x8x16@8s",
+    "e=8x8x16@32sgc,m=8x8x16@8sg",
+    "e=8x8x16@32c,m=8x8x16@8",
+    "e=8x8x16@16x25g,m=8x8x16@10x25gp",
+    "e=8x8x16@32sd,m=8x8x16@8sd",
+    "e=8x8x16@16,m=8x8x16@16",
+];
+
 /// The candidates `calm-gpu tune` times by default for `k` kernels on `ctx`'s adapter: the
 /// built-in choice first, then the shapes that fit K and R (docs/perf.md says why each), the
 /// uniform-buffer kernels and the direct ones. On a software adapter (llvmpipe), where the
@@ -374,35 +418,10 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
         ));
         list.extend([uniform(4, 4), uniform(8, 4), uniform(4, 8), uniform(2, 4)]);
     } else {
-        let shapes: &[&str] = if k <= 64 {
-            &[
-                // One M-step column tile of all 400 columns and 64 kernels, 8 x 8 blocks (4 FMAs
-                // per workgroup-memory load against 2 for 4 x 4): 1.8x faster M-step on lavapipe.
-                "e=8x8x16@32s,m=8x8x16@50x8sp",
-                "e=8x8x16@32s,m=8x8x16@50x8s",
-                "e=8x8x16@32s,m=4x8x16@50x16s",
-                "e=8x8x16@32,m=4x4x16@20x16",
-                "e=8x8x16@32,m=4x4x16@20x16p",
-                "e=8x8x16@32s,m=4x4x16@20x16p",
-                "e=8x8x32@32s,m=4x4x32@20x16p",
-                "e=8x8x16@32,m=4x4x16@25x16",
-                "e=8x8x16@32,m=4x8x16@25x16s",
-                "e=8x8x16@32s,m=4x4x16@20x16",
-                "e=8x8x16@32s,m=4x4x16@16",
-                "e=8x8x16@32su,m=4x4x16@16u",
-                "e=8x8x16@32sd,m=4x4x16@16d",
-                "e=8x4x16@16,m=4x4x16@16",
-            ]
+        let shapes = if k <= 64 {
+            SHAPES_SMALL_K
         } else {
-            &[
-                "e=8x8x16@16x25,m=8x8x16@10x25",
-                "e=8x8x16@16x25,m=8x8x16@10x25p",
-                "e=8x8x16@8x25,m=8x8x16@10x25",
-                "e=8x8x16@16x25s,m=4x8x16@17x50s",
-                "e=8x8x16@32s,m=8x8x16@8s",
-                "e=8x8x16@32sd,m=8x8x16@8sd",
-                "e=8x8x16@16,m=8x8x16@16",
-            ]
+            SHAPES_LARGE_K
         };
         list.extend(shapes.iter().map(|s| staged(s)));
         list.extend([
@@ -525,6 +544,23 @@ pub fn ll_disagrees(reference: Option<f64>, ll: f64, n: usize) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hardware lists are only run on a GPU (lavapipe gets its own list), where a shape that
+    /// does not parse would stop the sweep: each parses, keeps the tiles' rules, fits the H100's
+    /// 48 KiB of workgroup memory and 1,024 threads, and appears once.
+    #[test]
+    fn every_hardware_shape_parses_and_fits_an_h100() {
+        for list in [SHAPES_SMALL_K, SHAPES_LARGE_K] {
+            for (i, s) in list.iter().enumerate() {
+                let t = Tiles::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+                let (e, m) = t.workgroup_bytes();
+                assert!(e.max(m) <= 49_152, "{s}: {e} and {m} bytes");
+                let (te, tm) = t.threads();
+                assert!(te.max(tm) <= 1024, "{s}");
+                assert!(!list[..i].contains(s), "{s} twice");
+            }
+        }
+    }
 
     #[test]
     fn first_epochs_must_agree_to_rounding() {
