@@ -63,15 +63,18 @@ fn load_a(r0: u32, e: u32) -> vec4<f32> {
     return v;
 }
 
-// One float of the A tile (Tiles::e_gather): element f = (kk, position), positions fastest, so
-// that neighbouring threads read neighbouring positions (and neighbouring row_base entries); its
-// place in the tile is vec4 f / 4, component f % 4, the same layout as load_a's.
-fn load_a1(r0: u32, f: u32) -> f32 {
-    let kk = f / TM;
+// One vec4 of the A tile in the transposed layout (Tiles::e_gather): element e = (kk, q) holds
+// positions q, q + TM4, q + 2 TM4, q + 3 TM4, so that each of its four loads has neighbouring
+// threads on neighbouring positions (and neighbouring row_base entries). The register block
+// then holds positions TM4 apart, and the stores follow (gpu::kernels::source).
+fn load_a_t(r0: u32, e: u32) -> vec4<f32> {
+    let kk = e / TM4;
+    let q = e - kk * TM4;
     let r = r0 + kk;
-    var v = 0.0;
+    var v = vec4<f32>(0.0);
     if (r < prm.r) {
-        v = x[row_base[f - kk * TM] + off[r]];
+        let o = off[r];
+        v = vec4<f32>(x[row_base[q] + o], x[row_base[q + TM4] + o], x[row_base[q + 2u * TM4] + o], x[row_base[q + 3u * TM4] + o]);
     }
     return v;
 }

@@ -61,13 +61,15 @@ fn load_x(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
     return vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
 }
 
-// One float of the A tile (Tiles::m_gather): element f = (kk, column), columns fastest, so that
-// neighbouring threads read neighbouring entries of off and, along a kernel row, of x; its place
-// in the tile is vec4 f / 4, component f % 4, the same layout as load_x's.
-fn load_x1(n: u32, p0: u32, f: u32, c0: u32) -> f32 {
-    let kk = f / TR;
+// One vec4 of the A tile in the transposed layout (Tiles::m_gather): element e = (kk, q) holds
+// columns q, q + TR4, q + 2 TR4, q + 3 TR4 of the tile, so that each of its four loads has
+// neighbouring threads on neighbouring entries of off and, along a kernel row, of x. The register
+// block then holds columns TR4 apart, and the stores follow (gpu::kernels::source).
+fn load_x_t(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
+    let kk = e / TR4;
     let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
-    return x[pb + off[c0 + f - kk * TR]];
+    let r = c0 + e - kk * TR4;
+    return vec4<f32>(x[pb + off[r]], x[pb + off[r + TR4]], x[pb + off[r + 2u * TR4]], x[pb + off[r + 3u * TR4]]);
 }
 
 @compute @workgroup_size(WGX, WGY, 1)

@@ -457,11 +457,12 @@ fn staged_kernels_with_any_thread_count() {
     );
     // The E-step's results through workgroup memory (`c`) in uneven rounds: 12 kernels per
     // thread, 3 thread rows and BK 16 hold 5 kernels a round (5, 5, 2), over 6 kernel tiles of
-    // 36 for K 200 (the last partial); the A tiles a float per thread (`g`), the E-step's 2,048
-    // floats shared out over 96 threads (the last share partial).
+    // 36 for K 200 (the last partial); the A tiles transposed (`g`), the E-step's 512 vec4s
+    // shared out over 96 threads and the M-step's 192 over 288 (the last shares partial), the
+    // M-step with the posteriors computed while loading.
     check_variant(
         Variant::Staged,
-        t("e=4x12x16@32x3gc,m=4x4x16@16g"),
+        t("e=4x12x16@32x3gc,m=4x4x8@24x12gp"),
         25,
         12,
         2,

@@ -32,6 +32,10 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("e=8x4x8@12x20u,m=8x4x8@20x24d").unwrap());
     shapes.push(Tiles::parse("m=4x4x16@20x16p").unwrap());
     shapes.push(Tiles::parse("m=8x8x16@8sudp").unwrap());
+    shapes.push(Tiles::parse("e=8x8x16@32sgc,m=8x8x16@50x8sgp").unwrap());
+    shapes.push(Tiles::parse("e=8x4x16@16udgc,m=4x4x16@16dgp").unwrap());
+    shapes.push(Tiles::parse("e=4x12x16@32x3gc,m=4x4x8@24x12gp").unwrap());
+    shapes.push(Tiles::parse("e=8x8x8@32dc,m=4x4x16@16g").unwrap());
     shapes.push(Tiles::for_shape(16, 49152));
     for t in &shapes {
         for (name, kernel) in ALL {
@@ -78,7 +82,7 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     let g = Tiles::parse("e=8x8x16@32g,m=4x4x16@16g").unwrap();
     assert!(g.e_gather && g.m_gather);
     assert!(!Tiles::parse("e=8x8x16@32g").unwrap().m_gather);
-    // A float per thread and load: the same tiles in workgroup memory.
+    // The transposed layout: the same tiles in workgroup memory.
     assert_eq!(g.workgroup_bytes(), single_bytes());
     // `c` keeps the workgroup memory: the results pass through the A tile.
     assert_eq!(

@@ -109,11 +109,13 @@ pub struct Tiles {
     /// of a kernel itself, and a warp's 32 stores land RM (or 4, strided) floats apart: one
     /// sector per float, 8 times the bytes the L2 cache has to take for 8 x 8 blocks.
     pub e_coalesced: bool,
-    /// The A tile (patch values) loaded one float per thread and load, neighbouring threads on
-    /// neighbouring positions (E) or columns (M) (`g` after WX in `CALM_TILES`), instead of a
-    /// vec4 of four neighbours per thread: a warp's gather then reads whole runs of the image,
-    /// and its reads of `row_base` (E) or `off` (M) are consecutive, about a quarter of the
-    /// memory transactions for the same loads and workgroup-memory stores.
+    /// The A tile (patch values) in a transposed layout (`g` after WX in `CALM_TILES`): each of
+    /// its vec4s holds four positions (E) or columns (M) a quarter of the tile apart instead of
+    /// four neighbours, so that in each of the four loads behind a vec4 neighbouring threads
+    /// read neighbouring positions or columns: a warp's gather reads runs of the image, and its
+    /// reads of `row_base` (E) or `off` (M) are consecutive, about a quarter of the memory
+    /// transactions for the same loads. Each thread's register block then covers positions or
+    /// columns a quarter of the tile apart, and its stores follow (`a_place`).
     pub e_gather: bool,
     pub m_gather: bool,
     /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): positions per thread
@@ -234,8 +236,8 @@ impl Tiles {
     /// Parses `e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR]` (the
     /// `CALM_TILES` variable, for tuning); `WX` threads along the tile's first axis and `WY`
     /// along kernels (`256 / WX` if left out), `s` asks for lane-strided register blocks, `u`
-    /// for the steps written out, `d` for double-buffered tiles, `g` for the A tile loaded a float
-    /// per thread ([`Tiles::e_gather`]), `c` (E-step) for stores through
+    /// for the steps written out, `d` for double-buffered tiles, `g` for the A tile's transposed
+    /// layout ([`Tiles::e_gather`]), `c` (E-step) for stores through
     /// workgroup memory ([`Tiles::e_coalesced`]), `p` (M-step) for the posteriors computed
     /// while loading ([`Tiles::m_fused`]); `u=` sets the uniform-buffer
     /// kernels' positions and columns per thread. Parts left out keep their defaults. Whether
@@ -244,7 +246,7 @@ impl Tiles {
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles, g for the A tile loaded a float per thread, (E-step only) c for stores through workgroup memory and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles, g for the A tile's transposed layout, (E-step only) c for stores through workgroup memory and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
             ))
         };
         let mut t = Tiles::default();
@@ -527,31 +529,31 @@ fn coalesced_store(tiles: &Tiles) -> String {
     let comp = ["x", "y", "z", "w"];
     let bufs = if tiles.e_double { 2 } else { 1 };
     let per_round = (bufs * tiles.e_bk / tiles.e_wy).clamp(1, tiles.e_rn);
-    let mut s = String::from(
-        "    // The results leave through workgroup memory (Tiles::e_coalesced, kernels::coalesced_store).
-    for (var i = lid; i < TM; i += NT) {
-        let m = m0 + i;
-        var b = 0xffffffffu;
-        if (m < mtot) {
-            let n = m / prm.positions;
-            b = n * prm.k * prm.positions + (m - n * prm.positions);
-        }
-        row_base[i] = b;
-    }
-",
-    );
+    // Position `ml` of a row of the tile: vec4 ml / 4, component ml % 4; in the transposed
+    // layout (Tiles::e_gather) vec4 ml % TM4, component ml / TM4.
+    let read = if tiles.e_gather {
+        "a_tile[row * TM4 + ml % TM4][ml / TM4]"
+    } else {
+        "a_tile[row * TM4 + ml / 4u][ml % 4u]"
+    };
+    let mut s = String::from(concat!(
+        "    // The results leave through workgroup memory (Tiles::e_coalesced, kernels::coalesced_store).\n",
+        "    for (var i = lid; i < TM; i += NT) {\n",
+        "        let m = m0 + i;\n",
+        "        var b = 0xffffffffu;\n",
+        "        if (m < mtot) {\n",
+        "            let n = m / prm.positions;\n",
+        "            b = n * prm.k * prm.positions + (m - n * prm.positions);\n",
+        "        }\n",
+        "        row_base[i] = b;\n",
+        "    }\n",
+    ));
     let mut j0 = 0;
     while j0 < tiles.e_rn {
         let j1 = (j0 + per_round).min(tiles.e_rn);
-        s.push_str(
-            "    {
-",
-        );
+        s.push_str("    {\n");
         if j0 > 0 {
-            s.push_str(
-                "        workgroupBarrier();
-",
-            );
+            s.push_str("        workgroupBarrier();\n");
         }
         for j in j0..j1 {
             let (q, c) = (j / 4, comp[(j % 4) as usize]);
@@ -560,41 +562,52 @@ fn coalesced_store(tiles: &Tiles) -> String {
                     .map(|i| format!("acc_{}_{q}.{c}", 4 * g + i))
                     .collect();
                 s.push_str(&format!(
-                    "        a_tile[({}u * WGY + ty) * TM4 + tx * A_STEP + {g}u * A_GAP] = vec4<f32>({});
-",
+                    "        a_tile[({}u * WGY + ty) * TM4 + tx * A_STEP + {g}u * A_GAP] = vec4<f32>({});\n",
                     j - j0,
                     v.join(", ")
                 ));
             }
         }
         s.push_str(&format!(
-            "        workgroupBarrier();
-        for (var f = lid; f < {}u * WGY * TM; f += NT) {{
-            let row = f / TM;
-            let ml = f - row * TM;
-            let jj = row / WGY;
-            let k = n0 + (row - jj * WGY) * RN + {j0}u + jj;
-            let b = row_base[ml];
-            if (b != 0xffffffffu && k < prm.k) {{
-                l[b + k * prm.positions] = a_tile[f / 4u][f % 4u] + bias[k];
-            }}
-        }}
-    }}
-",
-            j1 - j0
+            concat!(
+                "        workgroupBarrier();\n",
+                "        for (var f = lid; f < {rows}u * WGY * TM; f += NT) {{\n",
+                "            let row = f / TM;\n",
+                "            let ml = f - row * TM;\n",
+                "            let jj = row / WGY;\n",
+                "            let k = n0 + (row - jj * WGY) * RN + {j0}u + jj;\n",
+                "            let b = row_base[ml];\n",
+                "            if (b != 0xffffffffu && k < prm.k) {{\n",
+                "                l[b + k * prm.positions] = {read} + bias[k];\n",
+                "            }}\n",
+                "        }}\n",
+                "    }}\n",
+            ),
+            rows = j1 - j0,
+            j0 = j0,
+            read = read
         ));
         j0 = j1;
     }
     s
 }
 
+/// Where row `i` of a thread's register block lies along the A tile, as a WGSL expression:
+/// group `i / 4` of its vec4 groups, element `i % 4` of the group, i.e. 4 neighbours per vec4, or
+/// with `transposed` (Tiles::e_gather / m_gather) 4 places `quarter` (TM4 or TR4) apart.
+fn a_place(i: u32, transposed: bool, quarter: &str) -> String {
+    let (g, c) = (i / 4, i % 4);
+    if transposed {
+        format!("tx * A_STEP + {g}u * A_GAP + {c}u * {quarter}")
+    } else {
+        format!("(tx * A_STEP + {g}u * A_GAP) * 4u + {c}u")
+    }
+}
+
 /// One tile of a GEMM kernel's stage, as [`prefetch`] loads it: the registers `reg0, reg1, ...`
 /// that hold each thread's share, the workgroup array `tile`, its `elements` vec4s, the load
 /// calls for the first and for the next stage, and each element's place in the tile (`{E}`
 /// stands for the element index in the last three).
-///
-/// `slot` is a vec4 index into the tile, or `V][C` (vec4 `V`, component `C`) where the
-/// registers hold single floats (the A tiles with [`Tiles::e_gather`] / [`Tiles::m_gather`]).
 pub struct StageTile<'a> {
     pub reg: &'a str,
     pub tile: &'a str,
@@ -602,32 +615,6 @@ pub struct StageTile<'a> {
     pub first: &'a str,
     pub next: &'a str,
     pub slot: &'a str,
-}
-
-/// The A tile (patch values) of a GEMM kernel's stage, `floats` of them: loaded as vec4s of four
-/// neighbours per thread by the `vec4` calls (first stage, next stage), or with `gather` a float
-/// per thread by the `scalar` calls ([`Tiles::e_gather`], [`Tiles::m_gather`]), float `f` at
-/// vec4 `f / 4`, component `f % 4`.
-fn a_stage<'a>(
-    reg: &'a str,
-    floats: u32,
-    gather: bool,
-    vec4: [&'a str; 2],
-    scalar: [&'a str; 2],
-) -> StageTile<'a> {
-    let ([first, next], elements, slot) = if gather {
-        (scalar, floats, "{E} / 4u][{E} % 4u")
-    } else {
-        (vec4, floats / 4, "{E}")
-    };
-    StageTile {
-        reg,
-        tile: "a_tile",
-        elements,
-        first,
-        next,
-        slot,
-    }
 }
 
 /// The software pipeline of the two GEMM kernels: each thread's share of a stage's tiles, held in
@@ -864,9 +851,8 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.e_rn,
             |i, body| {
                 format!(
-                    "    {{\n        let m = m0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n",
-                    i / 4,
-                    i % 4
+                    "    {{\n        let m = m0 + {};\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n",
+                    a_place(i, tiles.e_gather, "TM4")
                 )
             },
             |j, acc| {
@@ -880,17 +866,22 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         } else {
             s
         };
-        let a = a_stage(
-            "pa",
-            tiles.e_bk * tiles.e_tm(),
-            tiles.e_gather,
-            ["load_a(0u, {E})", "load_a(r0 + BK, {E})"],
-            ["load_a1(0u, {E})", "load_a1(r0 + BK, {E})"],
-        );
+        let (a_first, a_next) = if tiles.e_gather {
+            ("load_a_t(0u, {E})", "load_a_t(r0 + BK, {E})")
+        } else {
+            ("load_a(0u, {E})", "load_a(r0 + BK, {E})")
+        };
         let (pi, ps, pn) = prefetch(
             tiles.threads().0,
             &[
-                a,
+                StageTile {
+                    reg: "pa",
+                    tile: "a_tile",
+                    elements: tiles.e_bk * tiles.e_tm() / 4,
+                    first: a_first,
+                    next: a_next,
+                    slot: "{E}",
+                },
                 StageTile {
                     reg: "pb",
                     tile: "b_tile",
@@ -908,9 +899,8 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_rk,
             |i, body| {
                 format!(
-                    "    {{\n        let r = c0 + (tx * A_STEP + {}u * A_GAP) * 4u + {}u;\n        if (r < prm.r) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
-                    i / 4,
-                    i % 4
+                    "    {{\n        let r = c0 + {};\n        if (r < prm.r) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
+                    a_place(i, tiles.m_gather, "TR4")
                 )
             },
             |j, acc| {
@@ -919,13 +909,11 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
-        let x = a_stage(
-            "px",
-            tiles.m_bk * tiles.m_tr(),
-            tiles.m_gather,
-            ["load_x(n, p0, {E}, c0)"; 2],
-            ["load_x1(n, p0, {E}, c0)"; 2],
-        );
+        let load_x = if tiles.m_gather {
+            "load_x_t(n, p0, {E}, c0)"
+        } else {
+            "load_x(n, p0, {E}, c0)"
+        };
         let (pi, ps, pn) = prefetch(
             tiles.threads().1,
             &[
@@ -937,7 +925,14 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     next: "load_g(n, p0, {E}, k0)",
                     slot: "g_slot({E})",
                 },
-                x,
+                StageTile {
+                    reg: "px",
+                    tile: "a_tile",
+                    elements: tiles.m_bk * tiles.m_tr() / 4,
+                    first: load_x,
+                    next: load_x,
+                    slot: "{E}",
+                },
             ],
         );
         let g_source = if tiles.m_fused {
