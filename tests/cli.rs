@@ -1192,6 +1192,22 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].starts_with("error: tuning file"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ not json");
+
+    // A sweep past its time limit starts no further candidate and still decides: the built-in
+    // choice alone was timed, so it stays.
+    std::fs::remove_file(&file).unwrap();
+    let mut limited = argv.clone();
+    limited.extend(["--time-limit", "0"]);
+    let out = run(&limited);
+    assert_ok(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("time limit of 0 s reached") && s.contains("the built-in choice stays"),
+        "{s}"
+    );
+    let rows = std::fs::read_to_string(&jsonl).unwrap();
+    assert_eq!(rows.lines().count(), 1, "{rows}");
+    assert!(entries(&file).is_empty());
 }
 
 #[test]
@@ -1210,6 +1226,10 @@ fn tune_refuses_bad_candidates_and_the_cpu() {
             "staged:e=7x8x16",
         ],
         "kernel choice `staged:e=7x8x16`",
+    );
+    fails_with(
+        &["tune", "--backend", "vulkan", "--time-limit", "-1"],
+        "--time-limit",
     );
 }
 

@@ -167,6 +167,10 @@ pub struct TuneArgs {
     /// staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct
     #[arg(long = "candidate", value_name = "CHOICE")]
     pub candidates: Vec<String>,
+    /// Start no candidate after this many seconds of the sweep, and decide among those timed
+    /// (the built-in choice, timed first, always runs): for a sweep that must fit a deadline
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
     /// Time and print only: leave the tuning file as it is
     #[arg(long)]
     pub dry_run: bool,
@@ -186,6 +190,9 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         bail!("tune times the GPU kernels; choose --backend vulkan, metal, dx12, gl or auto");
     };
     check_positive("epochs", a.epochs)?;
+    if let Some(l) = a.time_limit.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+        bail!("--time-limit must be a number of seconds, 0 or more (got {l})");
+    }
     if let Some(p) = &a.json {
         check_output(p, a.force)?;
     }
@@ -252,9 +259,22 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
     let mut timed: Vec<(Choice, tune::Timing)> = Vec::new();
     // The first row timed (the built-in choice's, unless it failed): the others' LL reference.
     let mut reference: Option<calm_gpu::bench::Row> = None;
+    let sweep = std::time::Instant::now();
     for (i, choice) in list.iter().enumerate() {
         if calm_gpu::interrupt::requested() {
             return Err(stop());
+        }
+        if let Some(limit) = a
+            .time_limit
+            .filter(|&l| i > 0 && sweep.elapsed().as_secs_f64() > l)
+        {
+            println!(
+                "time limit of {limit} s reached after {:.1} s: the last {} of {} candidates were not run",
+                sweep.elapsed().as_secs_f64(),
+                list.len() - i,
+                list.len()
+            );
+            break;
         }
         print!("[{}/{}] {choice}: ", i + 1, list.len());
         let _ = std::io::stdout().flush();
