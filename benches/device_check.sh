@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-GPU check in one go, for a lent NVIDIA machine (see docs/perf.md for the numbers it
 # produced). From the repository root, with a stripped release binary at $BIN and the Vulkan/EGL
-# loader packages in .gl/ (device README):
+# loader packages in .gl/ (device README; `bash benches/prepare_device.sh` makes both and prints
+# the call):
 #
 #   BIN=.dev/calm-gpu OUT=/tmp/out bash benches/device_check.sh
 #
