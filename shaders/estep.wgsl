@@ -32,6 +32,13 @@ const TN4: u32 = TN / 4u;
 // from Tiles::e_strided.
 const A_STEP: u32 = {{A_STEP}}u;
 const A_GAP: u32 = {{A_GAP}}u;
+// What a vec4 of the A tile holds: vec4 q of a step holds positions q * P_STEP + c * P_GAP,
+// c = 0..3. Four neighbours (P_STEP 4, P_GAP 1), or with the transposed layout
+// (Tiles::e_gather) four positions TM4 apart (P_STEP 1, P_GAP TM4), so that in each of
+// the four loads behind a vec4 neighbouring threads read neighbouring positions and row_base
+// entries. The register block's rows follow (gpu::kernels::source).
+const P_STEP: u32 = {{P_STEP}}u;
+const P_GAP: u32 = {{P_GAP}}u;
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> theta_t: array<vec4<f32>>;
@@ -48,33 +55,17 @@ var<workgroup> a_tile: array<vec4<f32>, NBUF * BK * TM4>;   // [buf][kk][m / 4]
 var<workgroup> b_tile: array<vec4<f32>, NBUF * BK * TN4>;   // [buf][kk][k / 4]
 var<workgroup> row_base: array<u32, TM>;
 
-// One vec4 of the A tile: element e = (kk, four positions) of the stage starting at r0. Rows
-// past the batch have row_base 0, so they read a valid (unused) value and need no guard.
+// One vec4 of the A tile: element e = (kk, vec4 q) of the stage starting at r0, positions
+// q * P_STEP + c * P_GAP. Rows past the batch have row_base 0, so they read a valid (unused)
+// value and need no guard.
 fn load_a(r0: u32, e: u32) -> vec4<f32> {
     let kk = e / TM4;
-    let mq = e - kk * TM4;
+    let mm = (e - kk * TM4) * P_STEP;
     let r = r0 + kk;
     var v = vec4<f32>(0.0);
     if (r < prm.r) {
         let o = off[r];
-        let mm = mq * 4u;
-        v = vec4<f32>(x[row_base[mm] + o], x[row_base[mm + 1u] + o], x[row_base[mm + 2u] + o], x[row_base[mm + 3u] + o]);
-    }
-    return v;
-}
-
-// One vec4 of the A tile in the transposed layout (Tiles::e_gather): element e = (kk, q) holds
-// positions q, q + TM4, q + 2 TM4, q + 3 TM4, so that each of its four loads has neighbouring
-// threads on neighbouring positions (and neighbouring row_base entries). The register block
-// then holds positions TM4 apart, and the stores follow (gpu::kernels::source).
-fn load_a_t(r0: u32, e: u32) -> vec4<f32> {
-    let kk = e / TM4;
-    let q = e - kk * TM4;
-    let r = r0 + kk;
-    var v = vec4<f32>(0.0);
-    if (r < prm.r) {
-        let o = off[r];
-        v = vec4<f32>(x[row_base[q] + o], x[row_base[q + TM4] + o], x[row_base[q + 2u * TM4] + o], x[row_base[q + 3u * TM4] + o]);
+        v = vec4<f32>(x[row_base[mm] + o], x[row_base[mm + P_GAP] + o], x[row_base[mm + 2u * P_GAP] + o], x[row_base[mm + 3u * P_GAP] + o]);
     }
     return v;
 }

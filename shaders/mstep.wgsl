@@ -32,6 +32,11 @@ const TR4: u32 = TR / 4u;
 // from Tiles::m_strided.
 const A_STEP: u32 = {{A_STEP}}u;
 const A_GAP: u32 = {{A_GAP}}u;
+// What a vec4 of the A tile holds: vec4 q of a step holds columns q * P_STEP + c * P_GAP of the
+// tile, four neighbours or, transposed (Tiles::m_gather), four columns TR4 apart: see
+// estep.wgsl.
+const P_STEP: u32 = {{P_STEP}}u;
+const P_GAP: u32 = {{P_GAP}}u;
 const RM: u32 = RR;  // the unrolled block's names: RM along a (columns), RN along b (kernels)
 const RN: u32 = RK;
 
@@ -51,25 +56,14 @@ var<workgroup> a_tile: array<vec4<f32>, NBUF * BK * TR4>;   // [buf][kk][r / 4],
 // loading (Tiles::m_fused); load_g(n, p0, e, k0) and g_slot(e) from gpu::kernels.
 {{G_SOURCE}}
 
-// One vec4 of the A tile: element e = (kk, four columns from c0). off and pos_off are padded with
-// zeros past R and P, so every read is in bounds (columns past R are computed, never stored).
+// One vec4 of the A tile: element e = (kk, vec4 q) of image n's positions from p0, columns
+// c0 + q * P_STEP + c * P_GAP. off and pos_off are padded with zeros past R and P, so every read
+// is in bounds (columns past R are computed, never stored).
 fn load_x(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
     let kk = e / TR4;
-    let cq = e - kk * TR4;
     let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
-    let r = c0 + cq * 4u;
-    return vec4<f32>(x[pb + off[r]], x[pb + off[r + 1u]], x[pb + off[r + 2u]], x[pb + off[r + 3u]]);
-}
-
-// One vec4 of the A tile in the transposed layout (Tiles::m_gather): element e = (kk, q) holds
-// columns q, q + TR4, q + 2 TR4, q + 3 TR4 of the tile, so that each of its four loads has
-// neighbouring threads on neighbouring entries of off and, along a kernel row, of x. The register
-// block then holds columns TR4 apart, and the stores follow (gpu::kernels::source).
-fn load_x_t(n: u32, p0: u32, e: u32, c0: u32) -> vec4<f32> {
-    let kk = e / TR4;
-    let pb = (prm.x_offset + n) * prm.img_stride + pos_off[p0 + kk];
-    let r = c0 + e - kk * TR4;
-    return vec4<f32>(x[pb + off[r]], x[pb + off[r + TR4]], x[pb + off[r + 2u * TR4]], x[pb + off[r + 3u * TR4]]);
+    let r = c0 + (e - kk * TR4) * P_STEP;
+    return vec4<f32>(x[pb + off[r]], x[pb + off[r + P_GAP]], x[pb + off[r + 2u * P_GAP]], x[pb + off[r + 3u * P_GAP]]);
 }
 
 @compute @workgroup_size(WGX, WGY, 1)

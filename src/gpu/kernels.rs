@@ -115,7 +115,8 @@ pub struct Tiles {
     /// read neighbouring positions or columns: a warp's gather reads runs of the image, and its
     /// reads of `row_base` (E) or `off` (M) are consecutive, about a quarter of the memory
     /// transactions for the same loads. Each thread's register block then covers positions or
-    /// columns a quarter of the tile apart, and its stores follow (`a_place`).
+    /// columns a quarter of the tile apart, and its stores follow (`P_STEP`, `P_GAP` in the
+    /// shaders).
     pub e_gather: bool,
     pub m_gather: bool,
     /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): positions per thread
@@ -529,13 +530,6 @@ fn coalesced_store(tiles: &Tiles) -> String {
     let comp = ["x", "y", "z", "w"];
     let bufs = if tiles.e_double { 2 } else { 1 };
     let per_round = (bufs * tiles.e_bk / tiles.e_wy).clamp(1, tiles.e_rn);
-    // Position `ml` of a row of the tile: vec4 ml / 4, component ml % 4; in the transposed
-    // layout (Tiles::e_gather) vec4 ml % TM4, component ml / TM4.
-    let read = if tiles.e_gather {
-        "a_tile[row * TM4 + ml % TM4][ml / TM4]"
-    } else {
-        "a_tile[row * TM4 + ml / 4u][ml % 4u]"
-    };
     let mut s = String::from(concat!(
         "    // The results leave through workgroup memory (Tiles::e_coalesced, kernels::coalesced_store).\n",
         "    for (var i = lid; i < TM; i += NT) {\n",
@@ -577,31 +571,20 @@ fn coalesced_store(tiles: &Tiles) -> String {
                 "            let jj = row / WGY;\n",
                 "            let k = n0 + (row - jj * WGY) * RN + {j0}u + jj;\n",
                 "            let b = row_base[ml];\n",
+                // Position ml = q * P_STEP + part * P_GAP lies in vec4 q, component part.
+                "            let part = (ml / P_GAP) % 4u;\n",
                 "            if (b != 0xffffffffu && k < prm.k) {{\n",
-                "                l[b + k * prm.positions] = {read} + bias[k];\n",
+                "                l[b + k * prm.positions] = a_tile[row * TM4 + (ml - part * P_GAP) / P_STEP][part] + bias[k];\n",
                 "            }}\n",
                 "        }}\n",
                 "    }}\n",
             ),
             rows = j1 - j0,
             j0 = j0,
-            read = read
         ));
         j0 = j1;
     }
     s
-}
-
-/// Where row `i` of a thread's register block lies along the A tile, as a WGSL expression:
-/// group `i / 4` of its vec4 groups, element `i % 4` of the group, i.e. 4 neighbours per vec4, or
-/// with `transposed` (Tiles::e_gather / m_gather) 4 places `quarter` (TM4 or TR4) apart.
-fn a_place(i: u32, transposed: bool, quarter: &str) -> String {
-    let (g, c) = (i / 4, i % 4);
-    if transposed {
-        format!("tx * A_STEP + {g}u * A_GAP + {c}u * {quarter}")
-    } else {
-        format!("(tx * A_STEP + {g}u * A_GAP) * 4u + {c}u")
-    }
 }
 
 /// One tile of a GEMM kernel's stage, as [`prefetch`] loads it: the registers `reg0, reg1, ...`
@@ -851,8 +834,9 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.e_rn,
             |i, body| {
                 format!(
-                    "    {{\n        let m = m0 + {};\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n",
-                    a_place(i, tiles.e_gather, "TM4")
+                    "    {{\n        let m = m0 + (tx * A_STEP + {}u * A_GAP) * P_STEP + {}u * P_GAP;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n            let k = n0 + ty * RN;\n{body}        }}\n    }}\n",
+                    i / 4,
+                    i % 4
                 )
             },
             |j, acc| {
@@ -866,11 +850,6 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         } else {
             s
         };
-        let (a_first, a_next) = if tiles.e_gather {
-            ("load_a_t(0u, {E})", "load_a_t(r0 + BK, {E})")
-        } else {
-            ("load_a(0u, {E})", "load_a(r0 + BK, {E})")
-        };
         let (pi, ps, pn) = prefetch(
             tiles.threads().0,
             &[
@@ -878,8 +857,8 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     reg: "pa",
                     tile: "a_tile",
                     elements: tiles.e_bk * tiles.e_tm() / 4,
-                    first: a_first,
-                    next: a_next,
+                    first: "load_a(0u, {E})",
+                    next: "load_a(r0 + BK, {E})",
                     slot: "{E}",
                 },
                 StageTile {
@@ -899,8 +878,9 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_rk,
             |i, body| {
                 format!(
-                    "    {{\n        let r = c0 + {};\n        if (r < prm.r) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
-                    a_place(i, tiles.m_gather, "TR4")
+                    "    {{\n        let r = c0 + (tx * A_STEP + {}u * A_GAP) * P_STEP + {}u * P_GAP;\n        if (r < prm.r) {{\n            let k = k0 + ty * RN;\n{body}        }}\n    }}\n",
+                    i / 4,
+                    i % 4
                 )
             },
             |j, acc| {
@@ -909,11 +889,6 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                 )
             },
         );
-        let load_x = if tiles.m_gather {
-            "load_x_t(n, p0, {E}, c0)"
-        } else {
-            "load_x(n, p0, {E}, c0)"
-        };
         let (pi, ps, pn) = prefetch(
             tiles.threads().1,
             &[
@@ -929,8 +904,8 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
                     reg: "px",
                     tile: "a_tile",
                     elements: tiles.m_bk * tiles.m_tr() / 4,
-                    first: load_x,
-                    next: load_x,
+                    first: "load_x(n, p0, {E}, c0)",
+                    next: "load_x(n, p0, {E}, c0)",
                     slot: "{E}",
                 },
             ],
@@ -950,7 +925,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
     };
     // The E-step's tile settings or the M-step's (any other kernel uses none of them). `rm` is
     // the register block along the A tile: RM positions (E) or RR columns (M).
-    let (rm, bk, wx, wy, strided, unroll, double) = if kernel.contains("{{RM}}") {
+    let (rm, bk, wx, wy, strided, unroll, double, transposed) = if kernel.contains("{{RM}}") {
         (
             tiles.e_rm,
             tiles.e_bk,
@@ -959,6 +934,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.e_strided,
             tiles.e_unroll,
             tiles.e_double,
+            tiles.e_gather,
         )
     } else {
         (
@@ -969,6 +945,7 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
             tiles.m_strided,
             tiles.m_unroll,
             tiles.m_double,
+            tiles.m_gather,
         )
     };
     // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
@@ -983,7 +960,12 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
         .replace("{{WGY}}", &wy.to_string())
         .replace("{{A_STEP}}", &a_step.to_string())
         .replace("{{A_GAP}}", &a_gap.to_string())
-        .replace("{{NBUF}}", if double { "2" } else { "1" });
+        .replace("{{NBUF}}", if double { "2" } else { "1" })
+        .replace("{{P_STEP}}", if transposed { "1" } else { "4" })
+        .replace(
+            "{{P_GAP}}",
+            &if transposed { wx * rm / 4 } else { 1 }.to_string(),
+        );
     format!("{PARAMS}\n{body}")
 }
 
