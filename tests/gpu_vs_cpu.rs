@@ -483,6 +483,28 @@ fn staged_kernels_with_any_thread_count() {
     }
 }
 
+/// The first shapes of tune's MNIST list (`gpu::tune::SHAPES_SMALL_K`) on the MNIST layer: the
+/// ones a lent GPU times first, with the transposed A tiles (`g`) over several M-step column
+/// tiles (R = 400) and the E-step's stores through workgroup memory (`c`).
+#[test]
+fn first_tune_shapes_on_the_mnist_layer() {
+    for shape in &calm_gpu::gpu::tune::SHAPES_SMALL_K[..3] {
+        check_variant(
+            Variant::Staged,
+            Some(Tiles::parse(shape).unwrap()),
+            26,
+            9,
+            1,
+            28,
+            28,
+            64,
+            20,
+            2,
+            5,
+        );
+    }
+}
+
 /// With the posteriors computed while loading (`p`), the staged engine holds no G buffer: its
 /// device memory is smaller by exactly one batch of G (`B x P x KP` floats, less the 16-byte
 /// stand-in), and the epoch's statistics are the same as with G (to rounding).

@@ -44,12 +44,6 @@ fn every_kernel_validates() {
     }
 }
 
-fn single_bytes() -> (u32, u32) {
-    Tiles::parse("e=8x8x16@32,m=4x4x16@16")
-        .unwrap()
-        .workgroup_bytes()
-}
-
 #[test]
 fn tile_strings_round_trip_and_bad_ones_fail() {
     for s in [
@@ -79,18 +73,18 @@ fn tile_strings_round_trip_and_bad_ones_fail() {
     assert!(!Tiles::parse("m=4x4x16@16sud").unwrap().m_fused);
     assert!(Tiles::parse("e=8x8x16@32c").unwrap().e_coalesced);
     assert!(!Tiles::parse("e=8x8x16@32s").unwrap().e_coalesced);
+    let single = Tiles::parse("e=8x8x16@32,m=4x4x16@16").unwrap();
     let g = Tiles::parse("e=8x8x16@32g,m=4x4x16@16g").unwrap();
     assert!(g.e_gather && g.m_gather);
     assert!(!Tiles::parse("e=8x8x16@32g").unwrap().m_gather);
     // The transposed layout: the same tiles in workgroup memory.
-    assert_eq!(g.workgroup_bytes(), single_bytes());
+    assert_eq!(g.workgroup_bytes(), single.workgroup_bytes());
     // `c` keeps the workgroup memory: the results pass through the A tile.
     assert_eq!(
         Tiles::parse("e=8x8x16@32c").unwrap().workgroup_bytes(),
         Tiles::parse("e=8x8x16@32").unwrap().workgroup_bytes()
     );
     let d = Tiles::parse("e=8x8x16@32d,m=4x4x16@16d").unwrap();
-    let single = Tiles::parse("e=8x8x16@32,m=4x4x16@16").unwrap();
     // Two stages of A and B tiles; the E-step's table of patch starts is not doubled.
     let (e1, m1) = single.workgroup_bytes();
     let (e2, m2) = d.workgroup_bytes();
