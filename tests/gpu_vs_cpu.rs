@@ -552,3 +552,56 @@ fn fused_posteriors_hold_no_g_buffer() {
     assert!(e < 1e-5, "T with and without G: {e}");
     assert!((a.loglik - b.loglik).abs() <= 1e-6 * a.loglik.abs().max(1.0));
 }
+
+/// Engines on one device share their compiled pipelines (`GpuContext::pipeline`): a second
+/// engine with the same tiles compiles nothing and computes the same bits as the first; other
+/// tiles compile their own GEMM kernels, and those still match the CPU reference.
+#[test]
+fn engines_share_compiled_pipelines() {
+    let Some(ctx) = gpu() else { return };
+    let (n, g) = small_case();
+    let data = Arc::new(random_images(41, n, g.c, g.h, g.w));
+    let theta = random_theta(42, g.k * g.r(), 0.1);
+    let engine = |tiles: &str| {
+        GpuEngine::new(
+            Arc::clone(&ctx),
+            g,
+            data.clone(),
+            &theta,
+            GpuOptions {
+                batch: 3,
+                variant: Some(Variant::Staged),
+                tiles: Some(Tiles::parse(tiles).unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let before = ctx.pipelines_built();
+    let mut first = engine("e=4x4x8@8,m=4x4x8@8");
+    let built = ctx.pipelines_built() - before;
+    assert_eq!(built, 10, "one engine builds its ten kernels");
+    let mut second = engine("e=4x4x8@8,m=4x4x8@8");
+    assert_eq!(
+        ctx.pipelines_built() - before,
+        built,
+        "the same tiles compile nothing"
+    );
+    let (a, b) = (
+        first.epoch(&mut |_| {}).unwrap(),
+        second.epoch(&mut |_| {}).unwrap(),
+    );
+    assert_eq!(a.loglik.to_bits(), b.loglik.to_bits());
+    assert_eq!(first.theta().unwrap(), second.theta().unwrap());
+    let mut other = engine("e=8x4x8@8,m=4x8x8@8");
+    let added = ctx.pipelines_built() - before - built;
+    assert!(
+        (1..=10).contains(&added),
+        "other tiles compile their own kernels ({added})"
+    );
+    other.epoch(&mut |_| {}).unwrap();
+    let x = data.images.as_slice().unwrap();
+    let (_, up) = reference::epoch(&g, x, n, &theta, 3);
+    let e = rel_err(&other.theta().unwrap(), &up.theta);
+    assert!(e < TOL, "theta with the other tiles: {e}");
+}

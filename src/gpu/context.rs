@@ -1,6 +1,8 @@
 //! The device: adapter choice, limits, and the one readback helper.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
 
 use crate::error::{CalmError, Result};
 
@@ -93,6 +95,10 @@ pub struct GpuContext {
     pub budget: Option<u64>,
     /// Where `budget` comes from, for messages.
     pub budget_source: &'static str,
+    /// Every compute pipeline built on this device, by kernel name and WGSL text: `validate`
+    /// and `tune` build one engine after another with the same kernels, and each engine would
+    /// otherwise translate and compile all ten again.
+    pipelines: Mutex<HashMap<(String, String), wgpu::ComputePipeline>>,
 }
 
 /// `CALM_GPU_MEMORY`, in MiB: how much device memory calm-gpu may plan for, overriding what
@@ -191,7 +197,43 @@ impl GpuContext {
             memory,
             budget,
             budget_source,
+            pipelines: Mutex::default(),
         })
+    }
+
+    /// The pipeline known by `key` (the kernel's name and everything its compilation depends
+    /// on): built by `build` the first time, the same pipeline after that. A build that fails
+    /// is not kept, so it fails again.
+    pub fn pipeline(
+        &self,
+        key: (String, String),
+        build: impl FnOnce(&wgpu::Device) -> Result<wgpu::ComputePipeline>,
+    ) -> Result<wgpu::ComputePipeline> {
+        // A poisoned lock only means another thread panicked while building; the map holds
+        // finished pipelines only, so it is still sound.
+        let cached = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(p) = cached {
+            return Ok(p);
+        }
+        let built = build(&self.device)?;
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, built.clone());
+        Ok(built)
+    }
+
+    /// How many distinct pipelines this device has built (for tests of the cache).
+    pub fn pipelines_built(&self) -> usize {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// One line naming the adapter, for the user.

@@ -494,7 +494,7 @@ impl GpuEngine {
         if variant == Variant::Staged {
             staged_tiles_fit(&ctx, &tiles)?;
         }
-        let pipes = Pipelines::new(&ctx.device, &tiles, variant)?;
+        let pipes = Pipelines::new(&ctx, &tiles, variant)?;
         let kp = g.kpad() as u64;
 
         let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);

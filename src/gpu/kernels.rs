@@ -5,6 +5,7 @@
 //! them as constants to size private and workgroup arrays.
 
 use crate::error::{CalmError, Result};
+use crate::gpu::GpuContext;
 
 const PARAMS: &str = include_str!("../../shaders/params.wgsl");
 pub const ESTEP: &str = include_str!("../../shaders/estep.wgsl");
@@ -1091,8 +1092,15 @@ fn build(device: &wgpu::Device, name: &str, text: &str) -> Result<wgpu::ComputeP
 }
 
 impl Pipelines {
-    pub fn new(device: &wgpu::Device, tiles: &Tiles, variant: Variant) -> Result<Self> {
-        let b = |name, kernel| build(device, name, &source(kernel, tiles));
+    /// The ten kernels for `tiles` and `variant`, from `ctx`'s pipelines where it has them.
+    pub fn new(ctx: &GpuContext, tiles: &Tiles, variant: Variant) -> Result<Self> {
+        let checks = if gemm_checks() { " checked" } else { "" };
+        let b = |name: &str, kernel| {
+            let text = source(kernel, tiles);
+            ctx.pipeline((format!("{name}{checks}"), text.clone()), |device| {
+                build(device, name, &text)
+            })
+        };
         let (estep, mstep) = match variant {
             Variant::Staged => (b("estep", ESTEP)?, b("mstep", MSTEP)?),
             Variant::Direct => (
