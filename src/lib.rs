@@ -2,6 +2,7 @@
 //! CPU reference engine. `SPEC.md`'s names are used throughout: `theta`, `L`, `logp`, `gamma`,
 //! counts `B`, statistics `T`, the log likelihood `LL`.
 
+pub mod atomic;
 pub mod data;
 pub mod geometry;
 

@@ -6,7 +6,6 @@
 //! interrupted write never leaves a half-written model behind.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -266,7 +265,7 @@ impl Model {
         let l = meta.layer;
         // Metadata that no run could have written (K 0, a kernel wider than the padded image,
         // arrays beyond any engine's reach) marks a damaged file, before any array is read.
-        crate::geometry::Geometry::new(l, meta.channels, meta.height, meta.width).map_err(|e| {
+        Geometry::new(l, meta.channels, meta.height, meta.width).map_err(|e| {
             model_err(
                 path,
                 format!(
@@ -331,7 +330,8 @@ impl Model {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, creating
-/// missing parent directories. An existing `path` is refused unless `force`.
+/// missing parent directories ([`crate::atomic::replace`]). An existing file is refused unless
+/// `force`.
 pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
     if path.is_dir() {
         return Err(CalmError::Invalid(format!(
@@ -339,38 +339,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
             path.display()
         )));
     }
-    // A pipe or a device (`--json /dev/stdout`, `>(jq .)`) is written to, not replaced: a
-    // rename over it would put a regular file in its place.
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return std::fs::write(path, bytes).map_err(|e| CalmError::io(path, e));
-    }
-    if !force && path.exists() {
+    // A pipe or a device (`--json /dev/stdout`, `>(jq .)`) is written to, not replaced, and
+    // needs no --force.
+    if !force && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
         return Err(CalmError::Invalid(format!(
             "{} already exists; pass --force to replace it",
             path.display()
         )));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| CalmError::io(&dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(CalmError::io(path, e));
-    }
-    Ok(())
+    crate::atomic::replace(path, bytes).map_err(|(p, e)| CalmError::io(&p, e))
 }
 
 /// Weights to start from: a `.npy` f32 array `(K, C, w, w)` or a saved model. Returns the flat

@@ -7,11 +7,9 @@
 //! Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`), so no system font library or font file is
 //! needed at run time.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::{ImageFormat, Rgb, RgbImage};
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
@@ -198,60 +196,12 @@ pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>, VizError> {
 /// are created. On any error the temporary file is removed.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), VizError> {
     let bytes = png_bytes(img)?;
-    let name = path.file_name().ok_or_else(|| VizError::NoFileName {
-        path: path.to_path_buf(),
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let io_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| VizError::Io { path: p, source }
-    };
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    // Removes the temporary file unless the rename went through.
-    struct TempGuard(Option<PathBuf>);
-    impl Drop for TempGuard {
-        fn drop(&mut self) {
-            if let Some(p) = self.0.take() {
-                let _ = fs::remove_file(p);
-            }
-        }
+    if path.file_name().is_none() {
+        return Err(VizError::NoFileName {
+            path: path.to_path_buf(),
+        });
     }
-
-    let (tmp, file) = loop {
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(
-            ".{}.{}.tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let tmp = dir.join(tmp_name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(&tmp)(e)),
-        }
-    };
-    let mut guard = TempGuard(Some(tmp.clone()));
-    let write = |file: File| -> std::io::Result<()> {
-        let mut out = BufWriter::new(file);
-        out.write_all(&bytes)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
-    };
-    write(file).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    guard.0 = None;
-    // Make the rename itself durable; best effort (not every platform can open a directory).
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::atomic::replace(path, &bytes).map_err(|(path, source)| VizError::Io { path, source })
 }
 
 static FONT: &[u8] = include_bytes!(concat!(

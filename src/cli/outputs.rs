@@ -11,6 +11,12 @@ pub(super) fn check_output(path: &Path, force: bool) -> Result<()> {
     if path.is_dir() {
         bail!("{} is a directory; give a file name", path.display());
     }
+    if calm_gpu::atomic::names_a_directory(path) {
+        bail!(
+            "{} ends in a path separator, so it names a directory; give a file name",
+            path.display()
+        );
+    }
     // A missing directory is created when the file is written; a file in its place cannot be.
     if let Some(blocker) = path
         .ancestors()
