@@ -47,7 +47,7 @@ fn main() -> std::process::ExitCode {
                     line.push_str(part);
                 }
             }
-            eprintln!("error: {line}");
+            eprintln!("error: {}", one_line(&line));
             std::process::ExitCode::FAILURE
         }
     }
@@ -83,8 +83,33 @@ fn usage_error(e: clap::Error) -> std::process::ExitCode {
             line.push_str(tip);
         }
     }
-    eprintln!("{line} (see --help)");
+    eprintln!("{} (see --help)", one_line(&line));
     std::process::ExitCode::from(2)
+}
+
+/// Longest error line printed; the rest is counted, not shown (a damaged file's header can be
+/// megabytes long and end up quoted in its error).
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// An error message as one printable line: line breaks and other control characters (a file's
+/// header quoted in its error, a path with a newline, terminal escape sequences) are shown
+/// escaped, as `\n` or `\u{1b}`, and a very long message is cut with a count of what was left
+/// out.
+fn one_line(msg: &str) -> String {
+    let mut out = String::new();
+    let mut chars = msg.chars();
+    for c in chars.by_ref().take(MAX_ERROR_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    let left = chars.count();
+    if left > 0 {
+        out.push_str(&format!("... ({left} more characters)"));
+    }
+    out
 }
 
 /// On a headless Linux machine without `XDG_RUNTIME_DIR` (containers, batch jobs), enumerating

@@ -1691,3 +1691,334 @@ fn reproduce_checks_its_outputs_and_labels_before_training() {
     );
     assert!(!fresh.join("model.safetensors").exists());
 }
+
+/// Findings of an adversarial review (2026-11-29), each a one-line error before any work or any
+/// write, or a pipe written in place.
+#[test]
+fn review_cases_fail_early_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_string_lossy().to_string();
+    let data = small_data(dir.path());
+    let model = p("m.safetensors");
+    assert_ok(
+        &calm()
+            .args(train_argv(&data, Path::new(&model), "4 3 1 10 1 0"))
+            .output()
+            .unwrap(),
+    );
+
+    // An output ending in a separator names a directory: refused before training, not after.
+    let t0 = std::time::Instant::now();
+    let mut argv = train_argv(
+        &data,
+        Path::new(&format!("{}/", p("newdir"))),
+        "4 3 1 10 1 0",
+    );
+    fails_with(
+        &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+        "names a directory",
+    );
+    argv = train_argv(&data, Path::new(&p("ok.safetensors")), "4 3 1 10 1 0");
+    argv.extend(["--plot".into(), format!("{}/", p("plotdir"))]);
+    fails_with(
+        &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+        "names a directory",
+    );
+    assert!(!Path::new(&p("ok.safetensors")).exists());
+    assert!(!Path::new(&p("newdir")).exists() && !Path::new(&p("plotdir")).exists());
+    assert!(t0.elapsed().as_secs() < 60);
+
+    // Two --data of different shapes: both files named.
+    let other = p("other.npy");
+    write_npy_f32(
+        Path::new(&other),
+        &common::random_images(2, 3, 1, 12, 12).images,
+    );
+    let mut argv = train_argv(&data, Path::new(&p("two.safetensors")), "4 3 1 10 1 0");
+    argv.extend(["--data".into(), other.clone()]);
+    let out = calm().args(&argv).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("other.npy") && err.contains("x.npy") && err.contains("1x12x12"),
+        "{err}"
+    );
+
+    // eval: --val-split needs two images; --test beside --val-split is refused with --train
+    // too; a format that carries labels refuses --train-labels.
+    let one = p("one.npy");
+    write_npy_f32(
+        Path::new(&one),
+        &common::random_images(3, 1, 1, 10, 10).images,
+    );
+    let y1 = p("y1.npy");
+    ndarray_npy::write_npy(&y1, &ndarray::arr1(&[3u8])).unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--train",
+            &one,
+            "--train-labels",
+            &y1,
+            "--val-split",
+            "0.5",
+        ],
+        "at least 2 training images",
+    );
+    let y20 = p("y20.npy");
+    ndarray_npy::write_npy(&y20, &ndarray::Array1::<u8>::zeros(20)).unwrap();
+    let x = data.to_string_lossy().to_string();
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--train",
+            &x,
+            "--train-labels",
+            &y20,
+            "--test",
+            &x,
+            "--test-labels",
+            &y20,
+            "--val-split",
+            "0.5",
+        ],
+        "--test is not used",
+    );
+    let cifar = p("data_batch_1.bin");
+    let mut bytes = Vec::new();
+    for label in [1u8, 2] {
+        bytes.push(label);
+        bytes.extend(std::iter::repeat_n(100u8, 3072));
+    }
+    std::fs::write(&cifar, bytes).unwrap();
+    let y2 = p("y2.npy");
+    ndarray_npy::write_npy(&y2, &ndarray::arr1(&[0u8, 0])).unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--train",
+            &cifar,
+            "--train-labels",
+            &y2,
+        ],
+        "carries its own labels",
+    );
+
+    // A damaged header quoted in an error: one printable line, cut when very long.
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f4',\n'fortran_order': False,\n'shape': (1, 2, 2), bogus}";
+    let padded = format!("{header:<117}\n");
+    npy.extend((padded.len() as u16).to_le_bytes());
+    npy.extend(padded.as_bytes());
+    npy.extend([0u8; 16]);
+    let bad = p("bad.npy");
+    std::fs::write(&bad, &npy).unwrap();
+    let out = calm()
+        .args(["features", "--backend", "cpu", "--model", &model])
+        .args(["--data", &bad, "--out", &p("f.npy")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let mut npy = b"\x93NUMPY\x02\x00".to_vec();
+    let header = format!("{}\n", "[".repeat(200_000));
+    npy.extend((header.len() as u32).to_le_bytes());
+    npy.extend(header.as_bytes());
+    std::fs::write(&bad, &npy).unwrap();
+    let out = calm()
+        .args(["features", "--backend", "cpu", "--model", &model])
+        .args(["--data", &bad, "--out", &p("f.npy")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1);
+    assert!(err.len() < 1200, "{} characters", err.len());
+
+    // Values that overflow f32 on the way: features refused, nothing written. Weights that
+    // large can be a model calm-gpu wrote itself (SPEC's precision limit keeps the last finite
+    // theta), so they load; features from them are refused, and training from them stops at
+    // once with the reason.
+    let huge = p("huge.npy");
+    write_npy_f32(
+        Path::new(&huge),
+        &Array4::from_elem((2, 1, 10, 10), 3e38f32),
+    );
+    fails_with(
+        &[
+            "features",
+            "--backend",
+            "cpu",
+            "--model",
+            &model,
+            "--data",
+            &huge,
+            "--out",
+            &p("f.npy"),
+        ],
+        "too large for f32",
+    );
+    assert!(!Path::new(&p("f.npy")).exists());
+    let mut m = calm_gpu::model::Model::load(Path::new(&model)).unwrap();
+    m.theta.iter_mut().for_each(|v| *v = 1e30);
+    let big = p("big.safetensors");
+    m.save(Path::new(&big), false).unwrap();
+    fails_with(
+        &[
+            "features",
+            "--backend",
+            "cpu",
+            "--model",
+            &big,
+            "--data",
+            &x,
+            "--out",
+            &p("f.npy"),
+        ],
+        "too large for f32",
+    );
+    assert!(!Path::new(&p("f.npy")).exists());
+    let mut argv = train_argv(&data, Path::new(&p("i.safetensors")), "4 3 1 10 1 0");
+    argv.extend(["--init".into(), big.clone(), "--plot".into(), p("i.png")]);
+    let out = calm().args(&argv).output().unwrap();
+    assert_ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("no epoch of this run completed"), "{said}");
+    assert!(said.contains("after 0 epochs in 0.00 s"), "{said}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("i.png was not written"));
+    assert!(!Path::new(&p("i.png")).exists());
+
+    // A checkpoint whose epoch records are damaged is refused, not resumed from epoch 1.
+    let ck = p("ck");
+    let mut argv = train_argv(&data, Path::new(&p("c.safetensors")), "4 3 1 10 2 0");
+    argv.extend(["--checkpoint-dir".into(), ck.clone()]);
+    assert_ok(&calm().args(&argv).output().unwrap());
+    let ck_file = Path::new(&ck).join("checkpoint.safetensors");
+    let mut c = calm_gpu::model::Model::load(&ck_file).unwrap();
+    c.extra.insert("records".into(), "not json".into());
+    c.save(&ck_file, true).unwrap();
+    fails_with(&["train", "--resume", &ck], "damaged epoch records");
+}
+
+/// A pipe given as a picture's output is written to, not replaced by a regular file.
+#[cfg(target_os = "linux")]
+#[test]
+fn pictures_write_into_pipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("m.safetensors");
+    assert_ok(
+        &calm()
+            .args(train_argv(&data, &model, "4 3 1 10 1 0"))
+            .output()
+            .unwrap(),
+    );
+    let fifo = dir.path().join("k.png");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Held open for reading and writing (so that opening it never blocks, and a failure reads
+    // as an empty pipe instead of a hang); the picture is small enough for the pipe's buffer.
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let out = calm()
+        .args(["show", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let mut png = vec![0u8; 1 << 16];
+    let got = pipe.read(&mut png).unwrap_or(0);
+    assert!(png[..got].starts_with(b"\x89PNG"), "{got} bytes");
+    assert!(!std::fs::metadata(&fifo).unwrap().is_file());
+}
+
+/// `--force` over an existing metrics file: an interrupted run leaves the old lines (as it
+/// leaves the old model); a finished one replaces them. No hidden file is left either way.
+#[test]
+fn replaced_metrics_survive_an_interrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::random_images(6, 600, 1, 28, 28);
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &d.images);
+    let out_path = dir.path().join("run.safetensors");
+    let metrics = dir.path().join("m.jsonl");
+    std::fs::write(&metrics, "old line\n").unwrap();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+        .args(train_argv(&data, &out_path, "64 20 2 50 4 5"))
+        .args(["--force", "--metrics"])
+        .arg(&metrics)
+        .env("CALM_TUNE_FILE", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for epoch 1's line in the hidden file, then interrupt during epoch 2.
+    let pending = dir.path().join(format!(".m.jsonl.{}.partial", child.id()));
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&pending).map_or(0, |s| s.lines().count()) < 1 {
+        assert_eq!(
+            std::fs::read_to_string(&metrics).unwrap(),
+            "old line\n",
+            "the old lines were replaced while the run was going"
+        );
+        assert!(t0.elapsed().as_secs() < 120, "epoch 1 never finished");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "old line\n");
+    let ok = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "old line\n");
+    assert!(!pending.exists());
+    // Finished: the run's own lines.
+    let out = calm()
+        .args(train_argv(&data, &out_path, "8 3 1 600 2 5"))
+        .args(["--force", "--metrics"])
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.lines().all(|l| l.starts_with('{')), "{text}");
+    let hidden = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(hidden, 0);
+}

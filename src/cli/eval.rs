@@ -108,7 +108,12 @@ fn labelled(
     };
     let d = data::load_with(path, Some(pre))?;
     let y = match (labels, &d.labels) {
-        (Some(l), _) => data::load_labels(l)?,
+        (Some(l), Some(_)) => bail!(
+            "{}: this format carries its own labels, so --{what}-labels {} would replace them; drop --{what}-labels",
+            path.display(),
+            l.display()
+        ),
+        (Some(l), None) => data::load_labels(l)?,
         (None, Some(y)) => y.clone(),
         (None, None) => bail!(
             "{}: no labels in this format; give --{what}-labels",
@@ -162,6 +167,16 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         a.standardize = true;
     }
     check_positive("batch", a.batch)?;
+    if a.val_split.is_some() && (a.test.is_some() || a.test_labels.is_some()) {
+        bail!(
+            "--val-split holds out part of the training set ({}), so --test is not used; drop --test and --test-labels, or --val-split",
+            if a.train.is_some() {
+                "--train"
+            } else {
+                "the shipped digits"
+            }
+        );
+    }
     if let Some(j) = &a.json {
         check_output(j, a.force)?;
         let inputs: Vec<&Path> = std::iter::once(&a.model)
@@ -186,6 +201,12 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         Some(f) => {
             if !(f > 0.0 && f < 1.0) {
                 bail!("--val-split must be between 0 and 1 (got {f})");
+            }
+            if xtr.len() < 2 {
+                bail!(
+                    "--val-split needs at least 2 training images, one to fit and one to hold out (got {})",
+                    xtr.len()
+                );
             }
             let n_val = ((xtr.len() as f64 * f).round() as usize).clamp(1, xtr.len() - 1);
             let n_fit = xtr.len() - n_val;
@@ -215,11 +236,6 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     let shipped = match (&a.train, &a.test, a.val_split) {
         (Some(_), None, None) => Some(("--train", "tested on", "--test")),
         (None, Some(_), None) => Some(("--test", "fitted on", "--train")),
-        (None, Some(_), Some(_)) => {
-            bail!(
-                "--val-split holds out part of the shipped digits here, so --test is not used; give --train too, or drop --test"
-            )
-        }
         _ => None,
     };
     if let Some((given, role, missing)) = shipped {

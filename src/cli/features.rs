@@ -83,6 +83,15 @@ pub(super) fn features(a: FeaturesArgs) -> Result<()> {
         },
         &mut |_| {},
     )?;
+    // Finite data and weights can still overflow f32 on the way (values near 1e19 square to
+    // infinity): such features are useless to every reader, so they are refused, not written.
+    if let Some((i, v)) = f.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        bail!(
+            "the features of image {} hold {v}: the data's values or the model's weights are too large for f32 arithmetic; {} was not written",
+            i / f.ncols().max(1),
+            a.out.display()
+        );
+    }
     let mut bytes = Vec::new();
     ndarray_npy::WriteNpyExt::write_npy(&f, &mut bytes)?;
     model::write_atomic(&a.out, &bytes, a.force)?;

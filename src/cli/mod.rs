@@ -133,7 +133,22 @@ pub fn load_data(
     };
     let mut parts: Vec<Box<dyn ImageSource>> = Vec::new();
     for p in paths {
-        parts.push(data::open_source(p, Some(pre))?);
+        let part = data::open_source(p, Some(pre))?;
+        // One shape for all of --data, told with the files' names.
+        if let Some(first) = parts.first().map(|f| f.shape()) {
+            let (c, h, w) = part.shape();
+            if (c, h, w) != first {
+                bail!(
+                    "--data {} has images {c}x{h}x{w} (C x H x W) but --data {} has {}x{}x{}; every --data must have one shape",
+                    p.display(),
+                    paths[0].display(),
+                    first.0,
+                    first.1,
+                    first.2
+                );
+            }
+        }
+        parts.push(part);
     }
     let names = paths.iter().map(|p| p.display().to_string()).collect();
     let source: Arc<dyn ImageSource> = if parts.len() == 1 {

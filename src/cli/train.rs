@@ -305,11 +305,30 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
                     serde_json::from_str(s)
                         .map_err(|e| anyhow::anyhow!("{}: bad run arguments: {e}", path.display()))
                 })?;
+            // The epochs already done: without them the run would start again from epoch 1
+            // on trained weights and lose their metrics lines.
             let records: Vec<calm_gpu::model::EpochRecord> = ck
                 .extra
                 .get("records")
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default();
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: not a training checkpoint (no epoch records)",
+                        path.display()
+                    )
+                })
+                .and_then(|s| {
+                    serde_json::from_str(s).map_err(|e| {
+                        anyhow::anyhow!("{}: damaged epoch records: {e}", path.display())
+                    })
+                })?;
+            if records.len() != ck.meta.history.len() {
+                bail!(
+                    "{}: damaged checkpoint: {} epoch records but a history of {} epochs",
+                    path.display(),
+                    records.len(),
+                    ck.meta.history.len()
+                );
+            }
             let plot = a.plot.as_ref().map(|p| absolute(p)).or(cfg.plot.clone());
             (
                 RunConfig {
@@ -526,19 +545,14 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
     // checkpoint and the metrics line must not lose or repeat a line), then appended to.
     let mut metrics = match &cfg.metrics {
         Some(p) => {
-            create_parent(p)?;
             let mut text = String::new();
             for r in &records {
                 text.push_str(&serde_json::to_string(r)?);
                 text.push('\n');
             }
-            model::write_atomic(p, text.as_bytes(), true)?;
-            Some(
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(p)
-                    .with_context(|| p.display().to_string())?,
-            )
+            // A file this new run replaces (--force) keeps its lines until the model is written.
+            let replacing = resume.is_none() && std::fs::metadata(p).is_ok_and(|m| m.is_file());
+            Some(MetricsLog::create(p, &text, replacing)?)
         }
         None => None,
     };
@@ -647,9 +661,9 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
                     Some(b) => b.println(line),
                     None => say(line),
                 }
-                if let Some(f) = metrics.as_mut() {
+                if let Some(m) = metrics.as_mut() {
                     let j = serde_json::to_string(r).expect("plain numbers serialise");
-                    if let Err(e) = writeln!(f, "{j}").and_then(|_| f.flush()) {
+                    if let Err(e) = writeln!(m.file, "{j}").and_then(|_| m.file.flush()) {
                         io_err.get_or_insert(e);
                     }
                 }
@@ -675,7 +689,12 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
             }
             Event::PrecisionLimit { epoch } => {
                 let line = format!(
-                    "numerical precision limit reached at epoch {epoch}; keeping the last finite theta"
+                    "numerical precision limit reached at epoch {epoch}; keeping the last finite theta{}",
+                    if epoch == first {
+                        " (no epoch of this run completed: the data's values or the starting weights may be too large for f32 arithmetic)"
+                    } else {
+                        ""
+                    }
                 );
                 match &bar {
                     Some(b) => b.println(line),
@@ -695,6 +714,8 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
         let dir = checkpoint_dir;
         let m = make_model(engine.as_mut(), &outcome.history, None)?;
         write_checkpoint(&dir, &m, &outcome.history)?;
+        // exit() runs no destructors: a replaced --metrics file keeps its old lines now.
+        drop(metrics);
         eprintln!(
             "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
             outcome.stopped.as_deref().unwrap_or("interrupted"),
@@ -708,11 +729,24 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
     if let Some(p) = &model.prior {
         say(format!("learned {}", p.summary()));
     }
-    if let Some(p) = &cfg.plot {
-        write_plot(&model, p, cfg.force)?;
-        say(format!("wrote {}", p.display()));
+    match &cfg.plot {
+        // The precision limit in the first epoch leaves nothing to draw; the model (the
+        // starting weights) is written as SPEC says, and the plot is not.
+        Some(p) if outcome.history.is_empty() => eprintln!(
+            "note: no epoch completed, so there is no log likelihood to plot; {} was not written",
+            p.display()
+        ),
+        Some(p) => {
+            write_plot(&model, p, cfg.force)?;
+            say(format!("wrote {}", p.display()));
+        }
+        None => {}
     }
-    let secs: f64 = outcome.history.iter().map(|r| r.seconds).sum();
+    if let Some(m) = metrics {
+        m.finish()?;
+    }
+    // (A sum of f64s starts at -0.0, which would print as "-0.00 s" for no epochs.)
+    let secs = outcome.history.iter().fold(0.0, |s, r| s + r.seconds);
     println!(
         "wrote {} after {} epochs in {:.2} s{}",
         cfg.out.display(),
@@ -725,6 +759,74 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// `--metrics`: one JSON line per epoch, written as each epoch ends, so that a run can be
+/// followed (`tail -f`). A file that a new run replaces (`--force`) keeps its old lines until
+/// the run has written its model: the new lines go to a hidden file beside it, renamed over it by
+/// [`MetricsLog::finish`] and removed if the run stops first (a Ctrl-C keeps the old model too,
+/// and `--resume` writes the lines again from the checkpoint).
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+    /// The hidden file being written, while `path` still holds the old lines.
+    pending: Option<PathBuf>,
+}
+
+impl MetricsLog {
+    fn create(path: &Path, first_lines: &str, replacing: bool) -> Result<Self> {
+        create_parent(path)?;
+        if !replacing {
+            model::write_atomic(path, first_lines.as_bytes(), true)?;
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .with_context(|| path.display().to_string())?;
+            return Ok(Self {
+                file,
+                path: path.to_path_buf(),
+                pending: None,
+            });
+        }
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} names no file", path.display()))?;
+        let mut hidden = std::ffi::OsString::from(".");
+        hidden.push(name);
+        hidden.push(format!(".{}.partial", std::process::id()));
+        let pending = path.with_file_name(hidden);
+        let mut file =
+            std::fs::File::create(&pending).with_context(|| pending.display().to_string())?;
+        file.write_all(first_lines.as_bytes())
+            .with_context(|| pending.display().to_string())?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            pending: Some(pending),
+        })
+    }
+
+    /// The run's model is written: its lines take the place of the old ones.
+    fn finish(mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            self.file
+                .sync_all()
+                .and_then(|_| std::fs::rename(&p, &self.path))
+                .with_context(|| self.path.display().to_string())
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&p);
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MetricsLog {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 #[cfg(test)]
