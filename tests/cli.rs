@@ -1905,6 +1905,24 @@ fn review_cases_fail_early_in_one_line() {
     c.extra.insert("records".into(), "not json".into());
     c.save(&ck_file, true).unwrap();
     fails_with(&["train", "--resume", &ck], "damaged epoch records");
+
+    // Resumed with other data under the run's file name: refused; with its own data: resumes.
+    let ck2 = p("ck2");
+    let d2 = p("d2.npy");
+    std::fs::copy(&data, &d2).unwrap();
+    let mut argv = train_argv(
+        Path::new(&d2),
+        Path::new(&p("c2.safetensors")),
+        "4 3 1 10 2 0",
+    );
+    argv.extend(["--checkpoint-dir".into(), ck2.clone(), "--force".into()]);
+    assert_ok(&calm().args(&argv).output().unwrap());
+    assert_ok(&calm().args(["train", "--resume", &ck2]).output().unwrap());
+    write_npy_f32(
+        Path::new(&d2),
+        &common::random_images(4, 30, 1, 10, 10).images,
+    );
+    fails_with(&["train", "--resume", &ck2], "bytes but was");
 }
 
 /// A pipe given as a picture's output is written to, not replaced by a regular file.

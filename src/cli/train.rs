@@ -163,6 +163,17 @@ struct RunConfig {
     cache: Option<PathBuf>,
     #[serde(default)]
     whiten: Option<usize>,
+    /// The size in bytes of each `data` file when the run started (`None` for the shipped
+    /// digits), so that `--resume` does not go on with other data under the same names.
+    #[serde(default)]
+    data_bytes: Option<Vec<Option<u64>>>,
+}
+
+/// The size of each data file now (`None` where it cannot be read).
+fn data_bytes(data: &[PathBuf]) -> Vec<Option<u64>> {
+    data.iter()
+        .map(|p| std::fs::metadata(p).ok().map(|m| m.len()))
+        .collect()
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -372,10 +383,25 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
                 },
                 cache: a.cache.as_ref().map(|p| absolute(p)),
                 whiten: a.whiten,
+                data_bytes: Some(data_bytes(&a.data)),
             },
             None,
         ),
     };
+    // A resumed run goes on with the data it started with: a file of another size under the
+    // same name (re-downloaded, or another split) would silently change what is fitted.
+    if let (Some(then), Some(_)) = (&cfg.data_bytes, &resume) {
+        for ((path, was), now) in cfg.data.iter().zip(then).zip(data_bytes(&cfg.data)) {
+            if let (Some(was), Some(now)) = (*was, now)
+                && was != now
+            {
+                bail!(
+                    "--resume: {} is {now} bytes but was {was} bytes when the run started; resume with the data it started with, or start a new run",
+                    path.display()
+                );
+            }
+        }
+    }
     if a.protocol == Some(TrainProtocol::Paper)
         && (cfg.init_method != em::InitMethod::Normal
             || cfg.whiten.is_some()
