@@ -216,10 +216,14 @@ pub fn load(path: &Path) -> Result<TuneFile> {
     })
 }
 
+/// A tuning file holds one small entry per adapter and shape: 16 MiB is thousands of them.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
 /// [`load`], with the cause alone as the error.
 fn read(path: &Path) -> std::result::Result<TuneFile, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    // Only a regular file of a sane size is read: a FIFO named here would block every GPU run
+    // on its open, and a huge file would be read whole.
+    match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(TuneFile {
                 format: FORMAT,
@@ -227,7 +231,16 @@ fn read(path: &Path) -> std::result::Result<TuneFile, String> {
             });
         }
         Err(e) => return Err(e.to_string()),
-    };
+        Ok(m) if !m.is_file() => return Err("not a regular file".into()),
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            return Err(format!(
+                "{} bytes, more than a tuning file holds ({MAX_FILE_BYTES})",
+                m.len()
+            ));
+        }
+        Ok(_) => {}
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let file: TuneFile = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if file.format != FORMAT {
         return Err(format!(
@@ -637,6 +650,34 @@ mod tests {
             pick(None, &[(d, t(&[2.0])), (s, t(&[1.5]))]),
             Ok((s, t(&[1.5])))
         );
+    }
+
+    /// A FIFO or an oversized file named as the tuning file is refused without being opened
+    /// (a FIFO's open would block every GPU run) or read whole.
+    #[cfg(unix)]
+    #[test]
+    fn only_a_regular_file_of_sane_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("tuned.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path and mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // In a thread, so that a regression fails here instead of hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || tx.send(load(&f).map(|_| ()).map_err(|e| e.to_string())));
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO as the tuning file blocked")
+            .unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let e = load(&big).unwrap_err().to_string();
+        assert!(e.contains("more than a tuning file holds"), "{e}");
     }
 
     #[test]
