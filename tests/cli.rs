@@ -1690,6 +1690,15 @@ fn reproduce_checks_its_outputs_and_labels_before_training() {
         "t10k-labels",
     );
     assert!(!fresh.join("model.safetensors").exists());
+    // --epochs 0: refused before the out-dir is made.
+    let fresh = dir.path().join("r3").join("deep");
+    let mut a = args(&fresh);
+    a[5] = "0".into();
+    fails_with(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "--epochs",
+    );
+    assert!(!dir.path().join("r3").exists());
 }
 
 /// Findings of an adversarial review (2026-11-29), each a one-line error before any work or any
@@ -1972,6 +1981,7 @@ fn pictures_write_into_pipes() {
 
 /// `--force` over an existing metrics file: an interrupted run leaves the old lines (as it
 /// leaves the old model); a finished one replaces them. No hidden file is left either way.
+/// SIGTERM (a batch scheduler's stop) interrupts as Ctrl-C does: exit 130 and a checkpoint.
 #[test]
 fn replaced_metrics_survive_an_interrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -2004,7 +2014,7 @@ fn replaced_metrics_survive_an_interrupted_run() {
     }
     assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "old line\n");
     let ok = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
@@ -2017,6 +2027,7 @@ fn replaced_metrics_survive_an_interrupted_run() {
     );
     assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "old line\n");
     assert!(!pending.exists());
+    assert!(dir.path().join("run.safetensors.checkpoint").is_dir());
     // Finished: the run's own lines.
     let out = calm()
         .args(train_argv(&data, &out_path, "8 3 1 600 2 5"))

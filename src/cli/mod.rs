@@ -200,13 +200,15 @@ fn backend_from_name(name: &str) -> Result<Backend> {
         .map_err(|e| anyhow::anyhow!("backend `{name}` in the checkpoint: {e}"))
 }
 
-/// Ctrl-C asks the engines to stop after the current batch; a second Ctrl-C exits at once.
+/// Ctrl-C (and SIGTERM or SIGHUP, as a batch scheduler or a closed terminal sends them) asks
+/// the engines to stop after the current batch; a second one exits at once.
 fn install_ctrl_c() {
     let _ = ctrlc::set_handler(|| {
         if calm_gpu::interrupt::requested() {
             eprintln!(
                 "error: interrupted twice; exiting without a checkpoint of the current epoch"
             );
+            calm_gpu::interrupt::remove_pending_files();
             std::process::exit(130);
         }
         eprintln!("stopping after the current batch (Ctrl-C again to quit now)...");

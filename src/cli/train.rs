@@ -821,6 +821,7 @@ impl MetricsLog {
         hidden.push(name);
         hidden.push(format!(".{}.partial", std::process::id()));
         let pending = path.with_file_name(hidden);
+        calm_gpu::interrupt::remove_on_exit(&pending);
         let mut file =
             std::fs::File::create(&pending).with_context(|| pending.display().to_string())?;
         file.write_all(first_lines.as_bytes())
@@ -835,6 +836,7 @@ impl MetricsLog {
     /// The run's model is written: its lines take the place of the old ones.
     fn finish(mut self) -> Result<()> {
         if let Some(p) = self.pending.take() {
+            calm_gpu::interrupt::keep_on_exit(&p);
             self.file
                 .sync_all()
                 .and_then(|_| std::fs::rename(&p, &self.path))
@@ -850,6 +852,7 @@ impl MetricsLog {
 impl Drop for MetricsLog {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
+            calm_gpu::interrupt::keep_on_exit(&p);
             let _ = std::fs::remove_file(p);
         }
     }
