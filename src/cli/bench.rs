@@ -18,7 +18,8 @@ use super::{check_positive, install_ctrl_c};
 // "-1" for a number is read as a value, so the error says what is wrong with it.
 #[command(allow_negative_numbers = true)]
 pub struct BenchArgs {
-    /// Engines to time: one of the GPU backends, cpu, or all (every backend present plus cpu)
+    /// Engine to time: a GPU backend, or cpu; auto, as for train, is a hardware GPU if there is
+    /// one and the CPU engine otherwise (name vulkan to time a software device such as lavapipe)
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Also time the CPU engine beside the GPU
@@ -100,10 +101,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let data = Arc::new(calm_gpu::bench::try_random_images(7, n, c, h, w)?);
     let theta = em::init_theta(&g, 0);
     let mut rows = Vec::new();
-    if let Some(b) = a.backend.gpu() {
-        let ctx = Arc::new(GpuContext::new(b, false)?);
+    let gpu = a.backend.context()?;
+    if let Some(ctx) = &gpu {
         rows.push(calm_gpu::bench::time_gpu(
-            &ctx,
+            ctx,
             g,
             &data,
             &theta,
@@ -116,7 +117,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             None,
         )?);
     }
-    if a.with_cpu || a.backend == Backend::Cpu {
+    if a.with_cpu || gpu.is_none() {
         rows.push(calm_gpu::bench::time_cpu(
             g,
             data.clone(),

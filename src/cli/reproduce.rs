@@ -15,7 +15,7 @@ use super::eval::{Baseline, EvalArgs, eval};
 use super::outputs::check_output;
 use super::show::{ShowArgs, show};
 use super::train::{TrainArgs, TrainProtocol, train};
-use super::{Preset, RECOMMENDED};
+use super::{Preset, RECOMMENDED, check_positive};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolName {
@@ -95,6 +95,12 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("results").join(&name));
     if out.exists() && !out.is_dir() {
         bail!("--out-dir {} is a file; name a directory", out.display());
+    }
+    // Before any folder is made or file read.
+    for (name, v) in [("epochs", a.epochs), ("batch", a.batch)] {
+        if let Some(v) = v {
+            check_positive(name, v)?;
+        }
     }
     let model_path = out.join("model.safetensors");
     // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)
@@ -217,6 +223,15 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         whiten: None,
     })?;
     let train_secs = t0.elapsed().as_secs_f64();
+    // The model is new now: results of an earlier run in this folder (--force) describe a model
+    // that is gone, and go before the probe, so that a run stopped during it leaves no
+    // mismatched pair behind (the probe writes them again).
+    for f in ["results.json", "results.md"] {
+        let p = out.join(f);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(&p).with_context(|| p.display().to_string())?;
+        }
+    }
     show(ShowArgs {
         model: model_path.clone(),
         out: Some(out.join("kernels.png")),
