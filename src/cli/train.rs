@@ -169,10 +169,16 @@ struct RunConfig {
     data_bytes: Option<Vec<Option<u64>>>,
 }
 
-/// The size of each data file now (`None` where it cannot be read).
+/// The size of each data file now (`None` where it cannot be read, and for a folder of
+/// images, whose own size says nothing about its files).
 fn data_bytes(data: &[PathBuf]) -> Vec<Option<u64>> {
     data.iter()
-        .map(|p| std::fs::metadata(p).ok().map(|m| m.len()))
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+        })
         .collect()
 }
 
