@@ -48,9 +48,21 @@ fn main() -> std::process::ExitCode {
                 }
             }
             eprintln!("error: {}", one_line(&line));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// 130 for a run stopped by Ctrl-C (or SIGTERM), as `train` exits after its checkpoint and as
+/// shells report a process ended by SIGINT, so that scripts can tell a stop from a failure (1).
+fn exit_status(e: &anyhow::Error) -> u8 {
+    let stopped = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<calm_gpu::CalmError>(),
+            Some(calm_gpu::CalmError::Interrupted)
+        )
+    });
+    if stopped { 130 } else { 1 }
 }
 
 /// Help and version go to stdout as clap writes them; an argument error is one line, like every
@@ -139,5 +151,30 @@ fn quiet_wayland_probe() {
         // SAFETY: called from main before any thread exists (nothing else reads or writes the
         // environment concurrently).
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_exits_130_and_a_failure_1_with_or_without_context() {
+        let stop = anyhow::Error::from(calm_gpu::CalmError::Interrupted);
+        assert_eq!(exit_status(&stop), 130);
+        assert_eq!(
+            exit_status(&stop.context("interrupted; the tuning file is unchanged")),
+            130
+        );
+        let fail = anyhow::Error::from(calm_gpu::CalmError::Invalid("bad".into()));
+        assert_eq!(exit_status(&fail.context("while reading")), 1);
+        assert_eq!(exit_status(&anyhow::anyhow!("interrupted")), 1);
+    }
+
+    #[test]
+    fn errors_print_as_one_printable_line() {
+        assert_eq!(one_line("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        let long = one_line(&"x".repeat(MAX_ERROR_CHARS + 5));
+        assert!(long.ends_with("... (5 more characters)"), "{long}");
     }
 }

@@ -256,7 +256,10 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         }
         None => None,
     };
-    let stop = || anyhow::anyhow!("interrupted; the tuning file is unchanged");
+    let stop = || {
+        anyhow::Error::from(calm_gpu::CalmError::Interrupted)
+            .context("interrupted; the tuning file is unchanged")
+    };
     let mut timed: Vec<(Choice, tune::Timing)> = Vec::new();
     // The first row timed (the built-in choice's, unless it failed): the others' LL reference.
     let mut reference: Option<calm_gpu::bench::Row> = None;
