@@ -24,24 +24,24 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), (PathBuf, std::io::Error
         let p = p.to_path_buf();
         move |e| (p, e)
     };
-    if names_a_directory(path) {
-        return Err((
+    let refuse = |why: &str| {
+        Err((
             path.to_path_buf(),
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "ends in a path separator, so it names a directory; give a file name",
-            ),
-        ));
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+        ))
+    };
+    if names_a_directory(path) {
+        return refuse("ends in a path separator, so it names a directory; give a file name");
+    }
+    if path.is_dir() {
+        return refuse("is a directory; give a file name");
     }
     if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return fs::write(path, bytes).map_err(at(path));
     }
-    let name = path.file_name().ok_or_else(|| {
-        (
-            path.to_path_buf(),
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file"),
-        )
-    })?;
+    let Some(name) = path.file_name() else {
+        return refuse("names no file");
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -106,6 +106,8 @@ mod tests {
         assert_eq!(p, slash);
         assert!(e.to_string().contains("names a directory"), "{e}");
         assert!(!dir.path().join("new").exists());
+        let (_, e) = replace(dir.path(), b"x").unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
         #[cfg(unix)]
         {
             // A FIFO stays a FIFO: its reader gets the bytes.

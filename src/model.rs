@@ -333,12 +333,6 @@ impl Model {
 /// missing parent directories ([`crate::atomic::replace`]). An existing file is refused unless
 /// `force`.
 pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    if path.is_dir() {
-        return Err(CalmError::Invalid(format!(
-            "{} is a directory; give a file name",
-            path.display()
-        )));
-    }
     // A pipe or a device (`--json /dev/stdout`, `>(jq .)`) is written to, not replaced, and
     // needs no --force.
     if !force && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
@@ -347,7 +341,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
             path.display()
         )));
     }
-    crate::atomic::replace(path, bytes).map_err(|(p, e)| CalmError::io(&p, e))
+    crate::atomic::replace(path, bytes).map_err(|(p, e)| {
+        // atomic::replace's own refusals (the path names no file to write) carry no OS error:
+        // the reason alone, not wrapped as an I/O failure.
+        if e.kind() == std::io::ErrorKind::InvalidInput && e.raw_os_error().is_none() {
+            CalmError::Invalid(format!("{} {e}", p.display()))
+        } else {
+            CalmError::io(&p, e)
+        }
+    })
 }
 
 /// Weights to start from: a `.npy` f32 array `(K, C, w, w)` or a saved model. Returns the flat
