@@ -103,25 +103,9 @@ fn usage_error(e: clap::Error) -> std::process::ExitCode {
 /// megabytes long and end up quoted in its error).
 const MAX_ERROR_CHARS: usize = 1000;
 
-/// An error message as one printable line: line breaks and other control characters (a file's
-/// header quoted in its error, a path with a newline, terminal escape sequences) are shown
-/// escaped, as `\n` or `\u{1b}`, and a very long message is cut with a count of what was left
-/// out.
+/// An error message as one printable line ([`calm_gpu::error::printable`]).
 fn one_line(msg: &str) -> String {
-    let mut out = String::new();
-    let mut chars = msg.chars();
-    for c in chars.by_ref().take(MAX_ERROR_CHARS) {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    let left = chars.count();
-    if left > 0 {
-        out.push_str(&format!("... ({left} more characters)"));
-    }
-    out
+    calm_gpu::error::printable(msg, MAX_ERROR_CHARS)
 }
 
 /// On a headless Linux machine without `XDG_RUNTIME_DIR` (containers, batch jobs), enumerating

@@ -1,19 +1,15 @@
 //! Dataset readers: every accepted format round-trips, and every bad input is an error with a
 //! one-line message that says what is wrong (never a panic, never a giant allocation).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use calm_gpu::data::{self, DataError, ImageSource, PixelKind, Split, idx, npy};
+use common::{gz, npy_bytes};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
-}
-
-fn gz(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -44,27 +40,6 @@ fn idx_labels(labels: &[u8]) -> Vec<u8> {
     b.extend_from_slice(&0x0801u32.to_be_bytes());
     b.extend_from_slice(&(labels.len() as u32).to_be_bytes());
     b.extend_from_slice(labels);
-    b
-}
-
-/// A numpy-style `.npy` (version 1.0) with the given header fields.
-fn npy_bytes(descr: &str, fortran: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if shape.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let f = if fortran { "True" } else { "False" };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {f}, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    b.extend_from_slice(data);
     b
 }
 
@@ -373,6 +348,16 @@ fn npy_bad_inputs() {
     assert!(err_msg(data::load(&p)).contains("truncated"));
     let p = write(d.path(), "hdr.npy", &full[..30]);
     assert!(err_msg(data::load(&p)).contains("truncated"));
+    // A damaged key holding a newline (found by tests/fuzz_inputs.rs): the header is quoted
+    // with its control characters escaped, so the message stays one line.
+    let mut bad_key = full.clone();
+    bad_key[12] = b'\n';
+    let p = write(d.path(), "key.npy", &bad_key);
+    let m = err_msg(data::load(&p));
+    assert!(
+        m.contains("malformed .npy header") && m.contains("\\n"),
+        "{m}"
+    );
 
     for (descr, name) in [("<f8", "float64"), ("<i4", "int32"), ("|b1", "bool")] {
         let p = write(

@@ -23,18 +23,24 @@ pub use preprocess::{Concat, Preprocess, Preprocessed};
 pub use stl10::Stl10File;
 pub use whiten::{Whitened, Whitening};
 
-/// What can go wrong while reading data. Each message is one line saying what and where.
+/// What can go wrong while reading data. Each message is one line saying what and where: what
+/// a damaged file puts into a message (a header's text, a dtype, a path) is shown with its line
+/// breaks and other control characters escaped ([`crate::error::printable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", shown(.path))]
     Io {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", shown(.path), shown(.msg))]
     Format { path: String, msg: String },
-    #[error("{0}")]
+    #[error("{}", shown(.0))]
     Invalid(String),
+}
+
+fn shown(text: &str) -> String {
+    crate::error::printable(text, 2000)
 }
 
 /// A read-only collection of `N` images of `C x H x W` f32 pixels (already preprocessed).

@@ -109,8 +109,12 @@ fn parse_header(input: &mut Input) -> Result<Header, DataError> {
     let text = input.header(len as usize, "the .npy header")?;
     let text =
         String::from_utf8(text).map_err(|_| input.format_err("the .npy header is not text"))?;
-    let bad =
-        |msg: &str| input.format_err(format!("malformed .npy header ({msg}): {}", text.trim()));
+    let bad = |msg: &str| {
+        input.format_err(format!(
+            "malformed .npy header ({msg}): {}",
+            quote_header(text.trim())
+        ))
+    };
     let dict = match PyParser::new(&text).parse_value() {
         Ok(Py::Dict(d)) => d,
         Ok(_) => return Err(bad("not a dict")),
@@ -684,4 +688,10 @@ impl ImageSource for NpyFile {
         }
         Ok(())
     }
+}
+
+/// A header quoted in an error: control characters escaped (the message stays one line) and cut
+/// after 200 characters (a damaged header may be kilobytes of noise).
+fn quote_header(text: &str) -> String {
+    crate::error::printable(text, 200)
 }

@@ -927,7 +927,7 @@ impl GpuEngine {
     /// One line on the GEMM kernels this engine runs and where the choice came from.
     pub fn describe_kernels(&self) -> String {
         let c = Choice::new(self.variant(), self.tiles);
-        match &self.tuned {
+        let line = match &self.tuned {
             Lookup::Found(_, p) => format!("{c} (tuned, {})", p.display()),
             Lookup::Stale(p) => format!(
                 "{c} (built-in; {} was tuned by another build of calm-gpu: run `calm-gpu tune` again)",
@@ -937,7 +937,9 @@ impl GpuEngine {
                 format!("{c} (built-in; tuning file {} ignored: {why})", p.display())
             }
             Lookup::None => format!("{c} ({})", self.chosen_by.unwrap_or("built-in")),
-        }
+        };
+        // The path comes from CALM_TUNE_FILE and the line is printed: no raw control characters.
+        crate::error::printable(&line, 2000)
     }
 
     /// The largest batch the engine runs (the user's, or less where the device requires).

@@ -30,6 +30,7 @@ pub fn gpu() -> Option<Arc<GpuContext>> {
 }
 
 /// Images uniform in [0, 1) (the benchmarks' generator).
+#[allow(unused_imports)] // not every test file uses it
 pub use calm_gpu::bench::random_images;
 
 /// Weights drawn i.i.d. from N(0, scale^2).
@@ -55,4 +56,47 @@ pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
         .zip(b)
         .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
         / scale
+}
+
+/// Property-test settings: `cases` cases from a fixed seed, so that CI runs the same cases every
+/// time; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` (a number) override either for a longer or
+/// another search by hand.
+pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    use proptest::test_runner::{Config, RngSeed};
+    let mut config = Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = cases;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        config.rng_seed = RngSeed::Fixed(20_261_129);
+    }
+    config
+}
+
+/// `bytes` gzipped.
+pub fn gz(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut e, bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A numpy-style `.npy` (version 1.0) with the given header fields.
+pub fn npy_bytes(descr: &str, fortran: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if shape.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let f = if fortran { "True" } else { "False" };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {f}, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(data);
+    b
 }
