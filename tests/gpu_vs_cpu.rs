@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use calm_gpu::cpu::reference;
 use calm_gpu::gpu::kernels::{Tiles, Variant};
-use calm_gpu::gpu::{GpuEngine, GpuOptions};
+use calm_gpu::gpu::{GpuContext, GpuEngine, GpuOptions};
 use calm_gpu::{Engine, Geometry, LayerConfig};
 use common::*;
+use proptest::prelude::*;
 
 /// f32 kernels against an f64 reference: sums of a few hundred products lose ~1e-6 relative;
 /// exp() of log posteriors near -20..0 amplifies L's absolute error ~1e-5 into B and T.
@@ -29,6 +30,25 @@ fn check_variant(
     batch: usize,
 ) {
     let Some(ctx) = gpu() else { return };
+    check_on(&ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch);
+}
+
+/// [`check_variant`] on a given device.
+#[allow(clippy::too_many_arguments)]
+fn check_on(
+    ctx: &Arc<GpuContext>,
+    variant: Variant,
+    tiles: Option<Tiles>,
+    seed: u64,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    kw: usize,
+    pad: usize,
+    batch: usize,
+) {
     let g = Geometry::new(
         LayerConfig {
             kernels: k,
@@ -44,7 +64,7 @@ fn check_variant(
     // Scaled so that posteriors spread over several kernels (N(0,1) weights put all mass on one).
     let theta = random_theta(seed + 1, g.k * g.r(), 0.1);
     let built = GpuEngine::new(
-        Arc::clone(&ctx),
+        Arc::clone(ctx),
         g,
         Arc::new(data.clone()),
         &theta,
@@ -604,4 +624,82 @@ fn engines_share_compiled_pipelines() {
     let (_, up) = reference::epoch(&g, x, n, &theta, 3);
     let e = rel_err(&other.theta().unwrap(), &up.theta);
     assert!(e < TOL, "theta with the other tiles: {e}");
+}
+
+/// One part of a `CALM_TILES` string: `RMxRNxBK@WXxWY` and a subset of the flags.
+fn tile_part(name: &'static str, flags: &'static str) -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec![4u32, 8]),
+        prop::sample::select(vec![4u32, 8]),
+        prop::sample::select(vec![1u32, 2, 3, 4, 8, 16]),
+        prop::sample::select(vec![4u32, 8, 16, 32]),
+        prop::sample::select(vec![2u32, 4, 8, 16, 32]),
+        prop::sample::subsequence(flags.chars().collect::<Vec<_>>(), 0..=flags.len()),
+    )
+        .prop_map(move |(a, b, bk, wx, wy, f)| {
+            let f: String = f.into_iter().collect();
+            format!("{name}={a}x{b}x{bk}@{wx}x{wy}{f}")
+        })
+}
+
+/// A problem no hand-written case chose: 1-7 images of 1-3 channels and 2-12 pixels a side,
+/// padding 0-3, any window that fits, 1-20 kernels, any batch; run by the staged kernels with
+/// random tiles and options, or the uniform-buffer kernels with random blocks, or the direct
+/// ones. Everything the hand-written cases compare (L, logp, T, B, theta, counts, LL, S) is
+/// compared here, with the same tolerances.
+fn problem() -> impl Strategy<Value = (u64, [usize; 8])> {
+    (1usize..=7, 1usize..=3, 2usize..=12, 2usize..=12, 0usize..=3)
+        .prop_flat_map(|(n, c, h, w, pad)| {
+            (
+                any::<u64>(),
+                Just((n, c, h, w, pad)),
+                1usize..=(h.min(w) + 2 * pad),
+                1usize..=20,
+                1usize..=n,
+            )
+        })
+        .prop_map(|(seed, (n, c, h, w, pad), kw, k, batch)| {
+            (seed % 1_000_000, [n, c, h, w, k, kw, pad, batch])
+        })
+}
+
+fn kernels() -> impl Strategy<Value = (Variant, String)> {
+    prop_oneof![
+        3 => (tile_part("e", "sudgc"), tile_part("m", "sudgp"))
+            .prop_map(|(e, m)| (Variant::Staged, format!("{e},{m}"))),
+        1 => (1u32..=8, 1u32..=8).prop_map(|(a, b)| (Variant::Uniform, format!("u={a}x{b}"))),
+        1 => Just((Variant::Direct, String::new())),
+    ]
+}
+
+proptest! {
+    // Each case builds an engine and compiles its GEMM kernels: about a second on lavapipe.
+    #![proptest_config(proptest_config(24))]
+
+    #[test]
+    fn random_problems_and_tiles_match_the_twin(
+        (seed, [n, c, h, w, k, kw, pad, batch]) in problem(),
+        (variant, spec) in kernels(),
+    ) {
+        // `None` where no adapter exists and CALM_REQUIRE_GPU is unset (skipped with a message).
+        let Some(ctx) = shared_gpu() else { return Ok(()) };
+        let tiles = if spec.is_empty() { None } else { Tiles::parse(&spec).ok() };
+        // Tile strings that Tiles::parse refuses, and tiles beyond this adapter's limits, are
+        // not problems: they are drawn again (Tiles's own tests check the refusals).
+        prop_assume!(spec.is_empty() || tiles.is_some());
+        if let Some(t) = tiles.filter(|_| variant == Variant::Staged) {
+            let (te, tm) = t.threads();
+            let (be, bm) = t.workgroup_bytes();
+            prop_assume!(te.max(tm) <= ctx.limits.max_compute_invocations_per_workgroup);
+            prop_assume!(be.max(bm) <= ctx.limits.max_compute_workgroup_storage_size);
+        }
+        check_on(&ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch);
+    }
+}
+
+/// One device for every case of the property above (a context per case would compile all ten
+/// kernels again each time).
+fn shared_gpu() -> Option<Arc<GpuContext>> {
+    static CTX: std::sync::OnceLock<Option<Arc<GpuContext>>> = std::sync::OnceLock::new();
+    CTX.get_or_init(gpu).clone()
 }
