@@ -1493,6 +1493,21 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
         &["eval", "--model", &model, "--max-iter", "0"],
         "--max-iter",
     );
+    // Before any data is read (the probe itself refused it only after the features).
+    for c in ["0", "-1", "NaN", "inf"] {
+        fails_with(
+            &[
+                "eval",
+                "--model",
+                &model,
+                "--c",
+                c,
+                "--train",
+                &p("missing.npy"),
+            ],
+            "--c must be a positive finite number",
+        );
+    }
     fails_with(&["bench", "--backend", "cpu", "--batch", "0"], "--batch");
     // Train and test images of different shapes.
     let other = d.join("other.npy");

@@ -154,6 +154,11 @@ fn flatten(src: &dyn ImageSource) -> Result<ndarray::Array2<f32>> {
 pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
     check_positive("pool", a.pool)?;
     check_positive("max-iter", a.max_iter)?;
+    // The probe refuses it too, but only after the features are computed (minutes on a large
+    // set); say so before any work.
+    if !(a.c > 0.0 && a.c.is_finite()) {
+        bail!("--c must be a positive finite number (got {})", a.c);
+    }
     if a.preset == Some(Preset::Recommended) {
         if a.pool != 1 || a.encode != Encoding::Lse {
             bail!(
