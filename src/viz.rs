@@ -65,6 +65,46 @@ pub fn default_scale(w: usize) -> usize {
     (100 / w.max(1)).max(1)
 }
 
+/// The longest side [`fit_scale`] lets a kernel grid have: larger pictures are beyond most
+/// viewers and take gigabytes to draw (1,000 kernels of 20x20 at scale 64, 8 to a row, were
+/// 10,249 x 160,126 pixels and 4.9 GB).
+pub const MAX_GRID_SIDE: u64 = 16_384;
+
+/// Why no scale fits: the picture at scale 1, and the `per_row` values that would fit (none
+/// when `min > max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridTooLarge {
+    pub width: u64,
+    pub height: u64,
+    pub min_per_row: u64,
+    pub max_per_row: u64,
+}
+
+/// The largest scale, at most `scale`, at which [`kernel_grid`]'s picture of `k` kernels of
+/// `w`x`w`, `per_row` to a row, keeps both sides within [`MAX_GRID_SIDE`]; an error when not
+/// even scale 1 does.
+pub fn fit_scale(k: usize, w: usize, per_row: usize, scale: usize) -> Result<usize, GridTooLarge> {
+    let (k, w) = (k as u64, w.max(1) as u64);
+    let per_row = per_row.max(1) as u64;
+    let cells = k.min(per_row).max(k.div_ceil(per_row));
+    // cells * (w * s + 1) + 1 <= MAX  <=>  s <= ((MAX - 1) / cells - 1) / w.
+    let fits = ((MAX_GRID_SIDE - 1) / cells.max(1)).saturating_sub(1) / w;
+    if fits == 0 {
+        // Scale 1 fits when both ceil(k / per_row) and min(k, per_row) are at most this.
+        let most = (MAX_GRID_SIDE - 1) / (w + 1);
+        let side = |n: u64| n.saturating_mul(w + 1).saturating_add(1);
+        return Err(GridTooLarge {
+            width: side(k.min(per_row)),
+            height: side(k.div_ceil(per_row)),
+            min_per_row: k.div_ceil(most.max(1)),
+            max_per_row: most,
+        });
+    }
+    Ok(scale
+        .max(1)
+        .min(usize::try_from(fits).unwrap_or(usize::MAX)))
+}
+
 /// Width and height in pixels of the picture [`kernel_grid`] draws; see there for the formula.
 pub fn kernel_grid_size(k: usize, w: usize, per_row: usize, scale: usize) -> (u32, u32) {
     let per_row = per_row.max(1);

@@ -2066,3 +2066,60 @@ fn replaced_metrics_survive_an_interrupted_run() {
         .count();
     assert_eq!(hidden, 0);
 }
+
+/// `show` draws a grid of at most 16,384 px a side: a smaller scale with a note where the one
+/// asked for would pass it, an error naming the `--per-row` values that fit where none does
+/// (1,000 kernels of 20x20 at scale 64 drew 10,249 x 160,126 px in 4.9 GB).
+#[test]
+fn show_keeps_the_kernel_grid_viewable() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let x = d.join("x.npy");
+    write_npy_f32(&x, &common::random_images(3, 4, 1, 28, 28).images);
+    let model = d.join("big.safetensors");
+    let out = calm()
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--kernels",
+            "1000",
+            "--width",
+            "20",
+        ])
+        .args(["--epochs", "1", "--quiet", "--data"])
+        .arg(&x)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let png = d.join("k.png");
+    let out = calm()
+        .args(["show", "--scale", "64", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("drawn at scale 6, not 64"), "{stderr}");
+    assert_eq!(image::image_dimensions(&png).unwrap(), (969, 15_126));
+    let out = calm()
+        .args(["show", "--force", "--per-row", "1", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("22x21001 px even at scale 1")
+            && stderr.contains("--per-row from 2 to 780"),
+        "{stderr}"
+    );
+    // The refused run left the earlier picture as it was.
+    assert_eq!(image::image_dimensions(&png).unwrap(), (969, 15_126));
+}

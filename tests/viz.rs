@@ -315,3 +315,66 @@ fn loglik_plot_survives_extreme_magnitudes() {
         assert_eq!(img.dimensions(), (400, 300));
     }
 }
+
+/// `fit_scale` keeps a kernel grid within `MAX_GRID_SIDE` a side: the largest scale that fits,
+/// never above the one asked for, and where none does, the `--per-row` range that would.
+#[test]
+fn kernel_grids_fit_a_viewable_picture() {
+    use calm_gpu::viz::{GridTooLarge, MAX_GRID_SIDE, fit_scale, kernel_grid_size};
+    let fits = |k, w, per_row, s| {
+        let (a, b) = kernel_grid_size(k, w, per_row, s);
+        a as u64 <= MAX_GRID_SIDE && b as u64 <= MAX_GRID_SIDE
+    };
+    // 1,000 kernels of 20x20, 8 to a row: scale 64 was 10,249 x 160,126 px; 6 is 969 x 15,126.
+    assert_eq!(fit_scale(1000, 20, 8, 64), Ok(6));
+    assert!(fits(1000, 20, 8, 6) && !fits(1000, 20, 8, 7));
+    // What was asked, where it fits.
+    assert_eq!(fit_scale(64, 20, 8, 5), Ok(5));
+    assert_eq!(fit_scale(5, 5, 8, 100_000), Ok(655));
+    // One to a row is 21,001 px tall even at scale 1; 2 to 780 to a row fit.
+    assert_eq!(
+        fit_scale(1000, 20, 1, 1),
+        Err(GridTooLarge {
+            width: 22,
+            height: 21_001,
+            min_per_row: 2,
+            max_per_row: 780
+        })
+    );
+    assert!(fits(1000, 20, 2, 1) && fits(1000, 20, 780, 1) && !fits(1000, 20, 781, 1));
+    // Too many kernels for any row length.
+    let e = fit_scale(1_000_000_000, 20, 8, 1).unwrap_err();
+    assert!(e.min_per_row > e.max_per_row, "{e:?}");
+    // Random sizes: the answer fits and the next scale up does not (unless it is the one asked).
+    let mut state = 7u64;
+    let mut next = |m: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        (state >> 33) % m + 1
+    };
+    for _ in 0..10_000 {
+        let (k, w, per_row, scale) = (
+            next(3000) as usize,
+            next(40) as usize,
+            next(200) as usize,
+            next(300) as usize,
+        );
+        match fit_scale(k, w, per_row, scale) {
+            Ok(s) => {
+                assert!(s >= 1 && s <= scale && fits(k, w, per_row, s));
+                assert!(
+                    s == scale || !fits(k, w, per_row, s + 1),
+                    "{k} {w} {per_row} {scale}: {s}"
+                );
+            }
+            Err(e) => {
+                assert!(!fits(k, w, per_row, 1));
+                if e.min_per_row <= e.max_per_row {
+                    assert!(fits(k, w, e.min_per_row as usize, 1));
+                    assert!(fits(k, w, e.max_per_row as usize, 1));
+                }
+            }
+        }
+    }
+}

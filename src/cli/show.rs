@@ -27,7 +27,8 @@ pub struct ShowArgs {
     /// Kernels per row
     #[arg(long, default_value_t = 8)]
     pub per_row: usize,
-    /// Pixels per kernel pixel (default: about 100 pixels per kernel)
+    /// Pixels per kernel pixel (default: about 100 pixels per kernel; less where the picture would
+    /// pass 16,384 px a side)
     #[arg(long)]
     pub scale: Option<usize>,
     /// Replace existing files
@@ -93,10 +94,35 @@ pub(super) fn show(a: ShowArgs) -> Result<()> {
     }
     if let Some(out) = &a.out {
         let l = model.meta.layer;
-        let scale = a
+        let wanted = a
             .scale
-            .unwrap_or_else(|| calm_gpu::viz::default_scale(l.width))
-            .clamp(1, 64);
+            .unwrap_or_else(|| calm_gpu::viz::default_scale(l.width));
+        let scale = match calm_gpu::viz::fit_scale(l.kernels, l.width, a.per_row, wanted) {
+            Ok(s) => s,
+            Err(e) if e.min_per_row <= e.max_per_row => bail!(
+                "{} kernels at {} per row make a picture of {}x{} px even at scale 1, more than {} px a side; give --per-row from {} to {}",
+                l.kernels,
+                a.per_row,
+                e.width,
+                e.height,
+                calm_gpu::viz::MAX_GRID_SIDE,
+                e.min_per_row,
+                e.max_per_row
+            ),
+            Err(_) => bail!(
+                "{} kernels of {}x{} do not fit one picture of at most {} px a side at any --per-row",
+                l.kernels,
+                l.width,
+                l.width,
+                calm_gpu::viz::MAX_GRID_SIDE
+            ),
+        };
+        if scale < wanted {
+            eprintln!(
+                "note: drawn at scale {scale}, not {wanted}: the largest that keeps the picture within {} px a side",
+                calm_gpu::viz::MAX_GRID_SIDE
+            );
+        }
         let img = calm_gpu::viz::kernel_grid(
             &model.theta,
             l.kernels,
