@@ -74,7 +74,7 @@ pub fn engine(
             },
         )?),
         None => {
-            crate::cpu::fast::check_host_memory(&g)?;
+            crate::cpu::fast::check_host_memory(&g, batch)?;
             Box::new(CpuEngine::new(g, source, theta, batch))
         }
     })
@@ -124,7 +124,8 @@ pub fn features(
         }
         None => {
             let (t, b) = prior.effective(&g, theta);
-            crate::cpu::fast::check_host_memory(&g)?;
+            // Features hold no T: a batch of 1 counts the chunk buffers and a single T.
+            crate::cpu::fast::check_host_memory(&g, 1)?;
             crate::cpu::fast::features(&g, source.as_ref(), &t, &b, batch, pooling, progress)
         }
     }

@@ -39,20 +39,32 @@ fn chunk_images(g: &Geometry) -> usize {
     (BYTES / per_image.max(1)).max(1)
 }
 
+/// Chunks whose `T` (`K x R` f32 each) are held at once before they are added into the epoch's
+/// sum: as many as 256 MB holds, at least one per thread. The sum runs in chunk order whatever
+/// this is, so results do not depend on it. (Holding every chunk's `T` of a batch, as before,
+/// took 160 GB for K 100,000 kernels of 20x20 in batches of 1,000 and was killed.)
+fn wave_chunks(g: &Geometry) -> usize {
+    const BYTES: usize = 256 << 20;
+    let t = g.k * g.r() * 4;
+    (BYTES / t.max(1)).max(rayon::current_num_threads()).max(1)
+}
+
 /// Host bytes the CPU engine needs at least for `g`: each worker's chunk buffers (images,
-/// padded images, patches `A`, `L`) and its `T`, plus the f64 sums.
-pub fn host_bytes(g: &Geometry) -> u128 {
-    let ci = chunk_images(g) as u128;
+/// padded images, patches `A`, `L`), the `T` of a wave of chunks ([`wave_chunks`]; at most the
+/// batch's), plus the f64 sums.
+pub fn host_bytes(g: &Geometry, batch: usize) -> u128 {
+    let ci = chunk_images(g);
     let (p, r, k) = (g.positions() as u128, g.r() as u128, g.k as u128);
     let image = (g.c * g.h * g.w) as u128 + g.padded_len() as u128;
-    let worker = ci * (image + p * r + p * k) * 4 + k * r * 4;
-    rayon::current_num_threads() as u128 * worker + k * r * 8
+    let worker = ci as u128 * (image + p * r + p * k) * 4;
+    let held = wave_chunks(g).min(batch.max(1).div_ceil(ci)) as u128;
+    rayon::current_num_threads() as u128 * worker + held * k * r * 4 + k * r * 8
 }
 
 /// Refuses a layer whose CPU-engine buffers ([`host_bytes`]) exceed the machine's memory
 /// (Linux's `MemTotal`; elsewhere nothing is checked): an error instead of an abort when the
 /// allocation fails mid-epoch.
-pub fn check_host_memory(g: &Geometry) -> Result<()> {
+pub fn check_host_memory(g: &Geometry, batch: usize) -> Result<()> {
     let Some(total) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -61,7 +73,7 @@ pub fn check_host_memory(g: &Geometry) -> Result<()> {
     }) else {
         return Ok(());
     };
-    let need = host_bytes(g);
+    let need = host_bytes(g, batch);
     if need > total {
         return Err(crate::error::CalmError::Invalid(format!(
             "the CPU engine needs at least {:.1} GB for K {} kernels of {}x{}x{} on {}x{}x{} images, more than this machine's {:.1} GB; use fewer --kernels or a smaller --width",
@@ -86,6 +98,8 @@ pub struct CpuEngine {
     counts: Vec<f32>,
     prior: Prior,
     batch: usize,
+    /// Chunks per wave ([`wave_chunks`]).
+    wave: usize,
     pool: Pool,
 }
 
@@ -100,6 +114,7 @@ impl CpuEngine {
             source,
             theta,
             batch: batch.max(1),
+            wave: wave_chunks(&g),
             pool: Pool::default(),
         }
     }
@@ -517,29 +532,41 @@ impl Engine for CpuEngine {
         let n = self.source.len();
         let mut start = 0;
         let pool = &self.pool;
+        let (ci, wave) = (chunk_images(&g), self.wave);
         while start < n {
             if crate::interrupt::requested() {
                 // Abandon the epoch: theta and counts are untouched until the update below.
                 return Err(crate::CalmError::Interrupted);
             }
             let nb = self.batch.min(n - start);
-            let parts = for_chunks(&g, self.source.as_ref(), pool, start, nb, |s, ni| {
-                let spare = lock(&pool.t).pop().unwrap_or_default();
-                stats_chunk(s, &g, ni, &theta, &bias, spare)
-            })?;
-            for part in &parts {
-                ll += part.ll;
-                b.iter_mut().zip(&part.b).for_each(|(acc, &v)| *acc += v);
-            }
-            // Each entry of T is summed over the chunks in chunk order, whatever the threads.
-            t.par_chunks_mut(T_BLOCK).enumerate().for_each(|(i, tc)| {
-                for part in &parts {
-                    tc.iter_mut()
-                        .zip(&part.t[i * T_BLOCK..])
-                        .for_each(|(acc, &v)| *acc += v as f64);
+            // The batch's chunks in waves of `wave` chunks, so that only a wave's T are held.
+            let mut done = 0;
+            while done < nb {
+                if done > 0 && crate::interrupt::requested() {
+                    return Err(crate::CalmError::Interrupted);
                 }
-            });
-            lock(&pool.t).extend(parts.into_iter().map(|p| p.t));
+                let nw = (wave * ci).min(nb - done);
+                let parts =
+                    for_chunks(&g, self.source.as_ref(), pool, start + done, nw, |s, ni| {
+                        let spare = lock(&pool.t).pop().unwrap_or_default();
+                        stats_chunk(s, &g, ni, &theta, &bias, spare)
+                    })?;
+                for part in &parts {
+                    ll += part.ll;
+                    b.iter_mut().zip(&part.b).for_each(|(acc, &v)| *acc += v);
+                }
+                // Each entry of T is summed over the chunks in chunk order, whatever the threads
+                // and the waves.
+                t.par_chunks_mut(T_BLOCK).enumerate().for_each(|(i, tc)| {
+                    for part in &parts {
+                        tc.iter_mut()
+                            .zip(&part.t[i * T_BLOCK..])
+                            .for_each(|(acc, &v)| *acc += v as f64);
+                    }
+                });
+                lock(&pool.t).extend(parts.into_iter().map(|p| p.t));
+                done += nw;
+            }
             start += nb;
             progress(start);
         }
@@ -715,15 +742,25 @@ mod tests {
             * ci
             * (mnist.positions() * (mnist.r() + mnist.k)) as u128
             * 4;
-        let bytes = host_bytes(&mnist);
+        // Plus the T (K x R f32) of each chunk of a batch, all of them while they fit a wave.
+        let t = (mnist.k * mnist.r() * 4) as u128;
+        let chunks = 1000u128.div_ceil(ci);
+        assert!(chunks <= wave_chunks(&mnist) as u128);
+        let bytes = host_bytes(&mnist, 1000);
         assert!(
-            bytes >= floor && bytes < 4 * floor + (1 << 20),
-            "{bytes} vs {floor}"
+            bytes >= floor + chunks * t && bytes < 4 * floor + chunks * t + (1 << 20),
+            "{bytes} vs {floor} + {chunks} x {t}"
         );
-        check_host_memory(&mnist).unwrap();
+        check_host_memory(&mnist, 1000).unwrap();
+        // K 100,000 kernels of 20x20 (T 160 MB): a wave's T, not a batch's (which was 160 GB).
+        let wide = Geometry::new(l(100_000, 20, 2), 1, 28, 28).unwrap();
+        assert_eq!(host_bytes(&wide, 1000), host_bytes(&wide, 1_000_000));
+        let t = (wide.k * wide.r() * 4) as u128;
+        let held = wave_chunks(&wide) as u128;
+        assert!(held < 1000 && host_bytes(&wide, 1000) >= held * t);
         // 2^31 L values per image and worker: beyond any machine this runs on.
         let huge = Geometry::new(l(2_000_000, 1, 0), 1, 32, 32).unwrap();
-        assert!(host_bytes(&huge) > 8_000_000_000);
+        assert!(host_bytes(&huge, 1000) > 8_000_000_000);
     }
 
     /// Error of `exp_nonpos` in units in the last place of the correctly rounded f32 result.
@@ -892,13 +929,14 @@ mod tests {
         let g = Geometry::new(layer, c, h, w).unwrap();
         let data = Arc::new(crate::bench::random_images(5, n, c, h, w));
         let theta = crate::em::init_theta(&g, 4);
-        let run = |threads: usize| {
+        let run = |threads: usize, wave: Option<usize>| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             pool.install(|| {
                 let mut eng = CpuEngine::new(g, data.clone(), theta.clone(), 17);
+                eng.wave = wave.unwrap_or(eng.wave);
                 let lls: Vec<u64> = (0..2)
                     .map(|_| eng.epoch(&mut |_| {}).unwrap().loglik.to_bits())
                     .collect();
@@ -918,8 +956,11 @@ mod tests {
                 (lls, eng.theta().unwrap(), f)
             })
         };
-        let one = run(1);
-        assert_eq!(one, run(3));
-        assert_eq!(one, run(2));
+        let one = run(1, None);
+        assert_eq!(one, run(3, None));
+        assert_eq!(one, run(2, None));
+        // Waves of 1 and 2 chunks (of the batch's 17): the same bits.
+        assert_eq!(one, run(2, Some(1)));
+        assert_eq!(one, run(1, Some(2)));
     }
 }
