@@ -703,3 +703,89 @@ fn shared_gpu() -> Option<Arc<GpuContext>> {
     static CTX: std::sync::OnceLock<Option<Arc<GpuContext>>> = std::sync::OnceLock::new();
     CTX.get_or_init(gpu).clone()
 }
+
+proptest! {
+    // Each case takes about 10 ms on lavapipe.
+    #![proptest_config(proptest_config(64))]
+
+    /// Features on generated problems: either encoding, a 1-4 grid that fits the positions, any
+    /// batch; the GPU and the CPU engine against the f64 twins, with the fixed case's TOL.
+    #[test]
+    fn random_problems_features_match_the_twins(
+        (seed, [n, c, h, w, k, kw, pad, batch]) in problem(),
+        grid in 1usize..=4,
+        triangle in any::<bool>(),
+    ) {
+        features_case(seed, [n, c, h, w, k, kw, pad, batch], grid, triangle)?;
+    }
+}
+
+/// One case of `random_problems_features_match_the_twins` (outside the macro, where rustfmt
+/// reaches).
+fn features_case(
+    seed: u64,
+    [n, c, h, w, k, kw, pad, batch]: [usize; 8],
+    grid: usize,
+    triangle: bool,
+) -> Result<(), TestCaseError> {
+    use calm_gpu::features::{Encoding, Pooling};
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: k,
+            width: kw,
+            pad,
+        },
+        c,
+        h,
+        w,
+    )
+    .unwrap();
+    prop_assume!(g.check_pool_grid(grid).is_ok());
+    let encoding = if triangle {
+        Encoding::Triangle
+    } else {
+        Encoding::Lse
+    };
+    let data = Arc::new(random_images(seed, n, c, h, w));
+    let theta = random_theta(seed + 1, g.k * g.r(), 0.3);
+    let x = data.images.as_slice().unwrap();
+    let xpad = reference::pad_images(&g, x, n);
+    let l = reference::estep(&g, &xpad, n, &theta);
+    let want = match encoding {
+        Encoding::Lse => reference::features_grid(&g, &l, n, grid),
+        Encoding::Triangle => {
+            let norms = reference::patch_norms(&g, &xpad, n);
+            reference::features_triangle(&g, &l, &norms, n, grid)
+        }
+    };
+    let pooling = Pooling { grid, encoding };
+    let bias = calm_gpu::cpu::fast::bias_f32(&g, &theta);
+    let cpu = calm_gpu::cpu::fast::features(
+        &g,
+        data.as_ref(),
+        &theta,
+        &bias,
+        batch,
+        pooling,
+        &mut |_| {},
+    )
+    .unwrap();
+    let shape =
+        format!("{encoding} grid {grid} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}");
+    let e = rel_err(cpu.as_slice().unwrap(), &want);
+    prop_assert!(e < TOL, "cpu {shape}: {e}");
+    let Some(ctx) = shared_gpu() else {
+        return Ok(());
+    };
+    let opts = GpuOptions {
+        batch,
+        grid,
+        encoding,
+        ..Default::default()
+    };
+    let mut eng = GpuEngine::new(Arc::clone(&ctx), g, data.clone(), &theta, opts).unwrap();
+    let f = eng.features(&mut |_| {}).unwrap();
+    let e = rel_err(f.as_slice().unwrap(), &want);
+    prop_assert!(e < TOL, "gpu {shape}: {e}");
+    Ok(())
+}
