@@ -87,6 +87,102 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), (PathBuf, std::io::Error
     Ok(())
 }
 
+/// An advisory lock that one run holds on an output for as long as it works towards it, so that
+/// a second run writing the same file (a job array given one `--out`, a `--resume` started
+/// twice) is refused at its start instead of training beside the first and overwriting its
+/// checkpoints. The lock is `flock` on a hidden file beside the output, `.NAME.lock`, removed
+/// when the guard drops; the kernel releases the lock itself if the process dies, so a file left
+/// behind by a kill is simply taken over by the next run.
+pub struct OutputLock {
+    path: PathBuf,
+    _file: File,
+}
+
+/// Why [`OutputLock::acquire`] failed.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds the lock.
+    Held(PathBuf),
+    Io(PathBuf, std::io::Error),
+}
+
+impl OutputLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the lock for `output`; `None` for outputs that are not regular files (a pipe, a
+    /// device: nothing is replaced there, so there is nothing to race for). Creates missing
+    /// parent directories, as writing the output would.
+    pub fn acquire(output: &Path) -> Result<Option<Self>, LockError> {
+        if fs::metadata(output).is_ok_and(|m| !m.is_file()) || names_a_directory(output) {
+            return Ok(None);
+        }
+        let Some(name) = output.file_name() else {
+            return Ok(None);
+        };
+        let dir = match output.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        fs::create_dir_all(dir).map_err(|e| LockError::Io(dir.to_path_buf(), e))?;
+        let mut lock_name = std::ffi::OsString::from(".");
+        lock_name.push(name);
+        lock_name.push(".lock");
+        let path = dir.join(lock_name);
+        let io = |e| LockError::Io(path.clone(), e);
+        // A holder removes the file while it still holds the lock: a run that opened the old
+        // file and gets the lock after that holds a lock on nothing, so it checks that the path
+        // still names the file it locked, and tries again if not.
+        for _ in 0..100 {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Err(LockError::Held(path)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+            if same_file(&file, &path) {
+                // A second Ctrl-C exits at once, without drops: the file goes then too.
+                crate::interrupt::remove_on_exit(&path);
+                return Ok(Some(Self { path, _file: file }));
+            }
+        }
+        Err(io(std::io::Error::other(
+            "the lock file keeps being replaced",
+        )))
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the file handle closes after this), so no other run can
+        // hold the lock on the name being removed; on Windows an open file may not be removed,
+        // and the file stays (it is taken over by the next run).
+        let _ = fs::remove_file(&self.path);
+        crate::interrupt::keep_on_exit(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +227,38 @@ mod tests {
             assert_eq!(&got[..n], b"through the pipe");
             assert!(!fs::metadata(&fifo).unwrap().is_file());
         }
+    }
+
+    #[test]
+    fn one_lock_per_output_and_none_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("new/m.safetensors");
+        let lock = dir.path().join("new/.m.safetensors.lock");
+        let first = OutputLock::acquire(&out)
+            .unwrap()
+            .expect("a regular file is locked");
+        assert_eq!(first.path(), lock);
+        assert!(lock.exists());
+        // A second holder, even in the same process (flock is per open file), is refused.
+        match OutputLock::acquire(&out) {
+            Err(LockError::Held(p)) => assert_eq!(p, lock),
+            other => panic!("expected Held, got {:?}", other.map(|l| l.is_some())),
+        }
+        drop(first);
+        assert!(!lock.exists());
+        // A file left by a killed holder is locked by nobody: taken over.
+        fs::write(&lock, b"").unwrap();
+        let again = OutputLock::acquire(&out).unwrap().unwrap();
+        drop(again);
+        assert!(!lock.exists());
+        // No lock for what is not replaced: a device, or a path naming a directory.
+        #[cfg(unix)]
+        assert!(
+            OutputLock::acquire(Path::new("/dev/null"))
+                .unwrap()
+                .is_none()
+        );
+        let slash = PathBuf::from(format!("{}/", dir.path().join("d").display()));
+        assert!(OutputLock::acquire(&slash).unwrap().is_none());
     }
 }

@@ -2123,3 +2123,76 @@ fn show_keeps_the_kernel_grid_viewable() {
     // The refused run left the earlier picture as it was.
     assert_eq!(image::image_dimensions(&png).unwrap(), (969, 15_126));
 }
+
+/// A second `train` writing the same model file, or checkpointing into the same directory, is
+/// refused at its start while the first runs (it used to train beside it and overwrite its
+/// checkpoints); the lock files go when the first run stops, even by SIGTERM.
+#[test]
+fn a_second_run_on_the_same_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::random_images(7, 600, 1, 28, 28);
+    let data = dir.path().join("x.npy");
+    write_npy_f32(&data, &d.images);
+    let out_path = dir.path().join("run.safetensors");
+    let ck = dir.path().join("ck");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("calm-gpu"))
+        .args(train_argv(&data, &out_path, "64 20 2 50 100 5"))
+        .arg("--checkpoint-dir")
+        .arg(&ck)
+        .env("CALM_TUNE_FILE", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let locks = [
+        dir.path().join(".run.safetensors.lock"),
+        ck.join(".checkpoint.safetensors.lock"),
+    ];
+    let t0 = std::time::Instant::now();
+    while !locks.iter().all(|l| l.exists()) {
+        assert!(t0.elapsed().as_secs() < 60, "the first run took no locks");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The same --out (with --force, which replaces a finished file, not a running run's).
+    let other = dir.path().join("other.safetensors");
+    for (out, extra) in [(&out_path, None), (&other, Some(&ck))] {
+        let mut cmd = calm();
+        cmd.args(train_argv(&data, out, "8 3 1 600 1 5"))
+            .arg("--force");
+        if let Some(ck) = extra {
+            cmd.arg("--checkpoint-dir").arg(ck);
+        }
+        let res = cmd.output().unwrap();
+        assert_eq!(res.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(err.contains("another calm-gpu run is writing"), "{err}");
+        assert!(!other.exists());
+    }
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for l in &locks {
+        assert!(!l.exists(), "{} left behind", l.display());
+    }
+    // Free again: a new run takes both.
+    let res = calm()
+        .args(train_argv(&data, &out_path, "8 3 1 600 1 5"))
+        .arg("--force")
+        .arg("--checkpoint-dir")
+        .arg(&ck)
+        .output()
+        .unwrap();
+    assert_ok(&res);
+    for l in &locks {
+        assert!(!l.exists(), "{} left behind", l.display());
+    }
+}

@@ -484,6 +484,16 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
         outputs.push(&checkpoint_dir);
         check_distinct(&inputs, &outputs)?;
     }
+    // One run at a time per model file and per checkpoint directory, held until this function
+    // returns. `<out>.checkpoint` (no --checkpoint-dir) follows --out's lock, and is not made
+    // unless the run is interrupted.
+    let locks = [
+        lock_output(&cfg.out, "give --out another file")?,
+        match &cfg.checkpoint_dir {
+            Some(_) => lock_output(&checkpoint_file, "give --checkpoint-dir another directory")?,
+            None => None,
+        },
+    ];
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
     let data = match &cfg.cache {
         Some(p) => cached(p, data, &names, pre, quiet)?,
@@ -746,8 +756,10 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
         let dir = checkpoint_dir;
         let m = make_model(engine.as_mut(), &outcome.history, None)?;
         write_checkpoint(&dir, &m, &outcome.history)?;
-        // exit() runs no destructors: a replaced --metrics file keeps its old lines now.
+        // exit() runs no destructors: a replaced --metrics file keeps its old lines now, and the
+        // lock files go.
         drop(metrics);
+        drop(locks);
         eprintln!(
             "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
             outcome.stopped.as_deref().unwrap_or("interrupted"),
@@ -862,6 +874,19 @@ impl Drop for MetricsLog {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// [`OutputLock::acquire`] with the CLI's messages; `fix` says what else the user can do.
+fn lock_output(path: &Path, fix: &str) -> Result<Option<calm_gpu::atomic::OutputLock>> {
+    use calm_gpu::atomic::{LockError, OutputLock};
+    OutputLock::acquire(path).map_err(|e| match e {
+        LockError::Held(lock) => anyhow::anyhow!(
+            "another calm-gpu run is writing {} (it holds {}); wait for it to end or {fix}",
+            path.display(),
+            lock.display()
+        ),
+        LockError::Io(p, e) => anyhow::anyhow!("{}: {e}", p.display()),
+    })
 }
 
 #[cfg(test)]
