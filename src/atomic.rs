@@ -96,6 +96,8 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), (PathBuf, std::io::Error
 pub struct OutputLock {
     path: PathBuf,
     _file: File,
+    /// Directories made for the lock file, deepest first: removed again if still empty.
+    made: Vec<PathBuf>,
 }
 
 /// Why [`OutputLock::acquire`] failed.
@@ -114,7 +116,8 @@ impl OutputLock {
 
     /// Takes the lock for `output`; `None` for outputs that are not regular files (a pipe, a
     /// device: nothing is replaced there, so there is nothing to race for). Creates missing
-    /// parent directories, as writing the output would.
+    /// parent directories, as writing the output would, and removes them again when the lock
+    /// goes if nothing was written into them (a run that fails leaves no empty directory).
     pub fn acquire(output: &Path) -> Result<Option<Self>, LockError> {
         if fs::metadata(output).is_ok_and(|m| !m.is_file()) || names_a_directory(output) {
             return Ok(None);
@@ -126,6 +129,11 @@ impl OutputLock {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
+        let made: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         fs::create_dir_all(dir).map_err(|e| LockError::Io(dir.to_path_buf(), e))?;
         let mut lock_name = std::ffi::OsString::from(".");
         lock_name.push(name);
@@ -150,7 +158,11 @@ impl OutputLock {
             if same_file(&file, &path) {
                 // A second Ctrl-C exits at once, without drops: the file goes then too.
                 crate::interrupt::remove_on_exit(&path);
-                return Ok(Some(Self { path, _file: file }));
+                return Ok(Some(Self {
+                    path,
+                    _file: file,
+                    made,
+                }));
             }
         }
         Err(io(std::io::Error::other(
@@ -180,6 +192,10 @@ impl Drop for OutputLock {
         // and the file stays (it is taken over by the next run).
         let _ = fs::remove_file(&self.path);
         crate::interrupt::keep_on_exit(&self.path);
+        for d in &self.made {
+            // Fails, as it should, once the run wrote something there.
+            let _ = fs::remove_dir(d);
+        }
     }
 }
 
@@ -246,11 +262,17 @@ mod tests {
         }
         drop(first);
         assert!(!lock.exists());
+        // The directory made for the lock went with it: nothing was written there.
+        assert!(!dir.path().join("new").exists());
         // A file left by a killed holder is locked by nobody: taken over.
+        fs::create_dir(dir.path().join("new")).unwrap();
         fs::write(&lock, b"").unwrap();
         let again = OutputLock::acquire(&out).unwrap().unwrap();
+        fs::write(&out, b"model").unwrap();
         drop(again);
         assert!(!lock.exists());
+        // A directory the run wrote into stays.
+        assert_eq!(fs::read(&out).unwrap(), b"model");
         // No lock for what is not replaced: a device, or a path naming a directory.
         #[cfg(unix)]
         assert!(

@@ -362,6 +362,38 @@ fn cache_of_preprocessed_images_is_reused_and_checked() {
         cached,
         "the cache is left alone"
     );
+    // A run refused for its layer, its --init or its --whiten writes no cache (those checks come
+    // before the cache is written; --init and --whiten came after it).
+    let bad = dir.path().join("bad_init.npy");
+    ndarray_npy::write_npy(&bad, &Array4::<f32>::zeros((2, 1, 3, 3))).unwrap();
+    let fresh = dir.path().join("fresh.npy");
+    for extra in [
+        vec!["--init".to_string(), bad.to_string_lossy().into_owned()],
+        vec!["--whiten".into(), "100".into()],
+        vec!["--width".into(), "100".into()],
+    ] {
+        let o = calm()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--epochs",
+                "1",
+                "--kernels",
+                "4",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--cache")
+            .arg(&fresh)
+            .args(&extra)
+            .arg("--out")
+            .arg(dir.path().join("refused.st"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        assert!(!fresh.exists(), "{extra:?} wrote the cache");
+    }
 }
 
 #[test]

@@ -88,6 +88,24 @@ fn write_files(dir: &Path) {
     ndarray_npy::write_npy(dir.join("bad.npy"), &bad).unwrap();
 }
 
+/// Files and directories under `dir` whose names start with a dot.
+fn hidden_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                found.push(p.clone());
+            }
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    found
+}
+
 /// What every run must end as: exit 0, or a one-line `error:` with exit 1, or clap's usage error
 /// with exit 2; no panic, no signal, within the timeout.
 fn check_end(what: &str, out: &std::process::Output) -> Result<bool, TestCaseError> {
@@ -156,12 +174,21 @@ fn train_case(options: Vec<Arg>, data: &str, backend: &str) -> Result<(), TestCa
     argv.extend(["--out".into(), "model.safetensors".into()]);
     let what = format!("calm-gpu {}", argv.join(" "));
     let out = calm(dir.path()).args(&argv).output().unwrap();
+    // Whatever the outcome, no hidden file is left: lock files, metrics in progress, temporaries.
+    let hidden = hidden_files(dir.path());
+    prop_assert!(hidden.is_empty(), "{what} left {hidden:?}");
     if !check_end(&what, &out)? {
-        // A refused run writes no model.
-        prop_assert!(
-            !dir.path().join("model.safetensors").exists()
-                || options.iter().any(|(n, _)| *n == "--checkpoint-dir"),
-            "{what} failed but left a model"
+        // A refused run leaves nothing behind: no model, no directory made for its outputs.
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        prop_assert_eq!(
+            left,
+            ["bad.npy", "init.npy", "nan.npy", "x.npy", "y.npy"],
+            "{} failed and left files",
+            what
         );
         return Ok(());
     }

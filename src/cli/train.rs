@@ -495,6 +495,22 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
         },
     ];
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+    // The layer must fit the images and --init must match it before anything is written or
+    // fitted (the cache, a whitening filter); whitening keeps the shape.
+    let (c, h, w) = data.shape();
+    let layer = LayerConfig {
+        kernels: cfg.kernels,
+        width: cfg.width,
+        pad: cfg.pad,
+    };
+    let g = Geometry::new(layer, c, h, w)?;
+    let init = match (&resume, &cfg.init) {
+        (None, Some(p)) => Some(model::load_init(p, &g)?),
+        _ => None,
+    };
+    if let Some(width) = cfg.whiten {
+        data::Whitening::check_width(width, h, w)?;
+    }
     let data = match &cfg.cache {
         Some(p) => cached(p, data, &names, pre, quiet)?,
         None => data,
@@ -514,13 +530,6 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
         Some(wh) => Arc::new(data::Whitened::new(data, Arc::new(wh.clone()))?),
         None => data,
     };
-    let (c, h, w) = data.shape();
-    let layer = LayerConfig {
-        kernels: cfg.kernels,
-        width: cfg.width,
-        pad: cfg.pad,
-    };
-    let g = Geometry::new(layer, c, h, w)?;
     let (theta, mut records) = match &resume {
         Some((ck, records)) => {
             if ck.meta.layer != layer
@@ -531,8 +540,8 @@ pub(super) fn train(mut a: TrainArgs) -> Result<()> {
             (ck.theta.clone(), records.clone())
         }
         None => (
-            match &cfg.init {
-                Some(p) => model::load_init(p, &g)?,
+            match init {
+                Some(theta) => theta,
                 None => em::initial_theta(&g, cfg.init_method, data.as_ref(), cfg.seed)?,
             },
             Vec::new(),

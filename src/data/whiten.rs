@@ -37,15 +37,21 @@ pub struct Whitening {
 }
 
 impl Whitening {
-    /// Fits the filter on `W x W` patches of `source` (seeded, so a seed gives the same filter).
-    pub fn fit(source: &dyn ImageSource, width: usize, seed: u64) -> Result<Self, DataError> {
-        let (c, h, w) = source.shape();
+    /// A patch width [`Whitening::fit`] accepts for `h x w` images: 1 to `min(h, w)`.
+    pub fn check_width(width: usize, h: usize, w: usize) -> Result<(), DataError> {
         if width == 0 || width > h || width > w {
             return Err(DataError::Invalid(format!(
                 "--whiten {width}: the patch must fit the {h}x{w} images (1 to {})",
                 h.min(w)
             )));
         }
+        Ok(())
+    }
+
+    /// Fits the filter on `W x W` patches of `source` (seeded, so a seed gives the same filter).
+    pub fn fit(source: &dyn ImageSource, width: usize, seed: u64) -> Result<Self, DataError> {
+        let (c, h, w) = source.shape();
+        Self::check_width(width, h, w)?;
         if source.is_empty() {
             return Err(DataError::Invalid(
                 "--whiten: no images to fit it on".into(),
