@@ -2200,6 +2200,13 @@ fn a_second_run_on_the_same_output_is_refused() {
         assert!(err.contains("another calm-gpu run is writing"), "{err}");
         assert!(!other.exists());
     }
+    // SIGTERM once the run is training (its first checkpoint is written): before that, during
+    // the data loading, no handler is installed yet and the signal kills it outright.
+    let t0 = std::time::Instant::now();
+    while !ck.join("checkpoint.safetensors").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "epoch 1 never finished");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

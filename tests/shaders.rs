@@ -19,9 +19,10 @@ fn validate(name: &str, text: &str) {
 fn every_kernel_validates() {
     let mut shapes = vec![
         Tiles::default(),
-        Tiles::for_shape(64, 49152),
-        Tiles::for_shape(200, 49152),
-        Tiles::for_shape(200, 16384),
+        Tiles::for_shape(64, 400, 49152),
+        Tiles::for_shape(200, 675, 49152),
+        Tiles::for_shape(200, 675, 16384),
+        Tiles::for_shape(200, 300, 49152),
     ];
     shapes.push(Tiles::parse("e=4x4x8@8,m=4x8x4@32").unwrap());
     shapes.push(Tiles::parse("e=8x8x16@32s,m=8x8x16@8s").unwrap());
@@ -36,7 +37,7 @@ fn every_kernel_validates() {
     shapes.push(Tiles::parse("e=8x4x16@16udgc,m=4x4x16@16dgp").unwrap());
     shapes.push(Tiles::parse("e=4x12x16@32x3gc,m=4x4x8@24x12gp").unwrap());
     shapes.push(Tiles::parse("e=8x8x8@32dc,m=4x4x16@16g").unwrap());
-    shapes.push(Tiles::for_shape(16, 49152));
+    shapes.push(Tiles::for_shape(16, 9, 49152));
     for t in &shapes {
         for (name, kernel) in ALL {
             validate(&format!("{name} {t}"), &source(kernel, t));

@@ -320,11 +320,12 @@ fn read_padded(
     Ok(pad_images(g, host, count))
 }
 
-fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, k: usize) -> Result<Tiles> {
+fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, g: &Geometry) -> Result<Tiles> {
+    let k = g.k;
     let tiles = match (opt, std::env::var("CALM_TILES")) {
         (Some(t), _) => t,
         (None, Ok(s)) => Tiles::parse(&s)?,
-        (None, Err(_)) => Tiles::for_shape(k, ctx.limits.max_compute_workgroup_storage_size),
+        (None, Err(_)) => Tiles::for_shape(k, g.r(), ctx.limits.max_compute_workgroup_storage_size),
     };
     // The uniform-buffer kernels' tile of kernels follows K, whoever chose the rest.
     let tiles = Tiles {
@@ -378,7 +379,7 @@ fn resolve_variant(
 pub fn builtin_choice(ctx: &GpuContext, g: &Geometry) -> Result<Choice> {
     let tiles = Tiles {
         u_tn: Tiles::uniform_tn(g.k),
-        ..Tiles::for_shape(g.k, ctx.limits.max_compute_workgroup_storage_size)
+        ..Tiles::for_shape(g.k, g.r(), ctx.limits.max_compute_workgroup_storage_size)
     };
     let variant = resolve_variant(ctx, g, &tiles, Variant::builtin(&ctx.info), false)?;
     Ok(Choice::new(variant, tiles))
@@ -469,7 +470,7 @@ impl GpuEngine {
             Lookup::Found(c, _) => Some(*c),
             _ => None,
         };
-        let tiles = tiles_for(&ctx, opts.tiles.or(tuned_choice.map(|c| c.tiles)), g.k)?;
+        let tiles = tiles_for(&ctx, opts.tiles.or(tuned_choice.map(|c| c.tiles)), &g)?;
         let grid = opts.grid.max(1);
         g.check_pool_grid(grid)?;
         let tri = opts.encoding == Encoding::Triangle;

@@ -163,27 +163,57 @@ impl Default for Tiles {
 }
 
 impl Tiles {
-    /// Tiles for `k` kernels on an adapter allowing `wg_bytes` of workgroup memory, as measured
-    /// fastest on an H100 (docs/perf.md): 8 x 8 register blocks with 32 x 8 threads in the
-    /// E-step (256 positions x 64 kernels per tile); in the M-step 4 x 4 blocks on a 64 x 64
-    /// tile for small K, and 8 x 8 blocks on a 256-kernel x 64-column tile from K = 128. Where
-    /// the adapter allows only WebGPU's portable 16 KiB, the 12 KiB default.
-    pub fn for_shape(k: usize, wg_bytes: u32) -> Self {
+    /// Tiles for `k` kernels of `r = C w w` weights on an adapter allowing `wg_bytes` of
+    /// workgroup memory, as `calm-gpu tune` measured fastest on an H200 through Vulkan
+    /// (docs/perf.md, 2026-11-29): in the E-step 8 x 8 register blocks with 32 x 8 threads
+    /// (256 positions x 64 kernels per tile), lane-strided (`s`), and for K up to 64 with the
+    /// steps written out (`u`: MNIST E-step 19.6 ms against 25.8 without either); in the M-step
+    /// 4 x 4 blocks on a 64 x 64 tile for small K (`u`), 8 x 8 blocks on a 256-kernel x 64-column
+    /// tile from K = 128 (`s`). The STL-10 protocol's layer (K 200, R 675) gets the tiles that fit
+    /// it: 16 x 25 threads over all 200 kernels in the E-step, 17 x 50 threads of 4 x 8 blocks
+    /// (200 kernels x 136 columns) in the M-step (epoch 160.9 ms against 195.9). Where the
+    /// adapter allows only WebGPU's portable 16 KiB, the 12 KiB default.
+    pub fn for_shape(k: usize, r: usize, wg_bytes: u32) -> Self {
         let mut t = Self {
             u_tn: Self::uniform_tn(k),
             ..Self::default()
         };
-
+        if (k, r) == (200, 675) {
+            let stl = Self {
+                e_rm: 8,
+                e_rn: 8,
+                e_bk: 16,
+                e_wx: 16,
+                e_wy: 25,
+                e_strided: true,
+                m_rk: 4,
+                m_rr: 8,
+                m_bk: 16,
+                m_wx: 17,
+                m_wy: 50,
+                m_strided: true,
+                ..t
+            };
+            let (e, m) = stl.workgroup_bytes();
+            if e.max(m) <= wg_bytes {
+                return stl;
+            }
+        }
         let e_big = Self {
             e_rm: 8,
             e_rn: 8,
             e_bk: 16,
             e_wx: 32,
             e_wy: 8,
+            e_strided: true,
+            e_unroll: k <= 64,
             ..t
         };
         if e_big.workgroup_bytes().0 <= wg_bytes {
             t = e_big;
+        }
+        if k <= 64 {
+            t.m_unroll = true;
         }
         let m_big = Self {
             m_rk: 8,
@@ -191,6 +221,7 @@ impl Tiles {
             m_bk: 16,
             m_wx: 8,
             m_wy: 32,
+            m_strided: true,
             ..t
         };
         if k >= 128 && m_big.workgroup_bytes().1 <= wg_bytes {

@@ -356,6 +356,10 @@ pub fn lookup(ctx: &GpuContext, g: &Geometry) -> Lookup {
 /// The staged tile shapes `calm-gpu tune` tries on a hardware adapter for K up to 64 (the MNIST
 /// protocol's shape first), after the built-in choice; docs/perf.md gives each one's prediction.
 pub const SHAPES_SMALL_K: &[&str] = &[
+    // Next to the built-in (e=8x8x16@32su,m=4x4x16@16u, run 5's fastest on an H200): `g`,
+    // which helped both steps alone there, with it (BK 32 with it is at the end: 41 KiB of
+    // workgroup memory, beyond lavapipe's 32).
+    "e=8x8x16@32sug,m=4x4x16@16ug",
     // Every option that cuts the E-step's memory transactions (`s`, `g`, `c`) with the M-step
     // tile of all 400 columns (below); then the A tiles a float per thread (`g`) and the
     // E-step's results through workgroup memory (`c`) on the built-in shapes, together and
@@ -381,10 +385,13 @@ pub const SHAPES_SMALL_K: &[&str] = &[
     "e=8x8x16@32su,m=4x4x16@16u",
     "e=8x8x16@32sd,m=4x4x16@16d",
     "e=8x4x16@16,m=4x4x16@16",
+    "e=8x8x32@32su,m=4x4x32@16u",
 ];
 
 /// The same for K above 64 (the STL-10 protocol's K 200).
 pub const SHAPES_LARGE_K: &[&str] = &[
+    // The built-in for K 200, R 675 (run 5's fastest) with the steps written out.
+    "e=8x8x16@16x25su,m=4x8x16@17x50su",
     "e=8x8x16@16x25,m=8x8x16@10x25",
     "e=8x8x16@16x25,m=8x8x16@10x25p",
     "e=8x8x16@8x25,m=8x8x16@10x25",
@@ -427,7 +434,7 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
         // What CALM_KERNELS=staged runs here.
         list.push(Choice::new(
             Variant::Staged,
-            Tiles::for_shape(k, ctx.limits.max_compute_workgroup_storage_size),
+            Tiles::for_shape(k, g.r(), ctx.limits.max_compute_workgroup_storage_size),
         ));
         list.extend([uniform(4, 4), uniform(8, 4), uniform(4, 8), uniform(2, 4)]);
     } else {
