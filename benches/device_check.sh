@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The real-GPU check in one go, for a lent NVIDIA machine (see docs/perf.md for the numbers it
-# produced). From the repository root, with a stripped release binary at $BIN and the Vulkan/EGL
-# loader packages in .gl/ (device README; `bash benches/prepare_device.sh` makes both and prints
-# the call):
+# The check of a hardware GPU in one go, written for a Linux machine with an NVIDIA card and its
+# driver (docs/perf.md has where the numbers stand, docs/perf-log.md every run of it). From the
+# repository root, with a stripped release binary at $BIN and the Vulkan/EGL loader packages in
+# .gl/ (`bash benches/prepare_device.sh` makes both and prints the command):
 #
 #   BIN=.dev/calm-gpu OUT=/tmp/out bash benches/device_check.sh
 #
@@ -13,8 +13,8 @@
 # 6. the MNIST epoch of calm-gpu (tune's choice) and of PyTorch, alternating, ROUNDS (2) times;
 # 7. one table. The steps run in the order of their worth (the judged MNIST comparison right after
 # the MNIST sweep, STL-10 next, GL's validate and the TF32 baseline last), each with its own
-# timeout, and all within DEADLINE seconds (540: the device tool stops a call at 600, and the
-# lease's 15 minutes include the machine's start): a step that would outrun it is cut short or
+# timeout, and all within DEADLINE seconds (540 unless set; give it what the machine allows, less
+# a minute for its start): a step that would outrun it is cut short or
 # skipped, and the summary is always written. FULL_STL=1 adds the STL-10 protocol at full size
 # (105,000 images), resident and streamed within 8 GB.
 # A dry run of the script's logic on lavapipe (about 10 minutes on 2 cores, hence DEADLINE=900;
@@ -59,11 +59,11 @@ within() {
   return "$rc"
 }
 # The whole log goes to $OUT as it is written, and so do tune's tables and the tuning file after
-# each step: a call stopped at the device tool's 10-minute limit still brings back what ran.
+# each step: a run stopped from outside (a time limit) still leaves what it measured in $OUT.
 exec > >(tee "$OUT/log.txt") 2>&1
 TEE_PID=$!
-# Per-run JSON goes to $J; only the logs and one combined file go to $OUT (the device tool
-# brings back at most 8 files: log, gpu, devices, two tune tables, tuned.json, results.jsonl).
+# Per-run JSON goes to $J; only the logs and one combined file go to $OUT, so that $OUT holds
+# at most 8 files to copy back: log, gpu, devices, two tune tables, tuned.json, results.jsonl.
 J=${J:-/tmp/calm-json}
 mkdir -p "$J"
 rm -f "$J"/*.json "$J"/*.jsonl "$J"/*.txt
@@ -197,6 +197,6 @@ print(f"{'engine':<72} {'shape':<30} {'epoch s':>9} {'GFLOP/s':>9} {'E GFLOP/s':
 for r in rows:
     print(f"{r[0]:<72} {r[1]:<30} {r[2]:>9.4f} {r[3]:>9.1f} {('%.1f' % r[4]) if r[4] else '-':>10} {('%.1f' % r[5]) if r[5] else '-':>10}")
 PY
-# Let tee write the last lines to $OUT/log.txt before the call ends.
+# Let tee write the last lines to $OUT/log.txt before the script ends.
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Prepares the real-GPU check for a lent NVIDIA machine (the device tool's README): builds the
-# release binary here, strips it into .dev/calm-gpu, downloads the Vulkan/EGL loader packages
-# into .gl/ (the machine's image has the driver but not the loaders), keeps both out of git, and
-# prints the one call to make. From the repository root:
+# Prepares benches/device_check.sh for a Linux machine with an NVIDIA card whose image has the
+# driver but not the Vulkan/EGL loaders: builds the release binary on this machine, strips it
+# into .dev/calm-gpu, downloads the loader packages into .gl/, keeps both out of git, and prints
+# the one command to run there. From the repository root:
 #
 #   bash benches/prepare_device.sh
 #
-# Then the device tool's `run` with the printed command, carry [".gl", ".dev"] and timeout_s 600;
-# benches/device_check.sh fits itself into DEADLINE (540 s) and writes what it measured to $OUT.
+# Then run the printed command on the GPU machine, from a copy of the checkout that includes .gl/
+# and .dev/, allowing it 600 s; benches/device_check.sh fits itself into DEADLINE (540 s) and
+# writes what it measured to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for d in /.gl/ /.dev/; do
@@ -26,7 +27,7 @@ if ! ls .gl/libvulkan1_*.deb > /dev/null 2>&1; then
   (cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 fi
 echo "loaders: $(ls .gl | tr '\n' ' ')"
-echo "carried: $(du -shc .gl .dev | tail -1 | cut -f1) of the tool's 64 MiB"
+echo "to copy along: $(du -shc .gl .dev | tail -1 | cut -f1) (.gl and .dev)"
 echo
 echo "run: BIN=.dev/calm-gpu OUT=\$OUT bash benches/device_check.sh"
-echo "carry: [\".gl\", \".dev\"]   timeout_s: 600"
+echo "with: .gl/ and .dev/ copied along with the checkout; allow 600 s"

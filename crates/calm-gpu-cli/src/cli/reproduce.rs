@@ -1,0 +1,324 @@
+//! `calm-gpu reproduce`: one of the paper's protocols end to end.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+
+use super::values;
+use calm_gpu::Device;
+use calm_gpu::data::preprocess::Preprocess;
+use calm_gpu::model::Model;
+use calm_gpu::{LayerConfig, data, model};
+
+use super::eval::{Baseline, EvalArgs, eval};
+use super::outputs::check_output;
+use super::show::{ShowArgs, show};
+use super::train::{TrainArgs, TrainProtocol, train};
+use super::{Preset, RECOMMENDED, check_positive};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolName {
+    /// MNIST: the four standard IDX files (raw or .gz) in --data-dir
+    Mnist,
+    /// Fashion-MNIST, same layout; default --data-dir is Debian's dataset-fashion-mnist
+    Fashion,
+    /// STL-10 binary: train_X.bin, train_y.bin, test_X.bin, test_y.bin and, if present,
+    /// unlabeled_X.bin in --data-dir
+    Stl10,
+}
+
+#[derive(Args)]
+// "-1" for a number is read as a value, so the error says what is wrong with it.
+#[command(allow_negative_numbers = true)]
+pub struct ReproduceArgs {
+    /// The reference protocol to run (SPEC.md)
+    #[arg(value_enum)]
+    pub protocol: ProtocolName,
+    /// Run calm-gpu's recommended configuration instead of the paper's (training and probe)
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Where the dataset's files are
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where the model, results.md, results.json and the pictures go (default results/<protocol>)
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Where EM and the features run: a hardware GPU if auto finds one, else the CPU engine
+    #[arg(long, value_parser = values::device(), default_value_t = Device::Auto)]
+    pub backend: Device,
+    /// Override the protocol's number of epochs (e.g. for a quick look)
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override the protocol's batch size
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Seed of the initial weights (and of data-patch draws and revival)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace earlier results in --out-dir
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The first of `names` that exists in `dir`.
+fn find_in(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    for n in names {
+        let p = dir.join(n);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{}: none of {} found", dir.display(), names.join(", "))
+}
+
+fn idx_files(dir: &Path) -> Result<[PathBuf; 4]> {
+    let f = |stem: &str| find_in(dir, &[&format!("{stem}.gz"), stem]);
+    Ok([
+        f("train-images-idx3-ubyte")?,
+        f("train-labels-idx1-ubyte")?,
+        f("t10k-images-idx3-ubyte")?,
+        f("t10k-labels-idx1-ubyte")?,
+    ])
+}
+
+pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let name = format!("{:?}", a.protocol).to_lowercase();
+    let dir = match (&a.data_dir, a.protocol) {
+        (Some(d), _) => d.clone(),
+        (None, ProtocolName::Fashion) => PathBuf::from("/usr/share/datasets/fashion-mnist"),
+        (None, _) => bail!("--data-dir is needed for {name}"),
+    };
+    let out = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("results").join(&name));
+    if out.exists() && !out.is_dir() {
+        bail!("--out-dir {} is a file; name a directory", out.display());
+    }
+    // Before any folder is made or file read.
+    for (name, v) in [("epochs", a.epochs), ("batch", a.batch)] {
+        if let Some(v) = v {
+            check_positive(name, v)?;
+        }
+    }
+    let model_path = out.join("model.safetensors");
+    // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)
+    let (train_data, probe_train, probe_test, layer, batch, epochs, pre) = match a.protocol {
+        ProtocolName::Mnist | ProtocolName::Fashion => {
+            let [xtr, ytr, xte, yte] = idx_files(&dir)?;
+            (
+                vec![xtr.clone()],
+                (xtr, ytr),
+                (xte, yte),
+                LayerConfig {
+                    kernels: 64,
+                    width: 20,
+                    pad: 2,
+                },
+                1000,
+                15,
+                Preprocess::Scale,
+            )
+        }
+        ProtocolName::Stl10 => {
+            let xtr = find_in(&dir, &["train_X.bin"])?;
+            let ytr = find_in(&dir, &["train_y.bin"])?;
+            let xte = find_in(&dir, &["test_X.bin"])?;
+            let yte = find_in(&dir, &["test_y.bin"])?;
+            let mut train = vec![xtr.clone()];
+            if let Ok(u) = find_in(&dir, &["unlabeled_X.bin"]) {
+                train.push(u);
+            }
+            (
+                train,
+                (xtr, ytr),
+                (xte, yte),
+                LayerConfig {
+                    kernels: 200,
+                    width: 15,
+                    pad: 0,
+                },
+                200,
+                10,
+                Preprocess::ZcaImage,
+            )
+        }
+    };
+    // Everything this run writes is refused up front without --force (nothing trained first),
+    // and the probe's label files are read before the training they would follow.
+    for f in [
+        "model.safetensors",
+        "metrics.jsonl",
+        "loglik.png",
+        "kernels.png",
+        "results.json",
+        "results.md",
+    ] {
+        check_output(&out.join(f), a.force)?;
+    }
+    for (images, labels) in [&probe_train, &probe_test] {
+        let y = data::load_labels(labels)?;
+        let n = data::open_source(images, Some(Preprocess::None))?.len();
+        if y.len() != n {
+            bail!(
+                "{}: {n} images but {} labels in {}",
+                images.display(),
+                y.len(),
+                labels.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    let mnist_preset = a.preset == Some(Preset::Recommended) && a.protocol != ProtocolName::Stl10;
+    let (layer, epochs) = if mnist_preset {
+        (RECOMMENDED.layer, a.epochs.unwrap_or(RECOMMENDED.epochs))
+    } else {
+        (layer, a.epochs.unwrap_or(epochs))
+    };
+    let batch = a.batch.unwrap_or(batch);
+    println!(
+        "== {name}: training K={} w={} p={}, batch {batch}, {epochs} epochs, preprocess {pre}{}",
+        layer.kernels,
+        layer.width,
+        layer.pad,
+        if a.preset.is_some() {
+            " (--preset recommended)"
+        } else {
+            ""
+        }
+    );
+    let t0 = std::time::Instant::now();
+    train(TrainArgs {
+        data: train_data.clone(),
+        backend: Some(a.backend),
+        // The preset brings its own layer for MNIST-shaped data; STL-10 keeps its protocol's.
+        kernels: (!mnist_preset).then_some(layer.kernels),
+        width: (!mnist_preset).then_some(layer.width),
+        pad: (!mnist_preset).then_some(layer.pad),
+        batch: Some(batch),
+        epochs: (!mnist_preset || a.epochs.is_some()).then_some(epochs),
+        seed: Some(a.seed),
+        init: None,
+        out: Some(model_path.clone()),
+        metrics: Some(out.join("metrics.jsonl")),
+        force: a.force,
+        quiet: false,
+        checkpoint_dir: None,
+        preprocess: Some(pre),
+        plot: Some(out.join("loglik.png")),
+        resume: None,
+        init_method: None,
+        revive: false,
+        tol: None,
+        learn_weights: false,
+        learn_variance: false,
+        protocol: if a.preset.is_none() {
+            Some(TrainProtocol::Paper)
+        } else {
+            None
+        },
+        preset: a.preset,
+        cache: None,
+        whiten: None,
+    })?;
+    let train_secs = t0.elapsed().as_secs_f64();
+    // The model is new now: results of an earlier run in this folder (--force) describe a model
+    // that is gone, and go before the probe, so that a run stopped during it leaves no
+    // mismatched pair behind (the probe writes them again).
+    for f in ["results.json", "results.md"] {
+        let p = out.join(f);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(&p).with_context(|| p.display().to_string())?;
+        }
+    }
+    show(ShowArgs {
+        model: model_path.clone(),
+        out: Some(out.join("kernels.png")),
+        plot: None,
+        per_row: 8,
+        scale: None,
+        force: true,
+    })?;
+    println!("== {name}: linear probe on CALM features, raw pixels and random kernels");
+    let rows = eval(EvalArgs {
+        model: model_path.clone(),
+        preset: a.preset,
+        train: Some(probe_train.0.clone()),
+        train_labels: Some(probe_train.1.clone()),
+        test: Some(probe_test.0.clone()),
+        test_labels: Some(probe_test.1.clone()),
+        baseline: vec![Baseline::Raw, Baseline::Random],
+        backend: a.backend,
+        batch,
+        c: 1.0,
+        max_iter: 1000,
+        standardize: false,
+        pool: None,
+        encode: None,
+        val_split: None,
+        json: Some(out.join("results.json")),
+        force: true,
+    })?;
+    let m = Model::load(&model_path)?;
+    let last = m.meta.history.last();
+    let mut md = match a.preset {
+        None => format!("# calm-gpu: the {name} protocol\n\n"),
+        Some(_) => format!(
+            "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nImages whitened over 7x7 patches, data-patch initialisation, revival{}; the probe sees the triangle encoding summed over a 4x4 grid, standardised.\n\n",
+            if mnist_preset {
+                ", K 128 kernels of 8x8 without padding"
+            } else {
+                ", the protocol's layer"
+            }
+        ),
+    };
+    md.push_str(&format!(
+        "`calm-gpu reproduce {name}` on {}. Data: {}.\n\n",
+        m.meta.engine,
+        train_data
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    md.push_str(&format!(
+        "Training: {} images, K = {}, w = {}, p = {}, batch {batch}, {} of {epochs} epochs, preprocessing {}, seed {}; {:.1} s in all; final LL per image {}.{}\n\n",
+        m.meta.images,
+        layer.kernels,
+        layer.width,
+        layer.pad,
+        m.meta.history.len(),
+        m.meta.preprocess,
+        a.seed,
+        train_secs,
+        last.map_or("-".into(), |h| format!("{:.4}", h.loglik / m.meta.images as f64)),
+        m.meta.stopped.as_ref().map(|s| format!(" Stopped early: {s}.")).unwrap_or_default()
+    ));
+    md.push_str(
+        "Linear probe (softmax regression, L2 with C = 1 as scikit-learn's default, L-BFGS):\n\n",
+    );
+    md.push_str("| features | dims | train accuracy | test accuracy | probe iterations |\n|---|---|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.2}% | {:.2}% | {}{} |\n",
+            r.features,
+            r.dims,
+            100.0 * r.report.train_acc,
+            100.0 * r.report.test_acc,
+            r.report.iterations,
+            if r.report.converged { "" } else { " (cap)" }
+        ));
+    }
+    let usage = model::kernel_use(&m.theta, &m.counts);
+    md.push_str(&format!(
+        "\nKernels with count < 1 (unused): {} of {}; distinct (none within 1% relative distance of another): {}.\n\n",
+        usage.unused,
+        m.counts.len(),
+        usage.distinct
+    ));
+    md.push_str("![kernels](kernels.png)\n\n![log likelihood](loglik.png)\n");
+    model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;
+    println!("wrote {}", out.join("results.md").display());
+    Ok(())
+}

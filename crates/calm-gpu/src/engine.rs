@@ -1,0 +1,50 @@
+//! What every EM engine (CPU reference, fast CPU, GPU) provides to the EM driver.
+
+use crate::cancel::CancelToken;
+use crate::error::Result;
+use crate::geometry::Geometry;
+use crate::prior::Prior;
+
+/// The scalars one epoch produces, under the `theta` used during that epoch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EpochStats {
+    /// `LL = sum_n logp[n]`.
+    pub loglik: f64,
+    /// `S = sum_k B[k]`; equals the number of images up to rounding.
+    pub count_sum: f64,
+    /// False when any statistic or the updated `theta` is not finite; the engine then keeps the
+    /// previous `theta` (SPEC's stopping rule).
+    pub finite: bool,
+}
+
+/// One CALM layer being fitted by batch EM over a fixed dataset.
+pub trait Engine {
+    /// Which adapter or engine runs, for the user to read.
+    fn describe(&self) -> String;
+    fn geometry(&self) -> Geometry;
+    /// Number of images in the dataset.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// One EM iteration: accumulate `B`, `T`, `LL` over every image under the current `theta`,
+    /// then apply the update if everything is finite. `progress` is called with the number of
+    /// images processed so far.
+    fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats>;
+    /// Current weights `(K, C, w, w)` flattened.
+    fn theta(&mut self) -> Result<Vec<f32>>;
+    /// `B'` of the last applied update (all zero before the first).
+    fn counts(&mut self) -> Result<Vec<f32>>;
+    /// Replaces the weights between epochs (re-seeding unused kernels).
+    fn set_theta(&mut self, theta: &[f32]) -> Result<()>;
+    /// The mixing weights and variance the E-step uses from the next epoch on (kept across
+    /// updates of `theta` until set again); [`Prior::uniform`] is SPEC's model.
+    fn set_prior(&mut self, prior: &Prior) -> Result<()>;
+    /// The mixing weights and variance of the next epoch.
+    fn prior(&self) -> Prior;
+    /// Stops [`Engine::epoch`] after the batch in progress once `cancel` is cancelled (with
+    /// [`crate::CalmError::Interrupted`], `theta` left as the last complete epoch made it).
+    fn set_cancel(&mut self, cancel: CancelToken);
+    /// Whether this engine's token has been cancelled.
+    fn cancelled(&self) -> bool;
+}

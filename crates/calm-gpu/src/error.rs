@@ -1,0 +1,68 @@
+//! The library's error type: every failure a user can cause becomes one line of text.
+
+use crate::data::DataError;
+use crate::geometry::GeometryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalmError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    /// A parameter of [`crate::CalmParams`] that cannot be used, by field name.
+    #[error(transparent)]
+    Param(#[from] crate::fit::ParamError),
+    #[error("{0}")]
+    Gpu(String),
+    /// The device cannot hold what the run needs.
+    #[error("{0}")]
+    GpuMemory(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// A timed run gave up after its warm-up epoch took longer than it was allowed
+    /// (`bench::time_gpu`'s limit; `calm-gpu tune` skips such a candidate).
+    #[error("the warm-up epoch took {warmup_s:.3} s, over the limit of {limit_s:.3} s")]
+    SlowWarmup { warmup_s: f64, limit_s: f64 },
+    /// A stop was requested (Ctrl-C) and the epoch in progress was abandoned.
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = CalmError> = std::result::Result<T, E>;
+
+impl CalmError {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+}
+
+/// `text` as one printable line: line breaks and other control characters (a file's header
+/// quoted in an error, a path with a newline, terminal escape sequences) are shown escaped, as
+/// `\n` or `\u{1b}`, and text past `max_chars` characters is cut with a count of what was left
+/// out.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    for c in chars.by_ref().take(max_chars) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    let left = chars.count();
+    if left > 0 {
+        out.push_str(&format!("... ({left} more characters)"));
+    }
+    out
+}

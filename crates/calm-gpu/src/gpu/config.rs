@@ -1,0 +1,32 @@
+//! What a caller decides about a GPU run, as one typed value: the kernel family and tiles (else
+//! the tuning file's choice, else the built-in rule), naga's runtime checks, the device memory
+//! to plan within, the tuning file and the adapter. The library reads no environment variable;
+//! the CLI fills this from `CALM_KERNELS`, `CALM_TILES`, `CALM_CHECKS`, `CALM_GPU_MEMORY`,
+//! `CALM_TUNE_FILE` and `WGPU_ADAPTER_NAME` (docs/tuning.md).
+
+use std::path::PathBuf;
+
+use super::kernels::{Tiles, Variant};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuConfig {
+    /// The kernel family; `None`: the tuning file's, else the adapter's default
+    /// ([`Variant::builtin`]).
+    pub kernels: Option<Variant>,
+    /// Tile shapes; `None`: the tuning file's, else [`Tiles::for_shape`].
+    pub tiles: Option<Tiles>,
+    /// Compile naga's runtime checks (index clamping, loop bounding) into the two GEMM kernels
+    /// too (the other kernels always have them).
+    pub checks: bool,
+    /// Device memory to plan within, in bytes; `None`: 90% of what the adapter reports.
+    pub memory_budget: Option<u64>,
+    /// The file `calm-gpu tune` writes, to look this adapter's and shape's choice up in;
+    /// `None`: no lookup. Read only when neither `kernels` nor `tiles` is set.
+    pub tune_file: Option<PathBuf>,
+    /// Only adapters whose name contains this (case-insensitive), as wgpu's
+    /// `WGPU_ADAPTER_NAME` convention.
+    pub adapter_name: Option<String>,
+    /// Who set `kernels` or `tiles`, as the engine's description names it (the CLI: the
+    /// variables it read); `None`: "chosen by the caller".
+    pub chosen_by: Option<String>,
+}

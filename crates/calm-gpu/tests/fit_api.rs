@@ -1,0 +1,217 @@
+//! The library API as a user calls it: the parameter builder and its checks, a fit that gives
+//! the CLI's bits, the Trainer's observer, cancellation and resume, and the fitted layer.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use calm_gpu::data::{Dataset, Split, embedded_digits};
+use calm_gpu::em::Event;
+use calm_gpu::{Calm, CalmError, CancelToken, Checkpoint, Device, Model, Pooling, Trainer};
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `Calm::params(..).fit(..)` on the shipped digits gives the bits that
+/// `calm-gpu train --backend cpu --kernels 8 --width 5 --pad 1 --epochs 3 --batch 300 --seed 1`
+/// wrote at the previous release (tests/fixtures/README.md).
+#[test]
+fn fit_gives_the_fixture_the_cli_wrote() {
+    let digits = embedded_digits(Split::Train);
+    let layer = Calm::params(8)
+        .width(5)
+        .pad(1)
+        .epochs(3)
+        .batch(300)
+        .seed(1)
+        .device(Device::Cpu)
+        .fit(digits.images.view())
+        .unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spec-k8-w5.safetensors");
+    let want = Model::load(&path).unwrap();
+    assert_eq!(bits(&layer.model().theta), bits(&want.theta));
+    assert_eq!(bits(&layer.model().counts), bits(&want.counts));
+    let ll: Vec<u64> = layer.history().iter().map(|r| r.loglik.to_bits()).collect();
+    let want_ll: Vec<u64> = want
+        .meta
+        .history
+        .iter()
+        .map(|r| r.loglik.to_bits())
+        .collect();
+    assert_eq!(ll, want_ll);
+    assert_eq!(layer.theta().dim(), (8, 1, 5, 5));
+    assert_eq!(layer.counts().len(), 8);
+    // EM's LL never decreases.
+    assert!(
+        layer
+            .history()
+            .windows(2)
+            .all(|w| w[1].loglik >= w[0].loglik)
+    );
+}
+
+/// Each bad parameter is refused before any work, naming its field.
+#[test]
+fn checks_name_the_field() {
+    let field = |p: calm_gpu::CalmParams| p.check().unwrap_err().field;
+    assert_eq!(field(Calm::params(0)), "kernels");
+    assert_eq!(field(Calm::params(4).width(0)), "width");
+    assert_eq!(field(Calm::params(4).epochs(0)), "epochs");
+    assert_eq!(field(Calm::params(4).batch(0)), "batch");
+    assert_eq!(field(Calm::params(4).tol(f64::NAN)), "tol");
+    assert_eq!(field(Calm::params(4).whiten(0)), "whiten");
+    assert!(Calm::params(4).check().is_ok());
+    let e = Calm::params(0).check().unwrap_err().to_string();
+    assert_eq!(e, "kernels must be at least 1");
+    // Against the data: kernels wider than the padded image, and weights of the wrong shape.
+    let images = ndarray::Array4::<f32>::zeros((3, 1, 6, 6));
+    let err = Calm::params(2)
+        .width(9)
+        .pad(0)
+        .device(Device::Cpu)
+        .fit(images.view());
+    assert!(matches!(err, Err(CalmError::Geometry(_))), "{err:?}");
+    let err = Calm::params(2)
+        .width(3)
+        .init_theta(vec![0.0; 5])
+        .device(Device::Cpu)
+        .fit(images.view());
+    assert!(
+        matches!(&err, Err(CalmError::Param(p)) if p.field == "init_theta"),
+        "{err:?}"
+    );
+    let mut nan = images.clone();
+    nan[[1, 0, 2, 2]] = f32::NAN;
+    let err = Calm::params(2).width(3).device(Device::Cpu).fit(nan.view());
+    assert!(err.unwrap_err().to_string().contains("image 1"));
+    let empty = ndarray::Array4::<f32>::zeros((0, 1, 6, 6));
+    assert!(
+        Calm::params(2)
+            .width(3)
+            .device(Device::Cpu)
+            .fit(empty.view())
+            .is_err()
+    );
+}
+
+fn digits(n: usize) -> Arc<Dataset> {
+    let d = embedded_digits(Split::Train);
+    Arc::new(Dataset::new(
+        d.images.slice(ndarray::s![..n, .., .., ..]).to_owned(),
+        None,
+    ))
+}
+
+/// A token cancelled from the observer stops the fit after the batch in progress with a state
+/// that resumes exactly: the resumed run ends with the uninterrupted run's bits. A second
+/// trainer in the same process, with its own token, is not stopped.
+#[test]
+fn cancel_then_resume_gives_the_uninterrupted_bits() {
+    let params = Calm::params(6)
+        .width(5)
+        .pad(0)
+        .epochs(4)
+        .batch(100)
+        .revive(true)
+        .device(Device::Cpu);
+    let data = digits(400);
+    let whole = params.fit_source(data.clone()).unwrap();
+
+    let cancel = CancelToken::new();
+    let mut t = Trainer::new(&params, data.clone())
+        .unwrap()
+        .with_cancel(cancel.clone());
+    let other = CancelToken::new();
+    let mut bystander = Trainer::new(&params, data.clone())
+        .unwrap()
+        .with_cancel(other.clone());
+    let (mut batches, mut epochs) = (0, 0);
+    let outcome = t
+        .run(&mut |ev: &Event| match ev {
+            Event::Progress { .. } => {
+                batches += 1;
+                // In the middle of epoch 3: that epoch is abandoned.
+                if epochs == 2 && batches > 1 {
+                    cancel.cancel();
+                }
+            }
+            Event::EpochEnd(_) => epochs += 1,
+            _ => {}
+        })
+        .unwrap();
+    assert!(outcome.interrupted, "{outcome:?}");
+    assert_eq!(outcome.history.len(), 2);
+    assert!(!other.is_cancelled());
+    let b = bystander.run(&mut ()).unwrap();
+    assert!(!b.interrupted);
+    assert_eq!(b.history.len(), whole.history().len());
+
+    let dir = tempfile::tempdir().unwrap();
+    t.save_checkpoint(dir.path()).unwrap();
+    let ck = Checkpoint::load(dir.path()).unwrap();
+    assert_eq!(ck.records.len(), 2);
+    let mut resumed = Trainer::resume(&params, data, ck).unwrap();
+    let outcome = resumed.run(&mut ()).unwrap();
+    assert!(!outcome.interrupted);
+    let done = resumed.model(outcome.stopped).unwrap();
+    assert_eq!(bits(&done.theta), bits(&whole.model().theta));
+    assert_eq!(bits(&done.counts), bits(&whole.model().counts));
+    assert_eq!(done.meta.history, whole.model().meta.history);
+}
+
+/// A checkpoint written after every epoch holds the caller's entries and the records.
+#[test]
+fn checkpoints_every_epoch_keep_the_callers_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = Calm::params(4).width(5).epochs(2).device(Device::Cpu);
+    let mut t = Trainer::new(&params, digits(200))
+        .unwrap()
+        .checkpoint_every_epoch(dir.path().to_path_buf())
+        .checkpoint_extra([("run".to_string(), "{\"mine\":1}".to_string())].into());
+    let mut seen = Vec::new();
+    t.run(&mut |ev: &Event| {
+        if let Event::EpochEnd(r) = ev {
+            seen.push(r.epoch);
+        }
+    })
+    .unwrap();
+    assert_eq!(seen, [1, 2]);
+    let ck = Checkpoint::load(dir.path()).unwrap();
+    assert_eq!(ck.records.len(), 2);
+    assert_eq!(ck.extra("run"), Some("{\"mine\":1}"));
+    assert_eq!(bits(&ck.model.theta), bits(&t.model(None).unwrap().theta));
+}
+
+/// The fitted layer's features equal the saved model's, and the file reads back.
+#[test]
+fn a_layer_saves_loads_and_encodes() {
+    let d = embedded_digits(Split::Test);
+    let images = d.images.slice(ndarray::s![..50, .., .., ..]);
+    let layer = Calm::params(5)
+        .width(7)
+        .epochs(2)
+        .whiten(3)
+        .device(Device::Cpu)
+        .fit(images)
+        .unwrap();
+    let f = layer.features(images, Pooling::default()).unwrap();
+    assert_eq!(f.dim(), (50, 5));
+    assert!(f.iter().all(|v| v.is_finite()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    layer.save(&path).unwrap();
+    let back = calm_gpu::Layer::from_model(Model::load(&path).unwrap(), Device::Cpu);
+    assert!(back.model().whiten.is_some());
+    let g = back
+        .features(
+            images,
+            Pooling {
+                grid: 2,
+                encoding: calm_gpu::Encoding::Triangle,
+            },
+        )
+        .unwrap();
+    assert_eq!(g.dim(), (50, 5 * 4));
+    let again = back.features(images, Pooling::default()).unwrap();
+    assert_eq!(bits(again.as_slice().unwrap()), bits(f.as_slice().unwrap()));
+}
