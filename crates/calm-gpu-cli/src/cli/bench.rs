@@ -185,6 +185,8 @@ pub struct TuneArgs {
     pub force: bool,
 }
 
+// About 250 lines: the sweep (check, time, keep) as one loop with its early exits. Issue 19
+// moves tune into the library; it is split then.
 /// `calm-gpu tune`: every candidate checked against the CPU reference (`validate`'s problems),
 /// then timed; the fastest that passed goes into the tuning file for this adapter and shape.
 pub(super) fn tune(a: TuneArgs) -> Result<()> {

@@ -82,6 +82,8 @@ fn idx_files(dir: &Path) -> Result<[PathBuf; 4]> {
     ])
 }
 
+// About 240 lines: a protocol's steps (data, train, show, probe, tables) in order. To be
+// split when it trains through the library's Trainer (issue 19, not done yet).
 pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
     let name = format!("{:?}", a.protocol).to_lowercase();
     let dir = match (&a.data_dir, a.protocol) {

@@ -459,6 +459,9 @@ impl GpuEngine {
         }
     }
 
+    // One piece for now (about 460 lines): it plans memory, builds the pipelines, allocates the
+    // buffers and bind groups in one pass because each step sizes the next. Issue 19 item 5
+    // splits it into a memory plan and one struct per kernel; not done yet.
     fn build(
         ctx: Arc<GpuContext>,
         g: Geometry,
