@@ -38,7 +38,7 @@ fn main() -> std::process::ExitCode {
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            let chain: Vec<String> = e.chain().map(cli_words).collect();
             // thiserror messages already include their source; print each distinct part once.
             let mut line = chain[0].clone();
             for part in &chain[1..] {
@@ -51,6 +51,30 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// An error in the CLI's words: the library names its parameters and settings (`kernels`,
+/// `force`, a memory budget); a user of the command line set them with flags and variables.
+fn cli_words(e: &(dyn std::error::Error + 'static)) -> String {
+    use calm_gpu::CalmError;
+    use calm_gpu::geometry::GeometryError;
+    let geometry = |g: &GeometryError| match g {
+        GeometryError::NoKernels => Some("--kernels must be at least 1 (got 0)".to_string()),
+        GeometryError::ZeroWidth => Some("--width must be at least 1 (got 0)".to_string()),
+        _ => None,
+    };
+    let words = match e.downcast_ref::<CalmError>() {
+        Some(CalmError::Exists { path }) => {
+            Some(format!("{path} already exists; pass --force to replace it"))
+        }
+        Some(CalmError::Geometry(g)) => geometry(g),
+        Some(CalmError::GpuMemory(m)) => Some(format!(
+            "{m} (the CLI's --batch, and CALM_GPU_MEMORY=<MiB> for the budget)"
+        )),
+        Some(_) => None,
+        None => e.downcast_ref::<GeometryError>().and_then(geometry),
+    };
+    words.unwrap_or_else(|| e.to_string())
 }
 
 /// 130 for a run stopped by Ctrl-C (or SIGTERM), as `train` exits after its checkpoint and as

@@ -26,7 +26,7 @@ pub fn random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Datas
 pub fn try_random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Result<Dataset> {
     let too_many = || {
         crate::error::CalmError::Invalid(format!(
-            "{n} random images of {c}x{h}x{w} need {:.1} GB of memory, more than this machine can give; use fewer --images",
+            "{n} random images of {c}x{h}x{w} need {:.1} GB of memory, more than this machine can give",
             n as f64 * (c * h * w * 4) as f64 / 1e9
         ))
     };

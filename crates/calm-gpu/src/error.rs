@@ -19,6 +19,9 @@ pub enum CalmError {
     GpuMemory(String),
     #[error("{0}")]
     Model(String),
+    /// An output file exists and the caller did not ask to replace it.
+    #[error("{path} already exists; pass force to replace it")]
+    Exists { path: String },
     #[error("{0}")]
     Invalid(String),
     /// A timed run gave up after its warm-up epoch took longer than it was allowed

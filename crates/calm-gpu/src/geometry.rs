@@ -34,9 +34,9 @@ pub struct Geometry {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GeometryError {
-    #[error("--kernels must be at least 1 (got 0)")]
+    #[error("kernels must be at least 1 (got 0)")]
     NoKernels,
-    #[error("--width must be at least 1 (got 0)")]
+    #[error("width must be at least 1 (got 0)")]
     ZeroWidth,
     #[error("images have 0 channels; at least 1 is needed")]
     NoChannels,

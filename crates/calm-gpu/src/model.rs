@@ -441,13 +441,12 @@ impl Model {
 /// missing parent directories ([`crate::atomic::replace`]). An existing file is refused unless
 /// `force`.
 pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    // A pipe or a device (`--json /dev/stdout`, `>(jq .)`) is written to, not replaced, and
-    // needs no --force.
+    // A pipe or a device (`/dev/stdout`, `>(jq .)`) is written to, not replaced, and needs no
+    // `force`.
     if !force && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
-        return Err(CalmError::Invalid(format!(
-            "{} already exists; pass --force to replace it",
-            path.display()
-        )));
+        return Err(CalmError::Exists {
+            path: path.display().to_string(),
+        });
     }
     crate::atomic::replace(path, bytes).map_err(|(p, e)| {
         // atomic::replace's own refusals (the path names no file to write) carry no OS error:
@@ -479,11 +478,13 @@ pub fn load_init(path: &Path, g: &Geometry) -> Result<Vec<f32>> {
     if shape != want {
         return Err(model_err(
             path,
-            format!("--init weights have shape {shape:?}, but K, C, w, w of this run are {want:?}"),
+            format!(
+                "initial weights have shape {shape:?}, but K, C, w, w of this run are {want:?}"
+            ),
         ));
     }
     if theta.iter().any(|v| !v.is_finite()) {
-        return Err(model_err(path, "--init weights hold NaN or infinity"));
+        return Err(model_err(path, "initial weights hold NaN or infinity"));
     }
     Ok(theta)
 }

@@ -99,7 +99,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         check_output(p, a.force)?;
     }
     let g = Geometry::new(layer, c, h, w)?;
-    let data = Arc::new(calm_gpu::bench::try_random_images(7, n, c, h, w)?);
+    let data = Arc::new(random_images(n, c, h, w)?);
     let theta = em::init_theta(&g, 0);
     let mut rows = Vec::new();
     let cfg = super::gpu_config()?;
@@ -249,7 +249,7 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         a.epochs,
         list.len()
     );
-    let data = Arc::new(calm_gpu::bench::try_random_images(7, n, c, h, w)?);
+    let data = Arc::new(random_images(n, c, h, w)?);
     let theta = em::init_theta(&g, 0);
     // The check: validate's problems, and a small one of this layer (how K splits into tiles).
     let mut checks = calm_gpu::validate::cases();
@@ -441,4 +441,10 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         tune::shape_key(&g)
     );
     Ok(())
+}
+
+/// The benchmark's random images (seed 7), or an error that names the flag to change.
+fn random_images(n: usize, c: usize, h: usize, w: usize) -> Result<calm_gpu::data::Dataset> {
+    calm_gpu::bench::try_random_images(7, n, c, h, w)
+        .map_err(|e| anyhow::anyhow!("{e}; use fewer --images"))
 }

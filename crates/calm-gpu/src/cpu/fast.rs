@@ -77,7 +77,7 @@ pub fn check_host_memory(g: &Geometry, batch: usize) -> Result<()> {
     let need = host_bytes(g, batch);
     if need > total {
         return Err(crate::error::CalmError::Invalid(format!(
-            "the CPU engine needs at least {:.1} GB for K {} kernels of {}x{}x{} on {}x{}x{} images, more than this machine's {:.1} GB; use fewer --kernels or a smaller --width",
+            "the CPU engine needs at least {:.1} GB for K {} kernels of {}x{}x{} on {}x{}x{} images, more than this machine's {:.1} GB; use fewer kernels or a smaller width",
             need as f64 / 1e9,
             g.k,
             g.c,

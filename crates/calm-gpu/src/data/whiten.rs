@@ -41,7 +41,7 @@ impl Whitening {
     pub fn check_width(width: usize, h: usize, w: usize) -> Result<(), DataError> {
         if width == 0 || width > h || width > w {
             return Err(DataError::Invalid(format!(
-                "--whiten {width}: the patch must fit the {h}x{w} images (1 to {})",
+                "whitening patch width {width} must fit the {h}x{w} images (1 to {})",
                 h.min(w)
             )));
         }
@@ -54,7 +54,7 @@ impl Whitening {
         Self::check_width(width, h, w)?;
         if source.is_empty() {
             return Err(DataError::Invalid(
-                "--whiten: no images to fit it on".into(),
+                "whitening: no images to fit it on".into(),
             ));
         }
         let d = c * width * width;
@@ -103,11 +103,11 @@ impl Whitening {
             }
         }
         let (vals, vecs) = super::preprocess::symmetric_eigen(&cov, d)
-            .map_err(|e| DataError::Invalid(format!("--whiten: {e}")))?;
+            .map_err(|e| DataError::Invalid(format!("whitening: {e}")))?;
         let mean_eig = vals.iter().map(|v| v.max(0.0)).sum::<f64>() / d as f64;
         if !(mean_eig > 0.0 && mean_eig.is_finite()) {
             return Err(DataError::Invalid(
-                "--whiten: the images' patches do not vary (constant images?)".into(),
+                "whitening: the images' patches do not vary (constant images?)".into(),
             ));
         }
         let eps = EPS_OF_MEAN_EIGENVALUE * mean_eig;
@@ -147,7 +147,7 @@ impl Whitening {
         let std = (s2 / m - (s1 / m).powi(2)).max(0.0).sqrt();
         if !(std > 0.0 && std.is_finite()) {
             return Err(DataError::Invalid(
-                "--whiten: the whitened images do not vary".into(),
+                "whitening: the whitened images do not vary".into(),
             ));
         }
         white

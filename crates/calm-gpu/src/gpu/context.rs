@@ -153,7 +153,7 @@ impl GpuContext {
         adapters.sort_by_key(|a| rank(a.get_info().device_type));
         let adapter = adapters.into_iter().next().ok_or_else(|| {
             CalmError::Gpu(format!(
-                "no {} adapter found{}; `calm-gpu devices` lists what wgpu sees (install a driver, e.g. mesa-vulkan-drivers for a software Vulkan device, or use --backend cpu)",
+                "no {} adapter found{}; `calm-gpu devices` lists what wgpu sees (install a driver, e.g. mesa-vulkan-drivers for a software Vulkan device, or use the CPU engine)",
                 if require_real_gpu { "hardware GPU".to_string() } else { format!("{backend} GPU") },
                 config.adapter_name.as_ref().map(|n| format!(" whose name contains `{n}`")).unwrap_or_default()
             ))

@@ -382,7 +382,7 @@ fn resolve_variant(
         && ctx.limits.max_uniform_buffer_binding_size >= UBO_FLOATS as u64 * 4;
     if asked && !fits {
         return Err(CalmError::Invalid(format!(
-            "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (use CALM_KERNELS=staged)",
+            "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (choose the staged kernels)",
             ctx.info.name,
             ctx.limits.max_uniform_buffer_binding_size,
             g.k,
@@ -867,7 +867,7 @@ impl GpuEngine {
         );
         if let Some(e) = pollster::block_on(oom.pop()) {
             return Err(CalmError::GpuMemory(format!(
-                "{} ran out of memory holding the {} and statistics ({e}); try a smaller --batch, or CALM_GPU_MEMORY=<MiB> below what it has",
+                "{} ran out of memory holding the {} and statistics ({e}); try a smaller batch, or a memory budget (GpuConfig::memory_budget) below what it has",
                 ctx.info.name,
                 if stream { "data slots" } else { "dataset" }
             )));

@@ -56,7 +56,7 @@ impl Choice {
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             CalmError::Invalid(format!(
-                "kernel choice `{s}`: {why}; expected staged:TILES (CALM_TILES' syntax, e.g. staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct"
+                "kernel choice `{s}`: {why}; expected staged:TILES (the tile syntax of docs/tuning.md, e.g. staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct"
             ))
         };
         let (name, rest) = match s.trim().split_once(':') {
