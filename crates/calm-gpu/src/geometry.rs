@@ -67,6 +67,55 @@ pub enum GeometryError {
 pub const MAX_ELEMENTS: u128 = 1 << 31;
 
 impl Geometry {
+    /// Zero-pads `n` images `(n, C, H, W)` to `(n, C, H + 2p, W + 2p)`, the layout every
+    /// engine's E-step reads.
+    pub fn pad_images(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let (c, h, w, p) = (self.c, self.h, self.w, self.pad);
+        let mut out = vec![0f32; n * self.padded_len()];
+        for img in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    let src = ((img * c + ch) * h + y) * w;
+                    let dst = ((img * c + ch) * self.hp + y + p) * self.wp + p;
+                    out[dst..dst + w].copy_from_slice(&x[src..src + w]);
+                }
+            }
+        }
+        out
+    }
+
+    /// SPEC's `bias[k] = -0.5 * ||theta_k||^2` of weights `theta` `(K, R)`, summed in f64.
+    pub fn bias(&self, theta: &[f32]) -> Vec<f64> {
+        let r = self.r();
+        (0..self.k)
+            .map(|k| {
+                -0.5 * theta[k * r..(k + 1) * r]
+                    .iter()
+                    .map(|&t| (t as f64) * (t as f64))
+                    .sum::<f64>()
+            })
+            .collect()
+    }
+
+    /// [`Geometry::bias`] rounded to f32 once, as the fast engines use it.
+    pub fn bias_f32(&self, theta: &[f32]) -> Vec<f32> {
+        self.bias(theta).into_iter().map(|b| b as f32).collect()
+    }
+
+    /// Where each of a patch's `R` values lies in a padded image, relative to the patch's
+    /// corner: `(c * Hp + i) * Wp + j` for channel c, row i, column j.
+    pub fn patch_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.c).flat_map(move |c| {
+            (0..self.kw)
+                .flat_map(move |i| (0..self.kw).map(move |j| (c * self.hp + i) * self.wp + j))
+        })
+    }
+
+    /// Where each of the `P` patch positions has its corner in a padded image: `h * Wp + w`.
+    pub fn position_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.ho).flat_map(move |h| (0..self.wo).map(move |w| h * self.wp + w))
+    }
+
     pub fn new(layer: LayerConfig, c: usize, h: usize, w: usize) -> Result<Self, GeometryError> {
         if layer.kernels == 0 {
             return Err(GeometryError::NoKernels);

@@ -40,6 +40,7 @@ pub mod model;
 pub mod prior;
 pub mod probe;
 pub mod run;
+pub mod text;
 pub mod validate;
 #[cfg(feature = "png")]
 pub mod viz;

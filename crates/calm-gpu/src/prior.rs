@@ -125,7 +125,7 @@ impl Prior {
     /// once). For a uniform prior these are `theta` and SPEC's bias, bit for bit.
     pub fn effective(&self, g: &Geometry, theta: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let s = self.inv_var as f64;
-        let bias = crate::cpu::reference::bias(g, theta);
+        let bias = g.bias(theta);
         let b = bias
             .iter()
             .zip(&self.log_weight)
@@ -181,7 +181,7 @@ impl Prior {
         }
         if opts.variance {
             let s = count_sum;
-            let sq = crate::cpu::reference::bias(g, theta);
+            let sq = g.bias(theta);
             let fit: f64 = counts
                 .iter()
                 .zip(&sq)
@@ -246,7 +246,7 @@ mod tests {
         let theta: Vec<f32> = (0..12).map(|i| i as f32 * 0.37 - 2.0).collect();
         let (t, b) = Prior::uniform(3).effective(&g, &theta);
         assert_eq!(t, theta);
-        assert_eq!(b, crate::cpu::fast::bias_f32(&g, &theta));
+        assert_eq!(b, g.bias_f32(&theta));
         assert_eq!(Prior::uniform(3).loglik(-5.5, 123.0, 7, &g), -5.5);
     }
 

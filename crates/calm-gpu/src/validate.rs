@@ -128,7 +128,7 @@ pub fn run_case(
         })
     };
 
-    let xpad = reference::pad_images(&g, &x, n);
+    let xpad = g.pad_images(&x, n);
     let l_all = reference::estep(&g, &xpad, n, &theta);
     let last = n - (n - 1) / eng.max_batch() * eng.max_batch();
     let per = g.k * g.positions();
@@ -158,7 +158,7 @@ pub fn run_case(
         rel_err(&st.counts_next, &ref_up.counts),
         TOL_POSTERIOR,
     );
-    let bias_ref = reference::bias(&g, &st.theta_next.clone());
+    let bias_ref = g.bias(&st.theta_next.clone());
     row("update bias", rel_err(&st.bias_next, &bias_ref), TOL_LINEAR);
     row(
         "summary LL",

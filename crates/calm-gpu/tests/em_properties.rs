@@ -174,7 +174,7 @@ fn golden_tiny_case() {
             .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
             / scale
     };
-    let xpad = reference::pad_images(&g, &xf, n);
+    let xpad = g.pad_images(&xf, n);
     let l = reference::estep(&g, &xpad, n, &theta0);
     assert!(rel(&l, &npy("L")) < 1e-5);
     let lp = reference::logp(&g, &l, n);
@@ -607,7 +607,7 @@ fn patch_init_takes_kernels_from_the_data() {
     .unwrap();
     let theta = em::initial_theta(&g, em::InitMethod::Patches, &d, 4).unwrap();
     let x = d.images.as_slice().unwrap();
-    let xpad = reference::pad_images(&g, x, 5);
+    let xpad = g.pad_images(x, 5);
     for k in 0..g.k {
         let kernel = &theta[k * g.r()..(k + 1) * g.r()];
         let found = (0..5).any(|n| {

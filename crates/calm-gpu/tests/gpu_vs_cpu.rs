@@ -99,7 +99,7 @@ fn check_on(
         if m == 0 { eng.max_batch() } else { m }
     };
     let per = c * h * w;
-    let xpad = reference::pad_images(&g, &x[(n - last) * per..], last);
+    let xpad = g.pad_images(&x[(n - last) * per..], last);
     let l_ref = reference::estep(&g, &xpad, last, &theta);
     let shape = format!(
         "{variant:?} {} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}",
@@ -107,7 +107,7 @@ fn check_on(
     );
     let e = rel_err(&st.l_last, &l_ref);
     assert!(e < 1e-5, "estep {shape}: {e}");
-    let all_l = reference::estep(&g, &reference::pad_images(&g, x, n), n, &theta);
+    let all_l = reference::estep(&g, &g.pad_images(x, n), n, &theta);
     let lp = reference::logp(&g, &all_l, n);
     let e = rel_err(&st.logp_all, &lp);
     assert!(e < 1e-5, "logsumexp {shape}: {e}");
@@ -298,7 +298,7 @@ fn pooled_features_both_encodings_match_the_twins() {
     let data = Arc::new(random_images(71, n, c, h, w));
     let theta = random_theta(72, g.k * g.r(), 0.3);
     let x = data.images.as_slice().unwrap();
-    let xpad = reference::pad_images(&g, x, n);
+    let xpad = g.pad_images(x, n);
     let l = reference::estep(&g, &xpad, n, &theta);
     let norms = reference::patch_norms(&g, &xpad, n);
     let ctx = gpu();
@@ -312,7 +312,7 @@ fn pooled_features_both_encodings_match_the_twins() {
                 &g,
                 data.as_ref(),
                 &theta,
-                &calm_gpu::cpu::fast::bias_f32(&g, &theta),
+                &g.bias_f32(&theta),
                 4,
                 calm_gpu::features::Pooling { grid, encoding },
                 &Default::default(),
@@ -363,7 +363,7 @@ fn prior_weights_and_variance_match_the_twin() {
     let (want, up) = reference::epoch_with_prior(&g, x, n, &theta, &prior, 4);
     let theta2: Vec<f32> = up.theta.iter().map(|&v| v as f32).collect();
     let (want2, _) = reference::epoch_with_prior(&g, x, n, &theta2, &prior, 4);
-    let xpad = reference::pad_images(&g, x, n);
+    let xpad = g.pad_images(x, n);
     let mut l = reference::estep(&g, &xpad, n, &theta);
     reference::apply_prior(&g, &mut l, n, &prior);
     let want_f = reference::features_grid(&g, &l, n, 2);
@@ -759,7 +759,7 @@ fn features_case(
     let data = Arc::new(random_images(seed, n, c, h, w));
     let theta = random_theta(seed + 1, g.k * g.r(), 0.3);
     let x = data.images.as_slice().unwrap();
-    let xpad = reference::pad_images(&g, x, n);
+    let xpad = g.pad_images(x, n);
     let l = reference::estep(&g, &xpad, n, &theta);
     let want = match encoding {
         Encoding::Lse => reference::features_grid(&g, &l, n, grid),
@@ -769,7 +769,7 @@ fn features_case(
         }
     };
     let pooling = Pooling { grid, encoding };
-    let bias = calm_gpu::cpu::fast::bias_f32(&g, &theta);
+    let bias = g.bias_f32(&theta);
     let cpu = calm_gpu::cpu::fast::features(
         &g,
         data.as_ref(),

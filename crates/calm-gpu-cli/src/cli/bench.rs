@@ -219,7 +219,7 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
     });
     check_positive("images", n)?;
     install_ctrl_c();
-    let builtin = calm_gpu::gpu::engine::builtin_choice(&ctx, &g)?;
+    let builtin = calm_gpu::gpu::tune::builtin_choice(&ctx, &g)?;
     // The built-in choice is always timed first: what a tuned choice must beat.
     let list = if asked.is_empty() {
         tune::candidates(&ctx, &g)?

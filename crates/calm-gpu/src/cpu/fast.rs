@@ -123,14 +123,6 @@ impl CpuEngine {
     }
 }
 
-/// `bias[k] = -0.5 ||theta_k||^2`, summed in f64.
-pub fn bias_f32(g: &Geometry, theta: &[f32]) -> Vec<f32> {
-    super::reference::bias(g, theta)
-        .into_iter()
-        .map(|b| b as f32)
-        .collect()
-}
-
 /// Defines `fn $name` whose body is compiled three times, for AVX-512F, for AVX2 and for the
 /// baseline target, and picks the widest the CPU has at each call (std caches the check).
 /// The bodies use only `+`, `*`, conversions and selects, and every reduction in them has
@@ -882,7 +874,7 @@ mod tests {
             &g,
             data.as_ref(),
             &theta,
-            &bias_f32(&g, &theta),
+            &g.bias_f32(&theta),
             4,
             Pooling {
                 grid: 1,
@@ -892,7 +884,7 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
-        let xpad = super::super::reference::pad_images(&g, &x, n);
+        let xpad = g.pad_images(&x, n);
         let l = super::super::reference::estep(&g, &xpad, n, &theta);
         let want = super::super::reference::features(&g, &l, n);
         // Pooled over a 2 x 2 grid: the f64 twin of the GPU kernel.
@@ -900,7 +892,7 @@ mod tests {
             &g,
             data.as_ref(),
             &theta,
-            &bias_f32(&g, &theta),
+            &g.bias_f32(&theta),
             4,
             Pooling {
                 grid: 2,
@@ -956,7 +948,7 @@ mod tests {
                     &g,
                     data.as_ref(),
                     &theta,
-                    &bias_f32(&g, &theta),
+                    &g.bias_f32(&theta),
                     17,
                     Pooling {
                         grid: 1,

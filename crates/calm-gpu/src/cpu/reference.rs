@@ -5,39 +5,10 @@
 use crate::geometry::Geometry;
 use crate::prior::Prior;
 
-/// Zero-pads `n` images `(C, H, W)` to `(C, H + 2p, W + 2p)`.
-pub fn pad_images(g: &Geometry, x: &[f32], n: usize) -> Vec<f32> {
-    let (c, h, w, p) = (g.c, g.h, g.w, g.pad);
-    let mut out = vec![0f32; n * g.padded_len()];
-    for img in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                let src = ((img * c + ch) * h + y) * w;
-                let dst = ((img * c + ch) * g.hp + y + p) * g.wp + p;
-                out[dst..dst + w].copy_from_slice(&x[src..src + w]);
-            }
-        }
-    }
-    out
-}
-
-/// `bias[k] = -0.5 * ||theta_k||^2`.
-pub fn bias(g: &Geometry, theta: &[f32]) -> Vec<f64> {
-    let r = g.r();
-    (0..g.k)
-        .map(|k| {
-            -0.5 * theta[k * r..(k + 1) * r]
-                .iter()
-                .map(|&t| (t as f64) * (t as f64))
-                .sum::<f64>()
-        })
-        .collect()
-}
-
 /// Twin of `shaders/estep.wgsl`: `L[n,k,h,w] = sum_{c,i,j} theta[k,c,i,j] Xpad[n,c,h+i,w+j] + bias[k]`,
 /// laid out `(n, k, h, w)`.
 pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32]) -> Vec<f64> {
-    let b = bias(g, theta);
+    let b = g.bias(theta);
     let (k_, kw, p_) = (g.k, g.kw, g.positions());
     let mut l = vec![0f64; n * k_ * p_];
     for img in 0..n {
@@ -303,7 +274,7 @@ pub fn epoch_with_prior(
     let mut start = 0;
     while start < n {
         let nb = batch.min(n - start);
-        let xpad = pad_images(g, &x[start * per..(start + nb) * per], nb);
+        let xpad = g.pad_images(&x[start * per..(start + nb) * per], nb);
         let mut l = estep(g, &xpad, nb, theta);
         apply_prior(g, &mut l, nb, prior);
         let lp = logp(g, &l, nb);

@@ -25,7 +25,7 @@ pub use whiten::{Whitened, Whitening};
 
 /// What can go wrong while reading data. Each message is one line saying what and where: what
 /// a damaged file puts into a message (a header's text, a dtype, a path) is shown with its line
-/// breaks and other control characters escaped ([`crate::error::printable`]).
+/// breaks and other control characters escaped ([`crate::text::printable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{}: {source}", shown(.path))]
@@ -40,7 +40,7 @@ pub enum DataError {
 }
 
 fn shown(text: &str) -> String {
-    crate::error::printable(text, 2000)
+    crate::text::printable(text, 2000)
 }
 
 /// A read-only collection of `N` images of `C x H x W` f32 pixels (already preprocessed).

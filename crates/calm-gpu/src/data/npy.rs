@@ -693,5 +693,5 @@ impl ImageSource for NpyFile {
 /// A header quoted in an error: control characters escaped (the message stays one line) and cut
 /// after 200 characters (a damaged header may be kilobytes of noise).
 fn quote_header(text: &str) -> String {
-    crate::error::printable(text, 200)
+    crate::text::printable(text, 200)
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::context::GpuContext;
-use super::kernels::{self, Tiles, Variant};
+use super::kernels::{self, Tiles, UBO_FLOATS, Variant, ubo_rows};
 use crate::error::{CalmError, Result};
 use crate::geometry::Geometry;
 
@@ -405,7 +405,7 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
             },
         )
     };
-    let builtin = super::engine::builtin_choice(ctx, g)?;
+    let builtin = builtin_choice(ctx, g)?;
     let mut list = vec![builtin];
     let software = ctx.info.device_type == wgpu::DeviceType::Cpu;
     if software {
@@ -537,6 +537,148 @@ pub fn ll_disagrees(reference: Option<f64>, ll: f64, n: usize) -> Option<String>
             "FAILED: the first epoch's LL {ll:.6e} differs from the reference run's {lb:.6e} by more than {allowed:.1e}"
         )
     })
+}
+
+/// The kernels an engine runs and who chose them.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    pub variant: Variant,
+    pub tiles: Tiles,
+    /// What the tuning file said (consulted only when the caller chose nothing).
+    pub tuned: Lookup,
+    /// Who chose when the caller did ("chosen by the caller" unless it says).
+    pub chosen_by: Option<String>,
+}
+
+/// The kernels for `g` on `ctx`'s adapter: the caller's `tiles` and `variant` where given,
+/// else the entry of `tune_file` for this adapter and shape, else the built-in rule; checked
+/// against the adapter's limits.
+pub fn choose(
+    ctx: &GpuContext,
+    g: &Geometry,
+    tiles: Option<Tiles>,
+    variant: Option<Variant>,
+    tune_file: Option<&Path>,
+    chosen_by: Option<String>,
+) -> Result<Chosen> {
+    let chosen_by = (tiles.is_some() || variant.is_some())
+        .then(|| chosen_by.unwrap_or_else(|| "chosen by the caller".into()));
+    let tuned = match (tune_file, &chosen_by) {
+        (Some(path), None) => lookup(ctx, g, path),
+        _ => Lookup::None,
+    };
+    let tuned_choice = match &tuned {
+        Lookup::Found(c, _) => Some(*c),
+        _ => None,
+    };
+    let tiles = tiles_for(ctx, tiles.or(tuned_choice.map(|c| c.tiles)), g)?;
+    let variant = match variant.or(tuned_choice.map(|c| c.variant)) {
+        Some(v) => resolve_variant(ctx, g, &tiles, v, true)?,
+        None => resolve_variant(ctx, g, &tiles, Variant::builtin(&ctx.info), false)?,
+    };
+    if variant == Variant::Staged {
+        staged_tiles_fit(ctx, &tiles)?;
+    }
+    Ok(Chosen {
+        variant,
+        tiles,
+        tuned,
+        chosen_by,
+    })
+}
+
+fn tiles_for(ctx: &GpuContext, opt: Option<Tiles>, g: &Geometry) -> Result<Tiles> {
+    let k = g.k;
+    let tiles = match opt {
+        Some(t) => t,
+        None => Tiles::for_shape(k, g.r(), ctx.limits.max_compute_workgroup_storage_size),
+    };
+    // The uniform-buffer kernels' tile of kernels follows K, whoever chose the rest.
+    let tiles = Tiles {
+        u_tn: Tiles::uniform_tn(k),
+        ..tiles
+    };
+    tiles
+        .check()
+        .map_err(|why| CalmError::Invalid(format!("tiles {tiles}: {why}")))?;
+    Ok(tiles)
+}
+
+/// The variant an engine runs when `wanted` is asked for (`asked`: by the caller, CALM_KERNELS
+/// or the tuning file) or is the adapter's default. The uniform-buffer kernels need 64 KiB
+/// uniform bindings, and a row of theta and of G and the offset table to fit one (K up to about
+/// 2,000, R up to 16,384): asked for where they do not fit, an error. Chosen by default only
+/// where a window holds 64 rows or more (K up to 248): below that, the windows (a bind group and
+/// a dispatch each) grow too many; else the staged kernels.
+fn resolve_variant(
+    ctx: &GpuContext,
+    g: &Geometry,
+    tiles: &Tiles,
+    wanted: Variant,
+    asked: bool,
+) -> Result<Variant> {
+    if wanted != Variant::Uniform {
+        return Ok(wanted);
+    }
+    let rows_u = ubo_rows(g.kpad(), tiles.u_tn);
+    let fits = rows_u > 0
+        && g.r() <= UBO_FLOATS
+        && ctx.limits.max_uniform_buffer_binding_size >= UBO_FLOATS as u64 * 4;
+    if asked && !fits {
+        return Err(CalmError::Invalid(format!(
+            "the uniform-buffer kernels need 64 KiB uniform bindings ({} allows {} bytes), K <= 2,000 and R <= {UBO_FLOATS}; K={} and R={} (choose the staged kernels)",
+            ctx.info.name,
+            ctx.limits.max_uniform_buffer_binding_size,
+            g.k,
+            g.r()
+        )));
+    }
+    Ok(if !fits || (!asked && rows_u < 64) {
+        Variant::Staged
+    } else {
+        Variant::Uniform
+    })
+}
+
+/// The kernels an engine for `g` runs on `ctx`'s adapter when nobody chose (no options, no
+/// `CALM_TILES` or `CALM_KERNELS`, no tuning file): what `calm-gpu tune` measures against.
+pub fn builtin_choice(ctx: &GpuContext, g: &Geometry) -> Result<Choice> {
+    let tiles = Tiles {
+        u_tn: Tiles::uniform_tn(g.k),
+        ..Tiles::for_shape(g.k, g.r(), ctx.limits.max_compute_workgroup_storage_size)
+    };
+    let variant = resolve_variant(ctx, g, &tiles, Variant::builtin(&ctx.info), false)?;
+    Ok(Choice::new(variant, tiles))
+}
+
+/// Whether the adapter runs the staged kernels with `tiles`: their workgroup memory and thread
+/// counts against its limits (the other variants use neither).
+fn staged_tiles_fit(ctx: &GpuContext, tiles: &Tiles) -> Result<()> {
+    let (e, m) = tiles.workgroup_bytes();
+    let l = &ctx.limits;
+    let max = l.max_compute_workgroup_storage_size;
+    if e.max(m) > max {
+        return Err(CalmError::Gpu(format!(
+            "tiles {tiles} need {} bytes of workgroup memory; {} allows {max}",
+            e.max(m),
+            ctx.info.name
+        )));
+    }
+    for (wx, wy) in [(tiles.e_wx, tiles.e_wy), (tiles.m_wx, tiles.m_wy)] {
+        if wx as u64 * wy as u64 > l.max_compute_invocations_per_workgroup as u64
+            || wx > l.max_compute_workgroup_size_x
+            || wy > l.max_compute_workgroup_size_y
+        {
+            return Err(CalmError::Gpu(format!(
+                "tiles {tiles} need workgroups of {wx} x {wy} threads; {} allows {} x {}, {} in all",
+                ctx.info.name,
+                l.max_compute_workgroup_size_x,
+                l.max_compute_workgroup_size_y,
+                l.max_compute_invocations_per_workgroup
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
