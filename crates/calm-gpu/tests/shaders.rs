@@ -1,8 +1,104 @@
 //! Every WGSL kernel parses and validates with naga (the compiler wgpu uses), for the tile
 //! shapes calm-gpu picks and the ones `CALM_TILES` may ask for: no GPU needed.
 
+use std::path::Path;
+
 use calm_gpu::gpu::Tiles;
-use calm_gpu::gpu::kernels::{ALL, source};
+use calm_gpu::gpu::codegen::{kernel_text, set_block, set_const};
+use calm_gpu::gpu::kernels::{ALL, ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, source};
+
+/// Set to rewrite the files these snapshot tests compare against (the generated blocks of
+/// `shaders/*.wgsl` and `tests/snapshots/`) after a deliberate change of the generator; review
+/// the diff before committing it.
+const BLESS: &str = "CALM_BLESS";
+
+/// Compares `text` with the file at `path` (relative to the crate), or writes it there when
+/// [`BLESS`] is set.
+fn snapshot(path: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if std::env::var_os(BLESS).is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with {BLESS}=1 to write it)", path.display()));
+    if want != text {
+        let line = want
+            .lines()
+            .zip(text.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.lines().count().min(text.lines().count()));
+        panic!(
+            "{} differs from the generated text from line {} on (run with {BLESS}=1 to update it, then review the diff)",
+            path.display(),
+            line + 1
+        );
+    }
+}
+
+/// The GEMM kernels and their files.
+const GENERATED: [(&str, &str); 4] = [
+    ("estep", ESTEP),
+    ("mstep", MSTEP),
+    ("estep_ubo", ESTEP_UBO),
+    ("mstep_ubo", MSTEP_UBO),
+];
+
+/// Each `.wgsl` file is a whole kernel: exactly what the generator writes for the default
+/// tiles, and valid WGSL as it stands (with the shared `Params` header).
+#[test]
+fn the_shader_files_are_the_generated_kernels_for_the_default_tiles() {
+    for (name, kernel) in GENERATED {
+        let text = kernel_text(kernel, &Tiles::default());
+        snapshot(&format!("shaders/{name}.wgsl"), &text);
+        validate(name, &format!("{PARAMS}\n{kernel}"));
+    }
+}
+
+/// What the generator writes for the tiles that run the MNIST protocol on an H200 and for the
+/// STL-10 protocol's, with the options the built-in tiles leave off (fused posteriors, stores
+/// through workgroup memory, the transposed A tile, double buffering) in a third: any change
+/// to the generated text shows here first.
+#[test]
+fn generated_kernels_match_their_snapshots() {
+    let choices = [
+        ("mnist-h200", Tiles::for_shape(64, 400, 49152)),
+        ("stl10-h200", Tiles::for_shape(200, 675, 49152)),
+        (
+            "options",
+            Tiles::parse("e=8x8x16@32sdgc,m=8x8x16@50x8sdgp,u=2x8").unwrap(),
+        ),
+    ];
+    for (label, tiles) in choices {
+        for (name, kernel) in GENERATED {
+            snapshot(
+                &format!("tests/snapshots/{name}-{label}.wgsl"),
+                &kernel_text(kernel, &tiles),
+            );
+        }
+    }
+}
+
+#[test]
+fn constants_and_blocks_must_exist_to_be_set() {
+    let text = "const RM: u32 = 8u;  // note\n// <generated fma>\nold\n// </generated fma>\n";
+    assert_eq!(
+        set_const(text, "RM", 4),
+        "const RM: u32 = 4u;  // note\n// <generated fma>\nold\n// </generated fma>\n"
+    );
+    assert_eq!(
+        set_block(text, "fma", "new\n"),
+        "const RM: u32 = 8u;  // note\n// <generated fma>\nnew\n// </generated fma>\n"
+    );
+    for bad in [
+        std::panic::catch_unwind(|| set_const(text, "RN", 4)),
+        std::panic::catch_unwind(|| set_block(text, "store", "")),
+        std::panic::catch_unwind(|| set_block("// <generated fma>\nopen\n", "fma", "")),
+    ] {
+        assert!(bad.is_err());
+    }
+}
 
 fn validate(name: &str, text: &str) {
     let module = naga::front::wgsl::parse_str(text)

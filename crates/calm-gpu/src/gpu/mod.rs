@@ -3,7 +3,8 @@
 
 //!
 //! - [`context`]: the adapter and device; [`config`]: the caller's typed configuration.
-//! - [`kernels`]: the WGSL kernels, their tiles and variants, and their pipelines.
+//! - [`kernels`]: the WGSL kernels, their tiles and variants, and their pipelines;
+//!   [`codegen`]: the tile constants and register blocks the GEMM kernels are generated with.
 //! - [`tune`]: which kernels an engine runs (the caller's, the tuning file's, the built-in
 //!   rule) and the tuning file.
 //! - [`plan`]: the memory plan; [`buffers`]: the device buffers it sizes.
@@ -11,6 +12,7 @@
 //! - [`engine`]: the engine, which sequences the steps batch by batch and epoch by epoch.
 
 pub mod buffers;
+pub mod codegen;
 pub mod config;
 pub mod context;
 pub mod engine;

@@ -21,6 +21,15 @@ use crate::geometry::Geometry;
 /// The file's layout version.
 const FORMAT: u32 = 1;
 
+/// WGSL `text` without its comments, indentation and empty lines: what the compiler reads.
+pub fn code_only(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split_once("//").map_or(l, |(code, _)| code).trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One way to run the two GEMM kernels: an implementation and its tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
@@ -87,8 +96,9 @@ impl Choice {
     }
 
     /// A hash of what this choice runs for `k` kernels: the two GEMM kernels' WGSL as generated
-    /// for its tiles, [`HOST_LAYOUT`] and the crate's version (FNV-1a, so that it is the same in
-    /// every build of the same source). Comments and unrelated edits of the Rust code keep it.
+    /// for its tiles (without comments and indentation, [`code_only`]), [`HOST_LAYOUT`] and the
+    /// crate's version (FNV-1a, so that it is the same in every build of the same source).
+    /// Comments in the kernels and unrelated edits of the Rust code keep it.
     pub fn code_hash(&self, k: usize) -> String {
         let t = Tiles {
             u_tn: Tiles::uniform_tn(k),
@@ -104,8 +114,8 @@ impl Choice {
         for part in [
             env!("CARGO_PKG_VERSION"),
             &layout,
-            &kernels::source(e, &t),
-            &kernels::source(m, &t),
+            &code_only(&kernels::source(e, &t)),
+            &code_only(&kernels::source(m, &t)),
         ] {
             for b in part.bytes().chain([0u8]) {
                 h ^= b as u64;
@@ -901,5 +911,11 @@ mod tests {
         let u = Choice::parse("uniform:u=4x4").unwrap();
         assert_ne!(u.code_hash(64), u.code_hash(200));
         assert_eq!(a.code_hash(64).len(), 16);
+        // What is hashed ignores comments and indentation, and nothing else.
+        assert_eq!(
+            code_only("let a = 1u; // why\n\n    let b = a;\n"),
+            code_only("let a = 1u;\n// a note\nlet b = a;  // more")
+        );
+        assert_ne!(code_only("let a = 1u;"), code_only("let a = 2u;"));
     }
 }
