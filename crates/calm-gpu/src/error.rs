@@ -14,6 +14,9 @@ pub enum CalmError {
     /// A parameter of [`crate::CalmParams`] that cannot be used, by field name.
     #[error(transparent)]
     Param(#[from] crate::fit::ParamError),
+    /// The linear probe's inputs or settings.
+    #[error(transparent)]
+    Probe(#[from] crate::probe::ProbeError),
     #[error("{0}")]
     Gpu(String),
     /// The device cannot hold what the run needs.

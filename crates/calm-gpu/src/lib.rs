@@ -21,7 +21,8 @@
 //! - [`geometry`]: SPEC's shapes, padding and FLOP count, shared by every engine.
 //! - [`em`]: the EM driver generic over an [`Engine`]; [`cpu`] and [`gpu`] are the engines.
 //! - [`data`]: readers (IDX, `.npy`, STL-10, CIFAR-10, image folders) and preprocessing.
-//! - [`probe`]: the paper's linear probe; [`validate`] and [`bench`](mod@bench): the GPU checks and timings.
+//! - [`eval`]: the probe on a model's features beside baselines; [`probe`]: the paper's linear
+//!   probe; [`validate`] and [`bench`](mod@bench): the GPU checks and timings.
 
 pub mod atomic;
 pub mod bench;
@@ -31,6 +32,7 @@ pub mod data;
 pub mod em;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod features;
 pub mod fit;
 pub mod geometry;

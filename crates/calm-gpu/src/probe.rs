@@ -553,13 +553,15 @@ fn line_search(
     lo
 }
 
-/// Minimises `fg` from `x0` by L-BFGS. `converged(x, g)` is the gradient test.
+/// Minimises `fg` from `x0` by L-BFGS. `converged(x, g)` is the gradient test; `on_iter` is
+/// told each iteration's number and objective once its step is taken.
 fn lbfgs(
     fg: &mut dyn FnMut(&[f64], &mut [f64]) -> f64,
     x0: Vec<f64>,
     max_iter: usize,
     ftol: f64,
     converged: &dyn Fn(&[f64], &[f64]) -> bool,
+    on_iter: &mut dyn FnMut(usize, f64),
 ) -> LbfgsResult {
     let mut x = x0;
     let mut g = vec![0.0; x.len()];
@@ -631,6 +633,7 @@ fn lbfgs(
         }
         let f_old = f;
         (x, g, f) = (trial.x, trial.g, trial.f);
+        on_iter(iter, f);
         if converged(&x, &g) {
             return done(x, f, g, iter, evaluations, StopReason::GradientTol);
         }
@@ -644,12 +647,34 @@ fn lbfgs(
 // ---------------------------------------------------------------------------------------------
 // Fit / predict
 
+/// Where a probe's fit is: reported after each L-BFGS iteration ([`fit_observed`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbeProgress {
+    /// Iterations done, 1 to `max_iter`.
+    pub iteration: usize,
+    pub max_iter: usize,
+    /// The regularised objective (mean cross-entropy plus the L2 term) after it.
+    pub loss: f64,
+}
+
 /// Fits the probe on features `x` (`n x d`) with labels `y` (`< n_classes`).
 pub fn fit(
     x: ArrayView2<f32>,
     y: &[u8],
     n_classes: usize,
     cfg: &ProbeConfig,
+) -> Result<Probe, ProbeError> {
+    fit_observed(x, y, n_classes, cfg, &mut |_| {})
+}
+
+/// [`fit`], telling `progress` where it is after every iteration (a fit on large features
+/// takes minutes: this is what a progress bar shows).
+pub fn fit_observed(
+    x: ArrayView2<f32>,
+    y: &[u8],
+    n_classes: usize,
+    cfg: &ProbeConfig,
+    progress: &mut dyn FnMut(&ProbeProgress),
 ) -> Result<Probe, ProbeError> {
     if !(cfg.c > 0.0 && cfg.c.is_finite()) {
         return Err(ProbeError::Config(format!(
@@ -732,6 +757,13 @@ pub fn fit(
         cfg.max_iter,
         cfg.ftol,
         &converged,
+        &mut |iteration, loss| {
+            progress(&ProbeProgress {
+                iteration,
+                max_iter: cfg.max_iter,
+                loss,
+            })
+        },
     );
 
     let (weights, intercept) = match model_pre {
@@ -895,7 +927,28 @@ pub fn fit_and_evaluate(
     n_classes: usize,
     cfg: &ProbeConfig,
 ) -> Result<(Probe, ProbeReport), ProbeError> {
-    let probe = fit(x_train, y_train, n_classes, cfg)?;
+    fit_and_evaluate_observed(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        n_classes,
+        cfg,
+        &mut |_| {},
+    )
+}
+
+/// [`fit_and_evaluate`] with the fit's progress reported ([`fit_observed`]).
+pub fn fit_and_evaluate_observed(
+    x_train: ArrayView2<f32>,
+    y_train: &[u8],
+    x_test: ArrayView2<f32>,
+    y_test: &[u8],
+    n_classes: usize,
+    cfg: &ProbeConfig,
+    progress: &mut dyn FnMut(&ProbeProgress),
+) -> Result<(Probe, ProbeReport), ProbeError> {
+    let probe = fit_observed(x_train, y_train, n_classes, cfg, progress)?;
     let report = evaluate(&probe, x_train, y_train, x_test, y_test)?;
     Ok((probe, report))
 }

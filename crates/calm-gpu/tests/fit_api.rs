@@ -215,3 +215,86 @@ fn a_layer_saves_loads_and_encodes() {
     let again = back.features(images, Pooling::default()).unwrap();
     assert_eq!(bits(again.as_slice().unwrap()), bits(f.as_slice().unwrap()));
 }
+
+/// `eval::evaluate` as a user calls it: the model's row then each baseline's, the sizes each
+/// feature set must have, a progress report that opens and closes every phase, and a clear
+/// error for labels that do not match their images.
+#[test]
+fn evaluate_scores_the_model_beside_its_baselines() {
+    use calm_gpu::data::Subset;
+    use calm_gpu::eval::{Baseline, EvalConfig, EvalEvent, Labelled, evaluate};
+    let model_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spec-k8-w5.safetensors");
+    let model = Model::load(&model_path).unwrap();
+    let set = |split, n| {
+        let d: Arc<dyn calm_gpu::data::ImageSource> = Arc::new(embedded_digits(split));
+        let labels = embedded_digits(split).labels.unwrap()[..n].to_vec();
+        Labelled {
+            images: Arc::new(Subset::new(d, 0, n).unwrap()),
+            labels,
+        }
+    };
+    let (train, test) = (set(Split::Train, 600), set(Split::Test, 200));
+    let cfg = EvalConfig {
+        device: Device::Cpu,
+        baselines: vec![Baseline::Raw, Baseline::Random],
+        pooling: Pooling {
+            grid: 2,
+            ..Pooling::default()
+        },
+        ..EvalConfig::for_model(&model)
+    };
+    let mut events = Vec::new();
+    let rows = evaluate(&model, &train, &test, &cfg, &mut |e| {
+        events.push(match e {
+            EvalEvent::FeaturesStarted { images, .. } => format!("features {images}"),
+            EvalEvent::Features { .. } => "f".into(),
+            EvalEvent::FeaturesFinished => "features done".into(),
+            EvalEvent::ProbeStarted { set, .. } => format!("probe {set}"),
+            EvalEvent::Probe(p) => format!("p{}", p.iteration),
+            EvalEvent::ProbeFinished => "probe done".into(),
+        })
+    })
+    .unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.features.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "calm (K=8, pool 2x2)",
+            "raw pixels",
+            "random kernels (K=8, seed 1)"
+        ]
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.dims).collect::<Vec<_>>(),
+        [8 * 4, 784, 8 * 4]
+    );
+    for r in &rows {
+        assert!(
+            r.report.test_acc > 0.2 && r.report.test_acc <= 1.0,
+            "{}",
+            r.report.test_acc
+        );
+    }
+    // Two feature sets per row with features, one probe per row, each opened and closed.
+    let count = |what: &str| events.iter().filter(|e| e.starts_with(what)).count();
+    assert_eq!((count("features 600"), count("features 200")), (2, 2));
+    assert_eq!((count("features done"), count("probe done")), (4, 3));
+    let probes: Vec<&String> = events
+        .iter()
+        .filter(|e| e.starts_with("probe c") || e.starts_with("probe r"))
+        .collect();
+    assert_eq!(probes.len(), 3);
+    let first = events.iter().filter(|e| *e == "p1").count();
+    assert_eq!(first, 3, "every probe reports its first iteration");
+    // The same rows as a fit without an observer.
+    let again = evaluate(&model, &train, &test, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(again[0].report.test_acc, rows[0].report.test_acc);
+
+    let short = Labelled {
+        labels: vec![0; 3],
+        ..set(Split::Test, 200)
+    };
+    let e = evaluate(&model, &train, &short, &cfg, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("200 images but 3 labels"), "{e}");
+}

@@ -2,7 +2,7 @@
 
 use calm_gpu::probe::{
     ProbeConfig, ProbeError, ProbeReport, StopReason, accuracy, confusion, evaluate, fit,
-    fit_and_evaluate, loss_and_grad,
+    fit_and_evaluate, fit_observed, loss_and_grad,
 };
 use ndarray::{Array1, Array2, Axis};
 
@@ -303,6 +303,25 @@ fn iteration_cap_is_reported() {
     assert_eq!(p.iterations, 2);
     assert!(!p.converged);
     assert_eq!(p.stop, StopReason::MaxIter);
+}
+
+#[test]
+fn progress_is_reported_every_iteration_and_the_loss_falls() {
+    let (x, y) = gaussian_problem(9, 400, 8, 4, 0.7, &[1.0; 8], &[0.0; 8]);
+    let cfg = ProbeConfig::default();
+    let mut seen = Vec::new();
+    let p = fit_observed(x.view(), &y, 4, &cfg, &mut |s| seen.push(*s)).unwrap();
+    assert!(p.iterations > 3, "a problem that takes a few iterations");
+    assert_eq!(seen.len(), p.iterations);
+    for (i, s) in seen.iter().enumerate() {
+        assert_eq!((s.iteration, s.max_iter), (i + 1, cfg.max_iter));
+    }
+    // The line search only takes steps that lower the objective.
+    assert!(seen.windows(2).all(|w| w[1].loss <= w[0].loss), "{seen:?}");
+    assert_eq!(seen.last().unwrap().loss, p.final_loss);
+    // Observed or not, the same fit.
+    let q = fit(x.view(), &y, 4, &cfg).unwrap();
+    assert_eq!((q.weights, q.intercept), (p.weights, p.intercept));
 }
 
 #[test]

@@ -11,12 +11,13 @@ use calm_gpu::Device;
 use calm_gpu::Encoding;
 use calm_gpu::data::ImageSource;
 use calm_gpu::data::preprocess::Preprocess;
+use calm_gpu::eval::{EvalConfig, EvalEvent, EvalRow, Labelled, evaluate};
 use calm_gpu::features::Pooling;
 use calm_gpu::model::Model;
-use calm_gpu::{data, em, model, run};
+use calm_gpu::{data, model};
 
 use super::outputs::{check_distinct, check_output};
-use super::{Preset, RECOMMENDED, check_positive, model_geometry_for, model_preprocess, whitened};
+use super::{Preset, RECOMMENDED, check_positive, model_geometry_for, model_preprocess};
 
 #[derive(Args)]
 // "-1" for a number is read as a value, so the error says what is wrong with it.
@@ -82,11 +83,19 @@ pub struct EvalArgs {
     pub force: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Baseline {
     Raw,
     Random,
+}
+
+impl From<&Baseline> for calm_gpu::eval::Baseline {
+    fn from(b: &Baseline) -> Self {
+        match b {
+            Baseline::Raw => Self::Raw,
+            Baseline::Random => Self::Random,
+        }
+    }
 }
 
 /// A labelled dataset for the probe, preprocessed as the model's training data was.
@@ -135,30 +144,57 @@ fn labelled(
     Ok((Arc::new(d), y))
 }
 
-/// Makes the training and test features of one probe.
-type FeaturePair<'a> = Box<dyn Fn() -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> + 'a>;
-
-/// One probe: its name, feature count, report and time.
-#[derive(serde::Serialize)]
-pub struct EvalRow {
-    pub features: String,
-    pub dims: usize,
-    pub seconds: f64,
-    #[serde(flatten)]
-    pub report: calm_gpu::probe::ProbeReport,
+/// The observer that shows [`evaluate`]'s work on a terminal: a bar of images for each feature
+/// set, then one of L-BFGS iterations for each probe (the fit of a large feature set takes
+/// minutes).
+fn progress_bars() -> impl FnMut(&EvalEvent) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut set = String::new();
+    move |e| match *e {
+        EvalEvent::FeaturesStarted { images, .. } => {
+            bar = super::progress_bar(false, images);
+            if let Some(b) = &bar {
+                b.set_message("features");
+            }
+        }
+        EvalEvent::Features { done } => {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        }
+        EvalEvent::ProbeStarted {
+            set: name,
+            max_iter,
+        } => {
+            set = name.to_string();
+            bar = super::progress_bar(false, max_iter);
+            if let Some(b) = &bar {
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {pos}/{len} L-BFGS iterations (at most)  {elapsed}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_message(format!("probe on {set}"));
+            }
+        }
+        EvalEvent::Probe(p) => {
+            if let Some(b) = &bar {
+                b.set_position(p.iteration as u64);
+                b.set_message(format!("probe on {set}: loss {:.5}", p.loss));
+            }
+        }
+        EvalEvent::FeaturesFinished | EvalEvent::ProbeFinished => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
 }
 
-fn flatten(src: &dyn ImageSource) -> Result<ndarray::Array2<f32>> {
-    let (c, h, w) = src.shape();
-    let mut x = vec![0f32; src.len() * c * h * w];
-    src.read_into(0, src.len(), &mut x)?;
-    Ok(ndarray::Array2::from_shape_vec((src.len(), c * h * w), x)?)
-}
-
-// About 290 lines: the checks, the data, the feature sets and the probe table in order. It
-// should be split like train (resolve settings, build features, probe, report); left for the
-// next step of issue 19.
-pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
+/// The arguments after `--preset`, checked before any data is read.
+fn checked(mut a: EvalArgs) -> Result<EvalArgs> {
     if let Some(p) = a.pool {
         check_positive("pool", p)?;
     }
@@ -202,22 +238,12 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
             .collect();
         check_distinct(&inputs, &[j])?;
     }
-    let model = Model::load(&a.model)?;
-    let pre = model_preprocess(&model)?;
-    // The model's own recipe (train --preset recommended keeps one) unless a flag says otherwise.
-    let (pool, encode, standardize) = match model.meta.features {
-        Some(r) if a.pool.is_none() && a.encode.is_none() && !a.standardize => {
-            eprintln!(
-                "note: features by the model's recipe: {r} (--pool, --encode and --standardize override)"
-            );
-            (r.grid, r.encoding, r.standardize)
-        }
-        _ => (
-            a.pool.unwrap_or(1),
-            a.encode.unwrap_or_default(),
-            a.standardize,
-        ),
-    };
+    Ok(a)
+}
+
+/// The probe's training and held-out sets (the held-out one named "test" or "validation"),
+/// preprocessed as the model's training data was.
+fn probe_sets(a: &EvalArgs, pre: Preprocess) -> Result<(Labelled, Labelled, &'static str)> {
     let (xtr, ytr) = labelled(
         a.train.as_ref(),
         a.train_labels.as_ref(),
@@ -291,123 +317,19 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
             xte.shape()
         );
     }
-    let n_classes = ytr
-        .iter()
-        .chain(&yte)
-        .copied()
-        .max()
-        .map_or(0, |m| m as usize + 1)
-        .max(2);
-    let cfg = calm_gpu::probe::ProbeConfig {
-        c: a.c,
-        max_iter: a.max_iter,
-        standardize,
-        ..Default::default()
+    let train = Labelled {
+        images: xtr,
+        labels: ytr,
     };
-    let g_tr = model_geometry_for(&model, xtr.as_ref())?;
-    let g_te = model_geometry_for(&model, xte.as_ref())?;
-    // Features of the probe's training and held-out images under `theta`.
-    let pooling = Pooling {
-        grid: pool,
-        encoding: encode,
+    let test = Labelled {
+        images: xte,
+        labels: yte,
     };
-    // The model's layer sees its images whitened as in training (when it was).
-    let (wtr, wte) = (
-        whitened(&model, xtr.clone())?,
-        whitened(&model, xte.clone())?,
-    );
-    let gpu = super::gpu_config()?;
-    let pair = |theta: &[f32],
-                prior: &calm_gpu::prior::Prior,
-                sets: (&Arc<dyn ImageSource>, &Arc<dyn ImageSource>)|
-     -> Result<(ndarray::Array2<f32>, ndarray::Array2<f32>)> {
-        let f = |g, x: &Arc<dyn ImageSource>| {
-            let bar = super::progress_bar(false, x.len());
-            if let Some(b) = &bar {
-                b.set_message("features");
-            }
-            let f = run::features(
-                a.backend,
-                g,
-                x.clone(),
-                theta,
-                prior,
-                a.batch,
-                pooling,
-                &gpu,
-                super::stop_token(),
-                &mut |done| {
-                    if let Some(b) = &bar {
-                        b.set_position(done as u64);
-                    }
-                },
-            );
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
-            f
-        };
-        Ok((f(g_tr, sets.0)?, f(g_te, sets.1)?))
-    };
-    let mut sets: Vec<(String, FeaturePair<'_>)> = vec![(
-        format!(
-            "calm (K={}{}{})",
-            model.meta.layer.kernels,
-            if pool > 1 {
-                format!(", pool {0}x{0}", pool)
-            } else {
-                String::new()
-            },
-            if encode == Encoding::Lse {
-                String::new()
-            } else {
-                format!(", {}", encode)
-            }
-        ),
-        Box::new(|| pair(&model.theta, &model.prior_or_uniform(), (&wtr, &wte))),
-    )];
-    for b in &a.baseline {
-        match b {
-            Baseline::Raw => sets.push((
-                "raw pixels".into(),
-                Box::new(|| Ok((flatten(xtr.as_ref())?, flatten(xte.as_ref())?))),
-            )),
-            Baseline::Random => sets.push((
-                format!(
-                    "random kernels (K={}, seed {})",
-                    model.meta.layer.kernels, model.meta.seed
-                ),
-                Box::new(|| {
-                    pair(
-                        &em::init_theta(&g_tr, model.meta.seed),
-                        &calm_gpu::prior::Prior::uniform(g_tr.k),
-                        (&xtr, &xte),
-                    )
-                }),
-            )),
-        }
-    }
-    println!(
-        "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} {held_out} images, {n_classes} classes",
-        cfg.c,
-        cfg.tol,
-        cfg.max_iter,
-        ytr.len(),
-        yte.len()
-    );
-    let mut rows = Vec::new();
-    for (name, make) in &sets {
-        let t0 = std::time::Instant::now();
-        let (ftr, fte) = make()?;
-        let (_, report) =
-            calm_gpu::probe::fit_and_evaluate(ftr.view(), &ytr, fte.view(), &yte, n_classes, &cfg)?;
-        rows.push(EvalRow {
-            features: name.clone(),
-            dims: ftr.ncols(),
-            seconds: t0.elapsed().as_secs_f64(),
-            report,
-        });
-    }
+    Ok((train, test, held_out))
+}
+
+/// The table of probe results and the first row's confusion matrix.
+fn print_rows(rows: &[EvalRow], held_out: &str) {
     println!(
         "{:<34} {:>6} {:>10} {:>10} {:>10} {:>9}",
         "features",
@@ -421,7 +343,7 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         "iterations",
         "seconds"
     );
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<34} {:>6} {:>9.2}% {:>9.2}% {:>6}{:<4} {:>9.1}",
             r.features,
@@ -441,6 +363,65 @@ pub fn eval(mut a: EvalArgs) -> Result<Vec<EvalRow>> {
         let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
         println!("  {i:>2} {}", cells.join(""));
     }
+}
+
+pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
+    let a = checked(a)?;
+    let model = Model::load(&a.model)?;
+    let pre = model_preprocess(&model)?;
+    // The model's own recipe (train --preset recommended keeps one) unless a flag says otherwise.
+    let (pool, encode, standardize) = match model.meta.features {
+        Some(r) if a.pool.is_none() && a.encode.is_none() && !a.standardize => {
+            eprintln!(
+                "note: features by the model's recipe: {r} (--pool, --encode and --standardize override)"
+            );
+            (r.grid, r.encoding, r.standardize)
+        }
+        _ => (
+            a.pool.unwrap_or(1),
+            a.encode.unwrap_or_default(),
+            a.standardize,
+        ),
+    };
+    let (train, test, held_out) = probe_sets(&a, pre)?;
+    let (xtr, ytr, xte, yte) = (&train.images, &train.labels, &test.images, &test.labels);
+    let n_classes = ytr
+        .iter()
+        .chain(yte)
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1)
+        .max(2);
+    let cfg = EvalConfig {
+        device: a.backend,
+        gpu: super::gpu_config()?,
+        batch: a.batch,
+        pooling: Pooling {
+            grid: pool,
+            encoding: encode,
+        },
+        probe: calm_gpu::probe::ProbeConfig {
+            c: a.c,
+            max_iter: a.max_iter,
+            standardize,
+            ..Default::default()
+        },
+        baselines: a.baseline.iter().map(|b| b.into()).collect(),
+        cancel: super::stop_token().clone(),
+    };
+    // The layer must fit both sets before any features are computed.
+    model_geometry_for(&model, xtr.as_ref())?;
+    model_geometry_for(&model, xte.as_ref())?;
+    println!(
+        "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} {held_out} images, {n_classes} classes",
+        cfg.probe.c,
+        cfg.probe.tol,
+        cfg.probe.max_iter,
+        ytr.len(),
+        yte.len()
+    );
+    let rows = evaluate(&model, &train, &test, &cfg, &mut progress_bars())?;
+    print_rows(&rows, held_out);
     if let Some(j) = &a.json {
         let text = serde_json::to_string_pretty(
             &serde_json::json!({ "model": a.model, "held_out": held_out, "pool": pool, "encode": encode, "standardize": standardize, "results": rows }),

@@ -1,0 +1,277 @@
+//! The paper's linear probe on a model's features, beside the same probe on baseline features:
+//! the pixels, and untrained kernels through the model's own pipeline. What `calm-gpu eval` and
+//! `calm-gpu reproduce` run; a feature learner earns its place by its margin over the baselines.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use calm_gpu::eval::{Baseline, EvalConfig, Labelled, evaluate};
+//! use calm_gpu::{Model, data};
+//! # fn main() -> Result<(), calm_gpu::CalmError> {
+//! let model = Model::load("calm-model.safetensors".as_ref())?;
+//! let set = |split| {
+//!     let d = data::embedded_digits(split);
+//!     let labels = d.labels.clone().unwrap();
+//!     Labelled { images: Arc::new(d), labels }
+//! };
+//! let cfg = EvalConfig { baselines: vec![Baseline::Random], ..EvalConfig::for_model(&model) };
+//! let rows = evaluate(&model, &set(data::Split::Train), &set(data::Split::Test), &cfg, &mut |_| {})?;
+//! println!("{}: {:.2}%", rows[0].features, 100.0 * rows[0].report.test_acc);
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use ndarray::Array2;
+
+use crate::cancel::CancelToken;
+use crate::data::ImageSource;
+use crate::error::{CalmError, Result};
+use crate::features::{Encoding, Pooling};
+use crate::geometry::Geometry;
+use crate::gpu::GpuConfig;
+use crate::model::Model;
+use crate::prior::Prior;
+use crate::probe::{ProbeConfig, ProbeProgress, ProbeReport};
+use crate::run::Device;
+
+/// Features the probe also sees, to compare the model's with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// The images' pixels, flattened.
+    Raw,
+    /// N(0, 1) kernels with the model's K, w, p and seed, through the same encoding and pooling
+    /// (on the images as they are: no whitening, no prior).
+    Random,
+}
+
+/// Images with their class labels (`labels[i] < 256` for image `i`).
+#[derive(Clone)]
+pub struct Labelled {
+    pub images: Arc<dyn ImageSource>,
+    pub labels: Vec<u8>,
+}
+
+/// How to evaluate: where the features are computed, how they are pooled, the probe.
+#[derive(Clone, Debug)]
+pub struct EvalConfig {
+    pub device: Device,
+    pub gpu: GpuConfig,
+    /// Images per batch of the feature computation (bounds memory only).
+    pub batch: usize,
+    pub pooling: Pooling,
+    /// The probe; `standardize` there standardises the features.
+    pub probe: ProbeConfig,
+    pub baselines: Vec<Baseline>,
+    pub cancel: CancelToken,
+}
+
+impl EvalConfig {
+    /// The model's recipe (its pooling and standardisation; SPEC's image-wide log-sum-exp
+    /// features and the paper's probe when it has none), on the best device, no baselines.
+    pub fn for_model(model: &Model) -> Self {
+        let recipe = model.meta.features;
+        Self {
+            device: Device::Auto,
+            gpu: GpuConfig::default(),
+            batch: 1000,
+            pooling: recipe.map(|r| r.pooling()).unwrap_or_default(),
+            probe: ProbeConfig {
+                standardize: recipe.is_some_and(|r| r.standardize),
+                ..Default::default()
+            },
+            baselines: Vec::new(),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+/// What [`evaluate`] is doing, for a progress display: each feature set's images, then each
+/// probe's iterations.
+#[derive(Clone, Copy, Debug)]
+pub enum EvalEvent<'a> {
+    /// Features of `images` images begin, for the set named `set` ("calm (K=64)", ...).
+    FeaturesStarted {
+        set: &'a str,
+        images: usize,
+    },
+    /// Images done of the features in progress.
+    Features {
+        done: usize,
+    },
+    FeaturesFinished,
+    /// The probe on `set`'s features begins, with at most `max_iter` iterations.
+    ProbeStarted {
+        set: &'a str,
+        max_iter: usize,
+    },
+    Probe(&'a ProbeProgress),
+    ProbeFinished,
+}
+
+/// One probe's result: the features' name and size, its report and the time it all took.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalRow {
+    pub features: String,
+    pub dims: usize,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub report: ProbeReport,
+}
+
+/// Fits the probe on `train`'s features and scores it on `test`'s: the model's features first,
+/// then each of `cfg.baselines`, a row each. The classes are the labels seen (at least 2).
+pub fn evaluate(
+    model: &Model,
+    train: &Labelled,
+    test: &Labelled,
+    cfg: &EvalConfig,
+    observe: &mut dyn FnMut(&EvalEvent),
+) -> Result<Vec<EvalRow>> {
+    for (set, what) in [(train, "training"), (test, "held-out")] {
+        if set.labels.len() != set.images.len() {
+            return Err(CalmError::Invalid(format!(
+                "{what} set: {} images but {} labels",
+                set.images.len(),
+                set.labels.len()
+            )));
+        }
+    }
+    if cfg.baselines.contains(&Baseline::Raw) && train.images.shape() != test.images.shape() {
+        return Err(CalmError::Invalid(format!(
+            "training images are {:?} (C, H, W) but held-out images {:?}; the raw-pixel baseline needs one shape",
+            train.images.shape(),
+            test.images.shape()
+        )));
+    }
+    let n_classes = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1)
+        .max(2);
+    let geometry = |x: &Arc<dyn ImageSource>| {
+        let (c, h, w) = x.shape();
+        model.geometry_for(c, h, w)
+    };
+    let (g_tr, g_te) = (geometry(&train.images)?, geometry(&test.images)?);
+    let mut rows = Vec::new();
+    let mut sets = vec![model_set_name(model, cfg.pooling)];
+    sets.extend(cfg.baselines.iter().map(|b| baseline_name(model, *b)));
+    for (i, name) in sets.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let pair = match i.checked_sub(1).map(|b| cfg.baselines[b]) {
+            None => {
+                let (wtr, wte) = (
+                    model.whitened(train.images.clone())?,
+                    model.whitened(test.images.clone())?,
+                );
+                let prior = model.prior_or_uniform();
+                let sets = [(g_tr, &wtr), (g_te, &wte)];
+                features_pair(name, &model.theta, &prior, sets, cfg, observe)?
+            }
+            Some(Baseline::Raw) => (
+                flatten(train.images.as_ref())?,
+                flatten(test.images.as_ref())?,
+            ),
+            Some(Baseline::Random) => {
+                let theta = crate::em::init_theta(&g_tr, model.meta.seed);
+                let prior = Prior::uniform(g_tr.k);
+                let sets = [(g_tr, &train.images), (g_te, &test.images)];
+                features_pair(name, &theta, &prior, sets, cfg, observe)?
+            }
+        };
+        observe(&EvalEvent::ProbeStarted {
+            set: name,
+            max_iter: cfg.probe.max_iter,
+        });
+        let fitted = crate::probe::fit_and_evaluate_observed(
+            pair.0.view(),
+            &train.labels,
+            pair.1.view(),
+            &test.labels,
+            n_classes,
+            &cfg.probe,
+            &mut |p| observe(&EvalEvent::Probe(p)),
+        );
+        observe(&EvalEvent::ProbeFinished);
+        rows.push(EvalRow {
+            features: name.clone(),
+            dims: pair.0.ncols(),
+            seconds: t0.elapsed().as_secs_f64(),
+            report: fitted?.1,
+        });
+    }
+    Ok(rows)
+}
+
+/// "calm (K=64, pool 4x4, triangle)": the model's features as the rows name them.
+fn model_set_name(model: &Model, pooling: Pooling) -> String {
+    format!(
+        "calm (K={}{}{})",
+        model.meta.layer.kernels,
+        if pooling.grid > 1 {
+            format!(", pool {0}x{0}", pooling.grid)
+        } else {
+            String::new()
+        },
+        if pooling.encoding == Encoding::Lse {
+            String::new()
+        } else {
+            format!(", {}", pooling.encoding)
+        }
+    )
+}
+
+fn baseline_name(model: &Model, b: Baseline) -> String {
+    match b {
+        Baseline::Raw => "raw pixels".into(),
+        Baseline::Random => format!(
+            "random kernels (K={}, seed {})",
+            model.meta.layer.kernels, model.meta.seed
+        ),
+    }
+}
+
+/// The features of the probe's training and held-out images under `theta`.
+fn features_pair(
+    name: &str,
+    theta: &[f32],
+    prior: &Prior,
+    sets: [(Geometry, &Arc<dyn ImageSource>); 2],
+    cfg: &EvalConfig,
+    observe: &mut dyn FnMut(&EvalEvent),
+) -> Result<(Array2<f32>, Array2<f32>)> {
+    let mut one = |(g, x): (Geometry, &Arc<dyn ImageSource>)| {
+        observe(&EvalEvent::FeaturesStarted {
+            set: name,
+            images: x.len(),
+        });
+        let f = crate::run::features(
+            cfg.device,
+            g,
+            x.clone(),
+            theta,
+            prior,
+            cfg.batch,
+            cfg.pooling,
+            &cfg.gpu,
+            &cfg.cancel,
+            &mut |done| observe(&EvalEvent::Features { done }),
+        );
+        observe(&EvalEvent::FeaturesFinished);
+        f
+    };
+    let [a, b] = sets;
+    Ok((one(a)?, one(b)?))
+}
+
+/// The pixels of every image of `src`, one row each.
+fn flatten(src: &dyn ImageSource) -> Result<Array2<f32>> {
+    let (c, h, w) = src.shape();
+    let mut x = vec![0f32; src.len() * c * h * w];
+    src.read_into(0, src.len(), &mut x)?;
+    Ok(Array2::from_shape_vec((src.len(), c * h * w), x).expect("one row per image"))
+}
