@@ -22,9 +22,11 @@
 //! - [`em`]: the EM driver generic over an [`Engine`]; [`cpu`] and [`gpu`] are the engines.
 //! - [`data`]: readers (IDX, `.npy`, STL-10, CIFAR-10, image folders) and preprocessing.
 //! - [`eval`]: the probe on a model's features beside baselines; [`probe`]: the paper's linear
-//!   probe; [`validate`] and [`bench`](mod@bench): the GPU checks and timings.
+//!   probe; [`validate`] and [`bench`](mod@bench): the GPU checks and timings;
+//!   [`autotune`]: the sweep that tunes the kernels to an adapter.
 
 pub mod atomic;
+pub mod autotune;
 pub mod bench;
 pub mod cancel;
 pub mod cpu;

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::values;
 use calm_gpu::Device;
+use calm_gpu::autotune::SweepEvent;
 use calm_gpu::gpu::GpuContext;
 use calm_gpu::{Geometry, LayerConfig, em, model};
 
@@ -185,11 +186,10 @@ pub struct TuneArgs {
     pub force: bool,
 }
 
-// About 250 lines: the sweep (check, time, keep) as one loop with its early exits. Issue 19
-// moves tune into the library; it is split then.
 /// `calm-gpu tune`: every candidate checked against the CPU reference (`validate`'s problems),
 /// then timed; the fastest that passed goes into the tuning file for this adapter and shape.
 pub(super) fn tune(a: TuneArgs) -> Result<()> {
+    use calm_gpu::autotune::{self, SweepConfig};
     use calm_gpu::gpu::tune::{self, Choice};
     let Some(b) = a.backend.gpu() else {
         bail!("tune times the GPU kernels; choose --backend vulkan, metal, dx12, gl or auto");
@@ -250,131 +250,41 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         list.len()
     );
     let data = Arc::new(random_images(n, c, h, w)?);
-    let theta = em::init_theta(&g, 0);
-    // The check: validate's problems, and a small one of this layer (how K splits into tiles).
-    let mut checks = calm_gpu::validate::cases();
-    checks.extend(calm_gpu::validate::case_for(&g));
     // One JSON line per candidate, written as it finishes, so a sweep cut short keeps its lines.
     let mut json = match &a.json {
         Some(p) => {
             create_parent(p)?;
-            Some(std::fs::File::create(p).with_context(|| p.display().to_string())?)
+            Some((
+                std::fs::File::create(p).with_context(|| p.display().to_string())?,
+                p,
+            ))
         }
         None => None,
     };
-    let stop = || {
-        anyhow::Error::from(calm_gpu::CalmError::Interrupted)
-            .context("interrupted; the tuning file is unchanged")
+    let cfg = SweepConfig {
+        epochs: a.epochs,
+        batch,
+        time_limit_s: a.time_limit,
+        cancel: super::stop_token().clone(),
     };
-    let mut timed: Vec<(Choice, tune::Timing)> = Vec::new();
-    // The first row timed (the built-in choice's, unless it failed): the others' LL reference.
-    let mut reference: Option<calm_gpu::bench::Row> = None;
-    let sweep = std::time::Instant::now();
-    for (i, choice) in list.iter().enumerate() {
-        if super::stop_token().is_cancelled() {
-            return Err(stop());
-        }
-        if let Some(limit) = a
-            .time_limit
-            .filter(|&l| i > 0 && sweep.elapsed().as_secs_f64() > l)
-        {
-            println!(
-                "time limit of {limit} s reached after {:.1} s: the last {} of {} candidates were not run",
-                sweep.elapsed().as_secs_f64(),
-                list.len() - i,
-                list.len()
-            );
-            break;
-        }
-        print!("[{}/{}] {choice}: ", i + 1, list.len());
-        let _ = std::io::stdout().flush();
-        let opts = calm_gpu::gpu::GpuOptions {
-            batch,
-            tiles: Some(choice.tiles),
-            variant: Some(choice.variant),
-            cancel: super::stop_token().clone(),
-            ..Default::default()
-        };
-        let t0 = std::time::Instant::now();
-        let outcome = calm_gpu::validate::run_cases(&ctx, &opts, &checks).and_then(|checked| {
-            Ok(match checked.iter().find(|r| !r.pass()) {
-                Some(r) => Err(format!(
-                    "FAILED the check: {} on {}, error {:.2e} > {:.0e}",
-                    r.kernel, r.shape, r.error, r.tolerance
-                )),
-                None => {
-                    let reference_warmup = reference.as_ref().and_then(|r| r.warmup_s);
-                    let limit = reference_warmup.map(tune::warmup_limit);
-                    match calm_gpu::bench::time_gpu(&ctx, g, &data, &theta, a.epochs, opts, limit)
-                    {
-                        Err(calm_gpu::CalmError::SlowWarmup { warmup_s, .. }) => Err(format!(
-                            "not timed: its warm-up epoch took {:.0} ms, over {}x the first timed choice's {:.0} ms",
-                            warmup_s * 1e3,
-                            tune::SLOW_WARMUP,
-                            reference_warmup.unwrap_or(f64::NAN) * 1e3
-                        )),
-                        timed => Ok(timed?),
-                    }
-                }
-            })
-        });
-        let (status, row) = match outcome {
-            Err(calm_gpu::CalmError::Interrupted) => {
+    let mut running = false;
+    let swept = autotune::sweep(&ctx, g, &data, &list, builtin, &cfg, &mut |e| {
+        show_sweep(e, &mut running, &mut json)
+    });
+    let sweep = match swept {
+        Err(calm_gpu::CalmError::Interrupted) => {
+            if running {
                 println!("interrupted");
-                return Err(stop());
             }
-            Err(e) => (format!("not run: {e}"), None),
-            Ok(Err(failed)) => (failed, None),
-            Ok(Ok(row)) => match tune::ll_disagrees(
-                reference.as_ref().and_then(|r| r.first_loglik),
-                row.first_loglik.unwrap_or(f64::NAN),
-                n,
-            ) {
-                Some(why) => (why, None),
-                None => ("ok".to_string(), Some(row)),
-            },
-        };
-        match &row {
-            Some(r) => println!(
-                "epoch {:.2} ms, {:.1} GFLOP/s (E {:.2} ms, M {:.2} ms; checked and timed in {:.1} s)",
-                r.epoch_s * 1e3,
-                r.epoch_gflops,
-                r.estep_s.unwrap_or(f64::NAN) * 1e3,
-                r.mstep_s.unwrap_or(f64::NAN) * 1e3,
-                t0.elapsed().as_secs_f64()
-            ),
-            None => println!("{status}"),
+            return Err(anyhow::Error::from(calm_gpu::CalmError::Interrupted)
+                .context("interrupted; the tuning file is unchanged"));
         }
-        if let Some(f) = json.as_mut() {
-            let line = serde_json::json!({
-                "choice": choice.to_string(),
-                "builtin": *choice == builtin,
-                "status": status,
-                "row": row,
-            });
-            writeln!(f, "{line}")
-                .and_then(|_| f.flush())
-                .with_context(|| format!("{}", a.json.as_ref().expect("open").display()))?;
-        }
-        if let Some(r) = row {
-            timed.push((
-                *choice,
-                tune::Timing::of(&r.epochs_s).expect("at least one epoch"),
-            ));
-            reference.get_or_insert(r);
-        }
-    }
-    if super::stop_token().is_cancelled() {
-        return Err(stop());
-    }
-    let builtin_t = timed.iter().find(|(c, _)| *c == builtin).map(|t| t.1);
-    let Some((fastest, fastest_t)) = timed
-        .iter()
-        .copied()
-        .min_by(|x, y| x.1.median.total_cmp(&y.1.median))
-    else {
+        s => s?,
+    };
+    let Some((fastest, fastest_t)) = sweep.fastest() else {
         bail!("no candidate passed the check and ran; the tuning file is unchanged");
     };
+    let builtin_t = sweep.builtin_timing();
     let gflops = |s: f64| g.epoch_flops(n) / s / 1e9;
     println!(
         "fastest: {fastest}, epoch {:.2} ms, {:.1} GFLOP/s{}",
@@ -386,7 +296,7 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
             gflops(b.median)
         ))
     );
-    let keep = tune::pick(builtin_t, &timed);
+    let keep = sweep.keep();
     if a.dry_run {
         match &keep {
             Ok((c, _)) => println!("--dry-run: {c} would be kept; the tuning file is unchanged"),
@@ -397,10 +307,10 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
         return Ok(());
     }
     let path = path.expect("checked above");
-    let adapter = tune::AdapterKey::of(&ctx.info);
     let (best, best_t) = match keep {
         Ok(k) => k,
         Err(why) => {
+            let adapter = tune::AdapterKey::of(&ctx.info);
             let removed = tune::remove(&path, &adapter, &tune::shape_key(&g))?;
             println!(
                 "the built-in choice stays ({why}){}",
@@ -416,30 +326,66 @@ pub(super) fn tune(a: TuneArgs) -> Result<()> {
             return Ok(());
         }
     };
-    let best_s = best_t.median;
-    let builtin_s = builtin_t.map(|b| b.median);
-    tune::store(
-        &path,
-        tune::Entry {
-            adapter,
-            shape: tune::shape_key(&g),
-            choice: best.to_string(),
-            code: best.code_hash(g.k),
-            epoch_ms: best_s * 1e3,
-            gflops: gflops(best_s),
-            builtin: builtin.to_string(),
-            builtin_epoch_ms: builtin_s.map(|b| b * 1e3),
-            images: n,
-            measured_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        },
-    )?;
+    tune::store(&path, sweep.entry(&ctx, &g, best, best_t))?;
     println!(
         "saved to {}: train, features, bench and validate run {best} on this adapter for {} (unless CALM_TILES or CALM_KERNELS is set; CALM_TUNE_FILE=off ignores the file)",
         path.display(),
         tune::shape_key(&g)
     );
+    Ok(())
+}
+
+/// Prints the sweep as it goes (`[i/n] choice: result`) and writes each candidate's JSON line.
+fn show_sweep(
+    e: &SweepEvent,
+    running: &mut bool,
+    json: &mut Option<(std::fs::File, &PathBuf)>,
+) -> calm_gpu::Result<()> {
+    match *e {
+        SweepEvent::TimeLimit {
+            limit_s,
+            elapsed_s,
+            skipped_from,
+            total,
+        } => println!(
+            "time limit of {limit_s} s reached after {elapsed_s:.1} s: the last {} of {total} candidates were not run",
+            total - skipped_from
+        ),
+        SweepEvent::Started {
+            index,
+            total,
+            choice,
+        } => {
+            print!("[{}/{total}] {choice}: ", index + 1);
+            let _ = std::io::stdout().flush();
+            *running = true;
+        }
+        SweepEvent::Finished { candidate: c, .. } => {
+            *running = false;
+            match &c.row {
+                Some(r) => println!(
+                    "epoch {:.2} ms, {:.1} GFLOP/s (E {:.2} ms, M {:.2} ms; checked and timed in {:.1} s)",
+                    r.epoch_s * 1e3,
+                    r.epoch_gflops,
+                    r.estep_s.unwrap_or(f64::NAN) * 1e3,
+                    r.mstep_s.unwrap_or(f64::NAN) * 1e3,
+                    c.seconds
+                ),
+                None => println!("{}", c.status),
+            }
+            if let Some((f, path)) = json.as_mut() {
+                let line = serde_json::json!({
+                    "choice": c.choice.to_string(),
+                    "builtin": c.builtin,
+                    "status": c.status,
+                    "row": c.row,
+                });
+                writeln!(f, "{line}")
+                    .and_then(|_| f.flush())
+                    .map_err(|e| calm_gpu::CalmError::io(path, e))?;
+            }
+        }
+    }
     Ok(())
 }
 

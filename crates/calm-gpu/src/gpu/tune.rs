@@ -523,7 +523,7 @@ pub fn pick(
     Err(format!(
         "{} was faster by its median, but its epochs ({:.2}-{:.2} ms) overlap the built-in's \
          ({:.2}-{:.2} ms), as do those of any other faster by the margin: within the noise of \
-         this run; try more --images or --epochs",
+         this run; try more images or epochs",
         fastest.0,
         ms(fastest.1.low),
         ms(fastest.1.high),
