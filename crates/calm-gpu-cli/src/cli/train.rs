@@ -284,10 +284,8 @@ fn cached(
     Ok(Arc::new(file))
 }
 
-// About 200 lines: output checks, locks, data, trainer, run, outputs, in the order in which a
-// refused run must leave nothing behind (tests/cli.rs checks that order). The rules are in the
-// helpers below and in the library's Trainer; splitting the sequence further is left to the
-// next step of issue 19.
+/// `calm-gpu train`: the run's outputs checked and locked, then its trainer built, then run and
+/// written, in the order in which a refused run leaves nothing behind (tests/cli.rs checks it).
 pub(super) fn train(a: TrainArgs) -> Result<()> {
     let quiet = a.quiet;
     let protocol = a.protocol;
@@ -299,51 +297,84 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
         );
     }
     params.check().map_err(flag_error)?;
-    check_output(&cfg.out, cfg.force)?;
-    if let (Some(m), None) = (&cfg.metrics, &resume) {
-        check_output(m, cfg.force)?;
-    }
-    if let Some(p) = &cfg.plot {
-        check_output(p, cfg.force)?;
-    }
-    // Where checkpoints go: --checkpoint-dir after every epoch, else `<out>.checkpoint` on
-    // Ctrl-C. A new run does not reuse a --checkpoint-dir that holds another run's checkpoint
-    // without --force; an interrupted run's `<out>.checkpoint` only gets a note (scripts that
-    // train "if the model is missing" must still run again after a Ctrl-C).
-    let checkpoint_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
-        let mut d = cfg.out.clone().into_os_string();
-        d.push(".checkpoint");
-        PathBuf::from(d)
-    });
-    let checkpoint_file = checkpoint_dir.join(Checkpoint::FILE);
-    if resume.is_none() && checkpoint_file.exists() {
-        if cfg.checkpoint_dir.is_some() && !cfg.force {
-            bail!(
-                "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
-                checkpoint_dir.display(),
-                checkpoint_dir.display()
-            );
+    let outputs = Outputs::claim(&cfg, resume.is_some(), quiet)?;
+    let trainer = start(&cfg, params, resume.clone(), quiet)?;
+    run_and_write(trainer, &cfg, resume.is_some(), outputs, quiet)
+}
+
+/// Where a run writes besides its model, and the locks it holds until it returns.
+struct Outputs {
+    /// `--checkpoint-dir`, else `<out>.checkpoint` (written only on Ctrl-C).
+    checkpoint_dir: PathBuf,
+    _locks: [Option<calm_gpu::atomic::OutputLock>; 2],
+}
+
+impl Outputs {
+    /// Checks every output before any work (`--force` to replace), and takes the locks: one run
+    /// at a time per model file and per checkpoint directory.
+    fn claim(cfg: &RunConfig, resuming: bool, quiet: bool) -> Result<Self> {
+        check_output(&cfg.out, cfg.force)?;
+        if let (Some(m), false) = (&cfg.metrics, resuming) {
+            check_output(m, cfg.force)?;
         }
-        if cfg.checkpoint_dir.is_none() && !quiet {
-            eprintln!(
-                "note: {} holds an interrupted run's checkpoint (calm-gpu train --resume {} continues it); this run replaces it only if it is interrupted too",
-                checkpoint_dir.display(),
-                checkpoint_dir.display()
-            );
+        if let Some(p) = &cfg.plot {
+            check_output(p, cfg.force)?;
         }
+        // Where checkpoints go: --checkpoint-dir after every epoch, else `<out>.checkpoint` on
+        // Ctrl-C. A new run does not reuse a --checkpoint-dir that holds another run's checkpoint
+        // without --force; an interrupted run's `<out>.checkpoint` only gets a note (scripts that
+        // train "if the model is missing" must still run again after a Ctrl-C).
+        let checkpoint_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| {
+            let mut d = cfg.out.clone().into_os_string();
+            d.push(".checkpoint");
+            PathBuf::from(d)
+        });
+        let checkpoint_file = checkpoint_dir.join(Checkpoint::FILE);
+        if !resuming && checkpoint_file.exists() {
+            if cfg.checkpoint_dir.is_some() && !cfg.force {
+                bail!(
+                    "{} already holds a checkpoint; continue it with --resume {}, or pass --force to start over",
+                    checkpoint_dir.display(),
+                    checkpoint_dir.display()
+                );
+            }
+            if cfg.checkpoint_dir.is_none() && !quiet {
+                eprintln!(
+                    "note: {} holds an interrupted run's checkpoint (calm-gpu train --resume {} continues it); this run replaces it only if it is interrupted too",
+                    checkpoint_dir.display(),
+                    checkpoint_dir.display()
+                );
+            }
+        }
+        check_output(&checkpoint_file, true)?;
+        check_files_distinct(cfg, &checkpoint_dir, &checkpoint_file)?;
+        // One run at a time per model file and per checkpoint directory, held until this function
+        // returns. `<out>.checkpoint` (no --checkpoint-dir) follows --out's lock, and is not made
+        // unless the run is interrupted.
+        let locks = [
+            lock_output(&cfg.out, "give --out another file")?,
+            match &cfg.checkpoint_dir {
+                Some(_) => {
+                    lock_output(&checkpoint_file, "give --checkpoint-dir another directory")?
+                }
+                None => None,
+            },
+        ];
+        Ok(Self {
+            checkpoint_dir,
+            _locks: locks,
+        })
     }
-    check_output(&checkpoint_file, true)?;
-    check_files_distinct(&cfg, &checkpoint_dir, &checkpoint_file)?;
-    // One run at a time per model file and per checkpoint directory, held until this function
-    // returns. `<out>.checkpoint` (no --checkpoint-dir) follows --out's lock, and is not made
-    // unless the run is interrupted.
-    let locks = [
-        lock_output(&cfg.out, "give --out another file")?,
-        match &cfg.checkpoint_dir {
-            Some(_) => lock_output(&checkpoint_file, "give --checkpoint-dir another directory")?,
-            None => None,
-        },
-    ];
+}
+
+/// The trainer of the run: its data read (and cached, and whitened), the layer checked against
+/// it, the starting weights read, the checkpoint resumed; says what it will run.
+fn start(
+    cfg: &RunConfig,
+    params: CalmParams,
+    resume: Option<Checkpoint>,
+    quiet: bool,
+) -> Result<Trainer> {
     let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
     // The layer must fit the images and --init must match it before anything is written or
     // fitted (the cache, a whitening filter); whitening keeps the shape.
@@ -408,6 +439,25 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
             say(format!("resuming at epoch {first} of {}", cfg.epochs));
         }
     }
+    Ok(trainer)
+}
+
+/// Runs the trainer with the progress bar, the metrics file and Ctrl-C (which leaves a
+/// checkpoint and exits 130), then writes the model and its plot.
+fn run_and_write(
+    mut trainer: Trainer,
+    cfg: &RunConfig,
+    resuming: bool,
+    outputs: Outputs,
+    quiet: bool,
+) -> Result<()> {
+    let say = |s: String| {
+        if !quiet {
+            println!("{s}");
+        }
+    };
+    let n = trainer.len();
+    let first = trainer.history().len() + 1;
     // Metrics: a fresh file, or on resume the checkpoint's epochs rewritten (a kill between the
     // checkpoint and the metrics line must not lose or repeat a line), then appended to.
     let mut metrics = match &cfg.metrics {
@@ -418,7 +468,7 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
                 text.push('\n');
             }
             // A file this new run replaces (--force) keeps its lines until the model is written.
-            let replacing = resume.is_none() && std::fs::metadata(p).is_ok_and(|m| m.is_file());
+            let replacing = !resuming && std::fs::metadata(p).is_ok_and(|m| m.is_file());
             Some(MetricsLog::create(p, &text, replacing)?)
         }
         None => None,
@@ -442,11 +492,12 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
         bail!("writing --metrics failed: {e}");
     }
     if outcome.interrupted {
-        trainer.save_checkpoint(&checkpoint_dir)?;
+        trainer.save_checkpoint(&outputs.checkpoint_dir)?;
         // exit() runs no destructors: a replaced --metrics file keeps its old lines now, and the
         // lock files go.
+        let checkpoint_dir = outputs.checkpoint_dir.clone();
         drop(metrics);
-        drop(locks);
+        drop(outputs);
         eprintln!(
             "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
             outcome.stopped.as_deref().unwrap_or("interrupted"),
