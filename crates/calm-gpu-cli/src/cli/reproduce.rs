@@ -82,9 +82,37 @@ fn idx_files(dir: &Path) -> Result<[PathBuf; 4]> {
     ])
 }
 
-// About 240 lines: a protocol's steps (data, train, show, probe, tables) in order. To be
-// split when it trains through the library's Trainer (issue 19, not done yet).
+/// What a protocol's run reads and writes, settled (and its outputs and label files checked)
+/// before any work.
+struct Plan {
+    name: String,
+    out: PathBuf,
+    model_path: PathBuf,
+    train_data: Vec<PathBuf>,
+    /// Images and labels the probe is fitted on, and scored on.
+    probe_train: (PathBuf, PathBuf),
+    probe_test: (PathBuf, PathBuf),
+    layer: LayerConfig,
+    batch: usize,
+    epochs: usize,
+    pre: Preprocess,
+    /// `--preset recommended` on MNIST-shaped data, which brings its own layer.
+    mnist_preset: bool,
+}
+
+/// `calm-gpu reproduce`: a protocol's steps in order (train, show, probe, the results page).
 pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let plan = plan(&a)?;
+    let train_secs = train_step(&a, &plan)?;
+    let rows = probe_step(&a, &plan)?;
+    let md = results_md(&a, &plan, &rows, train_secs)?;
+    let out = &plan.out;
+    model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;
+    println!("wrote {}", out.join("results.md").display());
+    Ok(())
+}
+
+fn plan(a: &ReproduceArgs) -> Result<Plan> {
     let name = format!("{:?}", a.protocol).to_lowercase();
     let dir = match (&a.data_dir, a.protocol) {
         (Some(d), _) => d.clone(),
@@ -179,6 +207,37 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         (layer, a.epochs.unwrap_or(epochs))
     };
     let batch = a.batch.unwrap_or(batch);
+    Ok(Plan {
+        name,
+        out,
+        model_path,
+        train_data,
+        probe_train,
+        probe_test,
+        layer,
+        batch,
+        epochs,
+        pre,
+        mnist_preset,
+    })
+}
+
+/// Trains the protocol's model as `calm-gpu train` would with the same options (the model,
+/// metrics and the LL plot in the output folder); returns the seconds it took.
+fn train_step(a: &ReproduceArgs, plan: &Plan) -> Result<f64> {
+    let Plan {
+        name,
+        out,
+        model_path,
+        train_data,
+        layer,
+        batch,
+        epochs,
+        pre,
+        mnist_preset,
+        ..
+    } = plan;
+    let (layer, batch, epochs, pre, mnist_preset) = (*layer, *batch, *epochs, *pre, *mnist_preset);
     println!(
         "== {name}: training K={} w={} p={}, batch {batch}, {epochs} epochs, preprocess {pre}{}",
         layer.kernels,
@@ -225,6 +284,21 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         whiten: None,
     })?;
     let train_secs = t0.elapsed().as_secs_f64();
+    Ok(train_secs)
+}
+
+/// The kernels' picture, then the probe on the model's features and the baselines'.
+fn probe_step(a: &ReproduceArgs, plan: &Plan) -> Result<Vec<calm_gpu::eval::EvalRow>> {
+    let Plan {
+        name,
+        out,
+        model_path,
+        probe_train,
+        probe_test,
+        batch,
+        ..
+    } = plan;
+    let batch = *batch;
     // The model is new now: results of an earlier run in this folder (--force) describe a model
     // that is gone, and go before the probe, so that a run stopped during it leaves no
     // mismatched pair behind (the probe writes them again).
@@ -262,13 +336,33 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         json: Some(out.join("results.json")),
         force: true,
     })?;
-    let m = Model::load(&model_path)?;
+    Ok(rows)
+}
+
+/// The results page: the run, the probe table, the kernels' use and the two pictures.
+fn results_md(
+    a: &ReproduceArgs,
+    plan: &Plan,
+    rows: &[calm_gpu::eval::EvalRow],
+    train_secs: f64,
+) -> Result<String> {
+    let Plan {
+        name,
+        model_path,
+        train_data,
+        layer,
+        batch,
+        epochs,
+        mnist_preset,
+        ..
+    } = plan;
+    let m = Model::load(model_path)?;
     let last = m.meta.history.last();
     let mut md = match a.preset {
         None => format!("# calm-gpu: the {name} protocol\n\n"),
         Some(_) => format!(
             "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nImages whitened over 7x7 patches, data-patch initialisation, revival{}; the probe sees the triangle encoding summed over a 4x4 grid, standardised.\n\n",
-            if mnist_preset {
+            if *mnist_preset {
                 ", K 128 kernels of 8x8 without padding"
             } else {
                 ", the protocol's layer"
@@ -301,7 +395,7 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         "Linear probe (softmax regression, L2 with C = 1 as scikit-learn's default, L-BFGS):\n\n",
     );
     md.push_str("| features | dims | train accuracy | test accuracy | probe iterations |\n|---|---|---|---|---|\n");
-    for r in &rows {
+    for r in rows {
         md.push_str(&format!(
             "| {} | {} | {:.2}% | {:.2}% | {}{} |\n",
             r.features,
@@ -320,7 +414,5 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<()> {
         usage.distinct
     ));
     md.push_str("![kernels](kernels.png)\n\n![log likelihood](loglik.png)\n");
-    model::write_atomic(&out.join("results.md"), md.as_bytes(), true)?;
-    println!("wrote {}", out.join("results.md").display());
-    Ok(())
+    Ok(md)
 }
