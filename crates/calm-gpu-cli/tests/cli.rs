@@ -232,7 +232,7 @@ fn gpu_train_and_features_match_cpu() {
         &Array4::from_shape_vec((4, 1, 3, 3), common::random_theta(3, 36, 0.3)).unwrap(),
     );
     let mut thetas = Vec::new();
-    for backend in ["cpu", "vulkan"] {
+    for backend in ["cpu", common::backend_name()] {
         let model = dir.path().join(format!("{backend}.safetensors"));
         let out = calm()
             .args([
@@ -306,7 +306,7 @@ fn gpu_streams_data_larger_than_its_memory_budget() {
     };
     let (cpu, gpu) = (dir.path().join("cpu.st"), dir.path().join("gpu.st"));
     assert!(train("cpu", &cpu).status.success());
-    let out = train("vulkan", &gpu);
+    let out = train(common::backend_name(), &gpu);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_ok(&out);
     assert!(stdout.contains("data streamed in batches of"), "{stdout}");
@@ -317,7 +317,13 @@ fn gpu_streams_data_larger_than_its_memory_budget() {
 
     let bad = calm()
         .env("CALM_GPU_MEMORY", "lots")
-        .args(["train", "--backend", "vulkan", "--epochs", "1"])
+        .args([
+            "train",
+            "--backend",
+            common::backend_name(),
+            "--epochs",
+            "1",
+        ])
         .arg("--data")
         .arg(&data)
         .arg("--out")
@@ -1057,7 +1063,7 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
     let Some(ctx) = common::gpu() else {
         return;
     };
-    let backend = std::env::var("CALM_TEST_BACKEND").unwrap_or_else(|_| "vulkan".into());
+    let backend = common::backend_name();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cache").join("tuned.json");
     let jsonl = dir.path().join("tune.jsonl");

@@ -251,7 +251,7 @@ proptest! {
         data in prop::sample::select(vec!["x.npy", "y.npy"]),
         // A quarter on Vulkan: lavapipe in CI (GL on llvmpipe compiles too slowly for a quick
         // case; validate covers it); auto is the CPU engine there.
-        backend in prop::sample::select(vec!["cpu", "cpu", "auto", "vulkan"]),
+        backend in prop::sample::select(vec!["cpu", "cpu", "auto", common::backend_name()]),
     ) {
         train_case(options, data, backend)?;
     }

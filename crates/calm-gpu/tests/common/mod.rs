@@ -7,14 +7,25 @@ use calm_gpu::gpu::{GpuBackend, GpuContext};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+/// The GPU back end to test on, as the CLI's `--backend` names it: `CALM_TEST_BACKEND` (vulkan,
+/// gl, metal or dx12; the hosted Windows and macOS jobs set dx12 and metal), else vulkan.
+pub fn backend_name() -> &'static str {
+    match std::env::var("CALM_TEST_BACKEND").as_deref() {
+        Ok("gl") => "gl",
+        Ok("metal") => "metal",
+        Ok("dx12") => "dx12",
+        _ => "vulkan",
+    }
+}
+
 /// The GPU to test on: Vulkan unless `CALM_TEST_BACKEND` says otherwise. Where no adapter exists
 /// the test is skipped with a message, unless `CALM_REQUIRE_GPU=1` (set by `.ci/run`), which
 /// makes a missing adapter a failure.
 pub fn gpu() -> Option<Arc<GpuContext>> {
-    let backend = match std::env::var("CALM_TEST_BACKEND").as_deref() {
-        Ok("gl") => GpuBackend::Gl,
-        Ok("metal") => GpuBackend::Metal,
-        Ok("dx12") => GpuBackend::Dx12,
+    let backend = match backend_name() {
+        "gl" => GpuBackend::Gl,
+        "metal" => GpuBackend::Metal,
+        "dx12" => GpuBackend::Dx12,
         _ => GpuBackend::Vulkan,
     };
     match GpuContext::new(backend, false) {
