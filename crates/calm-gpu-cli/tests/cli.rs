@@ -1170,7 +1170,7 @@ fn tune_checks_times_and_keeps_only_a_faster_choice() {
     let bench = [
         "bench",
         "--backend",
-        &backend,
+        backend,
         "--images",
         "3",
         "--epochs",
