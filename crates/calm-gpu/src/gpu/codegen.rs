@@ -370,54 +370,116 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
 /// hold the text for [`Tiles::default`], so for those tiles this is the file itself
 /// (tests/shaders.rs checks it).
 pub fn kernel_text(kernel: &str, tiles: &Tiles) -> String {
-    if kernel == ESTEP_UBO {
-        let text = set_const(kernel, "RM", tiles.u_rm);
-        let text = set_const(&text, "TN", tiles.u_tn);
-        return ubo_blocks(
-            &text,
-            tiles.u_rm,
-            tiles.u_tn,
-            |i| format!("x[base[{i}] + o]"),
-            ("theta_w", "tb"),
-            |i, body| {
-                format!(
-                    "    {{\n        let m = m0 + {i}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n{body}        }}\n    }}\n"
-                )
-            },
-            |j, acc| {
-                format!(
-                    "            {{ let k = n0 + {j}u; if (k < prm.k) {{ let li = lb + k * prm.positions; if (win.first == 1u) {{ l[li] = {acc} + bias[k]; }} else {{ l[li] = l[li] + {acc}; }} }} }}\n"
-                )
-            },
-        );
+    match kernel {
+        k if k == ESTEP_UBO => estep_ubo(k, tiles),
+        k if k == MSTEP_UBO => mstep_ubo(k, tiles),
+        k if k == ESTEP || k == MSTEP => staged(k, tiles, k == ESTEP),
+        k => k.to_string(),
     }
-    if kernel == MSTEP_UBO {
-        let text = set_const(kernel, "RR", tiles.u_rr);
-        let text = set_const(&text, "MT", UBO_M_THREADS);
-        let text = set_const(&text, "TK", tiles.u_tn);
-        return ubo_blocks(
-            &text,
-            tiles.u_rr,
-            tiles.u_tn,
-            |j| format!("select(x[xb + o[{j}]], 1.0, ones[{j}])"),
-            ("g_w", "gb"),
-            |j, body| {
-                format!(
-                    "    {{\n        let r = c0 + {j}u;\n        if (r < r1) {{\n{body}        }}\n    }}\n"
-                )
-            },
-            |i, acc| {
-                format!(
-                    "            {{ let k = k0 + {i}u; if (k < prm.k) {{ let pi = pbase + k * r1 + r; if (win.first == 1u) {{ partials[pi] = {acc}; }} else {{ partials[pi] = partials[pi] + {acc}; }} }} }}\n"
-                )
-            },
-        );
+}
+
+/// The uniform-buffer E-step for `tiles.u_rm` positions per thread, `tiles.u_tn` kernels.
+fn estep_ubo(kernel: &str, tiles: &Tiles) -> String {
+    let text = set_const(kernel, "RM", tiles.u_rm);
+    let text = set_const(&text, "TN", tiles.u_tn);
+    ubo_blocks(
+        &text,
+        tiles.u_rm,
+        tiles.u_tn,
+        |i| format!("x[base[{i}] + o]"),
+        ("theta_w", "tb"),
+        |i, body| {
+            format!(
+                "    {{\n        let m = m0 + {i}u;\n        if (m < mtot) {{\n            let n = m / prm.positions;\n            let lb = n * prm.k * prm.positions + (m - n * prm.positions);\n{body}        }}\n    }}\n"
+            )
+        },
+        |j, acc| {
+            format!(
+                "            {{ let k = n0 + {j}u; if (k < prm.k) {{ let li = lb + k * prm.positions; if (win.first == 1u) {{ l[li] = {acc} + bias[k]; }} else {{ l[li] = l[li] + {acc}; }} }} }}\n"
+            )
+        },
+    )
+}
+
+/// The uniform-buffer M-step for `tiles.u_rr` columns per thread, `tiles.u_tn` kernels.
+fn mstep_ubo(kernel: &str, tiles: &Tiles) -> String {
+    let text = set_const(kernel, "RR", tiles.u_rr);
+    let text = set_const(&text, "MT", UBO_M_THREADS);
+    let text = set_const(&text, "TK", tiles.u_tn);
+    ubo_blocks(
+        &text,
+        tiles.u_rr,
+        tiles.u_tn,
+        |j| format!("select(x[xb + o[{j}]], 1.0, ones[{j}])"),
+        ("g_w", "gb"),
+        |j, body| {
+            format!(
+                "    {{\n        let r = c0 + {j}u;\n        if (r < r1) {{\n{body}        }}\n    }}\n"
+            )
+        },
+        |i, acc| {
+            format!(
+                "            {{ let k = k0 + {i}u; if (k < prm.k) {{ let pi = pbase + k * r1 + r; if (win.first == 1u) {{ partials[pi] = {acc}; }} else {{ partials[pi] = partials[pi] + {acc}; }} }} }}\n"
+            )
+        },
+    )
+}
+
+/// The staged E-step (`e`) or M-step: the register block and the software pipeline written for
+/// the tiles ([`staged_blocks`]), the steps written out where asked, the tile constants set.
+fn staged(kernel: &str, tiles: &Tiles, e: bool) -> String {
+    let text = staged_blocks(kernel, tiles, e);
+    // The E-step's tile settings or the M-step's. `rm` is the register block along the A
+    // tile: RM positions (E) or RR columns (M).
+    let (rm, bk, wx, wy, strided, unroll, double, transposed) = if e {
+        (
+            tiles.e_rm,
+            tiles.e_bk,
+            tiles.e_wx,
+            tiles.e_wy,
+            tiles.e_strided,
+            tiles.e_unroll,
+            tiles.e_double,
+            tiles.e_gather,
+        )
+    } else {
+        (
+            tiles.m_rr,
+            tiles.m_bk,
+            tiles.m_wx,
+            tiles.m_wy,
+            tiles.m_strided,
+            tiles.m_unroll,
+            tiles.m_double,
+            tiles.m_gather,
+        )
+    };
+    // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
+    let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
+    let mut text = steps(&text, bk, unroll);
+    let consts = if e {
+        [("RM", tiles.e_rm), ("RN", tiles.e_rn)]
+    } else {
+        [("RK", tiles.m_rk), ("RR", tiles.m_rr)]
+    };
+    for (name, value) in consts.into_iter().chain([
+        ("BK", bk),
+        ("WGX", wx),
+        ("WGY", wy),
+        ("A_STEP", a_step),
+        ("A_GAP", a_gap),
+        ("NBUF", if double { 2 } else { 1 }),
+        ("P_STEP", if transposed { 1 } else { 4 }),
+        ("P_GAP", if transposed { wx * rm / 4 } else { 1 }),
+    ]) {
+        text = set_const(&text, name, value);
     }
-    let e = kernel == ESTEP;
-    if !e && kernel != MSTEP {
-        return kernel.to_string();
-    }
-    let text = if e {
+    text
+}
+
+/// The staged kernel's generated blocks for `tiles`: E-step (`e`) or M-step.
+fn staged_blocks(kernel: &str, tiles: &Tiles, e: bool) -> String {
+    if e {
         let (d, f, s) = unrolled(
             tiles.e_rm,
             tiles.e_rn,
@@ -506,51 +568,5 @@ pub fn kernel_text(kernel: &str, tiles: &Tiles) -> String {
             kernel.to_string()
         };
         fill(&kernel, (d, f, s), (pi, ps, pn))
-    };
-    // The E-step's tile settings or the M-step's. `rm` is the register block along the A
-    // tile: RM positions (E) or RR columns (M).
-    let (rm, bk, wx, wy, strided, unroll, double, transposed) = if e {
-        (
-            tiles.e_rm,
-            tiles.e_bk,
-            tiles.e_wx,
-            tiles.e_wy,
-            tiles.e_strided,
-            tiles.e_unroll,
-            tiles.e_double,
-            tiles.e_gather,
-        )
-    } else {
-        (
-            tiles.m_rr,
-            tiles.m_bk,
-            tiles.m_wx,
-            tiles.m_wy,
-            tiles.m_strided,
-            tiles.m_unroll,
-            tiles.m_double,
-            tiles.m_gather,
-        )
-    };
-    // Where a thread's groups of 4 lie along the A tile (see estep.wgsl).
-    let (a_step, a_gap) = if strided { (1, wx) } else { (rm / 4, 1) };
-    let mut text = steps(&text, bk, unroll);
-    let consts = if e {
-        [("RM", tiles.e_rm), ("RN", tiles.e_rn)]
-    } else {
-        [("RK", tiles.m_rk), ("RR", tiles.m_rr)]
-    };
-    for (name, value) in consts.into_iter().chain([
-        ("BK", bk),
-        ("WGX", wx),
-        ("WGY", wy),
-        ("A_STEP", a_step),
-        ("A_GAP", a_gap),
-        ("NBUF", if double { 2 } else { 1 }),
-        ("P_STEP", if transposed { 1 } else { 4 }),
-        ("P_GAP", if transposed { wx * rm / 4 } else { 1 }),
-    ]) {
-        text = set_const(&text, name, value);
     }
-    text
 }
