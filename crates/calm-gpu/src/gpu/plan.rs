@@ -182,40 +182,7 @@ impl MemoryPlan {
             }
         }
 
-        let (x_buffers, batches) = if stream {
-            let n_batches = n.div_ceil(max_batch);
-            let slots = STREAM_SLOTS.min(n_batches);
-            let batches = (0..n_batches)
-                .map(|i| BatchRange {
-                    x: i % slots,
-                    offset: 0,
-                    first: i * max_batch,
-                    n_images: max_batch.min(n - i * max_batch),
-                })
-                .collect();
-            (vec![max_batch; slots], batches)
-        } else {
-            // Resident buffers of whole images; batches never straddle two of them.
-            let (mut x_buffers, mut batches) = (Vec::new(), Vec::new());
-            let mut start = 0;
-            while start < n {
-                let count = per_x_buffer.min(n - start);
-                let mut s = 0;
-                while s < count {
-                    let nb = max_batch.min(count - s);
-                    batches.push(BatchRange {
-                        x: x_buffers.len(),
-                        offset: s,
-                        first: start + s,
-                        n_images: nb,
-                    });
-                    s += nb;
-                }
-                x_buffers.push(count);
-                start += count;
-            }
-            (x_buffers, batches)
-        };
+        let (x_buffers, batches) = layout(n, max_batch, per_x_buffer, stream);
         Ok(Self {
             n,
             bytes: if stream {
@@ -250,6 +217,51 @@ impl MemoryPlan {
     /// The most partial sums any batch writes.
     pub fn max_chunks(&self) -> u64 {
         self.max_batch.div_ceil(self.images_per_chunk) as u64
+    }
+}
+
+/// Which buffer holds each image and which images each batch takes: `stream`ed, batches of
+/// `max_batch` cycle through the [`STREAM_SLOTS`]; resident, buffers of up to `per_x_buffer`
+/// whole images, batches never straddling two.
+fn layout(
+    n: usize,
+    max_batch: usize,
+    per_x_buffer: usize,
+    stream: bool,
+) -> (Vec<usize>, Vec<BatchRange>) {
+    if stream {
+        let n_batches = n.div_ceil(max_batch);
+        let slots = STREAM_SLOTS.min(n_batches);
+        let batches = (0..n_batches)
+            .map(|i| BatchRange {
+                x: i % slots,
+                offset: 0,
+                first: i * max_batch,
+                n_images: max_batch.min(n - i * max_batch),
+            })
+            .collect();
+        (vec![max_batch; slots], batches)
+    } else {
+        // Resident buffers of whole images; batches never straddle two of them.
+        let (mut x_buffers, mut batches) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < n {
+            let count = per_x_buffer.min(n - start);
+            let mut s = 0;
+            while s < count {
+                let nb = max_batch.min(count - s);
+                batches.push(BatchRange {
+                    x: x_buffers.len(),
+                    offset: s,
+                    first: start + s,
+                    n_images: nb,
+                });
+                s += nb;
+            }
+            x_buffers.push(count);
+            start += count;
+        }
+        (x_buffers, batches)
     }
 }
 
