@@ -171,12 +171,43 @@ pub fn run_case(
         TOL_LINEAR,
     );
 
+    check_features(&g, n, &xpad, &mut eng, &engine, &mut row)?;
+    let max_batch = eng.max_batch();
+    check_prior_and_streaming(
+        &g,
+        (&x, n, batch),
+        &theta,
+        &mut rng,
+        &st,
+        max_batch,
+        &engine,
+        &mut row,
+    )?;
+    Ok(rows)
+}
+
+/// A check's name, its error and its tolerance, as [`run_case`] collects them.
+type Record<'a> = dyn FnMut(&'static str, f64, f64) + 'a;
+
+/// An engine over the case's images with these weights and options on top of the case's.
+type MakeEngine<'a> = dyn Fn(&[f32], GpuOptions) -> Result<GpuEngine> + 'a;
+
+/// The feature kernels (image-wide, pooled, triangle) with the GPU's own updated theta (from
+/// `eng`'s epoch), so that each is checked alone.
+fn check_features(
+    g: &Geometry,
+    n: usize,
+    xpad: &[f32],
+    eng: &mut GpuEngine,
+    engine: &MakeEngine,
+    row: &mut Record,
+) -> Result<()> {
     // Features with the GPU's own updated theta, so this checks the kernel alone; image-wide
     // (SPEC's) and pooled over a 2 x 2 grid of regions.
     let theta_gpu = eng.theta()?;
     let f = eng.features(&mut |_| {})?;
-    let l_gpu_theta = reference::estep(&g, &xpad, n, &theta_gpu);
-    let f_ref = reference::features(&g, &l_gpu_theta, n);
+    let l_gpu_theta = reference::estep(g, xpad, n, &theta_gpu);
+    let f_ref = reference::features(g, &l_gpu_theta, n);
     row(
         "features",
         rel_err(f.as_slice().expect("standard layout"), &f_ref),
@@ -191,7 +222,7 @@ pub fn run_case(
             },
         )?;
         let f2 = pooled.features(&mut |_| {})?;
-        let f2_ref = reference::features_grid(&g, &l_gpu_theta, n, 2);
+        let f2_ref = reference::features_grid(g, &l_gpu_theta, n, 2);
         row(
             "features 2x2",
             rel_err(f2.as_slice().expect("standard layout"), &f2_ref),
@@ -202,7 +233,7 @@ pub fn run_case(
     // The twin works from the f64 L of the GPU's theta; the GPU forms ||x_u||^2 - 2 L in f32,
     // where |L| and ||x_u||^2 are large beside their difference for a patch close to a kernel,
     // so its distances carry f32 cancellation: TOL_POSTERIOR, not TOL_LINEAR.
-    let norms = reference::patch_norms(&g, &xpad, n);
+    let norms = reference::patch_norms(g, xpad, n);
     for grid in [1, 2] {
         if g.ho.min(g.wo) < grid {
             continue;
@@ -216,7 +247,7 @@ pub fn run_case(
             },
         )?;
         let ft = tri.features(&mut |_| {})?;
-        let ft_ref = reference::features_triangle(&g, &l_gpu_theta, &norms, n, grid);
+        let ft_ref = reference::features_triangle(g, &l_gpu_theta, &norms, n, grid);
         row(
             if grid == 1 {
                 "triangle"
@@ -227,6 +258,22 @@ pub fn run_case(
             TOL_POSTERIOR,
         );
     }
+    Ok(())
+}
+
+/// An epoch under mixing weights and a variance, and one with the data streamed (`st`: the
+/// resident epoch's state, `max_batch` its batch).
+#[allow(clippy::too_many_arguments)]
+fn check_prior_and_streaming(
+    g: &Geometry,
+    (x, n, batch): (&[f32], usize, usize),
+    theta: &[f32],
+    rng: &mut Xoshiro256PlusPlus,
+    st: &crate::gpu::GpuState,
+    max_batch: usize,
+    engine: &MakeEngine,
+    row: &mut Record,
+) -> Result<()> {
     // Mixing weights and a variance (`Prior`): the same kernels on effective weights; an
     // epoch's theta and LL against the twin's. An inverse variance of 4 scales L by four, so
     // exp() of the posteriors sees four times the absolute error: TOL_POSTERIOR.
@@ -236,10 +283,10 @@ pub fn run_case(
             .map(|_| 0.5 * rng.sample::<f32, _>(rand_distr::StandardNormal))
             .collect(),
     };
-    let mut with_prior = engine(&theta, GpuOptions::default())?;
+    let mut with_prior = engine(theta, GpuOptions::default())?;
     with_prior.set_prior(&prior)?;
     let st_prior = with_prior.epoch(&mut |_| {})?;
-    let (ref_prior, up_prior) = reference::epoch_with_prior(&g, &x, n, &theta, &prior, batch);
+    let (ref_prior, up_prior) = reference::epoch_with_prior(g, x, n, theta, &prior, batch);
     row(
         "prior theta",
         rel_err(&with_prior.theta()?, &up_prior.theta),
@@ -252,9 +299,9 @@ pub fn run_case(
     );
     // The same epoch with the data streamed through two batch buffers instead of resident:
     // the same kernels over the same batches, so the same bits (tolerance 0).
-    if n > eng.max_batch() {
+    if n > max_batch {
         let mut streamed = engine(
-            &theta,
+            theta,
             GpuOptions {
                 stream: true,
                 ..Default::default()
@@ -265,7 +312,7 @@ pub fn run_case(
         let resident: Vec<f64> = st.theta_next.iter().map(|&v| v as f64).collect();
         row("streamed data", rel_err(&theta_streamed, &resident), 0.0);
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Every case, with the kernels the engine chooses; the caller prints the table.
