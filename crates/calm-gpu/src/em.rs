@@ -44,7 +44,7 @@ impl std::fmt::Display for InitMethod {
 }
 
 /// Copies the padded patch of image `n` at position `(h, w)` into `out` (`C * w * w`).
-fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f32]) {
+pub(crate) fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f32]) {
     let p = g.pad as isize;
     for c in 0..g.c {
         for i in 0..g.kw {
@@ -111,24 +111,33 @@ pub fn initial_theta(
 
 /// What the driver tells its caller while it runs.
 pub enum Event<'a> {
+    /// Epoch `epoch` of `epochs` begins.
     EpochStart {
+        /// The epoch, from 1.
         epoch: usize,
+        /// The last epoch to run as it stands (revival may add settling epochs).
         epochs: usize,
     },
     /// Revival re-seeded `kernels` kernels after `epoch`; `settling` when that epoch was the
     /// last requested (or a settling epoch), so one more epoch runs (see [`MAX_SETTLING_EPOCHS`]).
     Revived {
+        /// The epoch after which the kernels were re-seeded.
         epoch: usize,
+        /// Kernels re-seeded.
         kernels: usize,
+        /// Whether one more epoch runs to train them.
         settling: bool,
     },
     /// Images processed so far in the current epoch.
     Progress {
+        /// Images processed so far.
         images: usize,
     },
+    /// An epoch completed (after the checkpoint callback): its record, last of the history.
     EpochEnd(&'a EpochRecord),
     /// SPEC's stopping rule fired: the statistics of `epoch` were not finite.
     PrecisionLimit {
+        /// The epoch whose statistics were not finite; its update was not applied.
         epoch: usize,
     },
 }
@@ -136,6 +145,7 @@ pub enum Event<'a> {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
+    /// Every completed epoch's record, the ones before a resume included.
     pub history: Vec<EpochRecord>,
     /// Set when training stopped before the requested epochs.
     pub stopped: Option<String>,
@@ -148,10 +158,11 @@ pub struct Outcome {
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     /// After each epoch, re-seed kernels whose count `B'` is below 1, or that copy an earlier
-    /// kernel, with poorly explained data patches ([`revive`]). (Such a step is not an EM step: LL may dip in the next
-    /// epoch.) When the last requested epoch leaves such kernels, they are re-seeded and up to
-    /// [`MAX_SETTLING_EPOCHS`] more epochs run, so that the run ends with every kernel trained
-    /// and, as a rule, used; the history then holds more epochs than requested.
+    /// kernel, with poorly explained data patches ([`revive`]). (Such a step is not an EM step:
+    /// LL may dip in the next epoch.) When the last requested epoch leaves such kernels, they are
+    /// re-seeded and up to [`MAX_SETTLING_EPOCHS`] more epochs run, so that the run ends with
+    /// every kernel trained and, as a rule, used; the history then holds more epochs than
+    /// requested.
     pub revive: bool,
     /// Stop once the relative change of LL between epochs is below this.
     pub tol: Option<f64>,

@@ -41,28 +41,45 @@ pub enum Baseline {
     /// The images' pixels, flattened.
     Raw,
     /// N(0, 1) kernels with the model's K, w, p and seed, through the same encoding and pooling
-    /// (on the images as they are: no whitening, no prior).
+    /// (on the images as they are: no whitening, no prior, as the paper's code and every earlier
+    /// release of calm-gpu scored them).
     Random,
+    /// The data-patch initialisation with the model's seed and no EM epoch: K patches of the
+    /// (whitened) training images, through the model's whitening, encoding and pooling.
+    Patches,
+    /// k-means centroids of patches of the (whitened) training images with the model's K and w
+    /// ([`crate::kmeans`]), through the model's whitening, encoding and pooling: with the
+    /// triangle encoding, Coates' k-means pipeline.
+    KMeans,
 }
 
 /// Images with their class labels (`labels[i] < 256` for image `i`).
 #[derive(Clone)]
 pub struct Labelled {
+    /// The images.
     pub images: Arc<dyn ImageSource>,
+    /// One class per image.
     pub labels: Vec<u8>,
 }
 
 /// How to evaluate: where the features are computed, how they are pooled, the probe.
 #[derive(Clone, Debug)]
 pub struct EvalConfig {
+    /// Where the features are computed.
     pub device: Device,
+    /// The GPU choices, where the features run on a GPU.
     pub gpu: GpuConfig,
     /// Images per batch of the feature computation (bounds memory only).
     pub batch: usize,
+    /// How `L` becomes each image's features (for the model and the random baseline).
     pub pooling: Pooling,
     /// The probe; `standardize` there standardises the features.
     pub probe: ProbeConfig,
+    /// Baselines to probe after the model's features, in this order.
     pub baselines: Vec<Baseline>,
+    /// How the k-means baseline is fitted.
+    pub kmeans: crate::kmeans::KMeansConfig,
+    /// Stops the feature computation after the batch in progress.
     pub cancel: CancelToken,
 }
 
@@ -81,6 +98,7 @@ impl EvalConfig {
                 ..Default::default()
             },
             baselines: Vec::new(),
+            kmeans: Default::default(),
             cancel: CancelToken::new(),
         }
     }
@@ -92,29 +110,41 @@ impl EvalConfig {
 pub enum EvalEvent<'a> {
     /// Features of `images` images begin, for the set named `set` ("calm (K=64)", ...).
     FeaturesStarted {
+        /// The feature set's name.
         set: &'a str,
+        /// Images to compute features of.
         images: usize,
     },
     /// Images done of the features in progress.
     Features {
+        /// Images done so far.
         done: usize,
     },
+    /// The features in progress are done (or failed).
     FeaturesFinished,
     /// The probe on `set`'s features begins, with at most `max_iter` iterations.
     ProbeStarted {
+        /// The feature set's name.
         set: &'a str,
+        /// The probe's iteration limit.
         max_iter: usize,
     },
+    /// The probe's progress after one of its iterations.
     Probe(&'a ProbeProgress),
+    /// The probe in progress is done (or failed).
     ProbeFinished,
 }
 
 /// One probe's result: the features' name and size, its report and the time it all took.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EvalRow {
+    /// The feature set's name, e.g. `calm (K=64)`, `raw pixels`.
     pub features: String,
+    /// Features per image.
     pub dims: usize,
+    /// Seconds the features and the probe took together.
     pub seconds: f64,
+    /// The probe's accuracies and fit.
     #[serde(flatten)]
     pub report: ProbeReport,
 }
@@ -182,6 +212,30 @@ pub fn evaluate(
                 let sets = [(g_tr, &train.images), (g_te, &test.images)];
                 features_pair(name, &theta, &prior, sets, cfg, observe)?
             }
+            Some(b @ (Baseline::Patches | Baseline::KMeans)) => {
+                let (wtr, wte) = (
+                    model.whitened(train.images.clone())?,
+                    model.whitened(test.images.clone())?,
+                );
+                let seed = model.meta.seed;
+                let theta = match b {
+                    Baseline::Patches => {
+                        crate::em::random_patches(&g_tr, wtr.as_ref(), seed, g_tr.k)?
+                    }
+                    _ => {
+                        crate::kmeans::kmeans_patches(&g_tr, wtr.as_ref(), seed, &cfg.kmeans)?.theta
+                    }
+                };
+                let prior = Prior::uniform(g_tr.k);
+                features_pair(
+                    name,
+                    &theta,
+                    &prior,
+                    [(g_tr, &wtr), (g_te, &wte)],
+                    cfg,
+                    observe,
+                )?
+            }
         };
         observe(&EvalEvent::ProbeStarted {
             set: name,
@@ -230,6 +284,14 @@ fn baseline_name(model: &Model, b: Baseline) -> String {
         Baseline::Raw => "raw pixels".into(),
         Baseline::Random => format!(
             "random kernels (K={}, seed {})",
+            model.meta.layer.kernels, model.meta.seed
+        ),
+        Baseline::Patches => format!(
+            "data patches (K={}, seed {})",
+            model.meta.layer.kernels, model.meta.seed
+        ),
+        Baseline::KMeans => format!(
+            "k-means (K={}, seed {})",
             model.meta.layer.kernels, model.meta.seed
         ),
     }

@@ -25,6 +25,8 @@
 //!   probe; [`validate`] and [`bench`](mod@bench): the GPU checks and timings;
 //!   [`autotune`]: the sweep that tunes the kernels to an adapter.
 
+#![warn(missing_docs)]
+
 pub mod atomic;
 pub mod autotune;
 pub mod bench;
@@ -40,6 +42,7 @@ pub mod fit;
 pub mod geometry;
 pub mod gpu;
 pub mod interrupt;
+pub mod kmeans;
 pub mod model;
 pub mod prior;
 pub mod probe;

@@ -237,7 +237,12 @@ fn evaluate_scores_the_model_beside_its_baselines() {
     let (train, test) = (set(Split::Train, 600), set(Split::Test, 200));
     let cfg = EvalConfig {
         device: Device::Cpu,
-        baselines: vec![Baseline::Raw, Baseline::Random],
+        baselines: vec![
+            Baseline::Raw,
+            Baseline::Random,
+            Baseline::Patches,
+            Baseline::KMeans,
+        ],
         pooling: Pooling {
             grid: 2,
             ..Pooling::default()
@@ -262,12 +267,14 @@ fn evaluate_scores_the_model_beside_its_baselines() {
         [
             "calm (K=8, pool 2x2)",
             "raw pixels",
-            "random kernels (K=8, seed 1)"
+            "random kernels (K=8, seed 1)",
+            "data patches (K=8, seed 1)",
+            "k-means (K=8, seed 1)"
         ]
     );
     assert_eq!(
         rows.iter().map(|r| r.dims).collect::<Vec<_>>(),
-        [8 * 4, 784, 8 * 4]
+        [8 * 4, 784, 8 * 4, 8 * 4, 8 * 4]
     );
     for r in &rows {
         assert!(
@@ -278,18 +285,20 @@ fn evaluate_scores_the_model_beside_its_baselines() {
     }
     // Two feature sets per row with features, one probe per row, each opened and closed.
     let count = |what: &str| events.iter().filter(|e| e.starts_with(what)).count();
-    assert_eq!((count("features 600"), count("features 200")), (2, 2));
-    assert_eq!((count("features done"), count("probe done")), (4, 3));
+    assert_eq!((count("features 600"), count("features 200")), (4, 4));
+    assert_eq!((count("features done"), count("probe done")), (8, 5));
     let probes: Vec<&String> = events
         .iter()
-        .filter(|e| e.starts_with("probe c") || e.starts_with("probe r"))
+        .filter(|e| e.starts_with("probe ") && *e != "probe done")
         .collect();
-    assert_eq!(probes.len(), 3);
+    assert_eq!(probes.len(), 5);
     let first = events.iter().filter(|e| *e == "p1").count();
-    assert_eq!(first, 3, "every probe reports its first iteration");
-    // The same rows as a fit without an observer.
+    assert_eq!(first, 5, "every probe reports its first iteration");
+    // The same rows as a fit without an observer: the baselines are seeded (k-means too).
     let again = evaluate(&model, &train, &test, &cfg, &mut |_| {}).unwrap();
-    assert_eq!(again[0].report.test_acc, rows[0].report.test_acc);
+    for (a, b) in again.iter().zip(&rows) {
+        assert_eq!(a.report, b.report, "{}", a.features);
+    }
 
     let short = Labelled {
         labels: vec![0; 3],

@@ -41,8 +41,10 @@ pub struct EvalArgs {
     /// Labels of --test, where its format does not carry them (IDX labels, .npy, STL-10 *_y.bin)
     #[arg(long, value_name = "PATH")]
     pub test_labels: Option<PathBuf>,
-    /// Also fit the same probe on other features: raw (the pixels) or random (untrained kernels
-    /// with the model's K, w, p and seed). May be repeated.
+    /// Also fit the same probe on other features: raw (the pixels), random (untrained N(0,1)
+    /// kernels with the model's K, w, p and seed), patches (the data-patch initialisation, no EM
+    /// epoch) or kmeans (k-means centroids of the same patches). patches and kmeans see the
+    /// images whitened as the model's. May be repeated.
     #[arg(long, value_enum, value_name = "KIND")]
     pub baseline: Vec<Baseline>,
     /// Where the features are computed: a hardware GPU if auto finds one, else the CPU engine
@@ -87,6 +89,8 @@ pub struct EvalArgs {
 pub enum Baseline {
     Raw,
     Random,
+    Patches,
+    Kmeans,
 }
 
 impl From<&Baseline> for calm_gpu::eval::Baseline {
@@ -94,6 +98,8 @@ impl From<&Baseline> for calm_gpu::eval::Baseline {
         match b {
             Baseline::Raw => Self::Raw,
             Baseline::Random => Self::Random,
+            Baseline::Patches => Self::Patches,
+            Baseline::Kmeans => Self::KMeans,
         }
     }
 }
@@ -407,6 +413,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
             ..Default::default()
         },
         baselines: a.baseline.iter().map(|b| b.into()).collect(),
+        kmeans: Default::default(),
         cancel: super::stop_token().clone(),
     };
     // The layer must fit both sets before any features are computed.

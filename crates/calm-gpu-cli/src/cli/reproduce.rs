@@ -316,7 +316,9 @@ fn probe_step(a: &ReproduceArgs, plan: &Plan) -> Result<Vec<calm_gpu::eval::Eval
         scale: None,
         force: true,
     })?;
-    println!("== {name}: linear probe on CALM features, raw pixels and random kernels");
+    println!(
+        "== {name}: linear probe on CALM features and on the baselines: raw pixels, random kernels, data patches, k-means"
+    );
     let rows = eval(EvalArgs {
         model: model_path.clone(),
         preset: a.preset,
@@ -324,7 +326,12 @@ fn probe_step(a: &ReproduceArgs, plan: &Plan) -> Result<Vec<calm_gpu::eval::Eval
         train_labels: Some(probe_train.1.clone()),
         test: Some(probe_test.0.clone()),
         test_labels: Some(probe_test.1.clone()),
-        baseline: vec![Baseline::Raw, Baseline::Random],
+        baseline: vec![
+            Baseline::Raw,
+            Baseline::Random,
+            Baseline::Patches,
+            Baseline::Kmeans,
+        ],
         backend: a.backend,
         batch,
         c: 1.0,
