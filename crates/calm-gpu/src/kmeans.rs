@@ -88,12 +88,12 @@ pub fn kmeans_patches(
         let mut far: Vec<usize> = (0..m).collect();
         far.sort_by(|&a, &b| dist[b].total_cmp(&dist[a]).then(a.cmp(&b)));
         let mut far = far.into_iter();
-        for j in 0..k {
-            if counts[j] == 0 {
+        for (j, &count) in counts.iter().enumerate() {
+            if count == 0 {
                 let i = far.next().expect("more patches than clusters");
                 c.row_mut(j).assign(&x.row(i));
             } else {
-                let n = counts[j] as f64;
+                let n = count as f64;
                 c.row_mut(j)
                     .iter_mut()
                     .zip(sums.row(j))
@@ -118,7 +118,7 @@ fn sample_patches(
     seed: u64,
     m: usize,
 ) -> Result<Array2<f32>> {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x7061_7463_6865_73);
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x0070_6174_6368_6573);
     let r = g.r();
     let mut x = Array2::<f32>::zeros((m, r));
     let per = g.c * g.h * g.w;
