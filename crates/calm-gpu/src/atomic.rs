@@ -105,6 +105,7 @@ pub struct OutputLock {
 pub enum LockError {
     /// Another process holds the lock.
     Held(PathBuf),
+    /// Creating the lock file or its directory, or locking it, failed (the path named).
     Io(PathBuf, std::io::Error),
 }
 

@@ -29,6 +29,7 @@ pub struct SweepConfig {
 /// One candidate's outcome.
 #[derive(Clone, Debug)]
 pub struct Candidate {
+    /// The kernels and tiles tried.
     pub choice: Choice,
     /// Whether it is the built-in choice (what the others must beat).
     pub builtin: bool,
@@ -46,20 +47,29 @@ pub struct Candidate {
 pub enum SweepEvent<'a> {
     /// Candidate `index` (from 0) of `total` begins.
     Started {
+        /// Position in the list, from 0.
         index: usize,
+        /// Candidates in the list.
         total: usize,
+        /// The candidate's kernels and tiles.
         choice: &'a Choice,
     },
     /// Candidate `index` is done.
     Finished {
+        /// Position in the list, from 0.
         index: usize,
+        /// Its outcome.
         candidate: &'a Candidate,
     },
     /// The time limit stopped the sweep before candidate `skipped_from`.
     TimeLimit {
+        /// The limit, in seconds.
         limit_s: f64,
+        /// Seconds the sweep had run when it stopped.
         elapsed_s: f64,
+        /// The first candidate not run, from 0.
         skipped_from: usize,
+        /// Candidates in the list.
         total: usize,
     },
 }
@@ -67,7 +77,9 @@ pub enum SweepEvent<'a> {
 /// The candidates that ran, in order, and what they were compared with.
 #[derive(Clone, Debug)]
 pub struct Sweep {
+    /// The built-in choice, the one a kept candidate must beat.
     pub builtin: Choice,
+    /// Each candidate's outcome, in the order they ran.
     pub candidates: Vec<Candidate>,
     /// Random images each epoch ran on.
     pub images: usize,

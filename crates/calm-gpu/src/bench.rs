@@ -17,6 +17,8 @@ use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
 
+/// `n` unlabelled images of `c x h x w` pixels drawn uniformly from `[0, 1)` with `seed`; panics
+/// where [`try_random_images`] gives an error.
 pub fn random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> Dataset {
     try_random_images(seed, n, c, h, w).expect("random images fit in memory")
 }
@@ -47,24 +49,34 @@ pub fn try_random_images(seed: u64, n: usize, c: usize, h: usize, w: usize) -> R
 /// One line of the benchmark table.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// The engine: `cpu`, or the GPU's backend (`vulkan`, `metal`, ...), ` streamed` added when the
+    /// images stream through batch-sized buffers.
     pub engine: String,
+    /// The adapter's name (GPU), or the GEMM crate and thread count (CPU).
     pub adapter: String,
+    /// Images and layer, `N` x [`crate::gpu::tune::shape_key`], e.g. `8000x1x28x28 K64 w20 p2`.
     pub shape: String,
+    /// Images per epoch.
     pub images: usize,
+    /// Images per batch (for the GPU, the largest batch the engine runs).
     pub batch: usize,
     /// Median seconds of the E-step alone over all images (GPU only).
     pub estep_s: Option<f64>,
     /// Median seconds of the M-step alone (posteriors, statistics, partial sums; GPU only).
     pub mstep_s: Option<f64>,
+    /// M-step GFLOP/s by SPEC's count (GPU only).
     pub mstep_gflops: Option<f64>,
     /// Median seconds of a whole epoch (E-step, log-sum-exp, M-step, update).
     pub epoch_s: f64,
     /// Seconds of each timed epoch, in order (their spread is the run's noise).
     pub epochs_s: Vec<f64>,
+    /// E-step GFLOP/s by SPEC's count (GPU only).
     pub estep_gflops: Option<f64>,
+    /// Whole-epoch GFLOP/s by SPEC's count (both steps).
     pub epoch_gflops: f64,
     /// Bytes of device buffers the engine allocated (GPU only).
     pub device_bytes: Option<u64>,
+    /// The GEMM kernels' tile shapes (GPU only).
     pub tiles: Option<String>,
     /// The GEMM kernels and where the choice came from (built-in, tuned, CALM_TILES; GPU only).
     pub kernels: Option<String>,
@@ -75,6 +87,7 @@ pub struct Row {
 }
 
 impl Row {
+    /// The table's column titles, aligned with [`Row::line`].
     pub fn header() -> String {
         format!(
             "{:<15} {:<40} {:<28} {:>11} {:>9} {:>11} {:>9} {:>11} {:>9} {:>10}",
@@ -90,6 +103,7 @@ impl Row {
             "device MB"
         )
     }
+    /// This row as a line of the table under [`Row::header`].
     pub fn line(&self) -> String {
         let opt =
             |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
@@ -181,6 +195,8 @@ pub fn time_gpu(
     })
 }
 
+/// Times the fast CPU engine over `epochs` epochs (at least one), reading `batch` images at a time;
+/// no warm-up epoch, and no E-step or M-step times of their own.
 pub fn time_cpu(
     g: Geometry,
     data: Arc<Dataset>,

@@ -21,9 +21,11 @@ pub struct EpochStats {
 pub trait Engine {
     /// Which adapter or engine runs, for the user to read.
     fn describe(&self) -> String;
+    /// The layer's shapes and padding.
     fn geometry(&self) -> Geometry;
     /// Number of images in the dataset.
     fn len(&self) -> usize;
+    /// True when the dataset has no images.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

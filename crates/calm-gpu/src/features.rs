@@ -29,5 +29,6 @@ impl fmt::Display for Encoding {
 pub struct Pooling {
     /// Regions per axis (1: the whole image, SPEC's features).
     pub grid: usize,
+    /// The encoding of `L` pooled over each region.
     pub encoding: Encoding,
 }

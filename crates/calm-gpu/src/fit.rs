@@ -32,23 +32,7 @@ use crate::model::{EpochRecord, FeatureRecipe, Model, ModelMeta};
 use crate::prior::PriorOptions;
 use crate::run::Device;
 
-/// A parameter that cannot be used, named as the builder method that set it (`kernels`,
-/// `width`, `epochs`, ...); the CLI names the matching flag instead.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{field} {reason}")]
-pub struct ParamError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl ParamError {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
+pub use crate::error::ParamError;
 
 /// The entry point: `Calm::params(k)` starts the parameters of a layer of `k` kernels.
 pub struct Calm;
@@ -65,18 +49,27 @@ impl Calm {
 /// (also done by [`CalmParams::fit`] and [`Trainer::new`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CalmParams {
+    /// Kernels `K`, width `w` and padding `p`.
     pub layer: LayerConfig,
+    /// EM iterations (passes over the data).
     pub epochs: usize,
+    /// Images per batch: bounds memory only.
     pub batch: usize,
+    /// Seed of the initial weights, of revival and of the whitening filter's patches.
     pub seed: u64,
+    /// How `theta` starts when `init_theta` is not given.
     pub init_method: InitMethod,
     /// Starting weights `(K, C, w, w)` flattened, instead of `init_method`'s.
     pub init_theta: Option<Vec<f32>>,
+    /// Re-seed unused or duplicate kernels after each epoch ([`Schedule::revive`]).
     pub revive: bool,
+    /// Stop once the relative change of LL between epochs is at most this.
     pub tol: Option<f64>,
+    /// Which of the mixing weights and the variance the M-step learns (SPEC: neither).
     pub prior: PriorOptions,
     /// Patch-whitening width `W`: a ZCA filter fitted on `W x W` patches of the training data.
     pub whiten: Option<usize>,
+    /// Where the fit runs.
     pub device: Device,
     /// A GPU run's choices (kernels, tiles, memory, tuning file).
     pub gpu: crate::gpu::GpuConfig,
@@ -85,6 +78,7 @@ pub struct CalmParams {
 }
 
 impl CalmParams {
+    /// [`Calm::params`]: SPEC's defaults with `kernels` kernels.
     pub fn new(kernels: usize) -> Self {
         Self {
             layer: LayerConfig {
@@ -131,6 +125,7 @@ impl CalmParams {
         self.seed = seed;
         self
     }
+    /// How `theta` starts (SPEC: [`InitMethod::Normal`]).
     pub fn init_method(mut self, method: InitMethod) -> Self {
         self.init_method = method;
         self
@@ -160,10 +155,12 @@ impl CalmParams {
         self.whiten = Some(width);
         self
     }
+    /// Where the fit runs (default [`Device::Auto`]).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
         self
     }
+    /// A GPU run's choices (kernels, tiles, memory, tuning file, adapter).
     pub fn gpu(mut self, gpu: crate::gpu::GpuConfig) -> Self {
         self.gpu = gpu;
         self
@@ -274,6 +271,7 @@ impl CalmParams {
 /// What a Trainer tells its caller while it runs: epoch starts and ends, images done in the
 /// epoch, revivals, the precision limit ([`Event`]).
 pub trait Observer {
+    /// Called with each event as it happens.
     fn on_event(&mut self, event: &Event);
 }
 
@@ -310,7 +308,10 @@ impl Default for DataInfo {
 /// whatever the caller stored beside them (the CLI keeps its command line under `run`).
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
+    /// The model after the last complete epoch.
     pub model: Model,
+    /// Every completed epoch's full record (seconds and GFLOP/s included), one per entry of the
+    /// model's history.
     pub records: Vec<EpochRecord>,
 }
 
@@ -490,6 +491,7 @@ impl Trainer {
         self.engine.describe()
     }
 
+    /// The layer's shapes and padding on the training images.
     pub fn geometry(&self) -> Geometry {
         self.g
     }
@@ -499,6 +501,7 @@ impl Trainer {
         self.source.len()
     }
 
+    /// True when there are no training images (never, for a trainer that was built).
     pub fn is_empty(&self) -> bool {
         self.source.is_empty()
     }
@@ -695,10 +698,12 @@ impl Layer {
         &self.history
     }
 
+    /// The fitted model.
     pub fn model(&self) -> &Model {
         &self.model
     }
 
+    /// The fitted model, giving the layer up.
     pub fn into_model(self) -> Model {
         self.model
     }

@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 /// The layer's hyper-parameters: `K` kernels of `w x w`, zero padding `p`, stride 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerConfig {
+    /// Kernels `K`.
     pub kernels: usize,
+    /// Kernel width `w` (square kernels).
     pub width: usize,
+    /// Zero padding `p` on every side.
     pub pad: usize,
 }
 
@@ -15,8 +18,9 @@ pub struct LayerConfig {
 pub struct Geometry {
     /// Channels `C`.
     pub c: usize,
-    /// Image height `H` and width `W` before padding.
+    /// Image height `H` before padding.
     pub h: usize,
+    /// Image width `W` before padding.
     pub w: usize,
     /// Kernels `K`.
     pub k: usize,
@@ -24,39 +28,64 @@ pub struct Geometry {
     pub kw: usize,
     /// Zero padding `p`.
     pub pad: usize,
-    /// Padded image size `H + 2p`, `W + 2p`.
+    /// Padded image height `H + 2p`.
     pub hp: usize,
+    /// Padded image width `W + 2p`.
     pub wp: usize,
-    /// Patch positions per axis: `Ho = H + 2p - w + 1`, `Wo = W + 2p - w + 1`.
+    /// Patch positions vertically, `Ho = H + 2p - w + 1`.
     pub ho: usize,
+    /// Patch positions horizontally, `Wo = W + 2p - w + 1`.
     pub wo: usize,
 }
 
+/// Why a layer cannot be applied to images of a shape, or pooled on a grid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GeometryError {
+    /// `K` is 0.
     #[error("kernels must be at least 1 (got 0)")]
     NoKernels,
+    /// `w` is 0.
     #[error("width must be at least 1 (got 0)")]
     ZeroWidth,
+    /// The images have no channels (`C = 0`).
     #[error("images have 0 channels; at least 1 is needed")]
     NoChannels,
+    /// A pooling grid of 0 regions, more than 8, or more than the positions per axis.
     #[error(
         "a pooling grid of {grid}x{grid} does not fit {ho}x{wo} positions (at most 8, and at most the positions per axis)"
     )]
-    PoolGrid { grid: usize, ho: usize, wo: usize },
+    PoolGrid {
+        /// Regions per axis asked for.
+        grid: usize,
+        /// Positions vertically, `Ho`.
+        ho: usize,
+        /// Positions horizontally, `Wo`.
+        wo: usize,
+    },
+    /// The kernel is larger than the padded image: `w > H + 2p` or `w > W + 2p`.
     #[error(
         "kernel width {kw} does not fit images of {h}x{w} with padding {pad}: need w <= H + 2p and w <= W + 2p"
     )]
     KernelTooLarge {
+        /// Kernel width `w`.
         kw: usize,
+        /// Image height `H`.
         h: usize,
+        /// Image width `W`.
         w: usize,
+        /// Padding `p`.
         pad: usize,
     },
+    /// One of the layer's arrays would hold more than [`MAX_ELEMENTS`] values.
     #[error(
         "the layer is too large: {what} would hold {n} values (at most {MAX_ELEMENTS}, which also bounds the GPU's 32-bit indices)"
     )]
-    TooLarge { what: &'static str, n: u128 },
+    TooLarge {
+        /// Which array.
+        what: &'static str,
+        /// Values it would hold (saturated at `u128::MAX`).
+        n: u128,
+    },
 }
 
 /// The most values any one of a layer's arrays may hold (weights, one padded image, one
@@ -116,6 +145,8 @@ impl Geometry {
         (0..self.ho).flat_map(move |h| (0..self.wo).map(move |w| h * self.wp + w))
     }
 
+    /// The shapes of `layer` on images of `C x H x W`; an error when the kernel does not fit the
+    /// padded image or an array would hold more than [`MAX_ELEMENTS`] values.
     pub fn new(layer: LayerConfig, c: usize, h: usize, w: usize) -> Result<Self, GeometryError> {
         if layer.kernels == 0 {
             return Err(GeometryError::NoKernels);
@@ -175,6 +206,7 @@ impl Geometry {
         })
     }
 
+    /// The layer's hyper-parameters.
     pub fn layer(&self) -> LayerConfig {
         LayerConfig {
             kernels: self.k,

@@ -19,12 +19,15 @@ use crate::prior::Prior;
 /// One epoch of the run, as printed and as written to `--metrics`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
+    /// The epoch, from 1.
     pub epoch: usize,
     /// `LL` accumulated under the `theta` used during this epoch.
     pub loglik: f64,
+    /// `LL / N`.
     pub loglik_per_image: f64,
     /// `S = sum_k B[k]`, which should equal the number of images.
     pub count_sum: f64,
+    /// Wall-clock seconds of the epoch.
     pub seconds: f64,
     /// SPEC's FLOP count of the epoch over its seconds.
     pub gflops: f64,
@@ -41,6 +44,7 @@ fn is_zero(n: &usize) -> bool {
 /// the machine's speed, so the same run gives the same file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
+    /// The epoch, from 1.
     pub epoch: usize,
     /// `LL` under the `theta` used during this epoch.
     pub loglik: f64,
@@ -68,6 +72,7 @@ impl From<&EpochRecord> for HistoryEntry {
 pub struct FeatureRecipe {
     /// Pooling regions per axis.
     pub grid: usize,
+    /// The encoding of `L` pooled over each region.
     pub encoding: crate::Encoding,
     /// Standardise each feature (zero mean, unit variance over the probe's training set)
     /// before the linear probe.
@@ -75,6 +80,7 @@ pub struct FeatureRecipe {
 }
 
 impl FeatureRecipe {
+    /// The pooling this recipe names (its grid and encoding).
     pub fn pooling(&self) -> crate::Pooling {
         crate::Pooling {
             grid: self.grid,
@@ -100,19 +106,29 @@ impl std::fmt::Display for FeatureRecipe {
 /// Everything about how a model was made.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelMeta {
+    /// Kernels `K`, width `w` and padding `p`.
     pub layer: LayerConfig,
-    /// Image shape `(C, H, W)` the layer was trained on.
+    /// Channels `C` of the training images.
     pub channels: usize,
+    /// Height `H` of the training images.
     pub height: usize,
+    /// Width `W` of the training images.
     pub width: usize,
+    /// Seed of the initial weights, of revival and of the whitening filter's patches.
     pub seed: u64,
+    /// Images per batch of the fit.
     pub batch: usize,
+    /// Epochs asked for (the history may hold fewer, or more with revival's settling epochs).
     pub epochs_requested: usize,
     /// Preprocessing applied to the data before training ("none", "scale", "zca-image").
     pub preprocess: String,
+    /// The engine or adapter that trained it ([`crate::Engine::describe`]).
     pub engine: String,
+    /// Training images `N`.
     pub images: usize,
+    /// The training data's names (file paths, or `embedded:digits-train`).
     pub data: Vec<String>,
+    /// Every completed epoch, in order.
     pub history: Vec<HistoryEntry>,
     /// Why training stopped early, if it did.
     pub stopped: Option<String>,
@@ -124,11 +140,15 @@ pub struct ModelMeta {
     /// triangle encoding on 4 x 4 regions, standardised); absent: SPEC's image-wide log-sum-exp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<FeatureRecipe>,
+    /// The calm-gpu version that wrote the file.
     pub calm_gpu_version: String,
 }
 
+/// A trained layer as its file holds it: the metadata, `theta`, the counts, and the optional
+/// prior and whitening filter.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// How the model was made.
     pub meta: ModelMeta,
     /// `(K, C, w, w)` flattened.
     pub theta: Vec<f32>,
@@ -219,6 +239,7 @@ impl Model {
         )
     }
 
+    /// The layer on images of the training images' shape.
     pub fn geometry(&self) -> Result<Geometry> {
         Ok(Geometry::new(
             self.meta.layer,
@@ -334,11 +355,14 @@ impl Model {
         write_atomic(path, &self.to_bytes()?, force)
     }
 
+    /// Reads a model written by [`Model::save`] (or a checkpoint), checking every tensor's shape
+    /// and that the weights and counts are finite.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| CalmError::io(path, e))?;
         Self::from_bytes(path, &bytes)
     }
 
+    /// [`Model::load`] on bytes already read; `path` names the file in errors.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| model_err(path, format!("not a safetensors model ({e})")))?;
@@ -503,14 +527,17 @@ mod erased {
 
 /// How many kernels are in use and how many are distinct: `unused` counts kernels whose count
 /// `B'` is below 1; `distinct` is the number of groups left after merging kernels within 1%
-/// relative distance of each other (`||a - b|| < 0.01 max(||a||, ||b||)`), the measure of
+/// relative distance of each other (`||a - b|| <= 0.01 max(||a||, ||b||)`), the measure of
 /// issue 6's "only 33-41 of the 64 kernels are distinct".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelUse {
+    /// Kernels whose count `B'` is below 1.
     pub unused: usize,
+    /// Groups of kernels left after merging near-copies ([`near_copy`]).
     pub distinct: usize,
 }
 
+/// [`KernelUse`] of weights `theta` `(K, R)` with counts `B'` `(K)`.
 pub fn kernel_use(theta: &[f32], counts: &[f32]) -> KernelUse {
     let k = counts.len();
     let r = theta.len() / k.max(1);

@@ -45,6 +45,7 @@ pub struct PriorOptions {
 }
 
 impl PriorOptions {
+    /// True when EM learns either parameter.
     pub fn any(self) -> bool {
         self.weights || self.variance
     }
@@ -69,6 +70,7 @@ impl Prior {
         }
     }
 
+    /// True for SPEC's prior: unit variance and uniform weights (every `log_weight` zero).
     pub fn is_uniform(&self) -> bool {
         self.inv_var == 1.0 && self.log_weight.iter().all(|&w| w == 0.0)
     }

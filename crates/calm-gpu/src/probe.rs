@@ -63,31 +63,52 @@ const F_NOISE: f64 = 1e-12;
 /// What can go wrong fitting or applying the probe. Each message is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// No samples or no features.
     #[error("probe: nothing to fit: {0}")]
     Empty(String),
+    /// A feature is NaN or infinite.
     #[error(
         "probe: {what} row {row} column {col} holds a non-finite value ({value}); clean the features first"
     )]
     NonFinite {
+        /// Which features (training, test).
         what: &'static str,
+        /// The sample.
         row: usize,
+        /// The feature.
         col: usize,
+        /// The value found.
         value: f32,
     },
+    /// A label is not below the number of classes.
     #[error("probe: label {label} of sample {index} is not below n_classes = {n_classes}")]
     LabelOutOfRange {
+        /// The sample.
         index: usize,
+        /// Its label.
         label: u8,
+        /// The number of classes.
         n_classes: usize,
     },
+    /// The features and the labels disagree on the number of samples.
     #[error("probe: {what}: {rows} feature rows but {labels} labels")]
     LengthMismatch {
+        /// Which features (training, test).
         what: &'static str,
+        /// Feature rows.
         rows: usize,
+        /// Labels.
         labels: usize,
     },
+    /// Features of another width than the probe's weights.
     #[error("probe: features have {got} columns but the probe has {expected}")]
-    DimensionMismatch { expected: usize, got: usize },
+    DimensionMismatch {
+        /// Features per sample the probe takes.
+        expected: usize,
+        /// Features per sample given.
+        got: usize,
+    },
+    /// A setting out of range (`C`, `tol`, `ftol`, the number of classes).
     #[error("probe: invalid configuration: {0}")]
     Config(String),
 }
@@ -145,6 +166,7 @@ pub enum StopReason {
 /// Per-feature standardisation applied before the probe when `standardize` was set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Standardization {
+    /// Mean of each feature over the training set.
     pub mean: Array1<f64>,
     /// Population standard deviation; 1 where a feature is constant.
     pub std: Array1<f64>,
@@ -163,25 +185,33 @@ pub struct Probe {
     pub evaluations: usize,
     /// True when the gradient or loss-change test fired (see [`StopReason`]).
     pub converged: bool,
+    /// Which test stopped the optimiser.
     pub stop: StopReason,
     /// Normalised objective `f` at the solution (see the module docs); scikit-learn's
     /// unnormalised value is `C * n * final_loss`.
     pub final_loss: f64,
     /// Max-abs gradient of `f` at the solution, in the model's coordinates.
     pub final_grad_max: f64,
+    /// The standardisation fitted on the training features, when `standardize` was set.
     pub standardization: Option<Standardization>,
 }
 
 /// What a probe evaluation reports; serialisable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeReport {
+    /// Classes `K` of the probe.
     pub n_classes: usize,
+    /// Accuracy on the training set, 0 to 1.
     pub train_acc: f64,
+    /// Accuracy on the test set, 0 to 1.
     pub test_acc: f64,
     /// Test-set confusion matrix: `confusion[true][predicted]`.
     pub confusion: Vec<Vec<u64>>,
+    /// L-BFGS iterations done.
     pub iterations: usize,
+    /// True when the gradient or loss-change test fired (see [`StopReason`]).
     pub converged: bool,
+    /// Normalised objective `f` at the solution.
     pub final_loss: f64,
 }
 
@@ -652,6 +682,7 @@ fn lbfgs(
 pub struct ProbeProgress {
     /// Iterations done, 1 to `max_iter`.
     pub iteration: usize,
+    /// The iteration limit, [`ProbeConfig::max_iter`].
     pub max_iter: usize,
     /// The regularised objective (mean cross-entropy plus the L2 term) after it.
     pub loss: f64,
@@ -787,10 +818,12 @@ pub fn fit_observed(
 }
 
 impl Probe {
+    /// Classes `K` (rows of the weights).
     pub fn n_classes(&self) -> usize {
         self.weights.nrows()
     }
 
+    /// Features `d` per sample (columns of the weights).
     pub fn n_features(&self) -> usize {
         self.weights.ncols()
     }

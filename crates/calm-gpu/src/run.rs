@@ -21,9 +21,13 @@ pub enum Device {
     /// A hardware GPU if there is one, else the CPU engine
     #[default]
     Auto,
+    /// A GPU through Vulkan.
     Vulkan,
+    /// A GPU through Metal.
     Metal,
+    /// A GPU through DirectX 12.
     Dx12,
+    /// A GPU through OpenGL ES (wgpu's GL backend).
     Gl,
     /// The CPU engine (GEMM on all cores)
     Cpu,
@@ -52,6 +56,7 @@ impl Device {
         }
     }
 
+    /// The GPU backend this device asks for; `None` for the CPU engine.
     pub fn gpu(self) -> Option<GpuBackend> {
         match self {
             Device::Auto => Some(GpuBackend::Auto),

@@ -18,14 +18,18 @@ use crate::prior::Prior;
 /// One comparison: a kernel's output on one shape.
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// The kernel or check compared (`estep`, `features 2x2`, ...).
     pub kernel: &'static str,
+    /// The case's images and layer.
     pub shape: String,
     /// max |gpu - cpu| / max |cpu|.
     pub error: f64,
+    /// The largest error that passes ([`TOL_LINEAR`] or [`TOL_POSTERIOR`]).
     pub tolerance: f64,
 }
 
 impl Row {
+    /// True when the error is within the tolerance.
     pub fn pass(&self) -> bool {
         self.error <= self.tolerance
     }
@@ -39,6 +43,8 @@ impl Row {
 ///   error becomes ~1e-5 relative in B and T; 2e-4 covers it with margin, and is still far
 ///   below what any indexing or synchronisation bug produces (errors of order 1).
 pub const TOL_LINEAR: f64 = 1e-5;
+/// The tolerance of the M-step statistics and the update, which go through `exp(L - logp)`
+/// (see [`TOL_LINEAR`]).
 pub const TOL_POSTERIOR: f64 = 2e-4;
 
 /// The shapes `validate` runs: C = 1 and 3, padding 0, 1 and 2, odd and non-square images,
@@ -46,6 +52,7 @@ pub const TOL_POSTERIOR: f64 = 2e-4;
 /// Images, C, H, W, the layer, the batch.
 pub type Case = (usize, usize, usize, usize, LayerConfig, usize);
 
+/// The shapes `validate` runs, as [`Case`] describes them.
 pub fn cases() -> Vec<Case> {
     let l = |k, w, p| LayerConfig {
         kernels: k,
@@ -61,6 +68,8 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
+/// `max |a - b| / max |b|` (the reference `b`'s largest value at least 1e-30); infinite when
+/// the lengths differ or a difference is NaN.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;

@@ -22,13 +22,18 @@ pub enum VizError {
     /// A file or directory could not be created, written or renamed.
     #[error("cannot write {}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// The destination path names no file (it is empty, `/`, or ends in `..`).
     #[error("{} does not name a file to write", path.display())]
-    NoFileName { path: PathBuf },
+    NoFileName {
+        /// The path given.
+        path: PathBuf,
+    },
     /// The PNG encoder refused the image (for example, a zero-sized one).
     #[error("PNG encoding failed: {0}")]
     Encode(#[from] image::ImageError),
@@ -37,12 +42,22 @@ pub enum VizError {
     NoPoints,
     /// `loglik_plot` was given a NaN or infinite value.
     #[error("log likelihood at epoch {epoch} is not finite ({value})")]
-    NotFinite { epoch: usize, value: f64 },
+    NotFinite {
+        /// The point's epoch.
+        epoch: usize,
+        /// The value found.
+        value: f64,
+    },
     /// `loglik_plot` was asked for a picture too small to hold a chart.
     #[error(
         "plot size {width}x{height} is too small (at least {MIN_PLOT_WIDTH}x{MIN_PLOT_HEIGHT} pixels)"
     )]
-    TooSmall { width: u32, height: u32 },
+    TooSmall {
+        /// The width asked for, in pixels.
+        width: u32,
+        /// The height asked for, in pixels.
+        height: u32,
+    },
     /// plotters failed while drawing.
     #[error("drawing the plot failed: {0}")]
     Plot(String),
@@ -74,9 +89,13 @@ pub const MAX_GRID_SIDE: u64 = 16_384;
 /// when `min > max`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GridTooLarge {
+    /// Width in pixels of the picture at scale 1.
     pub width: u64,
+    /// Height in pixels of the picture at scale 1.
     pub height: u64,
+    /// The fewest kernels per row whose picture fits at scale 1.
     pub min_per_row: u64,
+    /// The most kernels per row whose picture fits at scale 1.
     pub max_per_row: u64,
 }
 

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use calm_gpu::gpu::Tiles;
-use calm_gpu::gpu::codegen::{kernel_text, set_block, set_const};
-use calm_gpu::gpu::kernels::{ALL, ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, source};
+use calm_gpu::gpu::codegen::{kernel_text, set_block, set_const, source};
+use calm_gpu::gpu::kernels::{ALL, ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS};
 
 /// Set to rewrite the files these snapshot tests compare against (the generated blocks of
 /// `shaders/*.wgsl` and `tests/snapshots/`) after a deliberate change of the generator; review

@@ -4,7 +4,8 @@
 //! CI runs the GPU tests themselves only on Linux's Vulkan and GL devices.
 
 use calm_gpu::gpu::Tiles;
-use calm_gpu::gpu::kernels::{ALL, source};
+use calm_gpu::gpu::codegen::source;
+use calm_gpu::gpu::kernels::ALL;
 use calm_gpu::gpu::tune::{SHAPES_LARGE_K, SHAPES_SMALL_K};
 use naga::back::{hlsl, msl};
 

@@ -5,8 +5,9 @@
 use crate::geometry::Geometry;
 use crate::prior::Prior;
 
-/// Twin of `shaders/estep.wgsl`: `L[n,k,h,w] = sum_{c,i,j} theta[k,c,i,j] Xpad[n,c,h+i,w+j] + bias[k]`,
-/// laid out `(n, k, h, w)`.
+/// Twin of `shaders/estep.wgsl`:
+/// `L[n,k,h,w] = sum_{c,i,j} theta[k,c,i,j] Xpad[n,c,h+i,w+j] + bias[k]`, laid out
+/// `(n, k, h, w)`.
 pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32]) -> Vec<f64> {
     let b = g.bias(theta);
     let (k_, kw, p_) = (g.k, g.kw, g.positions());
@@ -51,7 +52,8 @@ pub fn logp(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Twin of `shaders/features.wgsl`: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]`, laid out `(n, k)`.
+/// Twin of `shaders/features.wgsl`: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]`, laid out
+/// `(n, k)`.
 pub fn features(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
     let p = g.positions();
     (0..n * g.k)
@@ -164,6 +166,7 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// All-zero statistics for `g`: `B` of length K, `T` of `K * R`, `LL = 0`.
     pub fn zeros(g: &Geometry) -> Self {
         Self {
             b: vec![0.0; g.k],
@@ -226,6 +229,8 @@ impl Update {
     }
 }
 
+/// SPEC's end-of-epoch update from an epoch's statistics: `B'` with the pseudo count, then
+/// `theta = T / B'`.
 pub fn update(g: &Geometry, stats: &Stats) -> Update {
     let r = g.r();
     let s: f64 = stats.b.iter().sum();

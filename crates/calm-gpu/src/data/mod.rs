@@ -28,13 +28,24 @@ pub use whiten::{Whitened, Whitening};
 /// breaks and other control characters escaped ([`crate::text::printable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// Reading a file failed.
     #[error("{}: {source}", shown(.path))]
     Io {
+        /// The file.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A file that is not what it should be: damaged, of another format, or in the wrong role.
     #[error("{}: {}", shown(.path), shown(.msg))]
-    Format { path: String, msg: String },
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// A request or a value that cannot be served (a bad range, mismatched counts, a non-finite
+    /// pixel, a filter for other images).
     #[error("{}", shown(.0))]
     Invalid(String),
 }
@@ -47,6 +58,7 @@ fn shown(text: &str) -> String {
 pub trait ImageSource: Send + Sync {
     /// Number of images `N`.
     fn len(&self) -> usize;
+    /// True when the source holds no images.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -60,11 +72,14 @@ pub trait ImageSource: Send + Sync {
 /// A dataset held in memory: images `(N, C, H, W)` and optional labels.
 #[derive(Clone, Debug)]
 pub struct Dataset {
+    /// Pixels `(N, C, H, W)` ([`Dataset::new`] makes the layout standard).
     pub images: Array4<f32>,
+    /// One class per image, where the data has them.
     pub labels: Option<Vec<u8>>,
 }
 
 impl Dataset {
+    /// A dataset of `images` (copied into standard layout if they are not) and optional `labels`.
     pub fn new(images: Array4<f32>, labels: Option<Vec<u8>>) -> Self {
         let images = if images.is_standard_layout() {
             images
@@ -410,6 +425,7 @@ pub struct Subset {
 }
 
 impl Subset {
+    /// Images `start .. start + len` of `inner`; an error when they are not all in it.
     pub fn new(
         inner: std::sync::Arc<dyn ImageSource>,
         start: usize,

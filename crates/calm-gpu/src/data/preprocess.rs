@@ -499,15 +499,19 @@ pub struct Preprocessed<S> {
 }
 
 impl<S: ImageSource> Preprocessed<S> {
+    /// `inner` with `pre` applied to each image read.
     pub fn new(inner: S, pre: Preprocess) -> Self {
         Preprocessed { inner, pre }
     }
+    /// The preprocessing applied.
     pub fn preprocess(&self) -> Preprocess {
         self.pre
     }
+    /// The source read before preprocessing.
     pub fn inner(&self) -> &S {
         &self.inner
     }
+    /// The source read before preprocessing, giving this wrapper up.
     pub fn into_inner(self) -> S {
         self.inner
     }

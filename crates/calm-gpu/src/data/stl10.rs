@@ -60,6 +60,7 @@ impl Stl10File {
         })
     }
 
+    /// The file read.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -31,8 +31,11 @@ pub const EPS_OF_MEAN_EIGENVALUE: f64 = 0.1;
 /// A fitted whitening filter, `(C, C, W, W)` (output channel, input channel, row, column).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Whitening {
+    /// Channels `C` of the images it is for.
     pub channels: usize,
+    /// Patch width `W`.
     pub width: usize,
+    /// `F[co, ci, i, j]`, `(C, C, W, W)` row-major.
     pub filter: Vec<f32>,
 }
 
@@ -215,6 +218,7 @@ pub struct Whitened<S> {
 }
 
 impl<S: ImageSource> Whitened<S> {
+    /// `inner` whitened with `white`; an error when their channel counts differ.
     pub fn new(inner: S, white: std::sync::Arc<Whitening>) -> Result<Self, DataError> {
         let (c, _, _) = inner.shape();
         if c != white.channels {

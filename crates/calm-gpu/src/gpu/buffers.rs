@@ -14,8 +14,10 @@ use crate::geometry::Geometry;
 pub const RW: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
+/// [`RW`] and UNIFORM: the buffers the uniform-buffer kernels bind in 64 KiB windows.
 pub const RW_UNIFORM: wgpu::BufferUsages = RW.union(wgpu::BufferUsages::UNIFORM);
 
+/// A device buffer of `bytes` bytes (at least 4) with `usage`, labelled `label`.
 pub fn storage_as(
     ctx: &GpuContext,
     label: &str,
@@ -30,10 +32,12 @@ pub fn storage_as(
     })
 }
 
+/// [`storage_as`] with [`RW`] usage.
 pub fn storage(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
     storage_as(ctx, label, bytes, RW)
 }
 
+/// A device buffer holding `data`, with `usage`, labelled `label`.
 pub fn init_as(
     ctx: &GpuContext,
     label: &str,
@@ -48,6 +52,7 @@ pub fn init_as(
         })
 }
 
+/// [`init_as`] with [`RW`] usage.
 pub fn init(ctx: &GpuContext, label: &str, data: &[u8]) -> wgpu::Buffer {
     init_as(ctx, label, data, RW)
 }
@@ -130,34 +135,53 @@ pub fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
 
 /// Every buffer that lives for the whole run.
 pub struct Resident {
+    /// `theta` `(K, R)` of the epoch in progress.
     pub theta: wgpu::Buffer,
+    /// The E-step's weights transposed to `(R, KP)`: `theta`, or its effective form under a
+    /// prior ([`crate::prior::Prior::effective`]); zero rows after it for the uniform-buffer
+    /// kernels.
     pub theta_t: wgpu::Buffer,
+    /// The update's `theta` transposed, `(R, KP)`.
     pub theta_t_next: wgpu::Buffer,
+    /// A batch's posteriors `G`, `(batch, P, KP)`; 16 unused bytes where the M-step forms them
+    /// itself.
     pub gpost: wgpu::Buffer,
+    /// The E-step's bias `(K)`: SPEC's `-0.5 ||theta_k||^2`, or its effective form under a prior.
     pub bias: wgpu::Buffer,
+    /// The update's weights `(K, R)`, copied over `theta` when the epoch was finite.
     pub theta_next: wgpu::Buffer,
+    /// The update's bias, `(K)`.
     pub bias_next: wgpu::Buffer,
+    /// `B'` of the last applied update, `(K)`.
     pub counts: wgpu::Buffer,
+    /// The update's `B'`, `(K)`.
     pub counts_next: wgpu::Buffer,
+    /// A batch's `L`, `(batch, K, P)`.
     pub l: wgpu::Buffer,
+    /// `logp` of every image of the epoch, `(N)`.
     pub logp_all: wgpu::Buffer,
+    /// The epoch's statistics `(K, R + 1)`, column R holding B, summed compensated: the true sum
+    /// is `t_acc - t_comp`.
     pub t_acc: wgpu::Buffer,
+    /// The rounding error carried by `t_acc`'s compensated (Kahan) sum, `(K, R + 1)`.
     pub t_comp: wgpu::Buffer,
     /// `[LL hi, LL lo, S, finite]` of the last epoch.
     pub summary: wgpu::Buffer,
+    /// A batch's features, `(batch, K, grid * grid)`.
     pub f: wgpu::Buffer,
     /// Triangle features: `||x_u||^2` and the mean distance per patch, `(batch, P, 2)`.
     pub pm: wgpu::Buffer,
-    /// The patch offset table ([`Geometry::patch_offsets`], zero-padded) and the positions'
-    /// ([`Geometry::position_offsets`]).
+    /// The patch offset table ([`Geometry::patch_offsets`], zero-padded).
     pub off: wgpu::Buffer,
+    /// The positions' offsets ([`Geometry::position_offsets`]), 128 zeros after them.
     pub pos: wgpu::Buffer,
     /// The M-step's partial sums, a chunk's each.
     pub partials: wgpu::Buffer,
     /// Kernels the update found degenerate.
     pub bad: wgpu::Buffer,
-    /// Each batch's [`Params`] (a uniform), and the dataset's (for the per-epoch kernels).
+    /// Each batch's [`Params`] (a uniform).
     pub params: Vec<wgpu::Buffer>,
+    /// The dataset's [`Params`], for the per-epoch kernels.
     pub params_global: wgpu::Buffer,
     /// The padded dataset (resident), or the batch-sized slots it streams through.
     pub x: Vec<wgpu::Buffer>,

@@ -12,9 +12,9 @@ use super::kernels::{ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, Tiles, UBO_M_TH
 
 /// The register block of the two GEMM kernels, written out for `rm` rows along `a` and `rn`
 /// columns along `b` (both multiples of 4): `rm * rn / 4` vec4 accumulators `acc_i_q`, the
-/// per-stage loads `a_g = a_tile[ab + g * A_GAP]`, `b_q = b_tile[bb + q]` and the FMAs. Writing them out
-/// keeps every accumulator in a register: a private array indexed in a loop is placed in local
-/// memory by some compilers (the first H100 measurement ran at 1.3% of peak that way).
+/// per-stage loads `a_g = a_tile[ab + g * A_GAP]`, `b_q = b_tile[bb + q]` and the FMAs. Writing
+/// them out keeps every accumulator in a register: a private array indexed in a loop is placed
+/// in local memory by some compilers (the first H100 measurement ran at 1.3% of peak that way).
 /// `store(j, acc)` gives the statement that stores accumulator element `acc` of column `j` (the
 /// row's variables are set by `row`); `row(i, body)` wraps the stores of row `i`.
 pub fn unrolled(
@@ -146,11 +146,17 @@ fn coalesced_store(tiles: &Tiles) -> String {
 /// calls for the first and for the next stage, and each element's place in the tile (`{E}`
 /// stands for the element index in the last three).
 pub struct StageTile<'a> {
+    /// Prefix of the registers' names (`reg0`, `reg1`, ...).
     pub reg: &'a str,
+    /// The workgroup array the tile is stored into.
     pub tile: &'a str,
+    /// The tile's size in vec4s.
     pub elements: u32,
+    /// The WGSL expression that loads element `{E}` for the first stage.
     pub first: &'a str,
+    /// The WGSL expression that loads element `{E}` for the next stage.
     pub next: &'a str,
+    /// Element `{E}`'s place in the tile, added to the array's `{tile}_w` offset.
     pub slot: &'a str,
 }
 

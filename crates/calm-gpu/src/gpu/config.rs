@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use super::kernels::{Tiles, Variant};
 
+/// A caller's choices for a GPU run (the module's text); [`GpuConfig::default`] chooses nothing:
+/// the built-in rules, no tuning file, no extra checks, any adapter.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GpuConfig {
     /// The kernel family; `None`: the tuning file's, else the adapter's default

@@ -10,10 +10,15 @@ use crate::error::{CalmError, Result};
 /// Which graphics API to run on. `Auto` takes the best real GPU on any API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GpuBackend {
+    /// Every API wgpu has here; the best adapter among them.
     Auto,
+    /// Vulkan.
     Vulkan,
+    /// Metal.
     Metal,
+    /// DirectX 12.
     Dx12,
+    /// OpenGL ES (wgpu's GL backend).
     Gl,
 }
 
@@ -84,9 +89,13 @@ pub fn is_real_gpu(info: &wgpu::AdapterInfo) -> bool {
 
 /// A device and its queue, created once and shared by every kernel.
 pub struct GpuContext {
+    /// The wgpu device, opened with every limit the adapter allows.
     pub device: wgpu::Device,
+    /// Its queue.
     pub queue: wgpu::Queue,
+    /// The adapter's name, backend and type.
     pub info: wgpu::AdapterInfo,
+    /// The device's limits (the adapter's own).
     pub limits: wgpu::Limits,
     /// Bytes of device memory the adapter reports (Vulkan: its largest device-local heap);
     /// `None` where the API does not say.

@@ -20,7 +20,8 @@ use ndarray::Array2;
 
 use super::buffers::{Resident, read_padded, transpose_padded};
 use super::context::GpuContext;
-use super::kernels::{Pipelines, Tiles, Variant};
+use super::kernels::{Tiles, Variant};
+use super::pipelines::Pipelines;
 use super::plan::{BatchRange, MemoryPlan, PlanInput};
 use super::steps::{
     EStep, Features, LogSumExp, MStep, Posterior, ReduceStats, Setup, Summary, Update,
@@ -42,12 +43,11 @@ pub struct GpuOptions {
     /// Pretend storage bindings and buffers can hold at most this many bytes (to test the
     /// split of large datasets on a small problem).
     pub binding_cap: Option<u64>,
-    /// Tile shapes; `None`: `CALM_TILES`, else the tuning file's choice for this adapter and
-    /// shape (`calm-gpu tune`, [`super::tune`]), else the built-in rule for the adapter.
+    /// Tile shapes; `None`: the tuning file's choice for this adapter and shape (`calm-gpu
+    /// tune`, [`super::tune`]), else the built-in rule for the adapter.
     pub tiles: Option<Tiles>,
-    /// Kernel implementation; `None`: `CALM_KERNELS`, else the tuning file's, else the
-    /// adapter's default. The tuning file is read only when neither field is set and neither
-    /// variable is.
+    /// Kernel implementation; `None`: the tuning file's, else the adapter's default. The tuning
+    /// file is read only when neither field is set.
     pub variant: Option<Variant>,
     /// Features: pooling regions per axis (0 or 1: image-wide, SPEC's features).
     pub grid: usize,
@@ -100,6 +100,8 @@ struct Steps {
     features: Features,
 }
 
+/// The GPU engine: the data, `theta` and the statistics resident on one device, each EM step a
+/// WGSL kernel (see the module's text).
 pub struct GpuEngine {
     ctx: Arc<GpuContext>,
     g: Geometry,
@@ -125,11 +127,15 @@ pub struct GpuEngine {
 pub struct GpuState {
     /// `L` of the last batch run, `(n_images, K, P)`.
     pub l_last: Vec<f32>,
+    /// `logp` of every image of the epoch, `(N)`.
     pub logp_all: Vec<f32>,
     /// Statistics `(K, R + 1)`, column `R` holding `B`.
     pub t: Vec<f32>,
+    /// The update's weights, `(K, R)`.
     pub theta_next: Vec<f32>,
+    /// The update's bias, `(K)`.
     pub bias_next: Vec<f32>,
+    /// The update's `B'`, `(K)`.
     pub counts_next: Vec<f32>,
 }
 
@@ -251,6 +257,7 @@ impl GpuEngine {
         self.device_bytes
     }
 
+    /// The tile shapes of the GEMM kernels this engine runs.
     pub fn tiles(&self) -> Tiles {
         self.tiles
     }
@@ -289,6 +296,7 @@ impl GpuEngine {
         self.plan.max_batch
     }
 
+    /// The adapter and device the engine runs on.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
     }

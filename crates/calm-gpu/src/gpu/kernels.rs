@@ -4,24 +4,38 @@
 //! tiles of the GEMM kernels are, because WGSL needs them as constants to size private and
 //! workgroup arrays: [`super::codegen`] sets them and writes the register blocks.
 
-pub use super::codegen::source;
 use crate::error::{CalmError, Result};
-use crate::gpu::GpuContext;
 
+/// `shaders/params.wgsl`: the `Params` uniform and the helpers every kernel is prepended with.
 pub const PARAMS: &str = include_str!("../../shaders/params.wgsl");
+/// `shaders/estep.wgsl`: the staged E-step, a batch's `L` (the convolution plus the bias).
 pub const ESTEP: &str = include_str!("../../shaders/estep.wgsl");
+/// `shaders/estep_direct.wgsl`: the E-step without workgroup memory ([`Variant::Direct`]).
 pub const ESTEP_DIRECT: &str = include_str!("../../shaders/estep_direct.wgsl");
+/// `shaders/posterior.wgsl`: a batch's posteriors `G = exp(L - logp)`, `(n, P, KP)`.
 pub const POSTERIOR: &str = include_str!("../../shaders/posterior.wgsl");
+/// `shaders/mstep_direct.wgsl`: the M-step without workgroup memory ([`Variant::Direct`]).
 pub const MSTEP_DIRECT: &str = include_str!("../../shaders/mstep_direct.wgsl");
+/// `shaders/logsumexp.wgsl`: `logp[n]`, the log-sum-exp of each image's `L`.
 pub const LOGSUMEXP: &str = include_str!("../../shaders/logsumexp.wgsl");
+/// `shaders/mstep.wgsl`: the staged M-step, a batch's `T` and `B` as partial sums over chunks.
 pub const MSTEP: &str = include_str!("../../shaders/mstep.wgsl");
+/// `shaders/reduce_stats.wgsl`: adds a batch's partial sums to the epoch's statistics.
 pub const REDUCE_STATS: &str = include_str!("../../shaders/reduce_stats.wgsl");
+/// `shaders/update.wgsl`: the end-of-epoch update, `B'` and `theta = T / B'`.
 pub const UPDATE: &str = include_str!("../../shaders/update.wgsl");
+/// `shaders/summary.wgsl`: the epoch's `LL`, `S` and whether everything is finite.
 pub const SUMMARY: &str = include_str!("../../shaders/summary.wgsl");
+/// `shaders/features.wgsl`: the log-sum-exp of `L` over each pooling region.
 pub const FEATURES: &str = include_str!("../../shaders/features.wgsl");
+/// `shaders/tri_mean.wgsl`: triangle features, pass 1: each patch's norm and mean distance.
 pub const TRI_MEAN: &str = include_str!("../../shaders/tri_mean.wgsl");
+/// `shaders/features_tri.wgsl`: triangle features, pass 2: the encoding summed over each region.
 pub const FEATURES_TRI: &str = include_str!("../../shaders/features_tri.wgsl");
+/// `shaders/estep_ubo.wgsl`: the E-step reading `theta` from uniform buffers
+/// ([`Variant::Uniform`]).
 pub const ESTEP_UBO: &str = include_str!("../../shaders/estep_ubo.wgsl");
+/// `shaders/mstep_ubo.wgsl`: the M-step reading `G` from uniform buffers ([`Variant::Uniform`]).
 pub const MSTEP_UBO: &str = include_str!("../../shaders/mstep_ubo.wgsl");
 
 /// Every kernel with its name, for validation and tests.
@@ -46,19 +60,33 @@ pub const ALL: [(&str, &str); 14] = [
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
+    /// Images in this batch.
     pub n_images: u32,
+    /// Index of the batch's first image in the bound data buffer.
     pub x_offset: u32,
+    /// Kernels `K`.
     pub k: u32,
+    /// `R = C * w * w`.
     pub r: u32,
+    /// `P = Ho * Wo`.
     pub positions: u32,
+    /// Positions per row, `Wo`.
     pub wo: u32,
+    /// Padded image width `W + 2p`.
     pub wp: u32,
+    /// Floats per padded image, `C * (H + 2p) * (W + 2p)`.
     pub img_stride: u32,
+    /// Index of the batch's first image in the epoch (in `logp_all`).
     pub logp_offset: u32,
+    /// M-step: images per reduction chunk (one partial sum each).
     pub imgs_per_chunk: u32,
+    /// M-step: chunks in this batch.
     pub n_chunks: u32,
+    /// Images in the whole dataset `N`.
     pub n_total: u32,
+    /// Features: pooling regions per axis (1: image-wide, SPEC's features).
     pub grid: u32,
+    /// Padding to 64 bytes.
     pub pad: [u32; 3],
 }
 
@@ -69,29 +97,37 @@ pub struct Params {
 /// threads waste none, 64-column ones compute 448).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
-    /// E-step: positions per thread, kernels per thread, reduction slice, threads along
-    /// positions, threads along kernels.
+    /// E-step: positions per thread (`RM`).
     pub e_rm: u32,
+    /// E-step: kernels per thread (`RN`).
     pub e_rn: u32,
+    /// E-step: the reduction slice `BK`, rows of `R` per stage.
     pub e_bk: u32,
+    /// E-step: threads along positions (`WX`).
     pub e_wx: u32,
+    /// E-step: threads along kernels (`WY`).
     pub e_wy: u32,
-    /// M-step: kernels per thread, columns per thread, reduction slice, threads along columns,
-    /// threads along kernels.
+    /// M-step: kernels per thread (`RK`).
     pub m_rk: u32,
+    /// M-step: columns per thread (`RR`).
     pub m_rr: u32,
+    /// M-step: the reduction slice `BK`, positions per stage.
     pub m_bk: u32,
+    /// M-step: threads along columns (`WX`).
     pub m_wx: u32,
+    /// M-step: threads along kernels (`WY`).
     pub m_wy: u32,
     /// The BK reduction steps of a stage written out by the host (`u` after WX in `CALM_TILES`)
     /// instead of a loop the driver may or may not unroll: workgroup-memory addresses become
     /// constant offsets, no loop counter or branch per step.
     pub e_unroll: bool,
+    /// [`Tiles::e_unroll`] for the M-step.
     pub m_unroll: bool,
     /// Double-buffered tiles (`d` after WX in `CALM_TILES`): two stages in workgroup memory, the
     /// next stored while the current one is read, one barrier per stage instead of two; twice
     /// the tiles' workgroup memory.
     pub e_double: bool,
+    /// [`Tiles::e_double`] for the M-step.
     pub m_double: bool,
     /// The staged M-step computes the posteriors `exp(L - logp)` while loading its G tiles
     /// (`p` after the M-step's WX in `CALM_TILES`) instead of reading them from the `G` buffer
@@ -103,6 +139,7 @@ pub struct Tiles {
     /// side, so that neighbouring threads read neighbouring vec4s of the A tile (no 2-way bank
     /// conflict when RM is 8) and write neighbouring outputs.
     pub e_strided: bool,
+    /// [`Tiles::e_strided`] for the M-step.
     pub m_strided: bool,
     /// The E-step writes its tile of `L` through workgroup memory (`c` after the E-step's WX in
     /// `CALM_TILES`): after the last stage, the results are put into the A tile a few kernels
@@ -120,13 +157,15 @@ pub struct Tiles {
     /// columns a quarter of the tile apart, and its stores follow (`P_STEP`, `P_GAP` in the
     /// shaders).
     pub e_gather: bool,
+    /// [`Tiles::e_gather`] for the M-step.
     pub m_gather: bool,
-    /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): positions per thread
-    /// (E-step), columns per thread (M-step), kernels per workgroup (both; a multiple of 4).
-    /// `u_tn` is set from K by [`Tiles::for_shape`] (the engine sets it whatever the tiles'
-    /// origin) and is not part of the `CALM_TILES` string; `u=RMxRR` there sets the others.
+    /// The uniform-buffer kernels (`*_ubo.wgsl`, [`Variant::Uniform`]): E-step positions per
+    /// thread (`u=RMxRR` in `CALM_TILES` sets this and `u_rr`).
     pub u_rm: u32,
+    /// Uniform-buffer M-step: columns per thread.
     pub u_rr: u32,
+    /// Uniform-buffer kernels: kernels per workgroup (both steps; a multiple of 4), set from K by
+    /// [`Tiles::for_shape`] whatever the tiles' origin, and not part of the `CALM_TILES` string.
     pub u_tn: u32,
 }
 
@@ -240,16 +279,19 @@ impl Tiles {
         (kp.div_ceil(blocks).div_ceil(4) * 4) as u32
     }
 
-    /// Tile extents: E-step positions and kernels, M-step columns and kernels.
+    /// E-step positions per tile, `e_wx * e_rm`.
     pub fn e_tm(&self) -> u32 {
         self.e_wx * self.e_rm
     }
+    /// E-step kernels per tile, `e_wy * e_rn`.
     pub fn e_tn(&self) -> u32 {
         self.e_wy * self.e_rn
     }
+    /// M-step columns per tile, `m_wx * m_rr`.
     pub fn m_tr(&self) -> u32 {
         self.m_wx * self.m_rr
     }
+    /// M-step kernels per tile, `m_wy * m_rk`.
     pub fn m_tk(&self) -> u32 {
         self.m_wy * self.m_rk
     }
@@ -549,107 +591,5 @@ impl Variant {
             Variant::Direct => 8 * 64,
             Variant::Uniform => 64 * tiles.u_rm as usize,
         }
-    }
-}
-
-pub struct Pipelines {
-    pub variant: Variant,
-    pub estep: wgpu::ComputePipeline,
-    pub posterior: wgpu::ComputePipeline,
-    pub logsumexp: wgpu::ComputePipeline,
-    pub mstep: wgpu::ComputePipeline,
-    pub reduce_stats: wgpu::ComputePipeline,
-    pub update: wgpu::ComputePipeline,
-    pub summary: wgpu::ComputePipeline,
-    pub features: wgpu::ComputePipeline,
-    pub tri_mean: wgpu::ComputePipeline,
-    pub features_tri: wgpu::ComputePipeline,
-}
-
-/// Builds kernel `name` from `text`. naga's runtime checks (index clamping, loop bounding) are
-/// left out of the two GEMM kernels unless `checks` ([`super::GpuConfig::checks`]): both guard
-/// every tile edge explicitly, `validate` and the GPU-vs-CPU tests check them on every shape
-/// class, and the checks (loop bounding above all) keep drivers from unrolling the register
-/// block.
-fn build(
-    device: &wgpu::Device,
-    name: &str,
-    text: &str,
-    checks: bool,
-) -> Result<wgpu::ComputePipeline> {
-    // A driver that fails to compile a pipeline reports an internal error; caught here, it is
-    // this kernel's error (one line, and `calm-gpu tune` moves on to the next candidate)
-    // instead of wgpu's uncaptured-error panic.
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let desc = wgpu::ShaderModuleDescriptor {
-        label: Some(name),
-        source: wgpu::ShaderSource::Wgsl(text.into()),
-    };
-    let module = if matches!(name, "estep" | "mstep" | "estep_ubo" | "mstep_ubo") && !checks {
-        // SAFETY: these two kernels index only within bounds they check explicitly (tile edges
-        // against K, R, P and the batch; offset tables padded by a tile; the last, partial share
-        // of a stage's loads clamped by `prefetch`), and every loop has a uniform,
-        // finite trip count; `validate` and tests/gpu_vs_cpu.rs run them on every shape class.
-        unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
-    } else {
-        device.create_shader_module(desc)
-    };
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some(name),
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        // Every kernel writes its workgroup memory before reading it.
-        compilation_options: wgpu::PipelineCompilationOptions {
-            zero_initialize_workgroup_memory: false,
-            ..Default::default()
-        },
-        cache: None,
-    });
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(CalmError::Gpu(format!(
-            "shader {name} failed to build: {e}"
-        )));
-    }
-    if let Some(e) = pollster::block_on(internal.pop()) {
-        return Err(CalmError::Gpu(format!(
-            "the driver failed to build shader {name}: {e}"
-        )));
-    }
-    Ok(pipeline)
-}
-
-impl Pipelines {
-    /// The ten kernels for `tiles` and `variant`, from `ctx`'s pipelines where it has them.
-    pub fn new(ctx: &GpuContext, tiles: &Tiles, variant: Variant) -> Result<Self> {
-        let checks = if ctx.gemm_checks { " checked" } else { "" };
-        let b = |name: &str, kernel| {
-            let text = source(kernel, tiles);
-            ctx.pipeline((format!("{name}{checks}"), text.clone()), |device| {
-                build(device, name, &text, ctx.gemm_checks)
-            })
-        };
-        let (estep, mstep) = match variant {
-            Variant::Staged => (b("estep", ESTEP)?, b("mstep", MSTEP)?),
-            Variant::Direct => (
-                b("estep_direct", ESTEP_DIRECT)?,
-                b("mstep_direct", MSTEP_DIRECT)?,
-            ),
-            Variant::Uniform => (b("estep_ubo", ESTEP_UBO)?, b("mstep_ubo", MSTEP_UBO)?),
-        };
-        Ok(Self {
-            variant,
-            estep,
-            posterior: b("posterior", POSTERIOR)?,
-            logsumexp: b("logsumexp", LOGSUMEXP)?,
-            mstep,
-            reduce_stats: b("reduce_stats", REDUCE_STATS)?,
-            update: b("update", UPDATE)?,
-            summary: b("summary", SUMMARY)?,
-            features: b("features", FEATURES)?,
-            tri_mean: b("tri_mean", TRI_MEAN)?,
-            features_tri: b("features_tri", FEATURES_TRI)?,
-        })
     }
 }

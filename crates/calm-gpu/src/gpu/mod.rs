@@ -3,7 +3,7 @@
 
 //!
 //! - [`context`]: the adapter and device; [`config`]: the caller's typed configuration.
-//! - [`kernels`]: the WGSL kernels, their tiles and variants, and their pipelines;
+//! - [`kernels`]: the WGSL kernels, their tiles and variants; [`pipelines`]: built per device;
 //!   [`codegen`]: the tile constants and register blocks the GEMM kernels are generated with.
 //! - [`tune`]: which kernels an engine runs (the caller's, the tuning file's, the built-in
 //!   rule) and the tuning file.
@@ -17,6 +17,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod kernels;
+pub mod pipelines;
 pub mod plan;
 pub mod steps;
 pub mod tune;

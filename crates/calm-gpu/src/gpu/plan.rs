@@ -13,6 +13,7 @@ pub const STREAM_SLOTS: usize = 2;
 
 /// What the plan is made for: the adapter's limits and budget, and the caller's wishes.
 pub struct PlanInput<'a> {
+    /// The device's limits.
     pub limits: &'a wgpu::Limits,
     /// The adapter's name, for messages.
     pub adapter: &'a str,
@@ -28,7 +29,9 @@ pub struct PlanInput<'a> {
     pub grid: usize,
     /// Whether the features use the triangle encoding (its norms and means buffer).
     pub triangle: bool,
+    /// The implementation of the GEMM kernels.
     pub variant: Variant,
+    /// The GEMM kernels' tiles.
     pub tiles: Tiles,
 }
 
@@ -36,9 +39,13 @@ pub struct PlanInput<'a> {
 /// `offset` in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchRange {
+    /// Which `x` buffer holds the batch.
     pub x: usize,
+    /// Its first image's index in that buffer.
     pub offset: usize,
+    /// Its first image's index in the dataset.
     pub first: usize,
+    /// Images in the batch.
     pub n_images: usize,
 }
 
@@ -53,6 +60,7 @@ pub struct MemoryPlan {
     pub stream: bool,
     /// Images each `x` buffer holds: the dataset's pieces, or the streaming slots.
     pub x_buffers: Vec<usize>,
+    /// The batches of an epoch, in order.
     pub batches: Vec<BatchRange>,
     /// Images per M-step chunk (each chunk writes its own partial sums).
     pub images_per_chunk: usize,
@@ -64,8 +72,9 @@ pub struct MemoryPlan {
     /// Zeros after the patch offset table: the M-step's tile loads read up to a column tile
     /// past R.
     pub offset_pad: usize,
-    /// Pooling regions per axis of the features, and whether they use the triangle encoding.
+    /// Pooling regions per axis of the features.
     pub grid: usize,
+    /// Whether the features use the triangle encoding.
     pub triangle: bool,
     /// Bytes of device memory planned, the data included.
     pub bytes: u64,

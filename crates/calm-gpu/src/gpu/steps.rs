@@ -7,7 +7,8 @@
 
 use super::buffers::{Resident, bind, bind_parts, init_as, part};
 use super::context::GpuContext;
-use super::kernels::{Pipelines, Tiles, UBO_FLOATS, UBO_M_THREADS, Variant};
+use super::kernels::{Tiles, UBO_FLOATS, UBO_M_THREADS, Variant};
+use super::pipelines::Pipelines;
 use super::plan::MemoryPlan;
 use crate::features::Encoding;
 use crate::geometry::Geometry;
@@ -15,11 +16,17 @@ use crate::geometry::Geometry;
 /// What every kernel is built from: the device, the shapes, the plan and its buffers, and the
 /// kernels chosen.
 pub struct Setup<'a> {
+    /// The device.
     pub ctx: &'a GpuContext,
+    /// The layer's shapes.
     pub g: &'a Geometry,
+    /// The memory plan.
     pub plan: &'a MemoryPlan,
+    /// The plan's buffers.
     pub buf: &'a Resident,
+    /// The compiled kernels.
     pub pipes: &'a Pipelines,
+    /// The GEMM kernels' tiles.
     pub tiles: &'a Tiles,
 }
 
@@ -118,6 +125,7 @@ const UBO_BYTES: u64 = UBO_FLOATS as u64 * 4;
 pub struct EStep(Recorded);
 
 impl EStep {
+    /// Builds the E-step's bind groups and dispatches for every batch.
     pub fn new(s: &Setup) -> Self {
         let (g, buf, tiles) = (s.g, s.buf, s.tiles);
         let tn = match s.variant() {
@@ -177,6 +185,7 @@ impl EStep {
         }))
     }
 
+    /// Records batch `batch`'s E-step into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         self.0.record(pass, batch)
     }
@@ -186,6 +195,7 @@ impl EStep {
 pub struct LogSumExp(Recorded);
 
 impl LogSumExp {
+    /// Builds the log-sum-exp's bind groups for every batch.
     pub fn new(s: &Setup) -> Self {
         let (buf, pipe) = (s.buf, &s.pipes.logsumexp);
         Self(s.each_batch(pipe, |i, _| {
@@ -194,6 +204,7 @@ impl LogSumExp {
         }))
     }
 
+    /// Records batch `batch`'s log-sum-exp into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         self.0.record(pass, batch)
     }
@@ -204,6 +215,7 @@ impl LogSumExp {
 pub struct Posterior(Recorded);
 
 impl Posterior {
+    /// Builds the posterior pass for every batch; `None` where the plan has no `G` buffer.
     pub fn new(s: &Setup) -> Option<Self> {
         if !s.plan.uses_g {
             return None;
@@ -231,6 +243,7 @@ impl Posterior {
         })))
     }
 
+    /// Records batch `batch`'s posteriors into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         self.0.record(pass, batch)
     }
@@ -243,6 +256,7 @@ impl Posterior {
 pub struct MStep(Recorded);
 
 impl MStep {
+    /// Builds the M-step's bind groups and dispatches for every batch.
     pub fn new(s: &Setup) -> Self {
         let (g, buf, tiles, plan) = (s.g, s.buf, s.tiles, s.plan);
         let pipe = &s.pipes.mstep;
@@ -321,6 +335,7 @@ impl MStep {
         }
     }
 
+    /// Records batch `batch`'s M-step into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         self.0.record(pass, batch)
     }
@@ -331,6 +346,7 @@ impl MStep {
 pub struct ReduceStats(Recorded);
 
 impl ReduceStats {
+    /// Builds the reduction's bind groups for every batch.
     pub fn new(s: &Setup) -> Self {
         let (g, buf, pipe) = (s.g, s.buf, &s.pipes.reduce_stats);
         let groups = (g.k * (g.r() + 1)).div_ceil(256) as u32;
@@ -343,6 +359,7 @@ impl ReduceStats {
         }))
     }
 
+    /// Records the reduction of batch `batch`'s partial sums into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         self.0.record(pass, batch)
     }
@@ -353,6 +370,7 @@ impl ReduceStats {
 pub struct Update(Recorded);
 
 impl Update {
+    /// Builds the update's bind group.
     pub fn new(s: &Setup) -> Self {
         let buf = s.buf;
         Self(s.once(
@@ -371,6 +389,7 @@ impl Update {
         ))
     }
 
+    /// Records the update into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass) {
         self.0.record(pass, 0)
     }
@@ -380,6 +399,7 @@ impl Update {
 pub struct Summary(Recorded);
 
 impl Summary {
+    /// Builds the summary's bind group.
     pub fn new(s: &Setup) -> Self {
         let buf = s.buf;
         Self(s.once(
@@ -396,6 +416,7 @@ impl Summary {
         ))
     }
 
+    /// Records the summary into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass) {
         self.0.record(pass, 0)
     }
@@ -407,6 +428,7 @@ impl Summary {
 pub struct Features(Vec<Recorded>);
 
 impl Features {
+    /// Builds the feature kernels of `encoding` for every batch.
     pub fn new(s: &Setup, encoding: Encoding) -> Self {
         let (g, buf, plan) = (s.g, s.buf, s.plan);
         let regions = (plan.grid * plan.grid) as u32;
@@ -435,6 +457,7 @@ impl Features {
         }
     }
 
+    /// Records batch `batch`'s feature kernels into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass, batch: usize) {
         for kernel in &self.0 {
             kernel.record(pass, batch);

@@ -33,7 +33,9 @@ pub fn code_only(text: &str) -> String {
 /// One way to run the two GEMM kernels: an implementation and its tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
+    /// The implementation.
     pub variant: Variant,
+    /// Its tiles (only the fields that implementation reads differ from the defaults).
     pub tiles: Tiles,
 }
 
@@ -114,8 +116,8 @@ impl Choice {
         for part in [
             env!("CARGO_PKG_VERSION"),
             &layout,
-            &code_only(&kernels::source(e, &t)),
-            &code_only(&kernels::source(m, &t)),
+            &code_only(&super::codegen::source(e, &t)),
+            &code_only(&super::codegen::source(m, &t)),
         ] {
             for b in part.bytes().chain([0u8]) {
                 h ^= b as u64;
@@ -139,15 +141,22 @@ impl std::fmt::Display for Choice {
 /// The adapter an entry was measured on: everything wgpu reports of it but the device type.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdapterKey {
+    /// The wgpu backend, lowercase (`vulkan`, `metal`, ...).
     pub backend: String,
+    /// The adapter's name.
     pub name: String,
+    /// The PCI vendor id (or the backend's equivalent).
     pub vendor: u32,
+    /// The PCI device id (or the backend's equivalent).
     pub device: u32,
+    /// The driver's name.
     pub driver: String,
+    /// The driver's version and other information.
     pub driver_info: String,
 }
 
 impl AdapterKey {
+    /// The key of the adapter `info` describes.
     pub fn of(info: &wgpu::AdapterInfo) -> Self {
         Self {
             backend: format!("{:?}", info.backend).to_lowercase(),
@@ -168,25 +177,34 @@ pub fn shape_key(g: &Geometry) -> String {
 /// One tuned choice.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Entry {
+    /// The adapter it was measured on.
     pub adapter: AdapterKey,
+    /// The layer and image shape, [`shape_key`].
     pub shape: String,
     /// [`Choice`]'s text.
     pub choice: String,
     /// [`Choice::code_hash`] when it was measured.
     pub code: String,
-    /// Its median epoch and the built-in choice's, on `images` random images.
+    /// Its median epoch in milliseconds, on `images` random images.
     pub epoch_ms: f64,
+    /// Its GFLOP/s by SPEC's count.
     pub gflops: f64,
+    /// The built-in choice's text.
     pub builtin: String,
+    /// The built-in choice's median epoch in milliseconds; `None` where it did not run.
     pub builtin_epoch_ms: Option<f64>,
+    /// Random images each timed epoch ran on.
     pub images: usize,
     /// Seconds since 1970 when it was measured.
     pub measured_at: u64,
 }
 
+/// The tuning file: a format version and its entries, as JSON.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TuneFile {
+    /// The layout version (this calm-gpu reads and writes only its own).
     pub format: u32,
+    /// One entry per adapter and shape.
     pub entries: Vec<Entry>,
 }
 
@@ -453,6 +471,7 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
 /// lent GPU (the direct kernels on the STL-10 shape). The floor keeps small runs, where
 /// compilation is most of a warm-up, from cutting anything.
 pub const SLOW_WARMUP: f64 = 5.0;
+/// Seconds below which a warm-up never cuts a candidate ([`SLOW_WARMUP`]).
 pub const SLOW_WARMUP_FLOOR_S: f64 = 2.0;
 
 /// The warm-up seconds beyond which a candidate is not timed, given the reference's.
@@ -470,8 +489,11 @@ pub const MARGIN: f64 = 0.03;
 /// process, does not decide).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Timing {
+    /// Median seconds of the timed epochs.
     pub median: f64,
+    /// Seconds of the fastest epoch kept.
     pub low: f64,
+    /// Seconds of the slowest epoch kept.
     pub high: f64,
 }
 
@@ -552,7 +574,9 @@ pub fn ll_disagrees(reference: Option<f64>, ll: f64, n: usize) -> Option<String>
 /// The kernels an engine runs and who chose them.
 #[derive(Clone, Debug)]
 pub struct Chosen {
+    /// The implementation of the GEMM kernels.
     pub variant: Variant,
+    /// Their tiles.
     pub tiles: Tiles,
     /// What the tuning file said (consulted only when the caller chose nothing).
     pub tuned: Lookup,
