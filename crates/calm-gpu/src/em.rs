@@ -74,6 +74,11 @@ pub fn random_patches(
     seed: u64,
     count: usize,
 ) -> Result<Vec<f32>> {
+    if source.is_empty() {
+        return Err(crate::CalmError::Invalid(
+            "no images to draw initial patches from".into(),
+        ));
+    }
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let (per, r) = (g.c * g.h * g.w, g.r());
     let mut img = vec![0f32; per];

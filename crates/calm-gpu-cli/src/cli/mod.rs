@@ -241,6 +241,8 @@ fn gpu_config() -> Result<calm_gpu::GpuConfig> {
         tune_file: tune_file_path(),
         adapter_name: var("WGPU_ADAPTER_NAME"),
         chosen_by: by_env.then(|| "CALM_TILES / CALM_KERNELS".to_string()),
+        // wgpu's own variables (WGPU_BACKEND, WGPU_VALIDATION, ...) hold for the CLI.
+        wgpu_env: true,
     })
 }
 

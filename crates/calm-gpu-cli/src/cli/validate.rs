@@ -94,7 +94,10 @@ pub(super) fn validate(a: ValidateArgs) -> Result<()> {
 }
 
 pub(super) fn devices() -> Result<()> {
-    let list = calm_gpu::gpu::list_adapters();
+    let list = calm_gpu::gpu::list_adapters_with(&calm_gpu::GpuConfig {
+        wgpu_env: true,
+        ..Default::default()
+    });
     if list.is_empty() {
         println!("no GPU adapters found (the CPU engine, --backend cpu, still works)");
     }

@@ -331,6 +331,8 @@ impl Resident {
         ]
         .into_iter()
         .chain(self.x.iter())
+        .chain(self.params.iter())
+        .chain([&self.params_global])
         .map(|b| b.size())
         .sum()
     }

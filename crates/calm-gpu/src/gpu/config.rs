@@ -1,8 +1,9 @@
 //! What a caller decides about a GPU run, as one typed value: the kernel family and tiles (else
 //! the tuning file's choice, else the built-in rule), naga's runtime checks, the device memory
-//! to plan within, the tuning file and the adapter. The library reads no environment variable;
-//! the CLI fills this from `CALM_KERNELS`, `CALM_TILES`, `CALM_CHECKS`, `CALM_GPU_MEMORY`,
-//! `CALM_TUNE_FILE` and `WGPU_ADAPTER_NAME` (docs/tuning.md).
+//! to plan within, the tuning file and the adapter. The library reads no environment variable
+//! (wgpu reads its own only where [`GpuConfig::wgpu_env`] says so); the CLI fills this from
+//! `CALM_KERNELS`, `CALM_TILES`, `CALM_CHECKS`, `CALM_GPU_MEMORY`, `CALM_TUNE_FILE` and
+//! `WGPU_ADAPTER_NAME`, and sets `wgpu_env` (docs/tuning.md).
 
 use std::path::PathBuf;
 
@@ -31,4 +32,8 @@ pub struct GpuConfig {
     /// Who set `kernels` or `tiles`, as the engine's description names it (the CLI: the
     /// variables it read); `None`: "chosen by the caller".
     pub chosen_by: Option<String>,
+    /// Let wgpu read its own environment conventions for the instance (`WGPU_BACKEND`,
+    /// `WGPU_VALIDATION`, `WGPU_DX12_COMPILER`, ...), as the CLI asks; off, the library reads
+    /// no environment variable at all and wgpu's defaults hold.
+    pub wgpu_env: bool,
 }

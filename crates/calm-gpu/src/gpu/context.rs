@@ -47,10 +47,18 @@ impl fmt::Display for GpuBackend {
     }
 }
 
-fn instance(backends: wgpu::Backends) -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    // WGPU_BACKEND, when set, narrows the choice further (wgpu's convention).
-    desc.backends = wgpu::Backends::from_env().map_or(backends, |env| env & backends);
+/// A wgpu instance on `backends`; with `from_env`, wgpu's environment conventions apply
+/// (`WGPU_BACKEND`, when set, narrows the backends further).
+fn instance(backends: wgpu::Backends, from_env: bool) -> wgpu::Instance {
+    let mut desc = if from_env {
+        wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    } else {
+        wgpu::InstanceDescriptor::new_without_display_handle()
+    };
+    desc.backends = match from_env {
+        true => wgpu::Backends::from_env().map_or(backends, |env| env & backends),
+        false => backends,
+    };
     // Where the driver reports a memory budget (Vulkan with VK_EXT_memory_budget, DX12), an
     // allocation past it fails as out-of-memory, which calm-gpu reports or streams around,
     // instead of the device being lost later.
@@ -60,7 +68,12 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
 
 /// Every adapter wgpu can see, on every backend, with the device memory it reports.
 pub fn list_adapters() -> Vec<(wgpu::AdapterInfo, Option<u64>)> {
-    let inst = instance(wgpu::Backends::all());
+    list_adapters_with(&GpuConfig::default())
+}
+
+/// [`list_adapters`] with `config`'s instance settings ([`GpuConfig::wgpu_env`]).
+pub fn list_adapters_with(config: &GpuConfig) -> Vec<(wgpu::AdapterInfo, Option<u64>)> {
+    let inst = instance(wgpu::Backends::all(), config.wgpu_env);
     pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
         .into_iter()
         .map(|a| (a.get_info(), reported_memory(&a)))
@@ -150,7 +163,7 @@ impl GpuContext {
     /// [`GpuContext::new`] with `config`'s adapter name (a substring, case-insensitive), memory
     /// budget and runtime checks.
     pub fn open(backend: GpuBackend, require_real_gpu: bool, config: &GpuConfig) -> Result<Self> {
-        let inst = instance(backend.backends());
+        let inst = instance(backend.backends(), config.wgpu_env);
         let mut adapters = pollster::block_on(inst.enumerate_adapters(backend.backends()));
         if let Some(name) = &config.adapter_name {
             let name = name.to_lowercase();

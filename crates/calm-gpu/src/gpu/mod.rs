@@ -23,6 +23,6 @@ pub mod steps;
 pub mod tune;
 
 pub use config::GpuConfig;
-pub use context::{GpuBackend, GpuContext, is_real_gpu, list_adapters};
+pub use context::{GpuBackend, GpuContext, is_real_gpu, list_adapters, list_adapters_with};
 pub use engine::{GpuEngine, GpuOptions, GpuState};
 pub use kernels::Tiles;
