@@ -935,6 +935,10 @@ pub fn evaluate(
                 labels: y.len(),
             });
         }
+        // An accuracy over no samples would be 0 / 0.
+        if x.nrows() == 0 {
+            return Err(ProbeError::Empty(format!("no {what} to score")));
+        }
         check_labels(y, k)?;
     }
     let p_train = probe.predict(x_train)?;

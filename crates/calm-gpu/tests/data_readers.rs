@@ -1090,3 +1090,16 @@ fn npy_streaming_source_and_cache_writer() {
     let m = err_msg(f.read_into(0, 2, &mut out));
     assert!(m.contains("image 1") && m.contains("non-finite"), "{m}");
 }
+
+/// A subset that reaches past its source is refused, even where `start + len` would overflow.
+#[test]
+fn subsets_past_the_source_are_refused() {
+    let d: std::sync::Arc<dyn calm_gpu::data::ImageSource> =
+        std::sync::Arc::new(calm_gpu::data::embedded_digits(calm_gpu::data::Split::Test));
+    assert!(calm_gpu::data::Subset::new(d.clone(), 1990, 10).is_ok());
+    assert!(calm_gpu::data::Subset::new(d.clone(), 1990, 11).is_err());
+    let Err(e) = calm_gpu::data::Subset::new(d, usize::MAX, 2) else {
+        panic!("a subset from usize::MAX was accepted");
+    };
+    assert!(e.to_string().contains("asked of a source of 2000"), "{e}");
+}

@@ -362,6 +362,12 @@ fn bad_inputs_are_errors() {
     ));
     x[(7, 2)] = 0.0;
 
+    // Scoring on no samples is an error, not an accuracy of NaN.
+    let p = fit(x.view(), &y, 2, &cfg).unwrap();
+    let none = x.slice(ndarray::s![..0, ..]);
+    let e = evaluate(&p, x.view(), &y, none, &[]).unwrap_err();
+    assert!(matches!(e, ProbeError::Empty(_)), "{e}");
+
     let mut bad = y.clone();
     bad[4] = 2;
     let e = fit(x.view(), &bad, 2, &cfg).unwrap_err();

@@ -431,10 +431,10 @@ impl Subset {
         start: usize,
         len: usize,
     ) -> Result<Self, DataError> {
-        if start + len > inner.len() {
+        if start.checked_add(len).is_none_or(|end| end > inner.len()) {
             return Err(DataError::Invalid(format!(
                 "images {start}..{} asked of a source of {}",
-                start + len,
+                start as u128 + len as u128,
                 inner.len()
             )));
         }
