@@ -172,6 +172,9 @@ fn model_err(path: &Path, msg: impl std::fmt::Display) -> CalmError {
     CalmError::Model(format!("{}: {msg}", path.display()))
 }
 
+/// The metadata keys the model file writes itself; [`Model::extra`] may not use them.
+pub const RESERVED_KEYS: [&str; 4] = ["format", "calm_gpu", "loglik", "config"];
+
 impl Model {
     /// The weights `(K, C, w, w)`, PyTorch's conv2d weight layout.
     pub fn theta(&self) -> ndarray::Array4<f32> {
@@ -277,6 +280,11 @@ impl Model {
         // serde_json's map keeps keys sorted.
         let mut md = serde_json::Map::new();
         for (k, v) in &self.extra {
+            if RESERVED_KEYS.contains(&k.as_str()) {
+                return Err(CalmError::Model(format!(
+                    "extra metadata key `{k}` is the model file's own; choose another name"
+                )));
+            }
             md.insert(k.clone(), v.clone().into());
         }
         md.insert("format".into(), "calm-gpu".into());
@@ -448,7 +456,7 @@ impl Model {
         };
         let extra = md
             .into_iter()
-            .filter(|(k, _)| !["format", "calm_gpu", "loglik", "config"].contains(&k.as_str()))
+            .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
             .collect();
         Ok(Self {
             meta,
@@ -606,6 +614,20 @@ mod tests {
 
     /// A learned prior survives the file; a file without one loads as SPEC's; a non-finite or
     /// misshapen prior is refused on load and on save.
+    #[test]
+    fn extra_entries_round_trip_and_cannot_shadow_the_files_own() {
+        let mut m = model(None);
+        m.extra.insert("run".into(), "{\"a\": 1}".into());
+        let back = Model::from_bytes(Path::new("m"), &m.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.extra, m.extra);
+        for key in RESERVED_KEYS {
+            let mut bad = model(None);
+            bad.extra.insert(key.into(), "x".into());
+            let e = bad.to_bytes().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("the model file's own"), "{e}");
+        }
+    }
+
     #[test]
     fn prior_round_trips_and_is_checked() {
         let p = Path::new("m.safetensors");
