@@ -1,5 +1,7 @@
-//! Timing of the engines (`calm-gpu bench`, `benches/`): wall clock of whole epochs after a
-//! warm-up, with the queue drained before the clock is read, and SPEC's FLOP count beside it.
+//! Timing of the engines (`calm-gpu bench`, `benches/`): wall clock of whole epochs, with the
+//! queue drained before the clock is read, and SPEC's FLOP count beside it. The GPU engine's
+//! epochs are timed after a warm-up epoch (which compiles its pipelines); the CPU engine has
+//! nothing to warm up, and every one of its epochs is timed.
 
 use std::sync::Arc;
 use std::time::Instant;
