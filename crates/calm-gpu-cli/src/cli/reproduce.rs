@@ -14,8 +14,11 @@ use calm_gpu::{LayerConfig, data, model};
 use super::eval::{Baseline, EvalArgs, eval};
 use super::outputs::check_output;
 use super::show::{ShowArgs, show};
-use super::train::{TrainArgs, TrainProtocol, train};
+use super::train::{RunConfig, fit_run};
 use super::{Preset, RECOMMENDED, check_positive};
+use calm_gpu::Calm;
+use calm_gpu::em::InitMethod;
+use calm_gpu::model::FeatureRecipe;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolName {
@@ -222,22 +225,17 @@ fn plan(a: &ReproduceArgs) -> Result<Plan> {
     })
 }
 
-/// Trains the protocol's model as `calm-gpu train` would with the same options (the model,
-/// metrics and the LL plot in the output folder); returns the seconds it took.
+/// Trains the protocol's model through the library's Trainer with what `train` writes around
+/// it (the model, metrics and the LL plot in the output folder); returns the seconds it took.
 fn train_step(a: &ReproduceArgs, plan: &Plan) -> Result<f64> {
     let Plan {
         name,
-        out,
-        model_path,
-        train_data,
         layer,
         batch,
         epochs,
         pre,
-        mnist_preset,
         ..
     } = plan;
-    let (layer, batch, epochs, pre, mnist_preset) = (*layer, *batch, *epochs, *pre, *mnist_preset);
     println!(
         "== {name}: training K={} w={} p={}, batch {batch}, {epochs} epochs, preprocess {pre}{}",
         layer.kernels,
@@ -250,41 +248,46 @@ fn train_step(a: &ReproduceArgs, plan: &Plan) -> Result<f64> {
         }
     );
     let t0 = std::time::Instant::now();
-    train(TrainArgs {
-        data: train_data.clone(),
-        backend: Some(a.backend),
-        // The preset brings its own layer for MNIST-shaped data; STL-10 keeps its protocol's.
-        kernels: (!mnist_preset).then_some(layer.kernels),
-        width: (!mnist_preset).then_some(layer.width),
-        pad: (!mnist_preset).then_some(layer.pad),
-        batch: Some(batch),
-        epochs: (!mnist_preset || a.epochs.is_some()).then_some(epochs),
-        seed: Some(a.seed),
-        init: None,
-        out: Some(model_path.clone()),
-        metrics: Some(out.join("metrics.jsonl")),
-        force: a.force,
-        quiet: false,
-        checkpoint_dir: None,
-        preprocess: Some(pre),
-        plot: Some(out.join("loglik.png")),
-        resume: None,
-        init_method: None,
-        revive: false,
-        tol: None,
-        learn_weights: false,
-        learn_variance: false,
-        protocol: if a.preset.is_none() {
-            Some(TrainProtocol::Paper)
-        } else {
-            None
-        },
-        preset: a.preset,
-        cache: None,
-        whiten: None,
-    })?;
+    let cfg = run_config(a, plan);
+    // The environment's GPU configuration joins here, as for `train`.
+    let params = cfg.params()?;
+    fit_run(cfg, params, None, false)?;
     let train_secs = t0.elapsed().as_secs_f64();
     Ok(train_secs)
+}
+
+/// The library's parameters of the protocol's training (`--preset recommended`: whitening,
+/// data-patch initialisation, revival and the feature recipe), and the run that writes the
+/// model, its metrics and its LL plot into the output folder.
+fn run_config(a: &ReproduceArgs, plan: &Plan) -> RunConfig {
+    let l = plan.layer;
+    let mut params = Calm::params(l.kernels)
+        .width(l.width)
+        .pad(l.pad)
+        .batch(plan.batch)
+        .epochs(plan.epochs)
+        .seed(a.seed)
+        .device(a.backend);
+    if a.preset == Some(Preset::Recommended) {
+        params = params
+            .init_method(InitMethod::Patches)
+            .revive(true)
+            .whiten(RECOMMENDED.whiten)
+            .recipe(FeatureRecipe {
+                grid: RECOMMENDED.pool,
+                encoding: RECOMMENDED.encoding,
+                standardize: true,
+            });
+    }
+    RunConfig::from_params(
+        &params,
+        &plan.train_data,
+        plan.pre,
+        &plan.model_path,
+        Some(&plan.out.join("metrics.jsonl")),
+        Some(&plan.out.join("loglik.png")),
+        a.force,
+    )
 }
 
 /// The kernels' picture, then the probe on the model's features and the baselines'.

@@ -136,8 +136,8 @@ pub enum TrainProtocol {
 }
 
 /// Everything a run needs to be repeated or resumed; kept in its checkpoints.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct RunConfig {
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct RunConfig {
     data: Vec<PathBuf>,
     backend: String,
     kernels: usize,
@@ -296,6 +296,18 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
             "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights and --learn-variance"
         );
     }
+    fit_run(cfg, params, resume, quiet)
+}
+
+/// Trains the run `cfg` describes through the library's [`Trainer`] (`params`, from
+/// [`RunConfig::params`]), continuing `resume` where given, with everything `train` writes
+/// around it: locks, metrics, the Ctrl-C checkpoint, the model and its plot.
+pub(super) fn fit_run(
+    cfg: RunConfig,
+    params: CalmParams,
+    resume: Option<Checkpoint>,
+    quiet: bool,
+) -> Result<()> {
     params.check().map_err(flag_error)?;
     let outputs = Outputs::claim(&cfg, resume.is_some(), quiet)?;
     let trainer = start(&cfg, params, resume.clone(), quiet)?;
@@ -856,9 +868,51 @@ fn report(
 }
 
 impl RunConfig {
+    /// A fresh run of the library's parameters `p` on the files `data` (preprocessed by
+    /// `preprocess`), writing the model to `out` and, where given, the metrics and the LL plot:
+    /// what `reproduce` trains (no `--init`, cache or checkpoint directory).
+    pub(super) fn from_params(
+        p: &CalmParams,
+        data: &[PathBuf],
+        preprocess: Preprocess,
+        out: &Path,
+        metrics: Option<&Path>,
+        plot: Option<&Path>,
+        force: bool,
+    ) -> Self {
+        Self {
+            data: data.iter().map(|d| absolute(d)).collect(),
+            backend: p.device.to_string(),
+            kernels: p.layer.kernels,
+            width: p.layer.width,
+            pad: p.layer.pad,
+            batch: p.batch,
+            epochs: p.epochs,
+            seed: p.seed,
+            init: None,
+            out: absolute(out),
+            metrics: metrics.map(absolute),
+            force,
+            checkpoint_dir: None,
+            plot: plot.map(absolute),
+            preprocess: Some(preprocess),
+            init_method: p.init_method,
+            schedule: em::Schedule {
+                revive: p.revive,
+                tol: p.tol,
+                seed: p.seed,
+                prior: p.prior,
+            },
+            cache: None,
+            whiten: p.whiten,
+            data_bytes: Some(data_bytes(data)),
+            features: p.recipe,
+        }
+    }
+
     /// The library's parameters of this run (the device and the environment's GPU choices
     /// included; `--init` is read later, against the data's shape).
-    fn params(&self) -> Result<CalmParams> {
+    pub(super) fn params(&self) -> Result<CalmParams> {
         let device = backend_from_name(&self.backend)?;
         Ok(CalmParams {
             layer: LayerConfig {
@@ -974,6 +1028,82 @@ fn lock_output(path: &Path, fix: &str) -> Result<Option<calm_gpu::atomic::Output
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `reproduce` trains from library parameters ([`RunConfig::from_params`]); the run is the
+    /// one `train` makes of the command line reproduce used to pass it, for the paper's protocol
+    /// and for `--preset recommended` (so the same model, metrics and checkpoint).
+    #[test]
+    fn reproduce_runs_equal_the_command_lines_they_replace() {
+        let data = vec![PathBuf::from("train-images-idx3-ubyte.gz")];
+        let (out, metrics, plot) = (
+            PathBuf::from("r/model.safetensors"),
+            PathBuf::from("r/metrics.jsonl"),
+            PathBuf::from("r/loglik.png"),
+        );
+        let args = |preset: Option<Preset>| TrainArgs {
+            data: data.clone(),
+            backend: Some(Device::Cpu),
+            kernels: preset.is_none().then_some(64),
+            width: preset.is_none().then_some(20),
+            pad: preset.is_none().then_some(2),
+            batch: Some(1000),
+            epochs: preset.is_none().then_some(15),
+            seed: Some(3),
+            init: None,
+            out: Some(out.clone()),
+            metrics: Some(metrics.clone()),
+            force: true,
+            quiet: false,
+            checkpoint_dir: None,
+            preprocess: Some(Preprocess::Scale),
+            plot: Some(plot.clone()),
+            resume: None,
+            init_method: None,
+            revive: false,
+            tol: None,
+            learn_weights: false,
+            learn_variance: false,
+            protocol: preset.is_none().then_some(TrainProtocol::Paper),
+            preset,
+            cache: None,
+            whiten: None,
+        };
+        let paper = calm_gpu::Calm::params(64)
+            .width(20)
+            .pad(2)
+            .batch(1000)
+            .epochs(15)
+            .seed(3)
+            .device(Device::Cpu);
+        let recommended = calm_gpu::Calm::params(RECOMMENDED.layer.kernels)
+            .width(RECOMMENDED.layer.width)
+            .pad(RECOMMENDED.layer.pad)
+            .batch(1000)
+            .epochs(RECOMMENDED.epochs)
+            .seed(3)
+            .device(Device::Cpu)
+            .init_method(em::InitMethod::Patches)
+            .revive(true)
+            .whiten(RECOMMENDED.whiten)
+            .recipe(FeatureRecipe {
+                grid: RECOMMENDED.pool,
+                encoding: RECOMMENDED.encoding,
+                standardize: true,
+            });
+        for (preset, params) in [(None, paper), (Some(Preset::Recommended), recommended)] {
+            let (want, _) = run_config(args(preset)).unwrap();
+            let got = RunConfig::from_params(
+                &params,
+                &data,
+                Preprocess::Scale,
+                &out,
+                Some(&metrics),
+                Some(&plot),
+                true,
+            );
+            assert_eq!(got, want, "{preset:?}");
+        }
+    }
 
     /// A cache key read back from its file equals the key computed again for the same inputs,
     /// for modification times with any nanoseconds.
