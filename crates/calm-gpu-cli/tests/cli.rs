@@ -1058,6 +1058,8 @@ fn no_runtime_dir_error_on_a_headless_machine() {
 /// built-in choice, and keeps a choice only where it beats the built-in one; later engines run a
 /// kept choice (until CALM_KERNELS or a new build says otherwise); a candidate the adapter cannot
 /// run is reported, not chosen; a broken tuning file stops `tune`, not the other commands.
+// About 190 lines, one piece: its steps share one tuning file and build on each other (an entry
+// is written, read back by the next command, then made stale and broken in turn).
 #[test]
 fn tune_checks_times_and_keeps_only_a_faster_choice() {
     let Some(ctx) = common::gpu() else {
@@ -1277,6 +1279,9 @@ fn tune_refuses_bad_candidates_and_the_cpu() {
 /// What a review of the CLI found (2026-11-29): each output is checked before any work, no run
 /// writes one file twice or over its own input, a finished checkpoint resumes to its model,
 /// impossible sizes are errors rather than aborts, a damaged model is refused.
+// About 390 lines: a list of refusals, each a few lines and independent of the others, sharing
+// one directory, one data file and the models trained on the way; a candidate to split by
+// command (train, resume, eval, bench) the next time it grows.
 #[test]
 fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -1761,6 +1766,8 @@ fn reproduce_checks_its_outputs_and_labels_before_training() {
 
 /// Findings of an adversarial review (2026-11-29), each a one-line error before any work or any
 /// write, or a pipe written in place.
+// About 230 lines: a list of independent one-line refusals sharing one directory and data
+// file, as the review listed them.
 #[test]
 fn review_cases_fail_early_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
