@@ -362,7 +362,8 @@ pub fn lookup(ctx: &GpuContext, g: &Geometry, path: &Path) -> Lookup {
 /// The staged tile shapes `calm-gpu tune` tries on a hardware adapter for K up to 64 (the MNIST
 /// protocol's shape first), after the built-in choice; docs/perf.md gives each one's prediction.
 pub const SHAPES_SMALL_K: &[&str] = &[
-    // Next to the built-in (e=8x8x16@32su,m=4x4x16@16u, run 5's fastest on an H200): `g`,
+    // Next to the built-in (e=8x8x16@32su,m=4x4x16@16u, the fastest on an H200 on
+    // 2026-11-29): `g`,
     // which helped both steps alone there, with it (BK 32 with it is at the end: 41 KiB of
     // workgroup memory, beyond lavapipe's 32).
     "e=8x8x16@32sug,m=4x4x16@16ug",
@@ -396,7 +397,8 @@ pub const SHAPES_SMALL_K: &[&str] = &[
 
 /// The same for K above 64 (the STL-10 protocol's K 200).
 pub const SHAPES_LARGE_K: &[&str] = &[
-    // The built-in for K 200, R 675 (run 5's fastest) with the steps written out.
+    // The built-in for K 200, R 675 (the fastest on an H200 on 2026-11-29) with the steps
+    // written out.
     "e=8x8x16@16x25su,m=4x8x16@17x50su",
     "e=8x8x16@16x25,m=8x8x16@10x25",
     "e=8x8x16@16x25,m=8x8x16@10x25p",
