@@ -72,10 +72,18 @@ fn generated_kernels_match_their_snapshots() {
     ];
     for (label, tiles) in choices {
         for (name, kernel) in GENERATED {
-            snapshot(
-                &format!("tests/snapshots/{name}-{label}.wgsl"),
-                &kernel_text(kernel, &tiles),
-            );
+            let text = kernel_text(kernel, &tiles);
+            // Where these tiles give the default text (the uniform-buffer kernels for K 64),
+            // the file itself is the snapshot, checked above.
+            let path = format!("tests/snapshots/{name}-{label}.wgsl");
+            if text == kernel {
+                assert!(
+                    !Path::new(env!("CARGO_MANIFEST_DIR")).join(&path).exists(),
+                    "{path}: the same as the file; remove it"
+                );
+                continue;
+            }
+            snapshot(&path, &text);
         }
     }
 }

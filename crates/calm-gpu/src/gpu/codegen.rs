@@ -238,9 +238,7 @@ fn steps(kernel: &str, bk: u32, unroll: bool) -> String {
     let body: String = lines[open + 1..close].concat();
     let mut out: String = lines[..open].concat();
     for i in 0..bk {
-        out.push_str(&format!(
-            "{indent}{{ let kk = {i}u; // step {i} of the written-out steps\n{body}{indent}}}\n"
-        ));
+        out.push_str(&format!("{indent}{{ let kk = {i}u;\n{body}{indent}}}\n"));
     }
     out.push_str(&lines[close + 1..].concat());
     out

@@ -175,7 +175,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         // time (an indexed private array lives in slow local memory on most GPUs).
         // A loop over the stage's BK steps, or the steps written out by the host
         // (Tiles::e_unroll / m_unroll): codegen::steps.
-        { let kk = 0u; // step 0 of the written-out steps
+        { let kk = 0u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -201,7 +201,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 1u; // step 1 of the written-out steps
+        { let kk = 1u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -227,7 +227,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 2u; // step 2 of the written-out steps
+        { let kk = 2u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -253,7 +253,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 3u; // step 3 of the written-out steps
+        { let kk = 3u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -279,7 +279,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 4u; // step 4 of the written-out steps
+        { let kk = 4u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -305,7 +305,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 5u; // step 5 of the written-out steps
+        { let kk = 5u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -331,7 +331,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 6u; // step 6 of the written-out steps
+        { let kk = 6u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -357,7 +357,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 7u; // step 7 of the written-out steps
+        { let kk = 7u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -383,7 +383,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 8u; // step 8 of the written-out steps
+        { let kk = 8u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -409,7 +409,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 9u; // step 9 of the written-out steps
+        { let kk = 9u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -435,7 +435,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 10u; // step 10 of the written-out steps
+        { let kk = 10u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -461,7 +461,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 11u; // step 11 of the written-out steps
+        { let kk = 11u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -487,7 +487,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 12u; // step 12 of the written-out steps
+        { let kk = 12u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -513,7 +513,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 13u; // step 13 of the written-out steps
+        { let kk = 13u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -539,7 +539,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 14u; // step 14 of the written-out steps
+        { let kk = 14u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>
@@ -565,7 +565,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_7_1 = fma(vec4<f32>(a1.w), b1, acc_7_1);
             // </generated fma>
         }
-        { let kk = 15u; // step 15 of the written-out steps
+        { let kk = 15u;
             let ab = buf * A_HALF + kk * TM4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TN4 + ty * (RN / 4u);
             // <generated fma>

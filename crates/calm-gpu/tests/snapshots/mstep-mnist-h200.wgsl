@@ -156,7 +156,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
                 bsum += b_tile[buf * B_HALF + e];
             }
         }
-        { let kk = 0u; // step 0 of the written-out steps
+        { let kk = 0u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -168,7 +168,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 1u; // step 1 of the written-out steps
+        { let kk = 1u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -180,7 +180,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 2u; // step 2 of the written-out steps
+        { let kk = 2u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -192,7 +192,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 3u; // step 3 of the written-out steps
+        { let kk = 3u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -204,7 +204,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 4u; // step 4 of the written-out steps
+        { let kk = 4u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -216,7 +216,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 5u; // step 5 of the written-out steps
+        { let kk = 5u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -228,7 +228,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 6u; // step 6 of the written-out steps
+        { let kk = 6u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -240,7 +240,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 7u; // step 7 of the written-out steps
+        { let kk = 7u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -252,7 +252,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 8u; // step 8 of the written-out steps
+        { let kk = 8u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -264,7 +264,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 9u; // step 9 of the written-out steps
+        { let kk = 9u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -276,7 +276,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 10u; // step 10 of the written-out steps
+        { let kk = 10u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -288,7 +288,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 11u; // step 11 of the written-out steps
+        { let kk = 11u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -300,7 +300,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 12u; // step 12 of the written-out steps
+        { let kk = 12u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -312,7 +312,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 13u; // step 13 of the written-out steps
+        { let kk = 13u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -324,7 +324,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 14u; // step 14 of the written-out steps
+        { let kk = 14u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
@@ -336,7 +336,7 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             acc_3_0 = fma(vec4<f32>(a0.w), b0, acc_3_0);
             // </generated fma>
         }
-        { let kk = 15u; // step 15 of the written-out steps
+        { let kk = 15u;
             let ab = buf * A_HALF + kk * TR4 + tx * A_STEP;
             let bb = buf * B_HALF + kk * TK4 + ty * (RK / 4u);
             // <generated fma>
