@@ -170,8 +170,8 @@ fn check_positive(name: &str, v: usize) -> Result<()> {
     Ok(())
 }
 
-/// `--preset recommended`, as docs/results.md's ablation chose it on validation splits of the
-/// digits and Fashion-MNIST.
+/// `--preset recommended`: the library's [`calm_gpu::CalmParams::recommended`], as
+/// docs/results.md's ablation chose it on validation splits of the digits and Fashion-MNIST.
 struct Recommended {
     layer: LayerConfig,
     epochs: usize,
@@ -180,17 +180,17 @@ struct Recommended {
     encoding: Encoding,
 }
 
-const RECOMMENDED: Recommended = Recommended {
-    layer: LayerConfig {
-        kernels: 128,
-        width: 8,
-        pad: 0,
-    },
-    epochs: 10,
-    whiten: 7,
-    pool: 4,
-    encoding: Encoding::Triangle,
-};
+static RECOMMENDED: std::sync::LazyLock<Recommended> = std::sync::LazyLock::new(|| {
+    let p = calm_gpu::CalmParams::recommended();
+    let recipe = p.recipe.expect("the recommended parameters keep a recipe");
+    Recommended {
+        layer: p.layer,
+        epochs: p.epochs,
+        whiten: p.whiten.expect("the recommended parameters whiten"),
+        pool: recipe.grid,
+        encoding: recipe.encoding,
+    }
+});
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
