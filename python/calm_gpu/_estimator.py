@@ -27,6 +27,7 @@ _FIT_OPTIONS = (
     "tol",
     "learn_variance",
     "learn_weights",
+    "variance",
     "pool",
     "encode",
 )
@@ -66,6 +67,9 @@ class CALM(TransformerMixin, BaseEstimator):
         Stop once the relative change of the log likelihood between epochs is below tol.
     learn_variance, learn_weights : bool, optional
         Let the M-step learn the patches' variance and the mixing weights (SPEC: neither).
+    variance : float, optional
+        The patches' variance sigma^2 the fit starts from (SPEC: 1), fixed unless
+        learn_variance: the posterior's temperature.
     pool : int, optional
         The features' grid: the encoding is pooled over pool x pool regions (SPEC: 1).
     encode : {"lse", "triangle"}, optional
@@ -124,6 +128,7 @@ class CALM(TransformerMixin, BaseEstimator):
         tol=None,
         learn_variance=None,
         learn_weights=None,
+        variance=None,
         pool=None,
         encode=None,
         image_shape=None,
@@ -145,6 +150,7 @@ class CALM(TransformerMixin, BaseEstimator):
         self.tol = tol
         self.learn_variance = learn_variance
         self.learn_weights = learn_weights
+        self.variance = variance
         self.pool = pool
         self.encode = encode
         self.image_shape = image_shape
@@ -227,8 +233,9 @@ class CALM(TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} must be an integer, not {v!r}")
             if v is not None and v < 0:
                 raise ValueError(f"{name} must not be negative, not {v}")
-        if opts["tol"] is not None:
-            opts["tol"] = float(opts["tol"])
+        for name in ("tol", "variance"):
+            if opts[name] is not None:
+                opts[name] = float(opts[name])
         if opts["backend"] is None:
             opts["backend"] = "auto"
         return opts

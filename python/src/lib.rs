@@ -115,6 +115,7 @@ struct FitOptions {
     tol: Option<f64>,
     learn_variance: Option<bool>,
     learn_weights: Option<bool>,
+    variance: Option<f64>,
     pool: Option<usize>,
     encode: Option<String>,
 }
@@ -162,6 +163,7 @@ fn params(o: &FitOptions) -> PyResult<CalmParams> {
         p.whiten = (v > 0).then_some(v);
     }
     p.tol = o.tol.or(p.tol);
+    p.variance = o.variance.or(p.variance);
     p.prior = PriorOptions {
         variance: o.learn_variance.unwrap_or(p.prior.variance),
         weights: o.learn_weights.unwrap_or(p.prior.weights),

@@ -28,6 +28,7 @@ def one_line(excinfo):
         (dict(kernels=2.5), "kernels must be an integer"),
         (dict(pad=-1), "pad must not be negative"),
         (dict(preprocess="gamma"), "preprocess"),
+        (dict(variance=0.0), "variance must be a positive number"),
     ],
 )
 def test_bad_parameters(images, params, message):

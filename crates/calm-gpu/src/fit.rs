@@ -29,7 +29,7 @@ use crate::error::{CalmError, Result};
 use crate::features::Pooling;
 use crate::geometry::{Geometry, LayerConfig};
 use crate::model::{EpochRecord, FeatureRecipe, Model, ModelMeta};
-use crate::prior::PriorOptions;
+use crate::prior::{Prior, PriorOptions};
 use crate::run::Device;
 
 pub use crate::error::ParamError;
@@ -67,6 +67,9 @@ pub struct CalmParams {
     pub tol: Option<f64>,
     /// Which of the mixing weights and the variance the M-step learns (SPEC: neither).
     pub prior: PriorOptions,
+    /// The patches' variance `sigma^2` the fit starts from (SPEC: 1): fixed, unless
+    /// `prior.variance` learns it. It is the posterior's temperature: `L` is divided by it.
+    pub variance: Option<f64>,
     /// Patch-whitening width `W`: a ZCA filter fitted on `W x W` patches of the training data.
     pub whiten: Option<usize>,
     /// Where the fit runs.
@@ -94,6 +97,7 @@ impl CalmParams {
             revive: false,
             tol: None,
             prior: PriorOptions::default(),
+            variance: None,
             whiten: None,
             device: Device::Auto,
             gpu: Default::default(),
@@ -168,6 +172,11 @@ impl CalmParams {
         self.prior = prior;
         self
     }
+    /// Start from the variance `sigma^2` (SPEC: 1), kept unless the prior learns it.
+    pub fn variance(mut self, variance: f64) -> Self {
+        self.variance = Some(variance);
+        self
+    }
     /// Whiten the images with a ZCA filter fitted on `width x width` patches.
     pub fn whiten(mut self, width: usize) -> Self {
         self.whiten = Some(width);
@@ -213,6 +222,17 @@ impl CalmParams {
         if self.whiten == Some(0) {
             return Err(ParamError::new("whiten", "must be at least 1"));
         }
+        if let Some(v) = self.variance
+            && !(v.is_finite() && v >= crate::prior::MIN_VARIANCE)
+        {
+            return Err(ParamError::new(
+                "variance",
+                format!(
+                    "must be a positive number, at least {} (got {v})",
+                    crate::prior::MIN_VARIANCE
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -248,6 +268,7 @@ impl CalmParams {
     pub fn is_spec_protocol(&self) -> bool {
         self.init_method == InitMethod::Normal
             && self.whiten.is_none()
+            && self.variance.is_none()
             && self.schedule()
                 == Schedule {
                     seed: self.seed,
@@ -449,7 +470,10 @@ impl Trainer {
                 },
                 Vec::new(),
                 None,
-                None,
+                params.variance.map(|v| Prior {
+                    inv_var: (1.0 / v) as f32,
+                    log_weight: vec![0.0; g.k],
+                }),
             ),
         };
         let mut engine = crate::run::engine_with(
@@ -629,11 +653,15 @@ fn build_model(
         || params.whiten.is_some()
         || schedule.revive
         || schedule.tol.is_some()
-        || schedule.prior.any())
+        || schedule.prior.any()
+        || params.variance.is_some())
     .then(|| {
         let mut o = serde_json::json!({ "init_method": params.init_method, "schedule": schedule });
         if let Some(wd) = params.whiten {
             o["whiten"] = wd.into();
+        }
+        if let Some(v) = params.variance {
+            o["variance"] = v.into();
         }
         o
     });
@@ -663,7 +691,7 @@ fn build_model(
             Some((epochs, counts)) if *epochs == history.len() => counts.clone(),
             _ => engine.counts()?,
         },
-        prior: schedule.prior.any().then(|| engine.prior()),
+        prior: (schedule.prior.any() || params.variance.is_some()).then(|| engine.prior()),
         whiten: p.whitening.clone(),
         extra: Default::default(),
     })

@@ -60,6 +60,9 @@ fn checks_name_the_field() {
     assert_eq!(field(Calm::params(4).batch(0)), "batch");
     assert_eq!(field(Calm::params(4).tol(f64::NAN)), "tol");
     assert_eq!(field(Calm::params(4).whiten(0)), "whiten");
+    assert_eq!(field(Calm::params(4).variance(0.0)), "variance");
+    assert_eq!(field(Calm::params(4).variance(f64::NAN)), "variance");
+    assert_eq!(field(Calm::params(4).variance(-1.0)), "variance");
     assert!(Calm::params(4).check().is_ok());
     let e = Calm::params(0).check().unwrap_err().to_string();
     assert_eq!(e, "kernels must be at least 1");
@@ -100,6 +103,49 @@ fn digits(n: usize) -> Arc<Dataset> {
         d.images.slice(ndarray::s![..n, .., .., ..]).to_owned(),
         None,
     ))
+}
+
+/// A fixed variance (the posterior's temperature) is the model's prior from the first epoch and
+/// stays: every epoch's `L` is divided by it, EM still never lowers LL, and the model keeps it.
+/// Variance 1 is SPEC's model bit for bit; another one fits other kernels.
+#[test]
+fn a_fixed_variance_is_kept_and_tempers_the_posterior() {
+    let data = digits(400);
+    let fit = |v: Option<f64>| {
+        let mut p = Calm::params(8)
+            .width(5)
+            .pad(1)
+            .epochs(4)
+            .batch(150)
+            .init_method(calm_gpu::em::InitMethod::Patches)
+            .device(Device::Cpu);
+        if let Some(v) = v {
+            p = p.variance(v);
+        }
+        p.fit_source(data.clone()).unwrap()
+    };
+    let spec = fit(None);
+    let one = fit(Some(1.0));
+    assert_eq!(bits(&one.model().theta), bits(&spec.model().theta));
+    let hot = fit(Some(0.25));
+    let prior = hot
+        .model()
+        .prior
+        .clone()
+        .expect("a fixed variance is kept in the model");
+    assert_eq!(prior.inv_var, 4.0);
+    assert!(prior.log_weight.iter().all(|&w| w == 0.0));
+    assert_ne!(bits(&hot.model().theta), bits(&spec.model().theta));
+    let ll: Vec<f64> = hot.history().iter().map(|r| r.loglik).collect();
+    for e in 1..ll.len() {
+        // 1e-9 of |LL|: rounding, as for a learned prior (em_properties.rs).
+        assert!(ll[e] >= ll[e - 1] - 1e-9 * ll[e - 1].abs(), "{ll:?}");
+    }
+    let path =
+        std::env::temp_dir().join(format!("calm-variance-{}.safetensors", std::process::id()));
+    hot.save(&path).unwrap();
+    assert_eq!(Model::load(&path).unwrap().prior, Some(prior));
+    std::fs::remove_file(&path).ok();
 }
 
 /// A token cancelled from the observer stops the fit after the batch in progress with a state

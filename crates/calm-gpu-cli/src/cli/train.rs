@@ -97,6 +97,10 @@ pub struct TrainArgs {
     /// kept in the model
     #[arg(long)]
     pub learn_variance: bool,
+    /// The patches' variance sigma^2 the fit starts from (SPEC: 1), kept fixed unless
+    /// --learn-variance: the posterior's temperature (L is divided by it); kept in the model
+    #[arg(long, value_name = "F")]
+    pub variance: Option<f64>,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
     /// options that would change that
     #[arg(long, value_enum, conflicts_with = "preset")]
@@ -163,6 +167,8 @@ pub(super) struct RunConfig {
     cache: Option<PathBuf>,
     #[serde(default)]
     whiten: Option<usize>,
+    #[serde(default)]
+    variance: Option<f64>,
     /// The size in bytes of each `data` file when the run started (`None` for the shipped
     /// digits), so that `--resume` does not go on with other data under the same names.
     #[serde(default)]
@@ -293,7 +299,7 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
     let params = cfg.params()?;
     if protocol == Some(TrainProtocol::Paper) && !params.is_spec_protocol() {
         bail!(
-            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights and --learn-variance"
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance and --variance"
         );
     }
     fit_run(cfg, params, resume, quiet)
@@ -521,7 +527,12 @@ fn run_and_write(
     let model = trainer.model(outcome.stopped.clone())?;
     model.save(&cfg.out, cfg.force)?;
     if let Some(p) = &model.prior {
-        say(format!("learned {}", p.summary()));
+        let learned = cfg.schedule.prior.any();
+        say(format!(
+            "{} {}",
+            if learned { "learned" } else { "fixed" },
+            p.summary()
+        ));
     }
     match &cfg.plot {
         // The precision limit in the first epoch leaves nothing to draw; the model (the
@@ -622,6 +633,7 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
         },
         cache: a.cache.as_ref().map(|p| absolute(p)),
         whiten: a.whiten,
+        variance: a.variance,
         data_bytes: Some(data_bytes(&a.data)),
         features: recommended.then_some(FeatureRecipe {
             grid: RECOMMENDED.pool,
@@ -757,6 +769,12 @@ fn check_same_run(
         "--learn-variance",
         s.0.prior.variance,
         s.1.prior.variance,
+    )?;
+    same(
+        a.variance.is_some(),
+        "--variance",
+        fresh.variance,
+        ck.variance,
     )?;
     same(
         a.preprocess.is_some(),
@@ -905,6 +923,7 @@ impl RunConfig {
             },
             cache: None,
             whiten: p.whiten,
+            variance: p.variance,
             data_bytes: Some(data_bytes(data)),
             features: p.recipe,
         }
@@ -929,6 +948,7 @@ impl RunConfig {
             tol: self.schedule.tol,
             prior: self.schedule.prior,
             whiten: self.whiten,
+            variance: self.variance,
             recipe: self.features,
             device,
             // The CPU engine has no use for the GPU variables (a bad one must not stop it).
@@ -1063,6 +1083,7 @@ mod tests {
             tol: None,
             learn_weights: false,
             learn_variance: false,
+            variance: None,
             protocol: preset.is_none().then_some(TrainProtocol::Paper),
             preset,
             cache: None,
