@@ -167,13 +167,13 @@ class CALM(TransformerMixin, BaseEstimator):
     # -- input ----------------------------------------------------------------------------
 
     def _images(self, X, reset):
-        """``X`` as contiguous float32 images (N, C, H, W), unscaled, and the preprocessing
-        the library is to apply to them."""
-        u8 = getattr(X, "dtype", None) == np.uint8
+        """``X`` as C-contiguous images (N, C, H, W), uint8 or float32 (a view of the input
+        where its layout and dtype allow: the library reads it in place), unscaled, and the
+        preprocessing the library is to apply to them."""
         X = check_array(
             X,
             allow_nd=True,
-            dtype=(np.float32, np.float64),
+            dtype="numeric",
             ensure_all_finite=True,
             estimator=self,
             input_name="X",
@@ -193,7 +193,8 @@ class CALM(TransformerMixin, BaseEstimator):
                 f"X must be (N, H, W) or (N, C, H, W) images, or (N, F) rows with "
                 f"image_shape; got {X.ndim} dimensions {X.shape}"
             )
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        u8 = X.dtype == np.uint8
+        X = np.ascontiguousarray(X, dtype=np.uint8 if u8 else np.float32)
         if reset:
             self._rows = rows
         elif X.shape[1] != self.image_shape_[0]:

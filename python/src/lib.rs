@@ -11,7 +11,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use calm_gpu::data::{Dataset, Preprocess};
+use calm_gpu::data::{ImageSource, Preprocess, Preprocessed};
 use calm_gpu::em::{Event, InitMethod};
 use calm_gpu::features::Encoding;
 use calm_gpu::model::FeatureRecipe;
@@ -20,7 +20,7 @@ use calm_gpu::{
     CalmError, CalmParams, CancelToken, DataInfo, Device, Layer, Model, Pooling, Trainer,
 };
 use ndarray::{Array1, Array4};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray4};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -74,16 +74,88 @@ fn preprocess(name: &str) -> PyResult<Preprocess> {
         .map_err(|e| PyValueError::new_err(format!("preprocess: {e}")))
 }
 
-/// `images` as a dataset, preprocessed by `kind` and checked finite.
-fn dataset(images: Array4<f32>, kind: Preprocess) -> PyResult<Dataset> {
-    if images.shape()[0] == 0 {
-        return Err(PyValueError::new_err("images: holds no images"));
+/// A C-contiguous numpy array `(N, C, H, W)` of uint8 or float32 read in place: no copy of the
+/// input, each batch converted to f32 as the engine reads it. The array is kept alive by the
+/// reference held here; like numpy's own GIL-free loops, a fit does not guard it against
+/// another thread writing to it meanwhile.
+struct NumpySource<T> {
+    _array: Py<PyArray4<T>>,
+    /// The first element, as an address (the array does not move while referenced).
+    data: usize,
+    shape: [usize; 4],
+}
+
+impl<T: numpy::Element + Copy + Into<f32>> NumpySource<T> {
+    fn new(array: &Bound<'_, PyArray4<T>>) -> PyResult<Self> {
+        if !array.is_c_contiguous() {
+            return Err(PyValueError::new_err("images must be C-contiguous"));
+        }
+        let dims = array.dims();
+        let shape = [dims[0], dims[1], dims[2], dims[3]];
+        if shape[0] == 0 {
+            return Err(PyValueError::new_err("images: holds no images"));
+        }
+        Ok(Self {
+            _array: array.clone().unbind(),
+            data: array.data() as usize,
+            shape,
+        })
     }
-    let mut data = Dataset::new(images, None);
-    data.check_finite("images").map_err(|e| py_err(e.into()))?;
-    kind.apply_dataset(&mut data)
-        .map_err(|e| py_err(e.into()))?;
-    Ok(data)
+
+    fn values(&self) -> &[T] {
+        let len = self.shape.iter().product();
+        // SAFETY: `data` is the first of `len` contiguous elements of the array `_array`
+        // keeps alive; it is only read.
+        unsafe { std::slice::from_raw_parts(self.data as *const T, len) }
+    }
+}
+
+impl<T: numpy::Element + Copy + Into<f32>> ImageSource for NumpySource<T> {
+    fn len(&self) -> usize {
+        self.shape[0]
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.shape[1], self.shape[2], self.shape[3])
+    }
+    fn read_into(
+        &self,
+        start: usize,
+        count: usize,
+        out: &mut [f32],
+    ) -> Result<(), calm_gpu::data::DataError> {
+        let per = self.shape[1] * self.shape[2] * self.shape[3];
+        let src = &self.values()[start * per..(start + count) * per];
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = v.into();
+        }
+        Ok(())
+    }
+}
+
+/// `images` (uint8 or float32, C-contiguous) as a source the library reads in place, with
+/// `kind` applied to each batch as it is read. Float images are checked finite first.
+fn source(images: &Bound<'_, PyAny>, kind: Preprocess) -> PyResult<Arc<dyn ImageSource>> {
+    let raw: Arc<dyn ImageSource> = if let Ok(a) = images.cast::<PyArray4<f32>>() {
+        let s = NumpySource::new(a)?;
+        let per = s.shape[1] * s.shape[2] * s.shape[3];
+        if let Some(i) = s.values().iter().position(|v| !v.is_finite()) {
+            return Err(PyValueError::new_err(format!(
+                "images: image {} holds a non-finite value (NaN or infinity); clean the data first",
+                i / per
+            )));
+        }
+        Arc::new(s)
+    } else if let Ok(a) = images.cast::<PyArray4<u8>>() {
+        Arc::new(NumpySource::new(a)?)
+    } else {
+        return Err(PyValueError::new_err(
+            "images must be a 4-D numpy array of uint8 or float32",
+        ));
+    };
+    Ok(match kind {
+        Preprocess::None => raw,
+        kind => Arc::new(Preprocessed::new(raw, kind)),
+    })
 }
 
 fn init_method(name: &str) -> PyResult<InitMethod> {
@@ -265,14 +337,15 @@ struct NativeLayer {
     engine: String,
 }
 
-/// Fits a layer on `images` `(N, C, H, W)` float32, which the library preprocesses by
+/// Fits a layer on `images` `(N, C, H, W)` (uint8 or float32, read in place), which the
+/// library preprocesses by
 /// `preprocess` (`scale`: x / 255, `zca-image`, `none`) and records in the model. Returns the
 /// layer; `callback(dict)`, if given, hears every epoch start and end and every batch.
 #[pyfunction]
 #[pyo3(signature = (images, options, preprocess, callback=None))]
 fn fit(
     py: Python<'_>,
-    images: PyReadonlyArray4<'_, f32>,
+    images: &Bound<'_, PyAny>,
     options: FitOptions,
     preprocess: &str,
     callback: Option<Py<PyAny>>,
@@ -280,7 +353,7 @@ fn fit(
     guarded(|| {
         let p = params(&options)?;
         let kind = self::preprocess(preprocess)?;
-        let data = dataset(images.as_array().to_owned(), kind)?;
+        let data = source(images, kind)?;
         let cancel = CancelToken::new();
         let mut reporter = Reporter {
             callback,
@@ -292,7 +365,7 @@ fn fit(
             preprocess: kind.to_string(),
         };
         let result = py.detach(|| -> Result<(Layer, String), CalmError> {
-            let mut t = Trainer::new(&p, Arc::new(data))?
+            let mut t = Trainer::new(&p, data)?
                 .with_cancel(cancel)
                 .with_data_info(info);
             let engine = t.describe();
@@ -397,14 +470,15 @@ impl NativeLayer {
         Ok((w.into_pyarray(py), Array1::from(b).into_pyarray(py), whiten))
     }
 
-    /// Features of `images` `(N, C, H, W)` float32 after `preprocess` (as [`fit`]'s): by the
+    /// Features of `images` `(N, C, H, W)` (uint8 or float32, read in place, in batches) after
+    /// `preprocess` (as [`fit`]'s): by the
     /// model's recipe, or on a `pool x pool` grid with encoding `encode` when given.
     #[pyo3(signature = (images, backend, preprocess, pool=None, encode=None, callback=None))]
     #[allow(clippy::too_many_arguments)]
     fn features<'py>(
         &self,
         py: Python<'py>,
-        images: PyReadonlyArray4<'py, f32>,
+        images: &Bound<'py, PyAny>,
         backend: &str,
         preprocess: &str,
         pool: Option<usize>,
@@ -433,8 +507,8 @@ impl NativeLayer {
                 return Err(PyValueError::new_err("pool must be at least 1"));
             }
             let dev = device(backend)?;
-            let data = dataset(images.as_array().to_owned(), self::preprocess(preprocess)?)?;
-            let total = data.images.shape()[0] as f64;
+            let data = source(images, self::preprocess(preprocess)?)?;
+            let total = data.len() as f64;
             let cancel = CancelToken::new();
             let mut reporter = Reporter {
                 callback,
@@ -446,7 +520,7 @@ impl NativeLayer {
                 model.features(
                     dev,
                     &Default::default(),
-                    Arc::new(data),
+                    data,
                     pooling,
                     &cancel,
                     &mut |done| {

@@ -87,3 +87,10 @@ def test_model_files(tmp_path, images):
         calm.set_params(kernels=5).fit(images).save(good)
     assert "already exists" in one_line(e)
     assert good.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", ["not images", None, [["a", "b"], ["c", "d"]], {"x": 1}])
+def test_not_an_array(bad):
+    with pytest.raises((ValueError, TypeError)) as e:
+        CALM(kernels=2, width=1, pad=0, epochs=1, backend="cpu", image_shape=(1, -1)).fit(bad)
+    assert str(e.value).splitlines()[0]

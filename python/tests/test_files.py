@@ -44,6 +44,17 @@ def test_cli_and_python_fit_the_same_model(tmp_path, images, binary):
         "--out", str(out2))
     np.testing.assert_array_equal(np.load(out2), py_model.transform(images))
 
+    # The PyTorch module of the CLI's model against the CLI's own features.
+    import torch
+
+    out3 = tmp_path / "features3.npy"
+    run(binary, "features", "--backend", "cpu", "--model", str(model), "--data", str(data),
+        "--out", str(out3))
+    want = np.load(out3)
+    with torch.no_grad():
+        got = cli.to_torch()(torch.from_numpy(images.astype(np.float32) / 255.0)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
 
 def test_save_load_and_pickle_round_trip(tmp_path, images):
     calm = CALM(preset="recommended", kernels=8, epochs=2, backend="cpu").fit(images)
