@@ -234,9 +234,26 @@ class CALM(TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} must be an integer, not {v!r}")
             if v is not None and v < 0:
                 raise ValueError(f"{name} must not be negative, not {v}")
+            if v is not None:
+                opts[name] = int(v)
+        if opts["pool"] == 0:
+            raise ValueError("pool must be at least 1")
+        for name in ("revive", "learn_variance", "learn_weights"):
+            v = opts[name]
+            if v is not None and not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True, False or None, not {v!r}")
+            if v is not None:
+                opts[name] = bool(v)
+        for name in ("preset", "backend", "init_method", "encode"):
+            v = opts[name]
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be a string, not {v!r}")
         for name in ("tol", "variance"):
             if opts[name] is not None:
-                opts[name] = float(opts[name])
+                try:
+                    opts[name] = float(opts[name])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name} must be a number, not {opts[name]!r}") from None
         if opts["backend"] is None:
             opts["backend"] = "auto"
         return opts

@@ -29,6 +29,11 @@ def one_line(excinfo):
         (dict(pad=-1), "pad must not be negative"),
         (dict(preprocess="gamma"), "preprocess"),
         (dict(variance=0.0), "variance must be a positive number"),
+        (dict(variance="hot"), "variance must be a number"),
+        (dict(revive="yes"), "revive must be True, False or None"),
+        (dict(backend=3), "backend must be a string"),
+        (dict(tol=-1.0), "tol must be a non-negative number"),
+        (dict(pool=0), "pool must be at least 1"),
     ],
 )
 def test_bad_parameters(images, params, message):
