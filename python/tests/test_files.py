@@ -69,3 +69,16 @@ def test_save_load_and_pickle_round_trip(tmp_path, images):
     np.testing.assert_array_equal(clone.transform(images), f)
     np.testing.assert_array_equal(clone.loglik_, calm.loglik_)
     calm.save(path, force=True)
+
+
+def test_the_recommended_preset_is_the_clis(tmp_path, images, binary):
+    data = tmp_path / "images.npy"
+    np.save(data, images)
+    model = tmp_path / "rec.safetensors"
+    run(binary, "train", "--backend", "cpu", "--data", str(data), "--preset", "recommended",
+        "--kernels", "8", "--epochs", "2", "--out", str(model), "-q")
+    cli = calm_gpu.load(model, backend="cpu")
+    py = CALM(preset="recommended", kernels=8, epochs=2, backend="cpu").fit(images)
+    np.testing.assert_array_equal(py.theta_, cli.theta_)
+    assert py._layer.meta() | {"calm_gpu_version": ""} == cli._layer.meta() | {"calm_gpu_version": ""}
+    np.testing.assert_array_equal(py.transform(images), cli.transform(images))
