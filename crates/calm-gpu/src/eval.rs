@@ -40,9 +40,9 @@ use crate::run::Device;
 pub enum Baseline {
     /// The images' pixels, flattened.
     Raw,
-    /// N(0, 1) kernels with the model's K, w, p and seed, through the same encoding and pooling
-    /// (on the images as they are: no whitening, no prior, as the paper's code and every earlier
-    /// release of calm-gpu scored them).
+    /// N(0, 1) kernels with the model's K, w, p and seed, through the model's whitening,
+    /// encoding and pooling (SPEC's prior). For a model without whitening (the paper's
+    /// protocol) these are the paper code's random features.
     Random,
     /// The data-patch initialisation with the model's seed and no EM epoch: K patches of the
     /// (whitened) training images, through the model's whitening, encoding and pooling.
@@ -207,9 +207,13 @@ pub fn evaluate(
                 flatten(test.images.as_ref())?,
             ),
             Some(Baseline::Random) => {
+                let (wtr, wte) = (
+                    model.whitened(train.images.clone())?,
+                    model.whitened(test.images.clone())?,
+                );
                 let theta = crate::em::init_theta(&g_tr, model.meta.seed);
                 let prior = Prior::uniform(g_tr.k);
-                let sets = [(g_tr, &train.images), (g_te, &test.images)];
+                let sets = [(g_tr, &wtr), (g_te, &wte)];
                 features_pair(name, &theta, &prior, sets, cfg, observe)?
             }
             Some(b @ (Baseline::Patches | Baseline::KMeans)) => {

@@ -262,6 +262,50 @@ fn a_layer_saves_loads_and_encodes() {
     assert_eq!(bits(again.as_slice().unwrap()), bits(f.as_slice().unwrap()));
 }
 
+/// Every twin sees the images through the model's whitening: the N(0,1) baseline of a whitened
+/// model scores exactly as the model itself would with those N(0,1) weights (the same
+/// features, so the same probe to the bit).
+#[test]
+fn the_random_twin_goes_through_the_models_whitening() {
+    use calm_gpu::data::Subset;
+    use calm_gpu::eval::{Baseline, EvalConfig, Labelled, evaluate};
+    let layer = Calm::params(6)
+        .width(5)
+        .pad(0)
+        .epochs(1)
+        .seed(3)
+        .whiten(5)
+        .device(Device::Cpu)
+        .fit_source(digits(300))
+        .unwrap();
+    let model = layer.into_model();
+    let set = |split, n| {
+        let d: Arc<dyn calm_gpu::data::ImageSource> = Arc::new(embedded_digits(split));
+        let labels = embedded_digits(split).labels.unwrap()[..n].to_vec();
+        Labelled {
+            images: Arc::new(Subset::new(d, 0, n).unwrap()),
+            labels,
+        }
+    };
+    let (train, test) = (set(Split::Train, 300), set(Split::Test, 100));
+    let cfg = EvalConfig {
+        device: Device::Cpu,
+        baselines: vec![Baseline::Random],
+        ..EvalConfig::for_model(&model)
+    };
+    let rows = evaluate(&model, &train, &test, &cfg, &mut |_| {}).unwrap();
+    let mut untrained = model.clone();
+    untrained.theta = calm_gpu::em::init_theta(&model.geometry().unwrap(), model.meta.seed);
+    let own = evaluate(&untrained, &train, &test, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(
+        rows[1].report.final_loss.to_bits(),
+        own[0].report.final_loss.to_bits(),
+        "{} vs {}",
+        rows[1].report.final_loss,
+        own[0].report.final_loss
+    );
+}
+
 /// `eval::evaluate` as a user calls it: the model's row then each baseline's, the sizes each
 /// feature set must have, a progress report that opens and closes every phase, and a clear
 /// error for labels that do not match their images.

@@ -43,8 +43,8 @@ pub struct EvalArgs {
     pub test_labels: Option<PathBuf>,
     /// Also fit the same probe on other features: raw (the pixels), random (untrained N(0,1)
     /// kernels with the model's K, w, p and seed), patches (the data-patch initialisation, no EM
-    /// epoch) or kmeans (k-means centroids of the same patches). patches and kmeans see the
-    /// images whitened as the model's. May be repeated.
+    /// epoch) or kmeans (k-means centroids of the same patches). random, patches and kmeans
+    /// see the images whitened as the model's. May be repeated.
     #[arg(long, value_enum, value_name = "KIND")]
     pub baseline: Vec<Baseline>,
     /// Where the features are computed: a hardware GPU if auto finds one, else the CPU engine
