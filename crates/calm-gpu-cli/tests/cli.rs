@@ -950,6 +950,61 @@ fn preset_recommended_trains_from_patches_and_pools_the_probe() {
     );
 }
 
+/// `train --variance F` trains with that variance kept fixed and says so, and the model keeps
+/// it; a value that is not a positive number, and the paper's protocol, are refused naming the
+/// flag.
+#[test]
+fn a_fixed_variance_is_kept_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let model = dir.path().join("v.safetensors");
+    let mut argv = train_argv(&data, &model, "3 3 1 7 2 0");
+    argv.extend(["--variance".into(), "0.5".into()]);
+    let out = calm().args(&argv).output().unwrap();
+    assert_ok(&out);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("fixed variance 0.500000"), "{said}");
+    let prior = calm_gpu::model::Model::load(&model).unwrap().prior.unwrap();
+    assert_eq!(prior.inv_var, 2.0);
+    let (d, z) = (data.to_string_lossy(), dir.path().join("z.safetensors"));
+    let z = z.to_string_lossy();
+    for bad in ["0", "-1", "nan", "inf"] {
+        fails_with(
+            &[
+                "train",
+                "--backend",
+                "cpu",
+                "--data",
+                &d,
+                "--out",
+                &z,
+                "--width",
+                "3",
+                "--variance",
+                bad,
+            ],
+            "--variance must be a positive number",
+        );
+    }
+    fails_with(
+        &[
+            "train",
+            "--protocol",
+            "paper",
+            "--variance",
+            "2",
+            "--data",
+            &d,
+            "--out",
+            &z,
+            "--width",
+            "3",
+        ],
+        "--variance",
+    );
+}
+
 /// `train --whiten W` fits the filter on the training images, keeps it in the model, trains on
 /// whitened images, and `features` whitens new data with it: the features equal those of the
 /// model's layer on the whitened images computed through the library.
