@@ -175,7 +175,6 @@ fn check_positive(name: &str, v: usize) -> Result<()> {
 struct Recommended {
     layer: LayerConfig,
     epochs: usize,
-    whiten: usize,
     pool: usize,
     encoding: Encoding,
 }
@@ -186,7 +185,6 @@ static RECOMMENDED: std::sync::LazyLock<Recommended> = std::sync::LazyLock::new(
     Recommended {
         layer: p.layer,
         epochs: p.epochs,
-        whiten: p.whiten.expect("the recommended parameters whiten"),
         pool: recipe.grid,
         encoding: recipe.encoding,
     }

@@ -16,9 +16,7 @@ use super::outputs::check_output;
 use super::show::{ShowArgs, show};
 use super::train::{RunConfig, fit_run};
 use super::{Preset, RECOMMENDED, check_positive};
-use calm_gpu::Calm;
-use calm_gpu::em::InitMethod;
-use calm_gpu::model::FeatureRecipe;
+use calm_gpu::CalmParams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolName {
@@ -260,25 +258,19 @@ fn train_step(a: &ReproduceArgs, plan: &Plan) -> Result<f64> {
 /// data-patch initialisation, revival and the feature recipe), and the run that writes the
 /// model, its metrics and its LL plot into the output folder.
 fn run_config(a: &ReproduceArgs, plan: &Plan) -> RunConfig {
-    let l = plan.layer;
-    let mut params = Calm::params(l.kernels)
-        .width(l.width)
-        .pad(l.pad)
-        .batch(plan.batch)
-        .epochs(plan.epochs)
-        .seed(a.seed)
-        .device(a.backend);
-    if a.preset == Some(Preset::Recommended) {
-        params = params
-            .init_method(InitMethod::Patches)
-            .revive(true)
-            .whiten(RECOMMENDED.whiten)
-            .recipe(FeatureRecipe {
-                grid: RECOMMENDED.pool,
-                encoding: RECOMMENDED.encoding,
-                standardize: true,
-            });
+    let base = if a.preset == Some(Preset::Recommended) {
+        CalmParams::recommended()
+    } else {
+        CalmParams::new(plan.layer.kernels)
+    };
+    let params = CalmParams {
+        layer: plan.layer,
+        ..base
     }
+    .batch(plan.batch)
+    .epochs(plan.epochs)
+    .seed(a.seed)
+    .device(a.backend);
     RunConfig::from_params(
         &params,
         &plan.train_data,

@@ -584,13 +584,14 @@ fn calm_flag_error(e: calm_gpu::CalmError) -> anyhow::Error {
 /// holds (with its checkpoint).
 fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
     let recommended = a.preset == Some(Preset::Recommended);
+    let rec = calm_gpu::CalmParams::recommended();
     if recommended {
-        if a.init_method == Some(em::InitMethod::Normal) {
+        if a.init_method.is_some_and(|m| m != rec.init_method) {
             bail!("--preset recommended sets --init-method patches; drop --init-method normal");
         }
-        a.init_method = Some(em::InitMethod::Patches);
-        a.revive = true;
-        a.whiten = a.whiten.or(Some(RECOMMENDED.whiten));
+        a.init_method = Some(rec.init_method);
+        a.revive = rec.revive;
+        a.whiten = a.whiten.or(rec.whiten);
     }
     let pick = |v: Option<usize>, spec: usize, rec: usize| {
         v.unwrap_or(if recommended { rec } else { spec })
@@ -635,11 +636,7 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
         whiten: a.whiten,
         variance: a.variance,
         data_bytes: Some(data_bytes(&a.data)),
-        features: recommended.then_some(FeatureRecipe {
-            grid: RECOMMENDED.pool,
-            encoding: RECOMMENDED.encoding,
-            standardize: true,
-        }),
+        features: rec.recipe.filter(|_| recommended),
     };
     let Some(dir) = &a.resume else {
         return Ok((fresh, None));
@@ -1105,7 +1102,7 @@ mod tests {
             .device(Device::Cpu)
             .init_method(em::InitMethod::Patches)
             .revive(true)
-            .whiten(RECOMMENDED.whiten)
+            .whiten(7)
             .recipe(FeatureRecipe {
                 grid: RECOMMENDED.pool,
                 encoding: RECOMMENDED.encoding,
