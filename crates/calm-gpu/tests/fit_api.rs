@@ -262,13 +262,22 @@ fn a_layer_saves_loads_and_encodes() {
     assert_eq!(bits(again.as_slice().unwrap()), bits(f.as_slice().unwrap()));
 }
 
+/// The first `n` shipped digits of `split` with their labels, as `eval` takes them.
+fn labelled(split: Split, n: usize) -> calm_gpu::eval::Labelled {
+    let d: Arc<dyn calm_gpu::data::ImageSource> = Arc::new(embedded_digits(split));
+    let labels = embedded_digits(split).labels.unwrap()[..n].to_vec();
+    calm_gpu::eval::Labelled {
+        images: Arc::new(calm_gpu::data::Subset::new(d, 0, n).unwrap()),
+        labels,
+    }
+}
+
 /// Every twin sees the images through the model's whitening: the N(0,1) baseline of a whitened
 /// model scores exactly as the model itself would with those N(0,1) weights (the same
 /// features, so the same probe to the bit).
 #[test]
 fn the_random_twin_goes_through_the_models_whitening() {
-    use calm_gpu::data::Subset;
-    use calm_gpu::eval::{Baseline, EvalConfig, Labelled, evaluate};
+    use calm_gpu::eval::{Baseline, EvalConfig, evaluate};
     let layer = Calm::params(6)
         .width(5)
         .pad(0)
@@ -279,15 +288,7 @@ fn the_random_twin_goes_through_the_models_whitening() {
         .fit_source(digits(300))
         .unwrap();
     let model = layer.into_model();
-    let set = |split, n| {
-        let d: Arc<dyn calm_gpu::data::ImageSource> = Arc::new(embedded_digits(split));
-        let labels = embedded_digits(split).labels.unwrap()[..n].to_vec();
-        Labelled {
-            images: Arc::new(Subset::new(d, 0, n).unwrap()),
-            labels,
-        }
-    };
-    let (train, test) = (set(Split::Train, 300), set(Split::Test, 100));
+    let (train, test) = (labelled(Split::Train, 300), labelled(Split::Test, 100));
     let cfg = EvalConfig {
         device: Device::Cpu,
         baselines: vec![Baseline::Random],
@@ -311,20 +312,11 @@ fn the_random_twin_goes_through_the_models_whitening() {
 /// error for labels that do not match their images.
 #[test]
 fn evaluate_scores_the_model_beside_its_baselines() {
-    use calm_gpu::data::Subset;
     use calm_gpu::eval::{Baseline, EvalConfig, EvalEvent, Labelled, evaluate};
     let model_path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spec-k8-w5.safetensors");
     let model = Model::load(&model_path).unwrap();
-    let set = |split, n| {
-        let d: Arc<dyn calm_gpu::data::ImageSource> = Arc::new(embedded_digits(split));
-        let labels = embedded_digits(split).labels.unwrap()[..n].to_vec();
-        Labelled {
-            images: Arc::new(Subset::new(d, 0, n).unwrap()),
-            labels,
-        }
-    };
-    let (train, test) = (set(Split::Train, 600), set(Split::Test, 200));
+    let (train, test) = (labelled(Split::Train, 600), labelled(Split::Test, 200));
     let cfg = EvalConfig {
         device: Device::Cpu,
         baselines: vec![
@@ -392,7 +384,7 @@ fn evaluate_scores_the_model_beside_its_baselines() {
 
     let short = Labelled {
         labels: vec![0; 3],
-        ..set(Split::Test, 200)
+        ..labelled(Split::Test, 200)
     };
     let e = evaluate(&model, &train, &short, &cfg, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("200 images but 3 labels"), "{e}");
