@@ -35,8 +35,16 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // Under mpirun (the `mpi` feature): this process becomes one rank of the job.
+    if let Err(e) = cli::parallel::init() {
+        eprintln!("error: MPI: {}", one_line(&e));
+        return std::process::ExitCode::from(1);
+    }
     match cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => {
+            cli::parallel::finalize();
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             let chain: Vec<String> = e.chain().map(cli_words).collect();
             // thiserror messages already include their source; print each distinct part once.
@@ -47,8 +55,9 @@ fn main() -> std::process::ExitCode {
                     line.push_str(part);
                 }
             }
-            eprintln!("error: {}", one_line(&line));
-            std::process::ExitCode::from(exit_status(&e))
+            eprintln!("error: {}{}", cli::parallel::rank_prefix(), one_line(&line));
+            // One rank that fails ends the job (the others would wait for it forever).
+            cli::parallel::exit(exit_status(&e))
         }
     }
 }

@@ -5,6 +5,8 @@ use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::prior::Prior;
 
+pub use crate::cpu::reference::Stats;
+
 /// The scalars one epoch produces, under the `theta` used during that epoch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EpochStats {
@@ -33,6 +35,31 @@ pub trait Engine {
     /// then apply the update if everything is finite. `progress` is called with the number of
     /// images processed so far.
     fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats>;
+    /// The statistics `B`, `T`, `LL` of images `[start, start + count)` under the current
+    /// `theta`, without the update: the half of [`Engine::epoch`] that a data-parallel run
+    /// ([`crate::dist`]) computes on every process before it sums them. `progress` is called
+    /// with the images of the range done so far.
+    fn stats(
+        &mut self,
+        start: usize,
+        count: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Stats>;
+    /// SPEC's update from statistics summed over every image of the epoch (by this engine's
+    /// [`Engine::stats`] or by many processes'), applied when everything is finite: the other
+    /// half of [`Engine::epoch`].
+    fn apply(&mut self, stats: &Stats) -> Result<EpochStats>;
+    /// True when [`Engine::epoch`] is the sum in batch order of [`Engine::stats`] over each batch
+    /// (of [`Engine::batch`] images from image 0), each batch's statistics summed from zero and
+    /// independent of the others, so that a data-parallel run that sums the same batches in the
+    /// same order gives the same bits whatever its number of processes (the CPU engine). False
+    /// when only the whole data's statistics are available that way (the GPU engine, which sums
+    /// its batches on the device).
+    fn exact_batches(&self) -> bool {
+        false
+    }
+    /// Images per batch of [`Engine::exact_batches`].
+    fn batch(&self) -> usize;
     /// Current weights `(K, C, w, w)` flattened.
     fn theta(&mut self) -> Result<Vec<f32>>;
     /// `B'` of the last applied update (all zero before the first).

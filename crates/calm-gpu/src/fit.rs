@@ -23,6 +23,7 @@ use ndarray::{Array1, Array2, Array4, ArrayView4};
 
 use crate::cancel::CancelToken;
 use crate::data::{Dataset, ImageSource, Whitened, Whitening};
+use crate::dist::{Comm, DistEngine, Gathered, Sharding};
 use crate::em::{self, Event, InitMethod, Outcome, Schedule};
 use crate::engine::Engine;
 use crate::error::{CalmError, Result};
@@ -407,6 +408,8 @@ pub struct Trainer {
     cancel: CancelToken,
     checkpoint_dir: Option<PathBuf>,
     checkpoint_extra: BTreeMap<String, String>,
+    /// False on the ranks of a data-parallel fit but rank 0, which write no checkpoint.
+    root: bool,
 }
 
 impl Trainer {
@@ -426,10 +429,55 @@ impl Trainer {
         Self::start(params, source, Some(checkpoint))
     }
 
+    /// One rank's part of a data-parallel fit ([`crate::dist`]): `shard` holds this rank's
+    /// batches of the `n` training images ([`Sharding`] with `params.batch`, e.g. a
+    /// [`crate::dist::ShardView`]), and every rank of `comm` calls this, then [`Trainer::run`],
+    /// alike. Every rank ends with the same model; only rank 0 writes checkpoints. With
+    /// `checkpoint`, resumes it (written with any number of ranks).
+    pub fn sharded(
+        params: &CalmParams,
+        shard: Arc<dyn ImageSource>,
+        n: usize,
+        comm: Arc<dyn Comm>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Self> {
+        let sharding = Sharding::new(n, params.batch, comm.rank(), comm.size())?;
+        if shard.len() != sharding.local_len() {
+            return Err(CalmError::Invalid(format!(
+                "rank {} of {} holds {} images, but its shard of {n} in batches of {} has {}",
+                sharding.rank,
+                sharding.size,
+                shard.len(),
+                params.batch,
+                sharding.local_len()
+            )));
+        }
+        let global: Arc<dyn ImageSource> =
+            Arc::new(Gathered::new(shard.clone(), sharding, comm.clone()));
+        let mut t = Self::start_on(params, global, shard, checkpoint, |engine| {
+            Ok(Box::new(DistEngine::new(engine, comm.clone(), sharding)?))
+        })?;
+        t.root = sharding.rank == 0;
+        Ok(t)
+    }
+
     fn start(
         params: &CalmParams,
         source: Arc<dyn ImageSource>,
         checkpoint: Option<Checkpoint>,
+    ) -> Result<Self> {
+        Self::start_on(params, source.clone(), source, checkpoint, Ok)
+    }
+
+    /// `source` is the whole data (read by the whitening filter, the initialisation and
+    /// revival), `local` what this process's engine runs over (the same, or its shard), `wrap`
+    /// what the engine is wrapped in (the data-parallel engine, or nothing).
+    fn start_on(
+        params: &CalmParams,
+        source: Arc<dyn ImageSource>,
+        local: Arc<dyn ImageSource>,
+        checkpoint: Option<Checkpoint>,
+        wrap: impl FnOnce(Box<dyn Engine>) -> Result<Box<dyn Engine>>,
     ) -> Result<Self> {
         let (c, h, w) = source.shape();
         let g = params.check_shape(c, h, w)?;
@@ -450,10 +498,13 @@ impl Trainer {
             (_, Some(width)) => Some(Whitening::fit(source.as_ref(), width, params.seed)?),
             _ => None,
         };
-        let source: Arc<dyn ImageSource> = match &whitening {
-            Some(wh) => Arc::new(Whitened::new(source, Arc::new(wh.clone()))?),
-            None => source,
+        let whitened = |s: Arc<dyn ImageSource>| -> Result<Arc<dyn ImageSource>> {
+            Ok(match &whitening {
+                Some(wh) => Arc::new(Whitened::new(s, Arc::new(wh.clone()))?),
+                None => s,
+            })
         };
+        let (source, local) = (whitened(source)?, whitened(local)?);
         let (theta, history, resumed_counts, prior) = match checkpoint {
             Some(ck) => (
                 ck.model.theta,
@@ -476,14 +527,14 @@ impl Trainer {
                 }),
             ),
         };
-        let mut engine = crate::run::engine_with(
+        let mut engine = wrap(crate::run::engine_with(
             params.device,
             &params.gpu,
             g,
-            source.clone(),
+            local,
             theta,
             params.batch,
-        )?;
+        )?)?;
         if let Some(p) = &prior {
             engine.set_prior(p)?;
         }
@@ -499,6 +550,7 @@ impl Trainer {
             cancel: CancelToken::new(),
             checkpoint_dir: None,
             checkpoint_extra: BTreeMap::new(),
+            root: true,
         })
     }
 
@@ -564,7 +616,8 @@ impl Trainer {
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Outcome> {
         let first = self.history.len() + 1;
         let history = std::mem::take(&mut self.history);
-        let (dir, extra) = (self.checkpoint_dir.clone(), self.checkpoint_extra.clone());
+        let dir = self.checkpoint_dir.clone().filter(|_| self.root);
+        let extra = self.checkpoint_extra.clone();
         let meta = self.meta_parts();
         let resumed = self.resumed_counts.clone();
         let mut after = |engine: &mut dyn Engine, history: &[EpochRecord]| -> Result<()> {
@@ -625,7 +678,11 @@ impl Trainer {
     }
 
     /// Writes a checkpoint of the state now into `dir` (e.g. after a cancellation).
+    /// On the ranks of a data-parallel fit but rank 0 it writes nothing.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        if !self.root {
+            return Ok(());
+        }
         let m = self.model(None)?;
         write_checkpoint(dir, m, &self.history, &self.checkpoint_extra)
     }

@@ -33,6 +33,7 @@ pub mod bench;
 pub mod cancel;
 pub mod cpu;
 pub mod data;
+pub mod dist;
 pub mod em;
 pub mod engine;
 pub mod error;

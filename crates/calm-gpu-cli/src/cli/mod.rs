@@ -20,6 +20,7 @@ mod bench;
 mod eval;
 mod features;
 mod outputs;
+pub mod parallel;
 mod reproduce;
 mod show;
 mod train;
@@ -84,6 +85,15 @@ pub enum Preset {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(w) = parallel::world()
+        && w.size() > 1
+        && !matches!(cli.command, Command::Train(_))
+    {
+        bail!(
+            "only `train` runs over MPI; run the other commands as one process (this job has {} ranks)",
+            w.size()
+        );
+    }
     match cli.command {
         Command::Train(a) => train(a),
         Command::Features(a) => features(a),
@@ -118,14 +128,48 @@ pub fn load_data(
     paths: &[PathBuf],
     pre: Option<Preprocess>,
 ) -> Result<(Arc<dyn ImageSource>, Vec<String>, Preprocess)> {
+    let (source, names, pre, _) = load_inputs(paths, pre, None)?;
+    Ok((source, names, pre))
+}
+
+/// [`load_data`] for one rank of a data-parallel job: only the images of its batches (of
+/// `batch` images, [`calm_gpu::dist::Sharding`]) are kept, and the number of images in the
+/// whole data comes fourth.
+pub fn load_shard(
+    paths: &[PathBuf],
+    pre: Option<Preprocess>,
+    batch: usize,
+    comm: &dyn calm_gpu::dist::Comm,
+) -> Result<Inputs> {
+    load_inputs(paths, pre, Some((batch, comm.rank(), comm.size())))
+}
+
+/// The images a run reads: `(source, names of the inputs, preprocessing, images in the whole
+/// data)`; the source is a rank's shard in an MPI job.
+pub type Inputs = (Arc<dyn ImageSource>, Vec<String>, Preprocess, usize);
+
+/// `shard`: `(batch, rank, ranks)` keeps only the rank's images.
+fn load_inputs(
+    paths: &[PathBuf],
+    pre: Option<Preprocess>,
+    shard: Option<(usize, usize, usize)>,
+) -> Result<Inputs> {
+    let keep = |i: usize| shard.is_none_or(|(batch, rank, size)| (i / batch) % size == rank);
     if paths.is_empty() {
         if let Some(p) = pre.filter(|p| *p != Preprocess::Scale) {
             bail!("the shipped digits are scaled to [0, 1] already; --preprocess {p} needs --data");
         }
+        let all = embedded(data::Split::Train);
+        let n = all.len();
+        let source: Arc<dyn ImageSource> = match shard {
+            None => all,
+            Some(_) => Arc::from(data::open_shard_of(all, 0, &keep)?),
+        };
         return Ok((
-            embedded(data::Split::Train),
+            source,
             vec!["embedded:digits-train".into()],
             Preprocess::Scale,
+            n,
         ));
     }
     let pre = match pre {
@@ -133,8 +177,17 @@ pub fn load_data(
         None => default_preprocess(&paths[0])?,
     };
     let mut parts: Vec<Box<dyn ImageSource>> = Vec::new();
+    let mut n = 0;
     for p in paths {
-        let part = data::open_source(p, Some(pre))?;
+        let (part, len) = match shard {
+            None => {
+                let part = data::open_source(p, Some(pre))?;
+                let len = part.len();
+                (part, len)
+            }
+            Some(_) => data::open_shard(p, pre, n, &keep)?,
+        };
+        n += len;
         // One shape for all of --data, told with the files' names.
         if let Some(first) = parts.first().map(|f| f.shape()) {
             let (c, h, w) = part.shape();
@@ -157,10 +210,10 @@ pub fn load_data(
     } else {
         Arc::new(data::Concat::new(parts)?)
     };
-    if source.is_empty() {
+    if n == 0 {
         bail!("the data holds no images");
     }
-    Ok((source, names, pre))
+    Ok((source, names, pre, n))
 }
 
 fn check_positive(name: &str, v: usize) -> Result<()> {
@@ -238,6 +291,8 @@ fn gpu_config() -> Result<calm_gpu::GpuConfig> {
         memory_budget,
         tune_file: tune_file_path(),
         adapter_name: var("WGPU_ADAPTER_NAME"),
+        // One GPU per rank on a machine: the rank among the job's processes there.
+        adapter_index: parallel::world().and(parallel::local_rank()),
         chosen_by: by_env.then(|| "CALM_TILES / CALM_KERNELS".to_string()),
         // wgpu's own variables (WGPU_BACKEND, WGPU_VALIDATION, ...) hold for the CLI.
         wgpu_env: true,
@@ -278,7 +333,9 @@ fn install_ctrl_c() {
             calm_gpu::interrupt::remove_pending_files();
             std::process::exit(130);
         }
-        eprintln!("stopping after the current batch (Ctrl-C again to quit now)...");
+        if parallel::is_root() {
+            eprintln!("stopping after the current batch (Ctrl-C again to quit now)...");
+        }
         stop_token().cancel();
     });
 }

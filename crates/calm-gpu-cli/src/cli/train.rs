@@ -315,7 +315,13 @@ pub(super) fn fit_run(
     quiet: bool,
 ) -> Result<()> {
     params.check().map_err(flag_error)?;
-    let outputs = Outputs::claim(&cfg, resume.is_some(), quiet)?;
+    // In an MPI job only rank 0 prints and writes.
+    let root = super::parallel::is_root();
+    let outputs = match root {
+        true => Some(Outputs::claim(&cfg, resume.is_some(), quiet)?),
+        false => None,
+    };
+    let quiet = quiet || !root;
     let trainer = start(&cfg, params, resume.clone(), quiet)?;
     run_and_write(trainer, &cfg, resume.is_some(), outputs, quiet)
 }
@@ -393,7 +399,20 @@ fn start(
     resume: Option<Checkpoint>,
     quiet: bool,
 ) -> Result<Trainer> {
-    let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+    let world = super::parallel::world();
+    let (data, names, pre, n) = match &world {
+        Some(w) => {
+            if cfg.cache.is_some() {
+                bail!("--cache is not available under MPI: each rank reads only its own images");
+            }
+            super::load_shard(&cfg.data, cfg.preprocess, params.batch, w.as_ref())?
+        }
+        None => {
+            let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+            let n = data.len();
+            (data, names, pre, n)
+        }
+    };
     // The layer must fit the images and --init must match it before anything is written or
     // fitted (the cache, a whitening filter); whitening keeps the shape.
     let (c, h, w) = data.shape();
@@ -416,10 +435,10 @@ fn start(
     {
         say(format!("fitting a {width}x{width} patch-whitening filter"));
     }
-    let n = data.len();
-    let trainer = match resume.clone() {
-        Some(ck) => Trainer::resume(&params, data, ck),
-        None => Trainer::new(&params, data),
+    let trainer = match (resume.clone(), &world) {
+        (ck, Some(w)) => Trainer::sharded(&params, data, n, w.clone(), ck),
+        (Some(ck), None) => Trainer::resume(&params, data, ck),
+        (None, None) => Trainer::new(&params, data),
     }
     .map_err(calm_flag_error)?;
     let mut trainer = trainer
@@ -436,6 +455,14 @@ fn start(
         trainer = trainer.checkpoint_every_epoch(dir.clone());
     }
     say(format!("engine: {}", trainer.describe()));
+    if let Some(w) = &world {
+        say(format!(
+            "MPI: {} processes, each with every {}th batch of {} images; the statistics of each round of batches are exchanged and summed in batch order",
+            w.size(),
+            w.size(),
+            params.batch
+        ));
+    }
     say(format!(
         "data: {n} images of {c}x{h}x{w} from {}; K={} w={} p={} (Ho={}, Wo={}); {:.1} GFLOP per epoch",
         names.join(", "),
@@ -466,7 +493,7 @@ fn run_and_write(
     mut trainer: Trainer,
     cfg: &RunConfig,
     resuming: bool,
-    outputs: Outputs,
+    outputs: Option<Outputs>,
     quiet: bool,
 ) -> Result<()> {
     let say = |s: String| {
@@ -478,7 +505,7 @@ fn run_and_write(
     let first = trainer.history().len() + 1;
     // Metrics: a fresh file, or on resume the checkpoint's epochs rewritten (a kill between the
     // checkpoint and the metrics line must not lose or repeat a line), then appended to.
-    let mut metrics = match &cfg.metrics {
+    let mut metrics = match cfg.metrics.as_ref().filter(|_| outputs.is_some()) {
         Some(p) => {
             let mut text = String::new();
             for r in trainer.history() {
@@ -510,19 +537,25 @@ fn run_and_write(
         bail!("writing --metrics failed: {e}");
     }
     if outcome.interrupted {
-        trainer.save_checkpoint(&outputs.checkpoint_dir)?;
         // exit() runs no destructors: a replaced --metrics file keeps its old lines now, and the
         // lock files go.
-        let checkpoint_dir = outputs.checkpoint_dir.clone();
-        drop(metrics);
-        drop(outputs);
-        eprintln!(
-            "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
-            outcome.stopped.as_deref().unwrap_or("interrupted"),
-            outcome.history.len(),
-            checkpoint_dir.display()
-        );
-        std::process::exit(130);
+        if let Some(outputs) = outputs {
+            trainer.save_checkpoint(&outputs.checkpoint_dir)?;
+            let checkpoint_dir = outputs.checkpoint_dir.clone();
+            drop(metrics);
+            drop(outputs);
+            eprintln!(
+                "error: {} after {} complete epochs; resume with: calm-gpu train --resume {}",
+                outcome.stopped.as_deref().unwrap_or("interrupted"),
+                outcome.history.len(),
+                checkpoint_dir.display()
+            );
+        }
+        super::parallel::exit(130);
+    }
+    if outputs.is_none() {
+        // Another rank of an MPI job: rank 0 writes the model, the same as this one's.
+        return Ok(());
     }
     let model = trainer.model(outcome.stopped.clone())?;
     model.save(&cfg.out, cfg.force)?;

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
-use crate::engine::{Engine, EpochStats};
+use crate::engine::{Engine, EpochStats, Stats};
 use crate::error::Result;
 use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
@@ -121,6 +121,56 @@ impl CpuEngine {
             pool: Pool::default(),
             cancel: CancelToken::new(),
         }
+    }
+
+    /// The statistics of the batch of images `[start, start + nb)` into `out` (overwritten),
+    /// summed over its chunks in chunk order in f64, whatever the threads and the waves.
+    fn batch_stats(
+        &self,
+        (theta, bias): (&[f32], &[f32]),
+        start: usize,
+        nb: usize,
+        out: &mut Stats,
+    ) -> Result<()> {
+        let g = self.g;
+        out.ll = 0.0;
+        out.b.iter_mut().for_each(|v| *v = 0.0);
+        out.t.iter_mut().for_each(|v| *v = 0.0);
+        let pool = &self.pool;
+        let (ci, wave) = (chunk_images(&g), self.wave);
+        // The batch's chunks in waves of `wave` chunks, so that only a wave's T are held.
+        let mut done = 0;
+        while done < nb {
+            if self.cancel.is_cancelled() {
+                // Abandon the epoch: theta and counts are untouched until the update.
+                return Err(crate::CalmError::Interrupted);
+            }
+            let nw = (wave * ci).min(nb - done);
+            let parts = for_chunks(&g, self.source.as_ref(), pool, start + done, nw, |s, ni| {
+                let spare = lock(&pool.t).pop().unwrap_or_default();
+                stats_chunk(s, &g, ni, theta, bias, spare)
+            })?;
+            for part in &parts {
+                out.ll += part.ll;
+                out.b
+                    .iter_mut()
+                    .zip(&part.b)
+                    .for_each(|(acc, &v)| *acc += v);
+            }
+            out.t
+                .par_chunks_mut(T_BLOCK)
+                .enumerate()
+                .for_each(|(i, tc)| {
+                    for part in &parts {
+                        tc.iter_mut()
+                            .zip(&part.t[i * T_BLOCK..])
+                            .for_each(|(acc, &v)| *acc += v as f64);
+                    }
+                });
+            lock(&pool.t).extend(parts.into_iter().map(|p| p.t));
+            done += nw;
+        }
+        Ok(())
     }
 }
 
@@ -521,64 +571,68 @@ impl Engine for CpuEngine {
     }
 
     fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats> {
+        let stats = self.stats(0, self.source.len(), progress)?;
+        self.apply(&stats)
+    }
+
+    /// Each batch's statistics are summed from zero over its chunks, then added to the range's
+    /// in batch order ([`Engine::exact_batches`]).
+    fn stats(
+        &mut self,
+        start: usize,
+        count: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Stats> {
         let g = self.g;
-        let (theta, bias) = self.prior.effective(&g, &self.theta);
-        let mut t = vec![0f64; g.k * g.r()];
-        let mut b = vec![0f64; g.k];
-        let mut ll = 0f64;
-        let n = self.source.len();
-        let mut start = 0;
-        let pool = &self.pool;
-        let (ci, wave) = (chunk_images(&g), self.wave);
-        while start < n {
-            if self.cancel.is_cancelled() {
-                // Abandon the epoch: theta and counts are untouched until the update below.
-                return Err(crate::CalmError::Interrupted);
-            }
-            let nb = self.batch.min(n - start);
-            // The batch's chunks in waves of `wave` chunks, so that only a wave's T are held.
-            let mut done = 0;
-            while done < nb {
-                if done > 0 && self.cancel.is_cancelled() {
-                    return Err(crate::CalmError::Interrupted);
-                }
-                let nw = (wave * ci).min(nb - done);
-                let parts =
-                    for_chunks(&g, self.source.as_ref(), pool, start + done, nw, |s, ni| {
-                        let spare = lock(&pool.t).pop().unwrap_or_default();
-                        stats_chunk(s, &g, ni, &theta, &bias, spare)
-                    })?;
-                for part in &parts {
-                    ll += part.ll;
-                    b.iter_mut().zip(&part.b).for_each(|(acc, &v)| *acc += v);
-                }
-                // Each entry of T is summed over the chunks in chunk order, whatever the threads
-                // and the waves.
-                t.par_chunks_mut(T_BLOCK).enumerate().for_each(|(i, tc)| {
-                    for part in &parts {
-                        tc.iter_mut()
-                            .zip(&part.t[i * T_BLOCK..])
-                            .for_each(|(acc, &v)| *acc += v as f64);
-                    }
-                });
-                lock(&pool.t).extend(parts.into_iter().map(|p| p.t));
-                done += nw;
-            }
-            start += nb;
-            progress(start);
+        let end = start + count;
+        if end > self.source.len() {
+            return Err(crate::CalmError::Invalid(format!(
+                "stats of images {start}..{end} of {}",
+                self.source.len()
+            )));
         }
-        let stats = super::reference::Stats { b, t, ll };
-        let up = super::reference::update(&g, &stats);
-        let finite = ll.is_finite() && up.is_finite();
+        let (theta, bias) = self.prior.effective(&g, &self.theta);
+        let mut total = Stats::zeros(&g);
+        let mut batch = Stats::zeros(&g);
+        let mut at = start;
+        while at < end {
+            let nb = self.batch.min(end - at);
+            self.batch_stats((&theta, &bias), at, nb, &mut batch)?;
+            total.ll += batch.ll;
+            for (acc, &v) in total.b.iter_mut().zip(&batch.b) {
+                *acc += v;
+            }
+            total
+                .t
+                .par_chunks_mut(T_BLOCK)
+                .zip(batch.t.par_chunks(T_BLOCK))
+                .for_each(|(acc, part)| acc.iter_mut().zip(part).for_each(|(a, &v)| *a += v));
+            at += nb;
+            progress(at - start);
+        }
+        Ok(total)
+    }
+
+    fn apply(&mut self, stats: &Stats) -> Result<EpochStats> {
+        let up = super::reference::update(&self.g, stats);
+        let finite = stats.ll.is_finite() && up.is_finite();
         if finite {
             self.theta = up.theta.iter().map(|&v| v as f32).collect();
             self.counts = up.counts.iter().map(|&v| v as f32).collect();
         }
         Ok(EpochStats {
-            loglik: ll,
+            loglik: stats.ll,
             count_sum: up.count_sum,
             finite,
         })
+    }
+
+    fn exact_batches(&self) -> bool {
+        true
+    }
+
+    fn batch(&self) -> usize {
+        self.batch
     }
 
     fn theta(&mut self) -> Result<Vec<f32>> {

@@ -95,7 +95,27 @@ fn read_dims(input: &mut Input, n: usize) -> Result<Vec<u64>, DataError> {
         .collect())
 }
 
+/// The images of an IDX file that `keep` selects by index, with byte values 0..=255, and the
+/// number of images in the file: one rank's shard of a data-parallel run, in host memory no
+/// larger than the shard's. (The whole file is read through, since gzip cannot seek; only the
+/// kept images are stored.)
+pub fn read_images_raw_where(
+    path: &Path,
+    keep: &dyn Fn(usize) -> bool,
+) -> Result<(Dataset, usize), DataError> {
+    let mut input = Input::open(path)?;
+    parse_images_where(&mut input, false, keep)
+}
+
 fn parse_images(input: &mut Input, scale: bool) -> Result<Dataset, DataError> {
+    Ok(parse_images_where(input, scale, &|_| true)?.0)
+}
+
+fn parse_images_where(
+    input: &mut Input,
+    scale: bool,
+    keep: &dyn Fn(usize) -> bool,
+) -> Result<(Dataset, usize), DataError> {
     read_magic(input, IMAGES_MAGIC, "images")?;
     let d = read_dims(input, 3)?;
     let (n, h, w) = (d[0], d[1], d[2]);
@@ -115,19 +135,32 @@ fn parse_images(input: &mut Input, scale: bool) -> Result<Dataset, DataError> {
         })?;
     let claim = format!("the header claims {n} images of {h}x{w}");
     let cap = input.check_payload(nbytes, 1, &claim)?;
-    let mut px: Vec<f32> = Vec::with_capacity(cap);
+    // The sizes were verified against the data, so they fit in usize.
+    let (n, per) = (n as usize, (h * w) as usize);
+    let kept = (0..n).filter(|&i| keep(i)).count();
+    let mut px: Vec<f32> = Vec::with_capacity(cap.min(kept * per));
+    let mut pos = 0usize;
     input.stream(nbytes, 1, &claim, |chunk| {
-        if scale {
-            px.extend(chunk.iter().map(|&b| b as f32 / 255.0))
-        } else {
-            px.extend(chunk.iter().map(|&b| b as f32))
+        let mut at = 0;
+        while at < chunk.len() {
+            let (img, off) = (pos / per, pos % per);
+            let take = (per - off).min(chunk.len() - at);
+            if keep(img) {
+                let part = &chunk[at..at + take];
+                if scale {
+                    px.extend(part.iter().map(|&b| b as f32 / 255.0))
+                } else {
+                    px.extend(part.iter().map(|&b| b as f32))
+                }
+            }
+            at += take;
+            pos += take;
         }
     })?;
-    // The sizes were verified against the data, so they fit in usize.
-    let shape = (n as usize, 1, h as usize, w as usize);
+    let shape = (kept, 1, h as usize, w as usize);
     let images = Array4::from_shape_vec(shape, px)
         .map_err(|e| input.format_err(format!("internal shape mismatch: {e}")))?;
-    Ok(Dataset::new(images, None))
+    Ok((Dataset::new(images, None), n))
 }
 
 fn parse_labels(input: &mut Input) -> Result<Vec<u8>, DataError> {

@@ -391,6 +391,56 @@ pub fn open_source(
     Ok(Box::new(load_with(path, pre)?))
 }
 
+/// The images of `path` that `keep` selects by their index in the data, preprocessed with `pre`,
+/// in order, and the number of images in `path`: `first` is the index of the file's first image
+/// in the data (`--data` files after the first). One rank's shard of a data-parallel run
+/// ([`crate::dist::Sharding`]): IDX files are read through and only the kept images stored;
+/// STL-10 and large `.npy` files are read by offset when the images are asked for; the other
+/// formats are loaded whole ([`open_source`]) and their other images dropped only from the view.
+pub fn open_shard(
+    path: &Path,
+    pre: Preprocess,
+    first: usize,
+    keep: &dyn Fn(usize) -> bool,
+) -> Result<(Box<dyn ImageSource>, usize), DataError> {
+    if detect_format(path)? == FileFormat::Idx {
+        let (mut data, n) = idx::read_images_raw_where(path, &|i| keep(first + i))?;
+        pre.apply_dataset(&mut data)?;
+        data.check_finite(&path.display().to_string())?;
+        return Ok((Box::new(data), n));
+    }
+    let all: std::sync::Arc<dyn ImageSource> = std::sync::Arc::from(open_source(path, Some(pre))?);
+    let n = all.len();
+    Ok((open_shard_of(all, first, keep)?, n))
+}
+
+/// The images of `all` that `keep` selects by index (`first` is the index of `all`'s first
+/// image), as a view that reads them from `all` when asked.
+pub fn open_shard_of(
+    all: std::sync::Arc<dyn ImageSource>,
+    first: usize,
+    keep: &dyn Fn(usize) -> bool,
+) -> Result<Box<dyn ImageSource>, DataError> {
+    let n = all.len();
+    // Runs of kept images, each a view of the source.
+    let mut parts: Vec<Box<dyn ImageSource>> = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let start = i;
+        let kept = keep(first + i);
+        while i < n && keep(first + i) == kept {
+            i += 1;
+        }
+        if kept {
+            parts.push(Box::new(Subset::new(all.clone(), start, i - start)?));
+        }
+    }
+    if parts.is_empty() {
+        parts.push(Box::new(Subset::new(all, 0, 0)?));
+    }
+    Ok(Box::new(Concat::new(parts)?))
+}
+
 /// Loads labels: IDX labels, a 1-D integer `.npy`, or STL-10's `*_y.bin` (1..=10 become 0..=9).
 pub fn load_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     match detect_format(path)? {

@@ -29,6 +29,10 @@ pub struct GpuConfig {
     /// Only adapters whose name contains this (case-insensitive), as wgpu's
     /// `WGPU_ADAPTER_NAME` convention.
     pub adapter_name: Option<String>,
+    /// Of the adapters left (best first), the one at this index modulo their number: one GPU
+    /// per process of a data-parallel job on a machine with several (the CLI passes the rank
+    /// on the machine). `None`: the best.
+    pub adapter_index: Option<usize>,
     /// Who set `kernels` or `tiles`, as the engine's description names it (the CLI: the
     /// variables it read); `None`: "chosen by the caller".
     pub chosen_by: Option<String>,

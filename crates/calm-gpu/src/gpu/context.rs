@@ -173,6 +173,12 @@ impl GpuContext {
             adapters.retain(|a| is_real_gpu(&a.get_info()));
         }
         adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        if let Some(i) = config.adapter_index
+            && !adapters.is_empty()
+        {
+            let n = adapters.len();
+            adapters.rotate_left(i % n);
+        }
         let adapter = adapters.into_iter().next().ok_or_else(|| {
             CalmError::Gpu(format!(
                 "no {} adapter found{}; `calm-gpu devices` lists what wgpu sees (install a driver, e.g. mesa-vulkan-drivers for a software Vulkan device, or use the CPU engine)",

@@ -29,7 +29,7 @@ use super::steps::{
 use super::tune::{self, Choice, Lookup};
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
-use crate::engine::{Engine, EpochStats};
+use crate::engine::{Engine, EpochStats, Stats};
 use crate::error::{CalmError, Result};
 use crate::features::Encoding;
 use crate::geometry::Geometry;
@@ -417,6 +417,19 @@ impl GpuEngine {
         Ok([s[0], s[1], s[2], s[3]])
     }
 
+    /// After `finish_epoch`: the update becomes the weights when the epoch was `finite`.
+    fn commit_if(&mut self, finite: bool) -> Result<()> {
+        if finite {
+            self.commit_update();
+            if !self.prior.is_uniform() {
+                // The update wrote SPEC's theta_t and bias; the E-step wants the prior's.
+                let theta = self.theta()?;
+                self.write_effective(&theta);
+            }
+        }
+        Ok(())
+    }
+
     fn commit_update(&mut self) {
         let (k, r) = (self.g.k as u64, self.g.r() as u64);
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -556,20 +569,76 @@ impl Engine for GpuEngine {
     fn epoch(&mut self, progress: &mut dyn FnMut(usize)) -> Result<EpochStats> {
         self.accumulate(progress)?;
         let [hi, lo, s, finite] = self.finish_epoch()?;
-        let finite = finite == 1.0;
-        if finite {
-            self.commit_update();
-            if !self.prior.is_uniform() {
-                // The update wrote SPEC's theta_t and bias; the E-step wants the prior's.
-                let theta = self.theta()?;
-                self.write_effective(&theta);
-            }
-        }
+        self.commit_if(finite == 1.0)?;
         Ok(EpochStats {
             loglik: hi as f64 + lo as f64,
             count_sum: s as f64,
+            finite: finite == 1.0,
+        })
+    }
+
+    /// Only the whole data: the batches are summed on the device (compensated f32), then read
+    /// back; `LL` is the f64 sum of the images' `logp`.
+    fn stats(
+        &mut self,
+        start: usize,
+        count: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Stats> {
+        if (start, count) != (0, self.plan.n) {
+            return Err(CalmError::Invalid(format!(
+                "the GPU engine gives the statistics of all its {} images, not of images {start}..{}",
+                self.plan.n,
+                start + count
+            )));
+        }
+        self.accumulate(progress)?;
+        let (k, r) = (self.g.k, self.g.r());
+        let bytes = (k * (r + 1) * 4) as u64;
+        let acc: Vec<f32> = self.ctx.read_buffer(&self.buf.t_acc, 0, bytes)?;
+        let comp: Vec<f32> = self.ctx.read_buffer(&self.buf.t_comp, 0, bytes)?;
+        let logp: Vec<f32> = self
+            .ctx
+            .read_buffer(&self.buf.logp_all, 0, self.plan.n as u64 * 4)?;
+        let mut stats = Stats::zeros(&self.g);
+        for kk in 0..k {
+            let row = kk * (r + 1);
+            for j in 0..r {
+                stats.t[kk * r + j] = (acc[row + j] - comp[row + j]) as f64;
+            }
+            stats.b[kk] = (acc[row + r] - comp[row + r]) as f64;
+        }
+        stats.ll = logp.iter().map(|&v| v as f64).sum();
+        Ok(stats)
+    }
+
+    /// The update kernel on the given statistics (rounded to f32, as the device holds its own).
+    fn apply(&mut self, stats: &Stats) -> Result<EpochStats> {
+        let (k, r) = (self.g.k, self.g.r());
+        let mut acc = vec![0f32; k * (r + 1)];
+        for kk in 0..k {
+            for j in 0..r {
+                acc[kk * (r + 1) + j] = stats.t[kk * r + j] as f32;
+            }
+            acc[kk * (r + 1) + r] = stats.b[kk] as f32;
+        }
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.buf.t_acc, 0, bytemuck::cast_slice(&acc));
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.buf.t_comp, 0, None);
+        q.submit([enc.finish()]);
+        let [_, _, s, finite] = self.finish_epoch()?;
+        let finite = finite == 1.0 && stats.ll.is_finite();
+        self.commit_if(finite)?;
+        Ok(EpochStats {
+            loglik: stats.ll,
+            count_sum: s as f64,
             finite,
         })
+    }
+
+    fn batch(&self) -> usize {
+        self.plan.max_batch
     }
 
     fn theta(&mut self) -> Result<Vec<f32>> {

@@ -1,0 +1,223 @@
+//! Data-parallel EM ([`calm_gpu::dist`]) with ranks as threads: the model of any number of ranks
+//! against the single-process trainer's, bit for bit on the CPU engine, within the GPU's
+//! tolerance on the GPU; resume across rank counts; cancellation on one rank stops them all.
+
+mod common;
+
+use std::sync::Arc;
+
+use calm_gpu::data::{self, Dataset, ImageSource};
+use calm_gpu::dist::{Comm, ShardView, Sharding, ThreadComm};
+use calm_gpu::em::InitMethod;
+use calm_gpu::prior::PriorOptions;
+use calm_gpu::{CalmParams, CancelToken, Checkpoint, Device, Model, Trainer};
+
+/// 700 digits in batches of 150: 5 batches, which neither 2 nor 3 ranks divide, the last short.
+fn digits() -> Arc<dyn ImageSource> {
+    let d = data::embedded_digits(data::Split::Train);
+    let imgs = d.images.slice(ndarray::s![..700, .., .., ..]).to_owned();
+    Arc::new(Dataset::new(imgs, None))
+}
+
+fn spec_like() -> CalmParams {
+    CalmParams::new(8)
+        .width(5)
+        .pad(1)
+        .epochs(3)
+        .batch(150)
+        .device(Device::Cpu)
+}
+
+/// The recommended recipe's choices that read the whole data (patches, revival, whitening) and
+/// a learned prior (the sum of squares).
+fn recipe_like() -> CalmParams {
+    spec_like()
+        .init_method(InitMethod::Patches)
+        .revive(true)
+        .whiten(5)
+        .learn_prior(PriorOptions {
+            weights: true,
+            variance: true,
+        })
+        .epochs(4)
+}
+
+fn plain(params: &CalmParams, data: Arc<dyn ImageSource>) -> Model {
+    let mut t = Trainer::new(params, data).unwrap();
+    let out = t.run(&mut ()).unwrap();
+    t.model(out.stopped).unwrap()
+}
+
+/// Runs `body` on `ranks` threads, each with its communicator and shard; returns every rank's
+/// result in rank order.
+fn on_ranks<T: Send>(
+    ranks: usize,
+    params: &CalmParams,
+    data: &Arc<dyn ImageSource>,
+    body: impl Fn(Arc<dyn Comm>, Arc<dyn ImageSource>) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(ranks)
+            .into_iter()
+            .map(|c| {
+                let body = &body;
+                s.spawn(move || {
+                    // (More ranks than batches: no sharding; the trainer says so.)
+                    let shard: Arc<dyn ImageSource> =
+                        match Sharding::new(data.len(), params.batch, c.rank(), ranks) {
+                            Ok(sh) => Arc::new(ShardView::new(data.clone(), sh).unwrap()),
+                            Err(_) => data.clone(),
+                        };
+                    body(Arc::new(c), shard)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn sharded(
+    ranks: usize,
+    params: &CalmParams,
+    data: &Arc<dyn ImageSource>,
+    resume: Option<Checkpoint>,
+) -> Vec<Model> {
+    on_ranks(ranks, params, data, |comm, shard| {
+        let mut t = Trainer::sharded(params, shard, data.len(), comm, resume.clone()).unwrap();
+        let out = t.run(&mut ()).unwrap();
+        t.model(out.stopped).unwrap()
+    })
+}
+
+fn assert_same(a: &Model, b: &Model, what: &str) {
+    assert_eq!(a.theta, b.theta, "{what}: theta");
+    assert_eq!(a.counts, b.counts, "{what}: counts");
+    assert_eq!(a.prior, b.prior, "{what}: prior");
+    assert_eq!(a.whiten, b.whiten, "{what}: whitening");
+    assert_eq!(a.meta, b.meta, "{what}: metadata");
+}
+
+#[test]
+fn any_number_of_ranks_gives_the_single_process_model_bit_for_bit() {
+    let data = digits();
+    for params in [spec_like(), recipe_like()] {
+        let want = plain(&params, data.clone());
+        for ranks in [1, 2, 3, 5] {
+            for (rank, m) in sharded(ranks, &params, &data, None).iter().enumerate() {
+                assert_same(m, &want, &format!("{ranks} ranks, rank {rank}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn more_ranks_than_batches_is_an_error_on_every_rank() {
+    let data = digits();
+    let params = spec_like();
+    for e in on_ranks(6, &params, &data, |comm, shard| {
+        Trainer::sharded(&params, shard, data.len(), comm, None)
+            .err()
+            .expect("refused")
+            .to_string()
+    }) {
+        assert!(
+            e.contains("make 5 batches, fewer than the 6 processes"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_with_another_number_of_ranks() {
+    let data = digits();
+    let params = recipe_like();
+    let want = plain(&params, data.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // Two epochs on three ranks, checkpointed after each by rank 0 only.
+    let first = params.clone().epochs(2);
+    on_ranks(3, &first, &data, |comm, shard| {
+        let mut t = Trainer::sharded(&first, shard, data.len(), comm, None)
+            .unwrap()
+            .checkpoint_every_epoch(dir.path().to_path_buf());
+        t.run(&mut ()).unwrap();
+    });
+    for ranks in [1, 2] {
+        let ck = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(ck.records.len(), 2);
+        for m in sharded(ranks, &params, &data, Some(ck)) {
+            assert_same(&m, &want, &format!("resumed on {ranks} ranks"));
+        }
+    }
+    // And the single-process trainer resumes it too.
+    let mut t = Trainer::resume(&params, data, Checkpoint::load(dir.path()).unwrap()).unwrap();
+    let out = t.run(&mut ()).unwrap();
+    assert_same(
+        &t.model(out.stopped).unwrap(),
+        &want,
+        "resumed on one process",
+    );
+}
+
+#[test]
+fn a_cancellation_on_one_rank_stops_every_rank_after_the_same_epochs() {
+    let data = digits();
+    let params = spec_like().epochs(5);
+    let outcomes = on_ranks(3, &params, &data, |comm, shard| {
+        let rank = comm.rank();
+        let token = CancelToken::new();
+        let mut t = Trainer::sharded(&params, shard, data.len(), comm, None)
+            .unwrap()
+            .with_cancel(token.clone());
+        // Rank 1 is cancelled during epoch 2 (after its first batch of it).
+        let mut batches = 0;
+        let out = t
+            .run(&mut |ev: &calm_gpu::em::Event| {
+                if let calm_gpu::em::Event::Progress { .. } = ev {
+                    batches += 1;
+                    if rank == 1 && batches == 3 {
+                        token.cancel();
+                    }
+                }
+            })
+            .unwrap();
+        (out.interrupted, out.history.len(), t.model(None).unwrap())
+    });
+    let want = plain(&params.clone().epochs(1), data.clone());
+    for (interrupted, epochs, m) in &outcomes {
+        assert!(interrupted);
+        assert_eq!(*epochs, 1);
+        assert_eq!(m.theta, want.theta);
+    }
+}
+
+#[test]
+fn ranks_on_the_gpu_match_the_single_process_gpu_fit() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let data = digits();
+    let device: Device = common::backend_name().parse().unwrap();
+    let params = spec_like().device(device);
+    let want = plain(&params, data.clone());
+    for ranks in [2, 3] {
+        for m in sharded(ranks, &params, &data, None) {
+            // tests/gpu_vs_cpu.rs's tolerance for the GPU's f32 sums against another order of
+            // the same sums: 2e-4 of the largest weight.
+            let scale = want.theta.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = m
+                .theta
+                .iter()
+                .zip(&want.theta)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(worst <= 2e-4 * scale, "{ranks} ranks: {worst} of {scale}");
+            for (a, b) in m.meta.history.iter().zip(&want.meta.history) {
+                assert!(
+                    (a.loglik - b.loglik).abs() <= 1e-5 * b.loglik.abs(),
+                    "{ranks} ranks: LL {} vs {}",
+                    a.loglik,
+                    b.loglik
+                );
+            }
+        }
+    }
+}
