@@ -351,6 +351,18 @@ pub struct DistEngine {
     comm: Arc<dyn Comm>,
     sharding: Sharding,
     cancel: CancelToken,
+    traffic: Arc<Mutex<Traffic>>,
+}
+
+/// What a data-parallel run's exchanges cost so far, on this rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Traffic {
+    /// Rounds exchanged (each an all-gather).
+    pub rounds: usize,
+    /// Bytes this rank received, its own part included.
+    pub bytes: u64,
+    /// Seconds spent in the all-gathers: the transfer, and the wait for the slowest rank.
+    pub seconds: f64,
 }
 
 impl DistEngine {
@@ -376,7 +388,13 @@ impl DistEngine {
             comm,
             sharding,
             cancel: CancelToken::new(),
+            traffic: Default::default(),
         })
+    }
+
+    /// The running count of this engine's exchanges ([`Traffic`]), readable while it runs.
+    pub fn traffic(&self) -> Arc<Mutex<Traffic>> {
+        self.traffic.clone()
     }
 
     /// `[present, cancelled, images, LL, B.., T..]`, one rank's part of a round.
@@ -396,7 +414,14 @@ impl DistEngine {
     /// Exchanges the parts of a round and adds the present ones to `total` in rank order;
     /// returns the images they held, or `Interrupted` when any rank was cancelled.
     fn exchange(&self, send: &[f64], recv: &mut [f64], total: &mut Stats) -> Result<usize> {
+        let t0 = std::time::Instant::now();
         self.comm.all_gather(send, recv)?;
+        {
+            let mut t = lock(&self.traffic);
+            t.rounds += 1;
+            t.bytes += (recv.len() * 8) as u64;
+            t.seconds += t0.elapsed().as_secs_f64();
+        }
         let parts: Vec<&[f64]> = recv.chunks_exact(send.len()).collect();
         if parts.iter().any(|p| p[1] != 0.0) {
             return Err(CalmError::Interrupted);

@@ -23,7 +23,7 @@ use ndarray::{Array1, Array2, Array4, ArrayView4};
 
 use crate::cancel::CancelToken;
 use crate::data::{Dataset, ImageSource, Whitened, Whitening};
-use crate::dist::{Comm, DistEngine, Gathered, Sharding};
+use crate::dist::{Comm, DistEngine, Gathered, Sharding, Traffic};
 use crate::em::{self, Event, InitMethod, Outcome, Schedule};
 use crate::engine::Engine;
 use crate::error::{CalmError, Result};
@@ -410,6 +410,7 @@ pub struct Trainer {
     checkpoint_extra: BTreeMap<String, String>,
     /// False on the ranks of a data-parallel fit but rank 0, which write no checkpoint.
     root: bool,
+    traffic: Option<Arc<std::sync::Mutex<Traffic>>>,
 }
 
 impl Trainer {
@@ -454,10 +455,14 @@ impl Trainer {
         }
         let global: Arc<dyn ImageSource> =
             Arc::new(Gathered::new(shard.clone(), sharding, comm.clone()));
+        let mut traffic = None;
         let mut t = Self::start_on(params, global, shard, checkpoint, |engine| {
-            Ok(Box::new(DistEngine::new(engine, comm.clone(), sharding)?))
+            let d = DistEngine::new(engine, comm.clone(), sharding)?;
+            traffic = Some(d.traffic());
+            Ok(Box::new(d))
         })?;
         t.root = sharding.rank == 0;
+        t.traffic = traffic;
         Ok(t)
     }
 
@@ -551,6 +556,7 @@ impl Trainer {
             checkpoint_dir: None,
             checkpoint_extra: BTreeMap::new(),
             root: true,
+            traffic: None,
         })
     }
 
@@ -598,6 +604,13 @@ impl Trainer {
     /// True when there are no training images (never, for a trainer that was built).
     pub fn is_empty(&self) -> bool {
         self.source.is_empty()
+    }
+
+    /// A data-parallel fit's exchanges so far, on this rank (`None` for one process).
+    pub fn traffic(&self) -> Option<Traffic> {
+        self.traffic
+            .as_ref()
+            .map(|t| *t.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The epochs completed so far (a resumed run's included).

@@ -221,3 +221,51 @@ fn ranks_on_the_gpu_match_the_single_process_gpu_fit() {
         }
     }
 }
+
+/// A rank's shard of an IDX file (plain and gzipped) and of a `.npy` file holds exactly its
+/// batches' images, preprocessed as the whole file would be.
+#[test]
+fn a_shard_of_a_file_holds_its_batches_images() {
+    let d = data::embedded_digits(data::Split::Train);
+    let n = 1001;
+    let px: Vec<u8> = d.images.as_slice().unwrap()[..n * 784]
+        .iter()
+        .map(|&v| (v * 255.0).round() as u8)
+        .collect();
+    let mut idx = vec![0, 0, 8, 3];
+    for v in [n as u32, 28, 28] {
+        idx.extend(v.to_be_bytes());
+    }
+    idx.extend(&px);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        ("plain-idx3-ubyte", idx.clone()),
+        ("gz-idx3-ubyte.gz", common::gz(&idx)),
+        (
+            "digits.npy",
+            common::npy_bytes("|u1", false, &[n, 28, 28], &px),
+        ),
+    ];
+    let pre = data::Preprocess::Scale;
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let whole = data::load_with(&path, Some(pre)).unwrap();
+        for (rank, size) in [(0, 1), (1, 3), (2, 3)] {
+            let sh = Sharding::new(n, 150, rank, size).unwrap();
+            let keep = |i: usize| sh.locate(i).0 == rank;
+            let (shard, total) = data::open_shard(&path, pre, 0, &keep).unwrap();
+            assert_eq!((total, shard.len()), (n, sh.local_len()), "{name}");
+            let mut img = vec![0f32; 784];
+            for i in 0..shard.len() {
+                shard.read_into(i, 1, &mut img).unwrap();
+                let g = sh.global(i);
+                let want = whole.images.slice(ndarray::s![g, 0, .., ..]);
+                assert!(
+                    img.iter().zip(want.iter()).all(|(a, b)| a == b),
+                    "{name}: rank {rank} of {size}, local {i} (image {g})"
+                );
+            }
+        }
+    }
+}

@@ -457,10 +457,10 @@ fn start(
     say(format!("engine: {}", trainer.describe()));
     if let Some(w) = &world {
         say(format!(
-            "MPI: {} processes, each with every {}th batch of {} images; the statistics of each round of batches are exchanged and summed in batch order",
+            "MPI: {} processes; batch b of {} images is rank b % {}'s, and each round's statistics are exchanged and summed in batch order",
             w.size(),
-            w.size(),
-            params.batch
+            params.batch,
+            w.size()
         ));
     }
     say(format!(
@@ -585,6 +585,15 @@ fn run_and_write(
     }
     // (A sum of f64s starts at -0.0, which would print as "-0.00 s" for no epochs.)
     let secs = outcome.history.iter().fold(0.0, |s, r| s + r.seconds);
+    if let Some(t) = trainer.traffic() {
+        say(format!(
+            "MPI: rank 0 received {:.1} MB in {} rounds and spent {:.3} s in them ({:.2} ms a round, waiting for the slowest rank included)",
+            t.bytes as f64 / 1e6,
+            t.rounds,
+            t.seconds,
+            1e3 * t.seconds / t.rounds.max(1) as f64
+        ));
+    }
     println!(
         "wrote {} after {} epochs in {:.2} s{}",
         cfg.out.display(),

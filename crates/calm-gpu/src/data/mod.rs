@@ -395,8 +395,9 @@ pub fn open_source(
 /// in order, and the number of images in `path`: `first` is the index of the file's first image
 /// in the data (`--data` files after the first). One rank's shard of a data-parallel run
 /// ([`crate::dist::Sharding`]): IDX files are read through and only the kept images stored;
-/// STL-10 and large `.npy` files are read by offset when the images are asked for; the other
-/// formats are loaded whole ([`open_source`]) and their other images dropped only from the view.
+/// STL-10 and uncompressed C-order `.npy` files are read by offset when the images are asked
+/// for; the other formats are loaded whole ([`open_source`]) and their other images dropped only
+/// from the view.
 pub fn open_shard(
     path: &Path,
     pre: Preprocess,
@@ -408,6 +409,16 @@ pub fn open_shard(
         pre.apply_dataset(&mut data)?;
         data.check_finite(&path.display().to_string())?;
         return Ok((Box::new(data), n));
+    }
+    // An uncompressed C-order `.npy` of any size is read by offset (gzip and Fortran order
+    // cannot be, and are loaded).
+    if detect_format(path)? == FileFormat::Npy
+        && let Ok(file) = npy::NpyFile::open(path)
+    {
+        let n = file.len();
+        let all: std::sync::Arc<dyn ImageSource> =
+            std::sync::Arc::new(Preprocessed::new(file, pre));
+        return Ok((open_shard_of(all, first, keep)?, n));
     }
     let all: std::sync::Arc<dyn ImageSource> = std::sync::Arc::from(open_source(path, Some(pre))?);
     let n = all.len();
