@@ -45,6 +45,7 @@ pub mod gpu;
 pub mod interrupt;
 pub mod kmeans;
 pub mod model;
+pub mod net;
 pub mod prior;
 pub mod probe;
 pub mod run;

@@ -173,7 +173,7 @@ fn model_err(path: &Path, msg: impl std::fmt::Display) -> CalmError {
 }
 
 /// The metadata keys the model file writes itself; [`Model::extra`] may not use them.
-pub const RESERVED_KEYS: [&str; 4] = ["format", "calm_gpu", "loglik", "config"];
+pub const RESERVED_KEYS: [&str; 5] = ["format", "calm_gpu", "loglik", "config", "net"];
 
 impl Model {
     /// The weights `(K, C, w, w)`, PyTorch's conv2d weight layout.
@@ -264,19 +264,13 @@ impl Model {
     /// `HashMap` and so changes order from run to run; this header's keys are sorted, so the same
     /// model always gives the same file. Loading goes through the `safetensors` crate.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let l = self.meta.layer;
-        let want = l.kernels * self.meta.channels * l.width * l.width;
-        if self.theta.len() != want || self.counts.len() != l.kernels {
-            return Err(CalmError::Model(format!(
-                "theta holds {} values and counts {}, but the config needs {want} and {}",
-                self.theta.len(),
-                self.counts.len(),
-                l.kernels
-            )));
-        }
+        safetensors_bytes(self.metadata()?, &self.tensors("")?)
+    }
+
+    /// The file's metadata entries for this model: its extra entries, the format, the config
+    /// and the LL history.
+    pub(crate) fn metadata(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
         let json = |v: &dyn erased::Json| v.json();
-        let tb = self.theta.len() * 4;
-        let cb = self.counts.len() * 4;
         // serde_json's map keeps keys sorted.
         let mut md = serde_json::Map::new();
         for (k, v) in &self.extra {
@@ -302,25 +296,40 @@ impl Model {
             .into(),
         );
         md.insert("config".into(), json(&self.meta.layer).into());
-        let mut header = serde_json::json!({
-            "__metadata__": md,
-            "counts": { "dtype": "F32", "shape": [l.kernels], "data_offsets": [0, cb] },
-            "theta": {
-                "dtype": "F32",
-                "shape": [l.kernels, self.meta.channels, l.width, l.width],
-                "data_offsets": [cb, cb + tb],
-            },
-        });
+        Ok(md)
+    }
+
+    /// The layer's tensors named `prefix` + `theta`, `counts`, ..., checked against its config,
+    /// in the order the file holds them.
+    pub(crate) fn tensors(&self, prefix: &str) -> Result<Vec<Tensor>> {
+        let l = self.meta.layer;
+        let want = l.kernels * self.meta.channels * l.width * l.width;
+        if self.theta.len() != want || self.counts.len() != l.kernels {
+            return Err(CalmError::Model(format!(
+                "theta holds {} values and counts {}, but the config needs {want} and {}",
+                self.theta.len(),
+                self.counts.len(),
+                l.kernels
+            )));
+        }
+        let name = |n: &str| format!("{prefix}{n}");
+        let mut t = vec![
+            Tensor::new(name("counts"), vec![l.kernels], self.counts.clone()),
+            Tensor::new(
+                name("theta"),
+                vec![l.kernels, self.meta.channels, l.width, l.width],
+                self.theta.clone(),
+            ),
+        ];
         if let Some(p) = &self.prior {
             p.check(l.kernels).map_err(CalmError::Model)?;
-            let o = cb + tb;
-            header["inv_variance"] =
-                serde_json::json!({ "dtype": "F32", "shape": [1], "data_offsets": [o, o + 4] });
-            header["log_weight"] = serde_json::json!({
-                "dtype": "F32", "shape": [l.kernels], "data_offsets": [o + 4, o + 4 + cb]
-            });
+            t.push(Tensor::new(name("inv_variance"), vec![1], vec![p.inv_var]));
+            t.push(Tensor::new(
+                name("log_weight"),
+                vec![l.kernels],
+                p.log_weight.clone(),
+            ));
         }
-        let mut o = cb + tb + self.prior.as_ref().map_or(0, |_| 4 + cb);
         if let Some(wh) = &self.whiten {
             wh.check().map_err(CalmError::Model)?;
             if wh.channels != self.meta.channels {
@@ -329,33 +338,13 @@ impl Model {
                     wh.channels, self.meta.channels
                 )));
             }
-            let bytes = wh.filter.len() * 4;
-            header["whiten"] = serde_json::json!({
-                "dtype": "F32",
-                "shape": [wh.channels, wh.channels, wh.width, wh.width],
-                "data_offsets": [o, o + bytes],
-            });
-            o += bytes;
+            t.push(Tensor::new(
+                name("whiten"),
+                vec![wh.channels, wh.channels, wh.width, wh.width],
+                wh.filter.clone(),
+            ));
         }
-        let _ = o;
-        let mut h = serde_json::to_vec(&header).map_err(|e| CalmError::Model(e.to_string()))?;
-        // The data starts 8-byte aligned, as the format recommends.
-        while (h.len() + 8) % 8 != 0 {
-            h.push(b' ');
-        }
-        let mut out = Vec::with_capacity(8 + h.len() + cb + tb);
-        out.extend((h.len() as u64).to_le_bytes());
-        out.extend(h);
-        out.extend(self.counts.iter().flat_map(|v| v.to_le_bytes()));
-        out.extend(self.theta.iter().flat_map(|v| v.to_le_bytes()));
-        if let Some(p) = &self.prior {
-            out.extend(p.inv_var.to_le_bytes());
-            out.extend(p.log_weight.iter().flat_map(|v| v.to_le_bytes()));
-        }
-        if let Some(wh) = &self.whiten {
-            out.extend(wh.filter.iter().flat_map(|v| v.to_le_bytes()));
-        }
-        Ok(out)
+        Ok(t)
     }
 
     /// Writes the model atomically; refuses to replace an existing file unless `force`.
@@ -383,29 +372,88 @@ impl Model {
                 serde_json::from_str(s)
                     .map_err(|e| model_err(path, format!("bad calm-gpu metadata: {e}")))
             })?;
-        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| model_err(path, format!("no tensor `{name}`")))?;
-            if t.dtype() != Dtype::F32 || t.shape() != shape {
-                return Err(model_err(
-                    path,
-                    format!(
-                        "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
-                        t.dtype(),
-                        t.shape()
-                    ),
-                ));
-            }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
-        };
-        let l = meta.layer;
-        // Metadata that no run could have written (K 0, a kernel wider than the padded image,
-        // arrays beyond any engine's reach) marks a damaged file, before any array is read.
-        Geometry::new(l, meta.channels, meta.height, meta.width).map_err(|e| {
+        let layer = read_layer(path, &st, meta, "")?;
+        let extra = md
+            .into_iter()
+            .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+            .collect();
+        Ok(Self { extra, ..layer })
+    }
+}
+
+/// One tensor of a model file: its name, shape and f32 values.
+pub(crate) struct Tensor {
+    name: String,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Tensor {
+    pub(crate) fn new(name: String, shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { name, shape, data }
+    }
+}
+
+/// The safetensors file of metadata `md` and `tensors`, their data in the order given.
+pub(crate) fn safetensors_bytes(
+    md: serde_json::Map<String, serde_json::Value>,
+    tensors: &[Tensor],
+) -> Result<Vec<u8>> {
+    let mut header = serde_json::json!({ "__metadata__": md });
+    let mut o = 0;
+    for t in tensors {
+        let bytes = t.data.len() * 4;
+        header[t.name.as_str()] = serde_json::json!({
+            "dtype": "F32", "shape": t.shape, "data_offsets": [o, o + bytes]
+        });
+        o += bytes;
+    }
+    let mut h = serde_json::to_vec(&header).map_err(|e| CalmError::Model(e.to_string()))?;
+    // The data starts 8-byte aligned, as the format recommends.
+    while (h.len() + 8) % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + o);
+    out.extend((h.len() as u64).to_le_bytes());
+    out.extend(h);
+    for t in tensors {
+        out.extend(t.data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(out)
+}
+
+/// The layer whose tensors are named `prefix` + `theta`, ... in `st`, checked against `meta`
+/// (its metadata; `extra` is left empty).
+pub(crate) fn read_layer(
+    path: &Path,
+    st: &SafeTensors,
+    meta: ModelMeta,
+    prefix: &str,
+) -> Result<Model> {
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = st
+            .tensor(&format!("{prefix}{name}"))
+            .map_err(|_| model_err(path, format!("no tensor `{prefix}{name}`")))?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape {
+            return Err(model_err(
+                path,
+                format!(
+                    "tensor `{prefix}{name}` is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                ),
+            ));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let l = meta.layer;
+    // Metadata that no run could have written (K 0, a kernel wider than the padded image,
+    // arrays beyond any engine's reach) marks a damaged file, before any array is read.
+    Geometry::new(l, meta.channels, meta.height, meta.width).map_err(|e| {
             model_err(
                 path,
                 format!(
@@ -414,59 +462,57 @@ impl Model {
                 ),
             )
         })?;
-        let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
-        let counts = read("counts", &[l.kernels])?;
-        // calm-gpu never writes non-finite weights (the precision limit keeps the last finite
-        // theta): such a file is damaged, and its features would all be -inf.
-        for (name, v) in [("theta", &theta), ("counts", &counts)] {
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(model_err(
-                    path,
-                    format!(
-                        "tensor `{name}` holds {} at index {i}; the file is damaged",
-                        v[i]
-                    ),
-                ));
-            }
+    let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
+    let counts = read("counts", &[l.kernels])?;
+    // calm-gpu never writes non-finite weights (the precision limit keeps the last finite
+    // theta): such a file is damaged, and its features would all be -inf.
+    for (name, v) in [("theta", &theta), ("counts", &counts)] {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(model_err(
+                path,
+                format!(
+                    "tensor `{prefix}{name}` holds {} at index {i}; the file is damaged",
+                    v[i]
+                ),
+            ));
         }
-        let prior = match (st.tensor("inv_variance"), st.tensor("log_weight")) {
-            (Err(_), Err(_)) => None,
-            _ => {
-                let p = Prior {
-                    inv_var: read("inv_variance", &[1])?[0],
-                    log_weight: read("log_weight", &[l.kernels])?,
-                };
-                p.check(l.kernels).map_err(|e| model_err(path, e))?;
-                Some(p)
-            }
-        };
-        let whiten = match st.tensor("whiten") {
-            Err(_) => None,
-            Ok(t) => {
-                let c = meta.channels;
-                let width = t.shape().last().copied().unwrap_or(0);
-                let wh = Whitening {
-                    channels: c,
-                    width,
-                    filter: read("whiten", &[c, c, width, width])?,
-                };
-                wh.check().map_err(|e| model_err(path, e))?;
-                Some(wh)
-            }
-        };
-        let extra = md
-            .into_iter()
-            .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
-            .collect();
-        Ok(Self {
-            meta,
-            theta,
-            counts,
-            prior,
-            whiten,
-            extra,
-        })
     }
+    let prior = match (
+        st.tensor(&format!("{prefix}inv_variance")),
+        st.tensor(&format!("{prefix}log_weight")),
+    ) {
+        (Err(_), Err(_)) => None,
+        _ => {
+            let p = Prior {
+                inv_var: read("inv_variance", &[1])?[0],
+                log_weight: read("log_weight", &[l.kernels])?,
+            };
+            p.check(l.kernels).map_err(|e| model_err(path, e))?;
+            Some(p)
+        }
+    };
+    let whiten = match st.tensor(&format!("{prefix}whiten")) {
+        Err(_) => None,
+        Ok(t) => {
+            let c = meta.channels;
+            let width = t.shape().last().copied().unwrap_or(0);
+            let wh = Whitening {
+                channels: c,
+                width,
+                filter: read("whiten", &[c, c, width, width])?,
+            };
+            wh.check().map_err(|e| model_err(path, e))?;
+            Some(wh)
+        }
+    };
+    Ok(Model {
+        meta,
+        theta,
+        counts,
+        prior,
+        whiten,
+        extra: Default::default(),
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, creating

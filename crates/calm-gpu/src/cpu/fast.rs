@@ -752,6 +752,41 @@ pub fn features(
     Ok(out)
 }
 
+/// What [`image_maps`] calls per image: its `L` `(P, K)`, its patches `(P, R)`, its outputs.
+pub type ImageMapFn<'a> = dyn Fn(&[f32], &[f32], &mut [f32]) + Sync + 'a;
+
+/// Per-image maps of images `[start, start + n)`: `f(l, a, out)` gets each image's `L` `(P, K)`
+/// under `theta` and `bias` (`L = A theta^T + bias`), its patch matrix `A` `(P, R)` and its
+/// `per` output values, and writes them. Images run in parallel over fixed chunks; the result
+/// is `(n, per)` in image order, the same bits on any number of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn image_maps(
+    g: &Geometry,
+    source: &dyn ImageSource,
+    theta: &[f32],
+    bias: &[f32],
+    start: usize,
+    n: usize,
+    per: usize,
+    f: &ImageMapFn<'_>,
+) -> Result<Vec<f32>> {
+    let (k, p, r) = (g.k, g.positions(), g.r());
+    let pool = Pool::default();
+    let parts = for_chunks(g, source, &pool, start, n, |s, ni| {
+        s.estep(g, ni, theta, bias);
+        let mut out = vec![0f32; ni * per];
+        for ((li, ai), oi) in s.l[..ni * p * k]
+            .chunks_exact(p * k)
+            .zip(s.a.chunks_exact(p * r))
+            .zip(out.chunks_exact_mut(per.max(1)))
+        {
+            f(li, ai, oi);
+        }
+        out
+    })?;
+    Ok(parts.into_iter().flatten().collect())
+}
+
 /// Triangle features of one image (see [`Encoding::Triangle`]): `l` its `L` as `(P, K)`, `a` its
 /// patch matrix `(P, R)`, `f` its `K * grid * grid` features laid out `(k, a, b)`. Distances and
 /// means in f32 as the GPU's, sums over regions in f64.

@@ -1,0 +1,335 @@
+//! Greedy layer-wise EM: layer 1 fitted as a single layer is, then its link computes layer 2's
+//! input, layer 2 is fitted on it, and so on. Kill and resume: after each layer the network so
+//! far is kept, and the layer under way has its own [`crate::Checkpoint`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ChannelNorm, INPUT_BUDGET, NetSpec, Network, ops};
+use crate::cancel::CancelToken;
+use crate::data::ImageSource;
+use crate::em::Event;
+use crate::error::{CalmError, Result};
+use crate::fit::{CalmParams, Checkpoint, DataInfo, Trainer};
+use crate::geometry::Geometry;
+
+/// A network's parameters: the spec, and the choices every layer shares (epochs, batch, seed,
+/// initialisation, revival, prior, device, and layer 1's whitening and the top layer's feature
+/// recipe).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetParams {
+    /// The layers and links.
+    pub spec: NetSpec,
+    /// What every layer is fitted with (its `layer` is replaced by the spec's).
+    pub base: CalmParams,
+}
+
+/// What a [`NetTrainer`] reports.
+pub enum NetEvent<'a> {
+    /// Layer `layer` (from 1) of `layers` begins, on its input of `geometry`.
+    LayerStart {
+        /// The layer, from 1.
+        layer: usize,
+        /// The network's layers.
+        layers: usize,
+        /// The layer on its input.
+        geometry: Geometry,
+    },
+    /// Images done of layer `layer`'s input (computed from the layers below) or of the
+    /// standardisation after it.
+    Input {
+        /// The layer whose input or standardisation is being computed, from 1.
+        layer: usize,
+        /// Images done.
+        images: usize,
+        /// Images in all.
+        of: usize,
+    },
+    /// The layer's own trainer reports.
+    Fit(&'a Event<'a>),
+    /// Layer `layer` is fitted.
+    LayerEnd {
+        /// The layer, from 1.
+        layer: usize,
+    },
+}
+
+/// How a network fit ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetOutcome {
+    /// A cancellation stopped it (a checkpoint resumes it).
+    pub interrupted: bool,
+}
+
+impl NetParams {
+    /// `spec` with `base`'s choices.
+    pub fn new(spec: NetSpec, base: CalmParams) -> Self {
+        Self { spec, base }
+    }
+
+    /// The parameters of layer `l` (from 0): `base` with the spec's layer. Layer 1 keeps the
+    /// base's whitening (unless its part says `white W`); deeper layers whiten only where their
+    /// part says so. Every layer keeps the base's feature recipe (how its features are read).
+    pub fn layer_params(&self, l: usize) -> CalmParams {
+        let s = &self.spec.layers[l];
+        let mut p = self.base.clone();
+        p.layer = s.layer;
+        if l > 0 {
+            p.whiten = s.whiten;
+            p.init_theta = None;
+        } else if s.whiten.is_some() {
+            p.whiten = s.whiten;
+        }
+        p
+    }
+
+    /// Checks the spec against images of `(c, h, w)` and every layer's parameters; errors name
+    /// the spec's part or the parameter.
+    pub fn check_shape(&self, c: usize, h: usize, w: usize) -> Result<Vec<super::LayerShape>> {
+        self.base.check()?;
+        let shapes = self.spec.shapes(c, h, w)?;
+        let g = shapes[0].geometry;
+        self.layer_params(0).check_shape(g.c, g.h, g.w)?;
+        Ok(shapes)
+    }
+
+    /// Fits the network on `source` (preprocessed) and returns it.
+    pub fn fit(&self, source: Arc<dyn ImageSource>) -> Result<Network> {
+        let mut t = NetTrainer::new(self, source)?;
+        if t.run(&mut |_| {})?.interrupted {
+            return Err(CalmError::Interrupted);
+        }
+        Ok(t.into_network())
+    }
+}
+
+/// Fits a network layer by layer.
+pub struct NetTrainer {
+    params: NetParams,
+    source: Arc<dyn ImageSource>,
+    net: Network,
+    /// The checkpoint of the layer under way, to resume.
+    resume: Option<Checkpoint>,
+    /// The trainer of the layer under way.
+    current: Option<(usize, Trainer)>,
+    cancel: CancelToken,
+    data: DataInfo,
+    checkpoint_dir: Option<PathBuf>,
+    checkpoint_extra: BTreeMap<String, String>,
+}
+
+/// The file of a network checkpoint directory holding the layers fitted so far.
+pub const NETWORK_FILE: &str = "network.safetensors";
+
+impl NetTrainer {
+    /// A fresh fit of `params` on `source`; the spec is checked against the images first.
+    pub fn new(params: &NetParams, source: Arc<dyn ImageSource>) -> Result<Self> {
+        let (c, h, w) = source.shape();
+        params.check_shape(c, h, w)?;
+        Ok(Self {
+            params: params.clone(),
+            source,
+            net: Network {
+                spec: params.spec.clone(),
+                layers: Vec::new(),
+                norms: Vec::new(),
+            },
+            resume: None,
+            current: None,
+            cancel: CancelToken::new(),
+            data: DataInfo::default(),
+            checkpoint_dir: None,
+            checkpoint_extra: BTreeMap::new(),
+        })
+    }
+
+    /// Continues a fit kept in `dir` by [`NetTrainer::save_checkpoint`] (or after every epoch):
+    /// the layers fitted there are kept, and the layer under way resumes from its checkpoint.
+    pub fn resume(params: &NetParams, source: Arc<dyn ImageSource>, dir: &Path) -> Result<Self> {
+        let mut t = Self::new(params, source)?;
+        let file = dir.join(NETWORK_FILE);
+        if file.exists() {
+            let net = Network::load(&file)?;
+            if net.spec != params.spec {
+                return Err(CalmError::Invalid(format!(
+                    "{}: the checkpoint's network `{}` is not this run's `{}`",
+                    file.display(),
+                    net.spec,
+                    params.spec
+                )));
+            }
+            t.net = net;
+        }
+        let ck_file = dir.join(Checkpoint::FILE);
+        if ck_file.exists() {
+            let ck = Checkpoint::load(dir)?;
+            // A checkpoint of a layer already fitted (the last one of a finished layer) is not
+            // the layer under way.
+            if ck.extra("net_layer") == Some(&(t.net.layers.len() + 1).to_string()) {
+                t.resume = Some(ck);
+            }
+        }
+        Ok(t)
+    }
+
+    /// Stops at the next batch once `token` (or a clone) is cancelled.
+    pub fn with_cancel(mut self, token: CancelToken) -> Self {
+        self.cancel = token;
+        self
+    }
+
+    /// Names the data in every layer's metadata.
+    pub fn with_data_info(mut self, data: DataInfo) -> Self {
+        self.data = data;
+        self
+    }
+
+    /// Writes a checkpoint into `dir` after every epoch and every layer.
+    pub fn checkpoint_every_epoch(mut self, dir: PathBuf) -> Self {
+        self.checkpoint_dir = Some(dir);
+        self
+    }
+
+    /// Entries every checkpoint keeps (the CLI's command line).
+    pub fn checkpoint_extra(mut self, extra: BTreeMap<String, String>) -> Self {
+        self.checkpoint_extra = extra;
+        self
+    }
+
+    /// Layers fitted so far.
+    pub fn layers_done(&self) -> usize {
+        self.net.layers.len()
+    }
+
+    /// The network as fitted so far.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The fitted network, giving the trainer up.
+    pub fn into_network(self) -> Network {
+        self.net
+    }
+
+    /// Fits the layers left, reporting to `observer`.
+    pub fn run(&mut self, observer: &mut dyn FnMut(&NetEvent)) -> Result<NetOutcome> {
+        let layers = self.params.spec.layers.len();
+        while self.net.layers.len() < layers {
+            let l = self.net.layers.len();
+            let n = self.source.len();
+            let input =
+                match self
+                    .net
+                    .input_of(l, self.source.clone(), &self.cancel, &mut |i, d| {
+                        observer(&NetEvent::Input {
+                            layer: i + 1,
+                            images: d,
+                            of: n,
+                        })
+                    }) {
+                    Err(CalmError::Interrupted) => return Ok(NetOutcome { interrupted: true }),
+                    r => r?,
+                };
+            let params = self.params.layer_params(l);
+            let mut extra = self.checkpoint_extra.clone();
+            extra.insert("net_layer".into(), (l + 1).to_string());
+            let mut trainer = match self.resume.take() {
+                Some(ck) => Trainer::resume(&params, input.clone(), ck)?,
+                None => Trainer::new(&params, input.clone())?,
+            }
+            .with_cancel(self.cancel.clone())
+            .with_data_info(self.layer_data(l))
+            .checkpoint_extra(extra);
+            if let Some(dir) = &self.checkpoint_dir {
+                trainer = trainer.checkpoint_every_epoch(dir.clone());
+            }
+            observer(&NetEvent::LayerStart {
+                layer: l + 1,
+                layers,
+                geometry: trainer.geometry(),
+            });
+            let outcome = trainer.run(&mut |ev: &Event| observer(&NetEvent::Fit(ev)));
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    self.current = Some((l, trainer));
+                    return Err(e);
+                }
+            };
+            if outcome.interrupted {
+                self.current = Some((l, trainer));
+                return Ok(NetOutcome { interrupted: true });
+            }
+            let model = trainer.model(outcome.stopped.clone())?;
+            self.current = Some((l, trainer));
+            let norm = match self.params.spec.links.get(l) {
+                Some(link) if link.norm => {
+                    let mut tmp = self.net.clone();
+                    tmp.layers.push(model.clone());
+                    let src = tmp.link_source(l, input, None)?;
+                    let src =
+                        ops::materialize(Arc::new(src), INPUT_BUDGET, &self.cancel, &mut |_| {})?;
+                    match ChannelNorm::fit(src.as_ref(), &self.cancel, &mut |d| {
+                        observer(&NetEvent::Input {
+                            layer: l + 2,
+                            images: d,
+                            of: n,
+                        })
+                    }) {
+                        Err(CalmError::Interrupted) => {
+                            return Ok(NetOutcome { interrupted: true });
+                        }
+                        r => Some(r?),
+                    }
+                }
+                _ => None,
+            };
+            self.net.layers.push(model);
+            if self.params.spec.links.len() > l {
+                self.net.norms.push(norm);
+            }
+            self.current = None;
+            if let Some(dir) = &self.checkpoint_dir {
+                self.save_network(dir)?;
+            }
+            observer(&NetEvent::LayerEnd { layer: l + 1 });
+        }
+        Ok(NetOutcome { interrupted: false })
+    }
+
+    fn layer_data(&self, l: usize) -> DataInfo {
+        if l == 0 {
+            return self.data.clone();
+        }
+        DataInfo {
+            names: self
+                .data
+                .names
+                .iter()
+                .map(|n| format!("layer {l} of {n}"))
+                .collect(),
+            preprocess: "none".into(),
+        }
+    }
+
+    fn save_network(&self, dir: &Path) -> Result<()> {
+        let mut net = self.net.clone();
+        if let Some(first) = net.layers.first_mut() {
+            first.extra.extend(self.checkpoint_extra.clone());
+        }
+        net.save(&dir.join(NETWORK_FILE), true)
+    }
+
+    /// Writes a checkpoint of the state now into `dir`: the layers fitted so far, and the layer
+    /// under way (after a cancellation, say).
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        if !self.net.layers.is_empty() {
+            self.save_network(dir)?;
+        }
+        if let Some((_, t)) = &mut self.current {
+            t.save_checkpoint(dir)?;
+        }
+        Ok(())
+    }
+}
