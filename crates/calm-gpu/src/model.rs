@@ -423,6 +423,32 @@ pub(crate) fn safetensors_bytes(
     Ok(out)
 }
 
+/// The f32 tensor `name` of `st`, which must have `shape` (`path` names the file in errors).
+pub(crate) fn f32_tensor(
+    path: &Path,
+    st: &SafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| model_err(path, format!("no tensor `{name}`")))?;
+    if t.dtype() != Dtype::F32 || t.shape() != shape {
+        return Err(model_err(
+            path,
+            format!(
+                "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
+                t.dtype(),
+                t.shape()
+            ),
+        ));
+    }
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
 /// The layer whose tensors are named `prefix` + `theta`, ... in `st`, checked against `meta`
 /// (its metadata; `extra` is left empty).
 pub(crate) fn read_layer(
@@ -431,25 +457,8 @@ pub(crate) fn read_layer(
     meta: ModelMeta,
     prefix: &str,
 ) -> Result<Model> {
-    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = st
-            .tensor(&format!("{prefix}{name}"))
-            .map_err(|_| model_err(path, format!("no tensor `{prefix}{name}`")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
-            return Err(model_err(
-                path,
-                format!(
-                    "tensor `{prefix}{name}` is {:?} {:?}, expected F32 {shape:?}",
-                    t.dtype(),
-                    t.shape()
-                ),
-            ));
-        }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
-    };
+    let read =
+        |name: &str, shape: &[usize]| f32_tensor(path, st, &format!("{prefix}{name}"), shape);
     let l = meta.layer;
     // Metadata that no run could have written (K 0, a kernel wider than the padded image,
     // arrays beyond any engine's reach) marks a damaged file, before any array is read.

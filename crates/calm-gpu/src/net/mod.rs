@@ -36,7 +36,9 @@ use crate::cancel::CancelToken;
 use crate::data::ImageSource;
 use crate::error::{CalmError, Result};
 use crate::gpu::GpuConfig;
-use crate::model::{Model, ModelMeta, Tensor, read_layer, safetensors_bytes, write_atomic};
+use crate::model::{
+    Model, ModelMeta, Tensor, f32_tensor, read_layer, safetensors_bytes, write_atomic,
+};
 use crate::run::Device;
 
 /// Bytes of a layer's input that [`Network`] and [`NetTrainer`] keep in memory instead of
@@ -246,23 +248,17 @@ impl Network {
         let mut norms = Vec::new();
         for (i, link) in meta.spec.links.iter().enumerate().take(layers.len()) {
             let (mean, scale) = (
-                st.tensor(&format!("link{}.mean", i + 1)),
-                st.tensor(&format!("link{}.scale", i + 1)),
+                format!("link{}.mean", i + 1),
+                format!("link{}.scale", i + 1),
             );
-            let norm = match (link.norm, mean, scale) {
+            let c = shapes[i].out.map_or(0, |o| o.0);
+            let norm = match (link.norm, st.tensor(&mean), st.tensor(&scale)) {
                 (false, Err(_), Err(_)) => None,
-                (true, Ok(m), Ok(s)) => {
-                    let f32s = |t: safetensors::tensor::TensorView| -> Vec<f32> {
-                        t.data()
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                            .collect()
-                    };
+                (true, Ok(_), Ok(_)) => {
                     let n = ChannelNorm {
-                        mean: f32s(m),
-                        scale: f32s(s),
+                        mean: f32_tensor(path, &st, &mean, &[c])?,
+                        scale: f32_tensor(path, &st, &scale, &[c])?,
                     };
-                    let c = shapes[i].out.map_or(0, |o| o.0);
                     n.check(c)
                         .map_err(|e| bad(format!("link {}: {e}", i + 1)))?;
                     Some(n)
@@ -338,17 +334,6 @@ fn flatten(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Array2<f32>> {
     let (c, h, w) = src.shape();
-    let (n, per) = (src.len(), c * h * w);
-    let mut x = Array2::<f32>::zeros((n, per));
-    let flat = x.as_slice_mut().expect("standard layout");
-    let batch = ((256 << 20) / (per * 4).max(1)).clamp(1, 1000);
-    let mut start = 0;
-    while start < n {
-        cancel.check()?;
-        let nb = batch.min(n - start);
-        src.read_into(start, nb, &mut flat[start * per..(start + nb) * per])?;
-        start += nb;
-        progress(start);
-    }
-    Ok(x)
+    let x = ops::read_all(src, cancel, progress)?;
+    Ok(Array2::from_shape_vec((src.len(), c * h * w), x).expect("one row per image"))
 }

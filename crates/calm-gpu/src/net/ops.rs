@@ -268,6 +268,28 @@ impl ImageSource for LinkSource {
     }
 }
 
+/// Every image of `source`, `(N, C, H, W)` flattened, read a batch at a time with `progress`
+/// (images done) and `cancel`.
+pub fn read_all(
+    source: &dyn ImageSource,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<f32>> {
+    let (c, h, w) = source.shape();
+    let (n, per) = (source.len(), c * h * w);
+    let mut all = vec![0f32; n * per];
+    let batch = ((256 << 20) / (per * 4).max(1)).clamp(1, 1000);
+    let mut start = 0;
+    while start < n {
+        cancel.check()?;
+        let nb = batch.min(n - start);
+        source.read_into(start, nb, &mut all[start * per..(start + nb) * per])?;
+        start += nb;
+        progress(start);
+    }
+    Ok(all)
+}
+
 /// `source` held in memory when its images take at most `budget` bytes (read once, a batch at a
 /// time, with `progress` and `cancel`); else `source` itself, recomputed on every read.
 pub fn materialize(
@@ -281,16 +303,7 @@ pub fn materialize(
     if (n as u64).saturating_mul(per as u64 * 4) > budget {
         return Ok(source);
     }
-    let mut all = vec![0f32; n * per];
-    let batch = ((256 << 20) / (per * 4).max(1)).clamp(1, 1000);
-    let mut start = 0;
-    while start < n {
-        cancel.check()?;
-        let nb = batch.min(n - start);
-        source.read_into(start, nb, &mut all[start * per..(start + nb) * per])?;
-        start += nb;
-        progress(start);
-    }
+    let all = read_all(source.as_ref(), cancel, progress)?;
     let images = ndarray::Array4::from_shape_vec((n, c, h, w), all)
         .expect("n * per values make (n, c, h, w)");
     Ok(Arc::new(Dataset::new(images, None)))
