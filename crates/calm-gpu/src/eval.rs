@@ -25,11 +25,13 @@ use ndarray::Array2;
 
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
+use crate::data::whiten::Whitening;
 use crate::error::{CalmError, Result};
 use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
 use crate::gpu::GpuConfig;
 use crate::model::Model;
+use crate::net::Network;
 use crate::prior::Prior;
 use crate::probe::{ProbeConfig, ProbeProgress, ProbeReport};
 use crate::run::Device;
@@ -158,30 +160,8 @@ pub fn evaluate(
     cfg: &EvalConfig,
     observe: &mut dyn FnMut(&EvalEvent),
 ) -> Result<Vec<EvalRow>> {
-    for (set, what) in [(train, "training"), (test, "held-out")] {
-        if set.labels.len() != set.images.len() {
-            return Err(CalmError::Invalid(format!(
-                "{what} set: {} images but {} labels",
-                set.images.len(),
-                set.labels.len()
-            )));
-        }
-    }
-    if cfg.baselines.contains(&Baseline::Raw) && train.images.shape() != test.images.shape() {
-        return Err(CalmError::Invalid(format!(
-            "training images are {:?} (C, H, W) but held-out images {:?}; the raw-pixel baseline needs one shape",
-            train.images.shape(),
-            test.images.shape()
-        )));
-    }
-    let n_classes = train
-        .labels
-        .iter()
-        .chain(&test.labels)
-        .copied()
-        .max()
-        .map_or(0, |m| m as usize + 1)
-        .max(2);
+    check_sets(train, test, &cfg.baselines)?;
+    let n_classes = n_classes(train, test);
     let geometry = |x: &Arc<dyn ImageSource>| {
         let (c, h, w) = x.shape();
         model.geometry_for(c, h, w)
@@ -206,63 +186,226 @@ pub fn evaluate(
                 flatten(train.images.as_ref())?,
                 flatten(test.images.as_ref())?,
             ),
-            Some(Baseline::Random) => {
+            Some(b) => {
                 let (wtr, wte) = (
                     model.whitened(train.images.clone())?,
                     model.whitened(test.images.clone())?,
                 );
-                let theta = crate::em::init_theta(&g_tr, model.meta.seed);
+                let theta = untrained_theta(b, &g_tr, wtr.as_ref(), model.meta.seed, cfg)?;
                 let prior = Prior::uniform(g_tr.k);
                 let sets = [(g_tr, &wtr), (g_te, &wte)];
                 features_pair(name, &theta, &prior, sets, cfg, observe)?
             }
-            Some(b @ (Baseline::Patches | Baseline::KMeans)) => {
-                let (wtr, wte) = (
-                    model.whitened(train.images.clone())?,
-                    model.whitened(test.images.clone())?,
-                );
-                let seed = model.meta.seed;
-                let theta = match b {
-                    Baseline::Patches => {
-                        crate::em::random_patches(&g_tr, wtr.as_ref(), seed, g_tr.k)?
-                    }
-                    _ => {
-                        crate::kmeans::kmeans_patches(&g_tr, wtr.as_ref(), seed, &cfg.kmeans)?.theta
-                    }
-                };
-                let prior = Prior::uniform(g_tr.k);
-                features_pair(
-                    name,
-                    &theta,
-                    &prior,
-                    [(g_tr, &wtr), (g_te, &wte)],
-                    cfg,
-                    observe,
-                )?
-            }
         };
-        observe(&EvalEvent::ProbeStarted {
-            set: name,
-            max_iter: cfg.probe.max_iter,
-        });
-        let fitted = crate::probe::fit_and_evaluate_observed(
-            pair.0.view(),
-            &train.labels,
-            pair.1.view(),
-            &test.labels,
-            n_classes,
-            &cfg.probe,
-            &mut |p| observe(&EvalEvent::Probe(p)),
-        );
-        observe(&EvalEvent::ProbeFinished);
-        rows.push(EvalRow {
-            features: name.clone(),
-            dims: pair.0.ncols(),
-            seconds: t0.elapsed().as_secs_f64(),
-            report: fitted?.1,
-        });
+        rows.push(probe_row(
+            name, pair, train, test, n_classes, cfg, t0, observe,
+        )?);
     }
     Ok(rows)
+}
+
+/// The kernels of the untrained twin `b` (not [`Baseline::Raw`]) of a layer `g` on `images`
+/// (its input, whitened as the layer's): N(0, 1) draws, data patches or k-means centroids.
+fn untrained_theta(
+    b: Baseline,
+    g: &Geometry,
+    images: &dyn ImageSource,
+    seed: u64,
+    cfg: &EvalConfig,
+) -> Result<Vec<f32>> {
+    Ok(match b {
+        Baseline::Raw => unreachable!("the pixels have no kernels"),
+        Baseline::Random => crate::em::init_theta(g, seed),
+        Baseline::Patches => crate::em::random_patches(g, images, seed, g.k)?,
+        Baseline::KMeans => crate::kmeans::kmeans_patches(g, images, seed, &cfg.kmeans)?.theta,
+    })
+}
+
+/// [`evaluate`] for a network: its features (the head's map, or the top layer's by
+/// `cfg.pooling`), then each baseline, a row each. Every twin is the same network with untrained
+/// kernels of its kind in every layer ([`twin`], built on `train`'s images). A one-layer network
+/// without a head is [`evaluate`] on its layer.
+pub fn evaluate_network(
+    net: &Network,
+    train: &Labelled,
+    test: &Labelled,
+    cfg: &EvalConfig,
+    observe: &mut dyn FnMut(&EvalEvent),
+) -> Result<Vec<EvalRow>> {
+    if net.is_single() {
+        return evaluate(net.first(), train, test, cfg, observe);
+    }
+    if !net.is_complete() {
+        return Err(CalmError::Invalid(format!(
+            "the network has {} of its {} layers fitted; finish its training first",
+            net.layers.len(),
+            net.spec.layers.len()
+        )));
+    }
+    check_sets(train, test, &cfg.baselines)?;
+    let n_classes = n_classes(train, test);
+    let top = net.layers.len() - 1;
+    let mut rows = Vec::new();
+    let mut sets = vec![format!(
+        "calm net (K={})",
+        net.layers[top].meta.layer.kernels
+    )];
+    sets.extend(cfg.baselines.iter().map(|b| match b {
+        Baseline::Raw => baseline_name(net.first(), *b),
+        _ => format!("{} net", baseline_name(&net.layers[top], *b)),
+    }));
+    for (i, name) in sets.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let pair = match i.checked_sub(1).map(|b| cfg.baselines[b]) {
+            Some(Baseline::Raw) => (
+                flatten(train.images.as_ref())?,
+                flatten(test.images.as_ref())?,
+            ),
+            b => {
+                let twin_net;
+                let n = match b {
+                    None => net,
+                    Some(b) => {
+                        twin_net = twin(net, b, train.images.clone(), cfg)?;
+                        &twin_net
+                    }
+                };
+                let mut one = |x: &Arc<dyn ImageSource>| {
+                    observe(&EvalEvent::FeaturesStarted {
+                        set: name,
+                        images: x.len(),
+                    });
+                    let f = n.features(
+                        cfg.device,
+                        &cfg.gpu,
+                        x.clone(),
+                        cfg.pooling,
+                        &cfg.cancel,
+                        &mut |done| observe(&EvalEvent::Features { done }),
+                    );
+                    observe(&EvalEvent::FeaturesFinished);
+                    f
+                };
+                (one(&train.images)?, one(&test.images)?)
+            }
+        };
+        rows.push(probe_row(
+            name, pair, train, test, n_classes, cfg, t0, observe,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// The untrained twin `kind` (not [`Baseline::Raw`]) of `net`, built layer by layer on `images`
+/// (the network's images, preprocessed): each layer's kernels are drawn from its own input as
+/// the twin's layers below compute it ([`untrained_theta`]), under SPEC's uniform prior. Layer 1
+/// keeps the network's whitening filter (fitted on the same kind of images); a deeper layer's
+/// filter, and every link's standardisation, are fitted again on the twin's maps.
+pub fn twin(
+    net: &Network,
+    kind: Baseline,
+    images: Arc<dyn ImageSource>,
+    cfg: &EvalConfig,
+) -> Result<Network> {
+    let mut t = Network {
+        spec: net.spec.clone(),
+        layers: Vec::new(),
+        norms: Vec::new(),
+    };
+    let mut x = images;
+    for (l, m) in net.layers.iter().enumerate() {
+        let mut layer = m.clone();
+        layer.prior = None;
+        if l > 0
+            && let Some(wh) = &m.whiten
+        {
+            layer.whiten = Some(Whitening::fit(x.as_ref(), wh.width, m.meta.seed)?);
+        }
+        let (c, h, w) = x.shape();
+        let g = layer.geometry_for(c, h, w)?;
+        let wx = layer.whitened(x.clone())?;
+        layer.theta = untrained_theta(kind, &g, wx.as_ref(), m.meta.seed, cfg)?;
+        layer.counts = vec![0.0; g.k];
+        layer.meta.history.clear();
+        t.layers.push(layer);
+        if l + 1 < net.layers.len() || t.spec.links.get(l).is_some_and(|k| k.norm) {
+            let (next, norm) = t.link_stage(l, x, true, &cfg.cancel, &mut |_| {})?;
+            t.norms.push(norm);
+            x = next;
+        } else if l < t.spec.links.len() {
+            t.norms.push(None);
+            break;
+        }
+    }
+    Ok(t)
+}
+
+/// The probe's sets hold a label per image; the raw-pixel baseline needs one image shape.
+fn check_sets(train: &Labelled, test: &Labelled, baselines: &[Baseline]) -> Result<()> {
+    for (set, what) in [(train, "training"), (test, "held-out")] {
+        if set.labels.len() != set.images.len() {
+            return Err(CalmError::Invalid(format!(
+                "{what} set: {} images but {} labels",
+                set.images.len(),
+                set.labels.len()
+            )));
+        }
+    }
+    if baselines.contains(&Baseline::Raw) && train.images.shape() != test.images.shape() {
+        return Err(CalmError::Invalid(format!(
+            "training images are {:?} (C, H, W) but held-out images {:?}; the raw-pixel baseline needs one shape",
+            train.images.shape(),
+            test.images.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// The classes: the labels seen, at least 2.
+fn n_classes(train: &Labelled, test: &Labelled) -> usize {
+    train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1)
+        .max(2)
+}
+
+/// Fits the probe on `pair.0` (the training images' features) and scores it on `pair.1`: the
+/// row of the feature set `name`, whose work began at `t0`.
+#[allow(clippy::too_many_arguments)]
+fn probe_row(
+    name: &str,
+    pair: (Array2<f32>, Array2<f32>),
+    train: &Labelled,
+    test: &Labelled,
+    n_classes: usize,
+    cfg: &EvalConfig,
+    t0: std::time::Instant,
+    observe: &mut dyn FnMut(&EvalEvent),
+) -> Result<EvalRow> {
+    observe(&EvalEvent::ProbeStarted {
+        set: name,
+        max_iter: cfg.probe.max_iter,
+    });
+    let fitted = crate::probe::fit_and_evaluate_observed(
+        pair.0.view(),
+        &train.labels,
+        pair.1.view(),
+        &test.labels,
+        n_classes,
+        &cfg.probe,
+        &mut |p| observe(&EvalEvent::Probe(p)),
+    );
+    observe(&EvalEvent::ProbeFinished);
+    Ok(EvalRow {
+        features: name.to_string(),
+        dims: pair.0.ncols(),
+        seconds: t0.elapsed().as_secs_f64(),
+        report: fitted?.1,
+    })
 }
 
 /// "calm (K=64, pool 4x4, triangle)": the model's features as the rows name them.

@@ -30,7 +30,7 @@ use safetensors::SafeTensors;
 
 pub use ops::{ChannelNorm, LinkSource};
 pub use spec::{LayerShape, LayerSpec, LinkSpec, MapEncoding, NetSpec, PoolKind, PoolSpec};
-pub use train::{NetEvent, NetOutcome, NetParams, NetTrainer};
+pub use train::{NETWORK_FILE, NetEvent, NetOutcome, NetParams, NetTrainer};
 
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
@@ -105,12 +105,35 @@ impl Network {
     ) -> Result<Arc<dyn ImageSource>> {
         let mut x = source;
         for i in 0..l {
-            let link = self.link_source(i, x, self.norms.get(i).cloned().flatten())?;
-            x = ops::materialize(Arc::new(link), INPUT_BUDGET, cancel, &mut |n| {
-                progress(i + 1, n)
-            })?;
+            x = self
+                .link_stage(i, x, false, cancel, &mut |n| progress(i + 1, n))?
+                .0;
         }
         Ok(x)
+    }
+
+    /// Layer `l`'s link on `input` (layer `l`'s input, before its whitening), held in memory
+    /// when it fits [`INPUT_BUDGET`], standardised by `norms[l]`; or, with `fit_norm` where the
+    /// link has `norm`, by a standardisation fitted on these outputs, returned beside them.
+    /// `progress` gets the images done of the link, then of the fit.
+    pub(crate) fn link_stage(
+        &self,
+        l: usize,
+        input: Arc<dyn ImageSource>,
+        fit_norm: bool,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(Arc<dyn ImageSource>, Option<ChannelNorm>)> {
+        let link = Arc::new(self.link_source(l, input, None)?);
+        let raw = ops::materialize(link, INPUT_BUDGET, cancel, progress)?;
+        let norm = match fit_norm && self.spec.links[l].norm {
+            true => Some(ChannelNorm::fit(raw.as_ref(), cancel, progress)?),
+            false => self.norms.get(l).cloned().flatten(),
+        };
+        Ok(match norm {
+            Some(n) => (Arc::new(ops::Normed::new(raw, n.clone())?), Some(n)),
+            None => (raw, None),
+        })
     }
 
     /// Layer `l`'s link applied to `input` (layer `l`'s input, before its whitening).

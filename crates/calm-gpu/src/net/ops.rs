@@ -268,6 +268,38 @@ impl ImageSource for LinkSource {
     }
 }
 
+/// Images of `source` standardised by `norm` as they are read: the same bits as a
+/// [`LinkSource`] with that standardisation, over a link's outputs already computed.
+pub struct Normed {
+    source: Arc<dyn ImageSource>,
+    norm: ChannelNorm,
+}
+
+impl Normed {
+    /// `source` standardised by `norm` (checked against its channels).
+    pub fn new(source: Arc<dyn ImageSource>, norm: ChannelNorm) -> Result<Self> {
+        norm.check(source.shape().0)
+            .map_err(crate::CalmError::Invalid)?;
+        Ok(Self { source, norm })
+    }
+}
+
+impl ImageSource for Normed {
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        self.source.shape()
+    }
+    fn read_into(&self, start: usize, count: usize, out: &mut [f32]) -> Result<(), DataError> {
+        self.source.read_into(start, count, out)?;
+        let (c, h, w) = self.source.shape();
+        out.chunks_exact_mut(c * h * w)
+            .for_each(|img| self.norm.apply(img));
+        Ok(())
+    }
+}
+
 /// Every image of `source`, `(N, C, H, W)` flattened, read a batch at a time with `progress`
 /// (images done) and `cancel`.
 pub fn read_all(

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{ChannelNorm, INPUT_BUDGET, NetSpec, Network, ops};
+use super::{NetSpec, Network};
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
 use crate::em::Event;
@@ -113,6 +113,8 @@ pub struct NetTrainer {
     resume: Option<Checkpoint>,
     /// The trainer of the layer under way.
     current: Option<(usize, Trainer)>,
+    /// The input of the next layer `(layer, images)`, computed after the layer below it.
+    stage: Option<(usize, Arc<dyn ImageSource>)>,
     cancel: CancelToken,
     data: DataInfo,
     checkpoint_dir: Option<PathBuf>,
@@ -121,6 +123,10 @@ pub struct NetTrainer {
 
 /// The file of a network checkpoint directory holding the layers fitted so far.
 pub const NETWORK_FILE: &str = "network.safetensors";
+
+/// The layer-1 entry of a network checkpoint listing the entries the checkpoint added (the
+/// CLI's command line), dropped again on resume so that a resumed fit ends in the same file.
+const CHECKPOINT_KEYS: &str = "checkpoint_keys";
 
 impl NetTrainer {
     /// A fresh fit of `params` on `source`; the spec is checked against the images first.
@@ -137,6 +143,7 @@ impl NetTrainer {
             },
             resume: None,
             current: None,
+            stage: None,
             cancel: CancelToken::new(),
             data: DataInfo::default(),
             checkpoint_dir: None,
@@ -160,6 +167,14 @@ impl NetTrainer {
                 )));
             }
             t.net = net;
+            // The checkpoint's own entries (see `save_network`) are not the fitted layer's.
+            if let Some(first) = t.net.layers.first_mut()
+                && let Some(keys) = first.extra.remove(CHECKPOINT_KEYS)
+            {
+                for k in keys.split(',') {
+                    first.extra.remove(k);
+                }
+            }
         }
         let ck_file = dir.join(Checkpoint::FILE);
         if ck_file.exists() {
@@ -197,6 +212,11 @@ impl NetTrainer {
         self
     }
 
+    /// The epochs of the layer under way that its checkpoint holds (0 for a fresh layer).
+    pub fn resumed_epochs(&self) -> usize {
+        self.resume.as_ref().map_or(0, |ck| ck.records.len())
+    }
+
     /// Layers fitted so far.
     pub fn layers_done(&self) -> usize {
         self.net.layers.len()
@@ -218,19 +238,27 @@ impl NetTrainer {
         while self.net.layers.len() < layers {
             let l = self.net.layers.len();
             let n = self.source.len();
-            let input =
-                match self
-                    .net
-                    .input_of(l, self.source.clone(), &self.cancel, &mut |i, d| {
-                        observer(&NetEvent::Input {
-                            layer: i + 1,
-                            images: d,
-                            of: n,
-                        })
-                    }) {
-                    Err(CalmError::Interrupted) => return Ok(NetOutcome { interrupted: true }),
-                    r => r?,
-                };
+            // Layer l's input: computed after layer l - 1 was fitted, else from the images.
+            let input = match self.stage.take() {
+                Some((at, x)) if at == l => x,
+                _ => {
+                    let input =
+                        self.net
+                            .input_of(l, self.source.clone(), &self.cancel, &mut |i, d| {
+                                observer(&NetEvent::Input {
+                                    layer: i + 1,
+                                    images: d,
+                                    of: n,
+                                })
+                            });
+                    match input {
+                        Err(CalmError::Interrupted) => {
+                            return Ok(NetOutcome { interrupted: true });
+                        }
+                        r => r?,
+                    }
+                }
+            };
             let params = self.params.layer_params(l);
             let mut extra = self.checkpoint_extra.clone();
             extra.insert("net_layer".into(), (l + 1).to_string());
@@ -263,31 +291,36 @@ impl NetTrainer {
             }
             let model = trainer.model(outcome.stopped.clone())?;
             self.current = Some((l, trainer));
-            let norm = match self.params.spec.links.get(l) {
-                Some(link) if link.norm => {
-                    let mut tmp = self.net.clone();
-                    tmp.layers.push(model.clone());
-                    let src = tmp.link_source(l, input, None)?;
-                    let src =
-                        ops::materialize(Arc::new(src), INPUT_BUDGET, &self.cancel, &mut |_| {})?;
-                    match ChannelNorm::fit(src.as_ref(), &self.cancel, &mut |d| {
-                        observer(&NetEvent::Input {
-                            layer: l + 2,
-                            images: d,
-                            of: n,
-                        })
-                    }) {
-                        Err(CalmError::Interrupted) => {
-                            return Ok(NetOutcome { interrupted: true });
-                        }
-                        r => Some(r?),
-                    }
-                }
-                _ => None,
-            };
+            // The next layer's input (or the head's maps), with the link's standardisation
+            // fitted on it; kept for the next layer.
             self.net.layers.push(model);
-            if self.params.spec.links.len() > l {
+            let link = self.params.spec.links.get(l);
+            if l + 1 < layers || link.is_some_and(|k| k.norm) {
+                let stage = self.net.link_stage(l, input, true, &self.cancel, &mut |d| {
+                    observer(&NetEvent::Input {
+                        layer: l + 2,
+                        images: d,
+                        of: n,
+                    })
+                });
+                let (next, norm) = match stage {
+                    Ok(s) => s,
+                    // The layer is fitted again from its checkpoint on resume.
+                    Err(e) => {
+                        self.net.layers.pop();
+                        return match e {
+                            CalmError::Interrupted => Ok(NetOutcome { interrupted: true }),
+                            e => Err(e),
+                        };
+                    }
+                };
                 self.net.norms.push(norm);
+                if l + 1 < layers {
+                    self.stage = Some((l + 1, next));
+                }
+            } else if link.is_some() {
+                // A head without a standardisation: nothing to fit.
+                self.net.norms.push(None);
             }
             self.current = None;
             if let Some(dir) = &self.checkpoint_dir {
@@ -317,6 +350,8 @@ impl NetTrainer {
         let mut net = self.net.clone();
         if let Some(first) = net.layers.first_mut() {
             first.extra.extend(self.checkpoint_extra.clone());
+            let keys: Vec<&str> = self.checkpoint_extra.keys().map(String::as_str).collect();
+            first.extra.insert(CHECKPOINT_KEYS.into(), keys.join(","));
         }
         net.save(&dir.join(NETWORK_FILE), true)
     }
