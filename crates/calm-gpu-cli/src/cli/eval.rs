@@ -11,13 +11,16 @@ use calm_gpu::Device;
 use calm_gpu::Encoding;
 use calm_gpu::data::ImageSource;
 use calm_gpu::data::preprocess::Preprocess;
-use calm_gpu::eval::{EvalConfig, EvalEvent, EvalRow, Labelled, evaluate};
+use calm_gpu::eval::{EvalConfig, EvalEvent, EvalRow, Labelled, evaluate_network};
 use calm_gpu::features::Pooling;
-use calm_gpu::model::Model;
+use calm_gpu::net::Network;
 use calm_gpu::{data, model};
 
 use super::outputs::{check_distinct, check_output};
-use super::{Preset, RECOMMENDED, check_positive, model_geometry_for, model_preprocess};
+use super::{
+    Preset, RECOMMENDED, check_network, check_positive, model_geometry_for, model_preprocess,
+    network_fits,
+};
 
 #[derive(Args)]
 // "-1" for a number is read as a value, so the error says what is wrong with it.
@@ -373,10 +376,18 @@ fn print_rows(rows: &[EvalRow], held_out: &str) {
 
 pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
     let a = checked(a)?;
-    let model = Model::load(&a.model)?;
-    let pre = model_preprocess(&model)?;
+    let net = Network::load(&a.model)?;
+    if !net.is_single() {
+        check_network(&net, a.pool.is_some() || a.encode.is_some())?;
+    }
+    let model = net.first();
+    let pre = model_preprocess(model)?;
     // The model's own recipe (train --preset recommended keeps one) unless a flag says otherwise.
+    if let Some(head) = net.spec.links.get(net.spec.layers.len() - 1) {
+        eprintln!("note: features by the network's head `{head}`");
+    }
     let (pool, encode, standardize) = match model.meta.features {
+        Some(r) if net.spec.has_head() => (r.grid, r.encoding, r.standardize),
         Some(r) if a.pool.is_none() && a.encode.is_none() && !a.standardize => {
             eprintln!(
                 "note: features by the model's recipe: {r} (--pool, --encode and --standardize override)"
@@ -417,8 +428,12 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         cancel: super::stop_token().clone(),
     };
     // The layer must fit both sets before any features are computed.
-    model_geometry_for(&model, xtr.as_ref())?;
-    model_geometry_for(&model, xte.as_ref())?;
+    for x in [xtr, xte] {
+        match net.is_single() {
+            true => drop(model_geometry_for(model, x.as_ref())?),
+            false => network_fits(&net, x.as_ref())?,
+        }
+    }
     println!(
         "probe: softmax regression, L2 with C = {}, L-BFGS to gradient {} or {} iterations; {} train / {} {held_out} images, {n_classes} classes",
         cfg.probe.c,
@@ -427,7 +442,7 @@ pub fn eval(a: EvalArgs) -> Result<Vec<EvalRow>> {
         ytr.len(),
         yte.len()
     );
-    let rows = evaluate(&model, &train, &test, &cfg, &mut progress_bars())?;
+    let rows = evaluate_network(&net, &train, &test, &cfg, &mut progress_bars())?;
     print_rows(&rows, held_out);
     if let Some(j) = &a.json {
         let text = serde_json::to_string_pretty(

@@ -10,11 +10,14 @@ use calm_gpu::Device;
 use calm_gpu::Encoding;
 use calm_gpu::data::preprocess::Preprocess;
 use calm_gpu::features::Pooling;
-use calm_gpu::model::Model;
+use calm_gpu::net::Network;
 use calm_gpu::{data, model, run};
 
 use super::outputs::{check_distinct, check_output};
-use super::{check_positive, embedded, load_data, model_geometry_for, model_preprocess, whitened};
+use super::{
+    check_network, check_positive, embedded, load_data, model_geometry_for, model_preprocess,
+    network_fits, whitened,
+};
 
 #[derive(Args)]
 // "-1" for a number is read as a value, so the error says what is wrong with it.
@@ -57,9 +60,17 @@ pub(super) fn features(a: FeaturesArgs) -> Result<()> {
     let mut inputs = vec![a.model.as_path()];
     inputs.extend(a.data.as_deref());
     check_distinct(&inputs, &[&a.out])?;
-    let model = Model::load(&a.model)?;
+    let net = Network::load(&a.model)?;
+    let model = net.first().clone();
     let pre = model_preprocess(&model)?;
+    if !net.is_single() {
+        check_network(&net, a.pool.is_some() || a.encode.is_some())?;
+    }
+    if let Some(head) = net.spec.links.get(net.spec.layers.len() - 1) {
+        eprintln!("note: features by the network's head `{head}`");
+    }
     let pooling = match model.meta.features {
+        Some(r) if net.spec.has_head() => r.pooling(),
         Some(r) if a.pool.is_none() && a.encode.is_none() => {
             eprintln!(
                 "note: features by the model's recipe: {} on {}x{} regions (--pool and --encode override)",
@@ -87,28 +98,41 @@ pub(super) fn features(a: FeaturesArgs) -> Result<()> {
             )
         }
     };
-    let g = model_geometry_for(&model, data.as_ref())?;
-    let data = whitened(&model, data)?;
     let bar = super::progress_bar(false, data.len());
     if let Some(b) = &bar {
         b.set_message("features");
     }
-    let f = run::features(
-        a.backend,
-        g,
-        data.clone(),
-        &model.theta,
-        &model.prior_or_uniform(),
-        a.batch,
-        pooling,
-        &super::gpu_config()?,
-        super::stop_token(),
-        &mut |done| {
-            if let Some(b) = &bar {
-                b.set_position(done as u64);
-            }
-        },
-    )?;
+    let mut progress = |done: usize| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    };
+    let f = if net.is_single() {
+        let g = model_geometry_for(&model, data.as_ref())?;
+        let data = whitened(&model, data)?;
+        run::features(
+            a.backend,
+            g,
+            data.clone(),
+            &model.theta,
+            &model.prior_or_uniform(),
+            a.batch,
+            pooling,
+            &super::gpu_config()?,
+            super::stop_token(),
+            &mut progress,
+        )?
+    } else {
+        network_fits(&net, data.as_ref())?;
+        net.features(
+            a.backend,
+            &super::gpu_config()?,
+            data,
+            pooling,
+            super::stop_token(),
+            &mut progress,
+        )?
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

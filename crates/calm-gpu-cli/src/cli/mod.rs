@@ -363,6 +363,37 @@ fn whitened(model: &Model, data: Arc<dyn ImageSource>) -> Result<Arc<dyn ImageSo
     })
 }
 
+/// A network `features` and `eval` can read: every layer fitted. `pooling_flags`: --pool or
+/// --encode given, which a network with a feature head does not use.
+fn check_network(net: &calm_gpu::net::Network, pooling_flags: bool) -> Result<()> {
+    if !net.is_complete() {
+        bail!(
+            "the network has {} of its {} layers fitted (a checkpoint's?); finish it with train --resume",
+            net.layers.len(),
+            net.spec.layers.len()
+        );
+    }
+    if pooling_flags && net.spec.has_head() {
+        bail!(
+            "the network's features are its head's map (`{}`); --pool and --encode apply only to a network without a head",
+            net.spec.head().expect("has a head")
+        );
+    }
+    Ok(())
+}
+
+/// The network's layers placed on `data`'s images (any size of its channel count).
+fn network_fits(net: &calm_gpu::net::Network, data: &dyn ImageSource) -> Result<()> {
+    let (c, h, w) = data.shape();
+    net.spec.shapes(c, h, w).map_err(|e| {
+        anyhow::anyhow!(
+            "the network does not fit the data's {c}x{h}x{w} images: {}",
+            e.reason
+        )
+    })?;
+    Ok(())
+}
+
 /// The preprocessing a model was trained with, to apply again to new data.
 fn model_preprocess(model: &Model) -> Result<Preprocess> {
     model

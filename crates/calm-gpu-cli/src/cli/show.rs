@@ -7,6 +7,7 @@ use clap::Args;
 
 use calm_gpu::model;
 use calm_gpu::model::Model;
+use calm_gpu::net::Network;
 
 use super::check_positive;
 use super::outputs::{check_distinct, check_output};
@@ -85,7 +86,15 @@ pub(super) fn show(a: ShowArgs) -> Result<()> {
         check_output(p, a.force)?;
     }
     check_distinct(&[&a.model], &outputs)?;
-    let model = Model::load(&a.model)?;
+    let mut net = Network::load(&a.model)?;
+    if !net.is_single() {
+        eprintln!(
+            "note: {} is a network of {} layers; drawing layer 1's kernels and LL",
+            a.model.display(),
+            net.layers.len()
+        );
+    }
+    let model = net.layers.swap_remove(0);
     if a.plot.is_some() && model.meta.history.is_empty() {
         bail!(
             "{}: the model has no completed epochs to plot",
@@ -147,23 +156,46 @@ pub(super) fn show(a: ShowArgs) -> Result<()> {
     Ok(())
 }
 
+/// A layer's metadata as `info --json` prints it, with what its weights say: kernel use and
+/// the learned prior.
+fn layer_json(m: &Model) -> Result<serde_json::Value> {
+    let mut j = serde_json::to_value(&m.meta)?;
+    let usage = model::kernel_use(&m.theta, &m.counts);
+    j["kernels_unused"] = usage.unused.into();
+    j["kernels_distinct"] = usage.distinct.into();
+    if let Some(p) = &m.prior {
+        j["variance"] = (1.0 / f64::from(p.inv_var)).into();
+        j["mixing_weights"] = p.weights().into();
+    }
+    Ok(j)
+}
+
 pub(super) fn info(a: InfoArgs) -> Result<()> {
-    let m = Model::load(&a.model)?;
+    let net = Network::load(&a.model)?;
+    let m = net.first();
     if a.json {
-        // The metadata, and what the weights say: kernel use, the learned prior.
-        let mut j = serde_json::to_value(&m.meta)?;
-        let usage = model::kernel_use(&m.theta, &m.counts);
-        j["kernels_unused"] = usage.unused.into();
-        j["kernels_distinct"] = usage.distinct.into();
-        if let Some(p) = &m.prior {
-            j["variance"] = (1.0 / f64::from(p.inv_var)).into();
-            j["mixing_weights"] = p.weights().into();
+        // A network: layer 1's entries as a model's, and its spec and every layer under "net".
+        let mut j = layer_json(m)?;
+        if !net.is_single() {
+            let layers: Result<Vec<_>> = net.layers.iter().map(layer_json).collect();
+            j["net"] = serde_json::json!({
+                "spec": net.spec.to_string(),
+                "layers_fitted": net.layers.len(),
+                "layers": layers?,
+            });
         }
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
     let l = m.meta.layer;
     println!("model:       {}", a.model.display());
+    if !net.is_single() {
+        println!("network:     {}", net.spec);
+        for line in net.describe() {
+            println!("  {line}");
+        }
+        println!("layer 1 in detail:");
+    }
     println!(
         "layer:       K={} kernels of {}x{}x{} (C x w x w), padding {}",
         l.kernels, m.meta.channels, l.width, l.width, l.pad

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
+mod net;
+
 use super::values;
 use calm_gpu::data::ImageSource;
 use calm_gpu::data::preprocess::Preprocess;
 use calm_gpu::em::Event;
 use calm_gpu::model::{FeatureRecipe, Model};
+use calm_gpu::net::NetSpec;
 use calm_gpu::prior::PriorOptions;
 use calm_gpu::{CalmParams, Checkpoint, DataInfo, Device, LayerConfig, Trainer, data, em, model};
 
@@ -131,6 +134,19 @@ pub struct TrainArgs {
     /// with less memory than the data). A later run with the same data reuses the file
     #[arg(long, value_name = "FILE.npy")]
     pub cache: Option<PathBuf>,
+    /// A deep network of CALM layers, fitted greedily layer by layer (each on the one below's
+    /// outputs) and written into --out as one file; e.g. "64x5p2 | tri max4s2p1 norm | 256x3p1 |
+    /// tri max4s2p1". Parts are separated by `|`: a layer `KxW[pP] [white W]` (K kernels of
+    /// W x W, padding P, its input whitened over W x W patches), then a link to the next layer: an
+    /// encoding of the layer's map (`tri`: the triangle relu(mean distance - distance); `tri^Q`
+    /// raised to the power Q; `post`: the posterior; `logp`: L itself), an optional pooling
+    /// (`maxN`, `avgN` or `lseN`, followed by `sS` for stride S [default N] and `pP` for padding P), and an
+    /// optional `norm` (each channel standardised). A link after the last layer is the feature
+    /// head: `features` and `eval` read its map flattened. The other options apply to every
+    /// layer (--whiten to layer 1 only)
+    #[arg(long, value_name = "SPEC", value_parser = values::net_spec(),
+          conflicts_with_all = ["kernels", "width", "pad", "init", "protocol"])]
+    pub net: Option<NetSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -176,6 +192,10 @@ pub(super) struct RunConfig {
     /// How the model's features are meant to be computed (`--preset recommended`'s).
     #[serde(default)]
     features: Option<FeatureRecipe>,
+    /// `--net`: the layers and links of a deep network (`kernels`, `width` and `pad` are its
+    /// first layer's).
+    #[serde(default)]
+    net: Option<NetSpec>,
 }
 
 /// The size of each data file now (`None` where it cannot be read, and for a folder of
@@ -302,7 +322,18 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
             "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance and --variance"
         );
     }
-    fit_run(cfg, params, resume, quiet)
+    match (&cfg.net, resume) {
+        (Some(spec), resume) if is_deep(spec) => {
+            let dir = match resume {
+                Resume::Net(dir) => Some(dir),
+                _ => None,
+            };
+            let params = calm_gpu::net::NetParams::new(spec.clone(), params);
+            net::fit_net(cfg, params, dir, quiet)
+        }
+        (_, Resume::Layer(ck)) => fit_run(cfg, params, Some(*ck), quiet),
+        _ => fit_run(cfg, params, None, quiet),
+    }
 }
 
 /// Trains the run `cfg` describes through the library's [`Trainer`] (`params`, from
@@ -624,7 +655,7 @@ fn calm_flag_error(e: calm_gpu::CalmError) -> anyhow::Error {
 
 /// The run the arguments describe, after `--preset`: a fresh one, or the one a checkpoint
 /// holds (with its checkpoint).
-fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
+fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
     let recommended = a.preset == Some(Preset::Recommended);
     let rec = calm_gpu::CalmParams::recommended();
     if recommended {
@@ -644,6 +675,14 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
         pick(a.pad, 2, RECOMMENDED.layer.pad),
         pick(a.epochs, 15, RECOMMENDED.epochs),
     );
+    // A network's first layer is its spec's (--kernels, --width and --pad conflict with --net).
+    let (kernels, width, pad) = match &a.net {
+        Some(n) => {
+            let l = n.layers[0].layer;
+            (l.kernels, l.width, l.pad)
+        }
+        None => (kernels, width, pad),
+    };
     let fresh = RunConfig {
         data: a.data.iter().map(|p| absolute(p)).collect(),
         backend: a.backend.unwrap_or(Device::Auto).to_string(),
@@ -679,11 +718,18 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
         variance: a.variance,
         data_bytes: Some(data_bytes(&a.data)),
         features: rec.recipe.filter(|_| recommended),
+        net: a.net.clone(),
     };
     let Some(dir) = &a.resume else {
-        return Ok((fresh, None));
+        return Ok((fresh, Resume::Fresh));
     };
-    let path = dir.join(Checkpoint::FILE);
+    // A network's run is also kept with its fitted layers (Ctrl-C between two layers leaves no
+    // layer checkpoint).
+    let mut path = dir.join(Checkpoint::FILE);
+    let network = dir.join(calm_gpu::net::NETWORK_FILE);
+    if !path.exists() && network.exists() {
+        path = network;
+    }
     let ck = Model::load(&path)
         .with_context(|| format!("--resume {}: no readable checkpoint", dir.display()))?;
     let cfg: RunConfig = ck
@@ -700,8 +746,11 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
                 .map_err(|e| anyhow::anyhow!("{}: bad run arguments: {e}", path.display()))
         })?;
     // The epochs already done: without them the run would start again from epoch 1 on trained
-    // weights and lose their metrics lines.
-    let ck = Checkpoint::from_model(ck, &path)?;
+    // weights and lose their metrics lines. A network's trainer reads its directory itself.
+    let ck = match cfg.net.as_ref().is_some_and(is_deep) {
+        true => Resume::Net(absolute(dir)),
+        false => Resume::Layer(Box::new(Checkpoint::from_model(ck, &path)?)),
+    };
     check_same_run(&a, recommended, &fresh, &cfg, &absolute(dir))?;
     let plot = a.plot.as_ref().map(|p| absolute(p)).or(cfg.plot.clone());
     let cfg = RunConfig {
@@ -725,7 +774,21 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Option<Checkpoint>)> {
             }
         }
     }
-    Ok((cfg, Some(ck)))
+    Ok((cfg, ck))
+}
+
+/// Where a run starts: afresh, or from a layer's checkpoint, or from a network's checkpoint
+/// directory.
+enum Resume {
+    Fresh,
+    Layer(Box<Checkpoint>),
+    Net(PathBuf),
+}
+
+/// True for a spec that is more than one layer's model file (a second layer, a head, or a
+/// `white W` on the layer): the network path of `train`.
+fn is_deep(spec: &NetSpec) -> bool {
+    *spec != NetSpec::single(spec.layers[0].layer)
 }
 
 /// `train --resume DIR` with more options: each training option given must equal the
@@ -822,6 +885,7 @@ fn check_same_run(
         ck.preprocess,
     )?;
     same(a.cache.is_some(), "--cache", &fresh.cache, &ck.cache)?;
+    same(a.net.is_some(), "--net", &fresh.net, &ck.net)?;
     Ok(())
 }
 
@@ -965,6 +1029,7 @@ impl RunConfig {
             variance: p.variance,
             data_bytes: Some(data_bytes(data)),
             features: p.recipe,
+            net: None,
         }
     }
 
@@ -1127,6 +1192,7 @@ mod tests {
             preset,
             cache: None,
             whiten: None,
+            net: None,
         };
         let paper = calm_gpu::Calm::params(64)
             .width(20)

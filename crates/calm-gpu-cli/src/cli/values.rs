@@ -101,3 +101,12 @@ pub fn init_method() -> impl clap::builder::TypedValueParser<Value = calm_gpu::e
 pub fn encoding() -> impl clap::builder::TypedValueParser<Value = calm_gpu::Encoding> {
     clap::builder::EnumValueParser::<Encoding>::new().map(calm_gpu::Encoding::from)
 }
+
+/// Parses `--net` into the library's [`calm_gpu::net::NetSpec`]; the error names the part of
+/// the spec that is wrong.
+pub fn net_spec() -> impl clap::builder::TypedValueParser<Value = calm_gpu::net::NetSpec> {
+    |s: &str| {
+        s.parse::<calm_gpu::net::NetSpec>()
+            .map_err(|e| e.reason.to_string())
+    }
+}

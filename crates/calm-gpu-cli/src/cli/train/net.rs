@@ -1,0 +1,243 @@
+//! `calm-gpu train --net`: a deep network fitted layer by layer through the library's
+//! [`NetTrainer`], with what `train` writes around it (locks, metrics, the Ctrl-C checkpoint).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use calm_gpu::DataInfo;
+use calm_gpu::em::Event;
+use calm_gpu::net::{LayerShape, NetEvent, NetParams, NetTrainer};
+
+use super::{MetricsLog, Outputs, RunConfig, cached, calm_flag_error, flag_error, report};
+use crate::cli::{install_ctrl_c, load_data, progress_bar, stop_token};
+
+/// Fits the network `params` describes on the run's data, continuing the checkpoint directory
+/// `resume` where given, and writes it to `--out`.
+pub(super) fn fit_net(
+    cfg: RunConfig,
+    params: NetParams,
+    resume: Option<PathBuf>,
+    quiet: bool,
+) -> Result<()> {
+    params.base.check().map_err(flag_error)?;
+    if crate::cli::parallel::world().is_some() {
+        bail!("--net does not run under MPI yet; run it as one process");
+    }
+    if cfg.plot.is_some() {
+        bail!(
+            "--plot draws one layer's LL; a network's epochs go to --metrics (a line per epoch, with its layer)"
+        );
+    }
+    let outputs = Outputs::claim(&cfg, resume.is_some(), quiet)?;
+    let say = |s: String| {
+        if !quiet {
+            println!("{s}");
+        }
+    };
+    let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+    let (c, h, w) = data.shape();
+    let shapes = params.check_shape(c, h, w).map_err(calm_flag_error)?;
+    let data = match &cfg.cache {
+        Some(p) => cached(p, data, &names, pre, quiet)?,
+        None => data,
+    };
+    let n = data.len();
+    let trainer = match &resume {
+        Some(dir) => NetTrainer::resume(&params, data, dir),
+        None => NetTrainer::new(&params, data),
+    }
+    .map_err(calm_flag_error)?;
+    let mut trainer = trainer
+        .with_cancel(stop_token().clone())
+        .with_data_info(DataInfo {
+            names: names.clone(),
+            preprocess: pre.to_string(),
+        })
+        .checkpoint_extra(BTreeMap::from([(
+            "run".to_string(),
+            serde_json::to_string(&cfg)?,
+        )]));
+    if let Some(dir) = &cfg.checkpoint_dir {
+        trainer = trainer.checkpoint_every_epoch(dir.clone());
+    }
+    for l in plan(&params, &shapes, &names, n, cfg.epochs) {
+        say(l);
+    }
+    let (resumed_layer, resumed_epochs) = (trainer.layers_done() + 1, trainer.resumed_epochs());
+    if resume.is_some() {
+        say(format!(
+            "resuming at layer {resumed_layer}, after {resumed_epochs} of its epochs"
+        ));
+    }
+    let mut metrics = open_metrics(&cfg, resume.is_some(), resumed_layer, resumed_epochs)?;
+    let bar = progress_bar(quiet, n);
+    install_ctrl_c();
+    let mut io_err: Option<std::io::Error> = None;
+    let mut layer = resumed_layer;
+    let mut computing = 0;
+    let outcome = trainer.run(&mut |ev: &NetEvent| match ev {
+        NetEvent::LayerStart {
+            layer: l, layers, ..
+        } => {
+            layer = *l;
+            let s = format!("layer {l}/{layers}");
+            match &bar {
+                Some(b) => b.println(s),
+                None if !quiet => println!("{s}"),
+                None => {}
+            }
+        }
+        NetEvent::Input {
+            layer: l, images, ..
+        } => {
+            if let Some(b) = &bar {
+                if computing != *l {
+                    b.reset();
+                    b.set_message(format!("layer {l}'s input"));
+                    computing = *l;
+                }
+                b.set_position(*images as u64);
+            }
+        }
+        NetEvent::Fit(e) => {
+            computing = 0;
+            let first = if layer == resumed_layer {
+                resumed_epochs + 1
+            } else {
+                1
+            };
+            report(e, &bar, cfg.epochs, first, quiet);
+            if let (Event::EpochEnd(r), Some(m)) = (e, metrics.as_mut()) {
+                let mut j = serde_json::to_value(r).expect("plain numbers serialise");
+                j["layer"] = layer.into();
+                if let Err(e) = writeln!(m.file, "{j}").and_then(|_| m.file.flush()) {
+                    io_err.get_or_insert(e);
+                }
+            }
+        }
+        NetEvent::LayerEnd { .. } => {}
+    })?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = io_err {
+        bail!("writing --metrics failed: {e}");
+    }
+    if outcome.interrupted {
+        trainer.save_checkpoint(&outputs.checkpoint_dir)?;
+        let dir = outputs.checkpoint_dir.clone();
+        drop(metrics);
+        drop(outputs);
+        eprintln!(
+            "error: interrupted in layer {} after {} complete layers; resume with: calm-gpu train --resume {}",
+            trainer.layers_done() + 1,
+            trainer.layers_done(),
+            dir.display()
+        );
+        crate::cli::parallel::exit(130);
+    }
+    let net = trainer.into_network();
+    net.save(&cfg.out, cfg.force)?;
+    if let Some(m) = metrics {
+        m.finish()?;
+    }
+    for l in net.describe() {
+        say(l);
+    }
+    println!(
+        "wrote {} ({} layers{})",
+        cfg.out.display(),
+        net.layers.len(),
+        if net.spec.has_head() {
+            ", with a feature head"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// What the run will do: the network, its data, and each layer's shape and cost.
+fn plan(
+    params: &NetParams,
+    shapes: &[LayerShape],
+    names: &[String],
+    n: usize,
+    epochs: usize,
+) -> Vec<String> {
+    let Some(first) = shapes.first() else {
+        return Vec::new();
+    };
+    let g = first.geometry;
+    let (c, h, w) = (g.c, g.h, g.w);
+    let mut lines = vec![format!(
+        "network `{}` on {n} images of {c}x{h}x{w} from {}; {} on {}",
+        params.spec,
+        names.join(", "),
+        if epochs == 1 {
+            "1 epoch a layer".to_string()
+        } else {
+            format!("{epochs} epochs a layer")
+        },
+        params.base.device
+    )];
+    for (i, s) in shapes.iter().enumerate() {
+        let g = s.geometry;
+        lines.push(format!(
+            "  layer {}: K={} w={} p={} on {}x{}x{} -> {}x{} positions; {:.1} GFLOP per epoch",
+            i + 1,
+            g.k,
+            g.kw,
+            g.pad,
+            g.c,
+            g.h,
+            g.w,
+            g.ho,
+            g.wo,
+            g.epoch_flops(n) / 1e9
+        ));
+    }
+    lines
+}
+
+/// The `--metrics` file: on resume, the lines the checkpoint covers are kept and the rest
+/// dropped (a kill between a checkpoint and its line must neither lose nor repeat one).
+fn open_metrics(
+    cfg: &RunConfig,
+    resuming: bool,
+    layer: usize,
+    epochs: usize,
+) -> Result<Option<MetricsLog>> {
+    let Some(p) = &cfg.metrics else {
+        return Ok(None);
+    };
+    let text = match resuming {
+        true => kept_lines(p, layer, epochs),
+        false => String::new(),
+    };
+    let replacing = !resuming && std::fs::metadata(p).is_ok_and(|m| m.is_file());
+    Ok(Some(MetricsLog::create(p, &text, replacing)?))
+}
+
+/// The lines of the metrics file `path` a network checkpoint covers: every line of the layers
+/// before `layer`, and `layer`'s first `epochs`.
+fn kept_lines(path: &std::path::Path, layer: usize, epochs: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (l, e) = (j["layer"].as_u64(), j["epoch"].as_u64());
+        if let (Some(l), Some(e)) = (l, e)
+            && ((l as usize) < layer || (l as usize == layer && e as usize <= epochs))
+        {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
