@@ -2,6 +2,9 @@
 
 #[path = "../../calm-gpu/tests/common/mod.rs"]
 mod common;
+/// `train --net`: deep networks.
+#[path = "cli/net.rs"]
+mod net;
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +68,7 @@ fn train_argv(data: &Path, out: &Path, layer: &str) -> Vec<String> {
 }
 
 /// Runs and expects failure with a single `error: ...` line on stderr mentioning `needle`.
+#[track_caller]
 fn fails_with(args: &[&str], needle: &str) {
     let out = calm().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

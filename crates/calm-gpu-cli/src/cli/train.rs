@@ -474,14 +474,8 @@ fn start(
     .map_err(calm_flag_error)?;
     let mut trainer = trainer
         .with_cancel(super::stop_token().clone())
-        .with_data_info(DataInfo {
-            names: names.clone(),
-            preprocess: pre.to_string(),
-        })
-        .checkpoint_extra(BTreeMap::from([(
-            "run".to_string(),
-            serde_json::to_string(&cfg)?,
-        )]));
+        .with_data_info(data_info(&names, pre))
+        .checkpoint_extra(run_entries(cfg)?);
     if let Some(dir) = &cfg.checkpoint_dir {
         trainer = trainer.checkpoint_every_epoch(dir.clone());
     }
@@ -775,6 +769,22 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
         }
     }
     Ok((cfg, ck))
+}
+
+/// The data's names and preprocessing, for the model's metadata.
+fn data_info(names: &[String], pre: Preprocess) -> DataInfo {
+    DataInfo {
+        names: names.to_vec(),
+        preprocess: pre.to_string(),
+    }
+}
+
+/// The entries every checkpoint of the run keeps: its command line, for `--resume`.
+fn run_entries(cfg: &RunConfig) -> Result<BTreeMap<String, String>> {
+    Ok(BTreeMap::from([(
+        "run".to_string(),
+        serde_json::to_string(cfg)?,
+    )]))
 }
 
 /// Where a run starts: afresh, or from a layer's checkpoint, or from a network's checkpoint

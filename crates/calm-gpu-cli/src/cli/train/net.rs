@@ -1,17 +1,18 @@
 //! `calm-gpu train --net`: a deep network fitted layer by layer through the library's
 //! [`NetTrainer`], with what `train` writes around it (locks, metrics, the Ctrl-C checkpoint).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use calm_gpu::DataInfo;
 use calm_gpu::em::Event;
 use calm_gpu::net::{LayerShape, NetEvent, NetParams, NetTrainer};
 
-use super::{MetricsLog, Outputs, RunConfig, cached, calm_flag_error, flag_error, report};
+use super::{
+    MetricsLog, Outputs, RunConfig, cached, calm_flag_error, data_info, flag_error, report,
+    run_entries,
+};
 use crate::cli::{install_ctrl_c, load_data, progress_bar, stop_token};
 
 /// Fits the network `params` describes on the run's data, continuing the checkpoint directory
@@ -52,14 +53,8 @@ pub(super) fn fit_net(
     .map_err(calm_flag_error)?;
     let mut trainer = trainer
         .with_cancel(stop_token().clone())
-        .with_data_info(DataInfo {
-            names: names.clone(),
-            preprocess: pre.to_string(),
-        })
-        .checkpoint_extra(BTreeMap::from([(
-            "run".to_string(),
-            serde_json::to_string(&cfg)?,
-        )]));
+        .with_data_info(data_info(&names, pre))
+        .checkpoint_extra(run_entries(&cfg)?);
     if let Some(dir) = &cfg.checkpoint_dir {
         trainer = trainer.checkpoint_every_epoch(dir.clone());
     }

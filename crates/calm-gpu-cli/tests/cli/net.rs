@@ -1,48 +1,9 @@
 //! `train --net` as a user meets it: a deep network trained, described, encoded and probed,
 //! kill and resume in the middle of a layer, and a bad spec refused with one line naming its part.
 
-#[path = "../../calm-gpu/tests/common/mod.rs"]
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
-
-/// The binary, with no tuning file.
-fn calm() -> Command {
-    let mut c = Command::cargo_bin("calm-gpu").unwrap();
-    c.env("CALM_TUNE_FILE", "off");
-    c
-}
-
-#[track_caller]
-fn assert_ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs and expects failure with a single `error: ...` line on stderr mentioning `needle`.
-#[track_caller]
-fn fails_with(args: &[&str], needle: &str) {
-    let out = calm().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
-        .collect();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
-    assert!(lines[0].starts_with("error: "), "{args:?}: {err}");
-    assert!(
-        lines[0].to_lowercase().contains(&needle.to_lowercase()),
-        "{args:?}: `{}` lacks `{needle}`",
-        lines[0]
-    );
-}
+use super::{assert_ok, calm, fails_with};
 
 /// `n` of the shipped training digits with their labels, as float32 .npy files in `dir`.
 fn digits(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
