@@ -13,6 +13,7 @@ use crate::em::Event;
 use crate::error::{CalmError, Result};
 use crate::fit::{CalmParams, Checkpoint, DataInfo, Trainer};
 use crate::geometry::Geometry;
+use crate::model::EpochRecord;
 
 /// A network's parameters: the spec, and the choices every layer shares (epochs, batch, seed,
 /// initialisation, revival, prior, device, and layer 1's whitening and the top layer's feature
@@ -212,9 +213,9 @@ impl NetTrainer {
         self
     }
 
-    /// The epochs of the layer under way that its checkpoint holds (0 for a fresh layer).
-    pub fn resumed_epochs(&self) -> usize {
-        self.resume.as_ref().map_or(0, |ck| ck.records.len())
+    /// The epochs of the layer under way that its checkpoint holds (none for a fresh layer).
+    pub fn resumed_records(&self) -> &[EpochRecord] {
+        self.resume.as_ref().map_or(&[], |ck| &ck.records)
     }
 
     /// Layers fitted so far.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 
 use calm_gpu::em::Event;
+use calm_gpu::model::EpochRecord;
 use calm_gpu::net::{LayerShape, NetEvent, NetParams, NetTrainer};
 
 use super::{
@@ -61,13 +62,14 @@ pub(super) fn fit_net(
     for l in plan(&params, &shapes, &names, n, cfg.epochs) {
         say(l);
     }
-    let (resumed_layer, resumed_epochs) = (trainer.layers_done() + 1, trainer.resumed_epochs());
+    let resumed_layer = trainer.layers_done() + 1;
+    let resumed_epochs = trainer.resumed_records().len();
     if resume.is_some() {
         say(format!(
             "resuming at layer {resumed_layer}, after {resumed_epochs} of its epochs"
         ));
     }
-    let mut metrics = open_metrics(&cfg, resume.is_some(), resumed_layer, resumed_epochs)?;
+    let mut metrics = open_metrics(&cfg, resume.is_some(), &trainer)?;
     let bar = progress_bar(quiet, n);
     install_ctrl_c();
     let mut io_err: Option<std::io::Error> = None;
@@ -106,8 +108,7 @@ pub(super) fn fit_net(
             };
             report(e, &bar, cfg.epochs, first, quiet);
             if let (Event::EpochEnd(r), Some(m)) = (e, metrics.as_mut()) {
-                let mut j = serde_json::to_value(r).expect("plain numbers serialise");
-                j["layer"] = layer.into();
+                let j = metrics_line(r, layer);
                 if let Err(e) = writeln!(m.file, "{j}").and_then(|_| m.file.flush()) {
                     io_err.get_or_insert(e);
                 }
@@ -198,41 +199,43 @@ fn plan(
     lines
 }
 
-/// The `--metrics` file: on resume, the lines the checkpoint covers are kept and the rest
-/// dropped (a kill between a checkpoint and its line must neither lose nor repeat one).
+/// The `--metrics` file: on resume, the lines of the layers fitted before the one under way
+/// are kept (each was written before its layer was saved), and the layer under way's epochs are
+/// rewritten from its checkpoint (a kill between a checkpoint and its line must neither lose nor
+/// repeat one).
 fn open_metrics(
     cfg: &RunConfig,
     resuming: bool,
-    layer: usize,
-    epochs: usize,
+    trainer: &NetTrainer,
 ) -> Result<Option<MetricsLog>> {
     let Some(p) = &cfg.metrics else {
         return Ok(None);
     };
-    let text = match resuming {
-        true => kept_lines(p, layer, epochs),
-        false => String::new(),
-    };
+    let mut text = String::new();
+    if resuming {
+        let layer = trainer.layers_done() + 1;
+        let old = std::fs::read_to_string(p).unwrap_or_default();
+        for line in old.lines() {
+            let j = serde_json::from_str::<serde_json::Value>(line).ok();
+            if j.and_then(|j| j["layer"].as_u64())
+                .is_some_and(|l| (l as usize) < layer)
+            {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        for r in trainer.resumed_records() {
+            text.push_str(&metrics_line(r, layer).to_string());
+            text.push('\n');
+        }
+    }
     let replacing = !resuming && std::fs::metadata(p).is_ok_and(|m| m.is_file());
     Ok(Some(MetricsLog::create(p, &text, replacing)?))
 }
 
-/// The lines of the metrics file `path` a network checkpoint covers: every line of the layers
-/// before `layer`, and `layer`'s first `epochs`.
-fn kept_lines(path: &std::path::Path, layer: usize, epochs: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut kept = String::new();
-    for line in text.lines() {
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (l, e) = (j["layer"].as_u64(), j["epoch"].as_u64());
-        if let (Some(l), Some(e)) = (l, e)
-            && ((l as usize) < layer || (l as usize == layer && e as usize <= epochs))
-        {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    kept
+/// One `--metrics` line: the epoch's record and its layer.
+fn metrics_line(r: &EpochRecord, layer: usize) -> serde_json::Value {
+    let mut j = serde_json::to_value(r).expect("plain numbers serialise");
+    j["layer"] = layer.into();
+    j
 }
