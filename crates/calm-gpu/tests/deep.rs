@@ -128,6 +128,28 @@ fn a_deep_fit_keeps_every_layer_and_its_ll_never_decreases() {
     assert!(e.to_string().contains("layer 2"), "{e}");
 }
 
+/// `var F` on a layer fits that layer under variance F (its prior keeps 1/F), and only it.
+#[test]
+fn a_layer_variance_is_that_layers_alone() {
+    let spec: NetSpec = "8x5p2 | tri max4s2p1 norm | 6x3p1 var4".parse().unwrap();
+    let net = NetParams::new(spec, base().epochs(2))
+        .fit(digits(200))
+        .unwrap();
+    assert!(
+        net.layers[0].prior.is_none(),
+        "layer 1 keeps SPEC's variance"
+    );
+    let p = net.layers[1].prior.as_ref().expect("layer 2's variance");
+    assert_eq!(p.inv_var, 0.25);
+    let ll: Vec<f64> = net.layers[1]
+        .meta
+        .history
+        .iter()
+        .map(|h| h.loglik)
+        .collect();
+    assert!(ll.windows(2).all(|w| w[1] >= w[0]), "{ll:?}");
+}
+
 /// A fit cancelled in the middle of layer 1 and of layer 2, each time checkpointed and resumed
 /// by a new trainer, writes the uninterrupted fit's bytes.
 #[test]

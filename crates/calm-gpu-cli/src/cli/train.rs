@@ -136,8 +136,9 @@ pub struct TrainArgs {
     pub cache: Option<PathBuf>,
     /// A deep network of CALM layers, fitted greedily layer by layer (each on the one below's
     /// outputs) and written into --out as one file; e.g. "64x5p2 | tri max4s2p1 norm | 256x3p1 |
-    /// tri max4s2p1". Parts are separated by `|`: a layer `KxW[pP] [white W]` (K kernels of
-    /// W x W, padding P, its input whitened over W x W patches), then a link to the next layer: an
+    /// tri max4s2p1". Parts are separated by `|`: a layer `KxW[pP] [whiteW] [varF]` (K kernels of
+    /// W x W, padding P, its input whitened over W x W patches, its variance F: the posterior's
+    /// temperature, default --variance), then a link to the next layer: an
     /// encoding of the layer's map (`tri`: the triangle relu(mean distance - distance); `tri^Q`
     /// raised to the power Q; `post`: the posterior; `logp`: L itself), an optional pooling
     /// (`maxN`, `avgN` or `lseN`, followed by `sS` for stride S [default N] and `pP` for padding P), and an

@@ -3,10 +3,12 @@
 //! ```text
 //! net    = part { "|" part }         layers and links alternate, a layer first;
 //!                                    a link after the last layer is the feature head
-//! layer  = K "x" w [ "p" p ] [ " white" W ]
+//! layer  = K "x" w [ "p" p ] [ " white" W ] [ " var" F ]
 //!                                    K kernels of w x w, zero padding p (default 0); white W:
 //!                                    whiten this layer's input over W x W patches (layer 1
-//!                                    takes the run's whitening instead)
+//!                                    takes the run's whitening instead); var F: the layer's
+//!                                    variance sigma^2, its posterior's temperature (default:
+//!                                    the run's, SPEC's 1)
 //! link   = encoding [ pool ] [ "norm" ]   (space-separated, in this order)
 //! encoding = "tri" [ "^" q ]         triangle max(0, mean_j d_j - d_k)^q, d_k = ||x_u - theta_k||
 //!          | "post"                  the posterior gamma_k(u) = softmax_k L[k, u]
@@ -37,6 +39,9 @@ pub struct LayerSpec {
     /// Patch-whitening width of this layer's input (`white W`); `None`: none, or for layer 1 the
     /// run's.
     pub whiten: Option<usize>,
+    /// The layer's variance `sigma^2` (`var F`), the temperature of its posterior; `None`: the
+    /// run's.
+    pub variance: Option<f64>,
 }
 
 /// How a layer's map `L[k, u]` becomes one value per kernel and position.
@@ -136,6 +141,7 @@ impl NetSpec {
             layers: vec![LayerSpec {
                 layer,
                 whiten: None,
+                variance: None,
             }],
             links: Vec::new(),
         }
@@ -228,6 +234,9 @@ impl fmt::Display for LayerSpec {
         if let Some(w) = self.whiten {
             write!(f, " white{w}")?;
         }
+        if let Some(v) = self.variance {
+            write!(f, " var{v}")?;
+        }
         Ok(())
     }
 }
@@ -315,13 +324,20 @@ fn parse_layer(words: &[&str]) -> Result<LayerSpec, String> {
     if kernels == 0 || width == 0 {
         return Err("kernels and width must be at least 1".into());
     }
-    let mut whiten = None;
+    let (mut whiten, mut variance) = (None, None);
     for w in &words[1..] {
+        if let Some(v) = w.strip_prefix("var") {
+            match v.parse::<f64>() {
+                Ok(v) if v.is_finite() && v > 0.0 => variance = Some(v),
+                _ => return Err(format!("`{w}`: a variance is a positive number, e.g. var4")),
+            }
+            continue;
+        }
         match w.strip_prefix("white").and_then(number) {
             Some((n, "")) if n > 0 => whiten = Some(n),
             _ => {
                 return Err(format!(
-                    "unknown layer option `{w}` (a layer takes `white W`, W at least 1)"
+                    "unknown layer option `{w}` (a layer takes `white W`, W at least 1, and `var F`)"
                 ));
             }
         }
@@ -333,6 +349,7 @@ fn parse_layer(words: &[&str]) -> Result<LayerSpec, String> {
             pad,
         },
         whiten,
+        variance,
     })
 }
 
@@ -502,6 +519,7 @@ mod tests {
             "128x5p2 | tri max4s2p1 norm | 512x3p1 | tri max4s2p1",
             "64x3 white3 | post avg2 | 32x2 | logp lse3s1",
             "16x3 | tri^0.5 norm | 8x1",
+            "64x5p2 white7 var0.25 | tri max4s2p1 norm | 256x3p1 var4 | tri avg4s3",
         ] {
             let spec: NetSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
@@ -533,6 +551,9 @@ mod tests {
             ("0x3", "part 1", "at least 1"),
             ("64y3", "part 1", "not a layer"),
             ("64x3 hue", "part 1", "unknown layer option"),
+            ("64x3 | tri | 8x3 var0", "part 3", "positive number"),
+            ("64x3 var-1", "part 1", "positive number"),
+            ("64x3 varx", "part 1", "positive number"),
             ("64x3 ||", "part 2", "empty"),
         ] {
             let e = s.parse::<NetSpec>().unwrap_err();

@@ -82,6 +82,9 @@ impl NetParams {
         } else if s.whiten.is_some() {
             p.whiten = s.whiten;
         }
+        if s.variance.is_some() {
+            p.variance = s.variance;
+        }
         p
     }
 
