@@ -136,6 +136,46 @@ fn one_two_and_three_ranks_write_the_plain_binarys_model_byte_for_byte() {
     }
 }
 
+/// A deep network (`train --net`, its link standardised, a head) from 1, 2 and 3 ranks: the
+/// plain binary's network file, byte for byte.
+#[test]
+fn a_deep_network_from_any_number_of_ranks_is_the_plain_binarys() {
+    let dir = tempfile::tempdir().unwrap();
+    let idx = digits_idx(dir.path());
+    let args = |out: &Path| {
+        let mut a = train_args(
+            &idx,
+            out,
+            "--backend cpu --preset recommended --epochs 2 --batch 150 --seed 4",
+        );
+        a.extend([
+            "--net".into(),
+            "8x5p2 | tri max4s2p1 norm | 6x3p1 | tri avg2".into(),
+        ]);
+        a
+    };
+    let want = dir.path().join("net-plain.safetensors");
+    run({
+        let mut c = plain();
+        c.args(args(&want));
+        c
+    });
+    for n in [1, 2, 3] {
+        let got = dir.path().join(format!("net-{n}.safetensors"));
+        let out = run({
+            let mut c = mpirun(n);
+            c.arg(bin()).args(args(&got));
+            c
+        });
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.matches("wrote ").count(), 1, "{stdout}");
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(),
+            "{n} ranks wrote another network than the plain binary"
+        );
+    }
+}
+
 #[test]
 fn ranks_on_lavapipe_match_the_plain_gpu_run() {
     let dir = tempfile::tempdir().unwrap();

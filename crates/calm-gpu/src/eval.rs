@@ -329,7 +329,8 @@ pub fn twin(
         layer.meta.history.clear();
         t.layers.push(layer);
         if l + 1 < net.layers.len() || t.spec.links.get(l).is_some_and(|k| k.norm) {
-            let (next, norm) = t.link_stage(l, x, true, &cfg.cancel, &mut |_| {})?;
+            let fit = crate::net::NormFit::solo(x.len(), m.meta.batch.max(1))?;
+            let (next, norm) = t.link_stage(l, x, Some(&fit), &cfg.cancel, &mut |_| {})?;
             t.norms.push(norm);
             x = next;
         } else if l < t.spec.links.len() {

@@ -269,3 +269,76 @@ fn a_shard_of_a_file_holds_its_batches_images() {
         }
     }
 }
+
+/// A deep network (a standardised link, whitening and patches in layer 1, a head) on 1, 2 and 3
+/// ranks: every rank ends with the single process's network, byte for byte; a fit of 3 ranks
+/// cancelled in layer 2 resumes on 2 ranks, and on one process, to the same bytes.
+#[test]
+fn a_deep_network_on_any_number_of_ranks_is_the_single_process_network() {
+    use calm_gpu::net::{NetEvent, NetParams, NetTrainer};
+    let data = digits();
+    let base = spec_like()
+        .init_method(InitMethod::Patches)
+        .revive(true)
+        .whiten(5)
+        .epochs(2);
+    let params = NetParams::new(
+        "8x5p2 | tri max4s2p1 norm | 6x3p1 | tri avg2"
+            .parse()
+            .unwrap(),
+        base.clone(),
+    );
+    let want = params.fit(data.clone()).unwrap().to_bytes().unwrap();
+    for ranks in [1, 2, 3] {
+        let nets = on_ranks(ranks, &base, &data, |comm, shard| {
+            let mut t = NetTrainer::sharded(&params, shard, data.len(), comm, None).unwrap();
+            assert!(!t.run(&mut |_| {}).unwrap().interrupted);
+            t.into_network().to_bytes().unwrap()
+        });
+        for (q, bytes) in nets.iter().enumerate() {
+            assert!(
+                *bytes == want,
+                "rank {q} of {ranks}: not the single process's network"
+            );
+        }
+    }
+    // Rank 2 of 3 cancelled in layer 2's first epoch; rank 0 keeps the checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let outcomes = on_ranks(3, &base, &data, |comm, shard| {
+        let rank = comm.rank();
+        let token = CancelToken::new();
+        let mut t = NetTrainer::sharded(&params, shard, data.len(), comm, None)
+            .unwrap()
+            .with_cancel(token.clone())
+            .checkpoint_every_epoch(dir.path().to_path_buf());
+        let mut layer = 0;
+        let out = t
+            .run(&mut |ev| match ev {
+                NetEvent::LayerStart { layer: l, .. } => layer = *l,
+                NetEvent::Fit(calm_gpu::em::Event::Progress { .. }) if layer == 2 && rank == 2 => {
+                    token.cancel()
+                }
+                _ => {}
+            })
+            .unwrap();
+        if out.interrupted {
+            t.save_checkpoint(dir.path()).unwrap();
+        }
+        (out.interrupted, t.layers_done())
+    });
+    assert!(outcomes.iter().all(|&(i, l)| i && l == 1), "{outcomes:?}");
+    let nets = on_ranks(2, &base, &data, |comm, shard| {
+        let mut t =
+            NetTrainer::sharded(&params, shard, data.len(), comm, Some(dir.path())).unwrap();
+        assert_eq!(t.layers_done(), 1);
+        t.run(&mut |_| {}).unwrap();
+        t.into_network().to_bytes().unwrap()
+    });
+    assert!(nets.iter().all(|b| *b == want), "resumed on 2 ranks");
+    let mut t = NetTrainer::resume(&params, data, dir.path()).unwrap();
+    t.run(&mut |_| {}).unwrap();
+    assert!(
+        t.into_network().to_bytes().unwrap() == want,
+        "resumed on one process"
+    );
+}

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use ndarray::Array2;
 use safetensors::SafeTensors;
 
+pub(crate) use ops::NormFit;
 pub use ops::{ChannelNorm, LinkSource};
 pub use spec::{LayerShape, LayerSpec, LinkSpec, MapEncoding, NetSpec, PoolKind, PoolSpec};
 pub use train::{NETWORK_FILE, NetEvent, NetOutcome, NetParams, NetTrainer};
@@ -106,29 +107,35 @@ impl Network {
         let mut x = source;
         for i in 0..l {
             x = self
-                .link_stage(i, x, false, cancel, &mut |n| progress(i + 1, n))?
+                .link_stage(i, x, None, cancel, &mut |n| progress(i + 1, n))?
                 .0;
         }
         Ok(x)
     }
 
     /// Layer `l`'s link on `input` (layer `l`'s input, before its whitening), held in memory
-    /// when it fits [`INPUT_BUDGET`], standardised by `norms[l]`; or, with `fit_norm` where the
-    /// link has `norm`, by a standardisation fitted on these outputs, returned beside them.
-    /// `progress` gets the images done of the link, then of the fit.
+    /// when it fits [`INPUT_BUDGET`], standardised by `norms[l]`; or, with `fit` where the link
+    /// has `norm`, by a standardisation fitted on these outputs (of every rank of `fit`),
+    /// returned beside them. `progress` gets the images done of the link, then of the fit.
     pub(crate) fn link_stage(
         &self,
         l: usize,
         input: Arc<dyn ImageSource>,
-        fit_norm: bool,
+        fit: Option<&NormFit<'_>>,
         cancel: &CancelToken,
         progress: &mut dyn FnMut(usize),
     ) -> Result<(Arc<dyn ImageSource>, Option<ChannelNorm>)> {
         let link = Arc::new(self.link_source(l, input, None)?);
         let raw = ops::materialize(link, INPUT_BUDGET, cancel, progress)?;
-        let norm = match fit_norm && self.spec.links[l].norm {
-            true => Some(ChannelNorm::fit(raw.as_ref(), cancel, progress)?),
-            false => self.norms.get(l).cloned().flatten(),
+        let norm = match fit.filter(|_| self.spec.links[l].norm) {
+            Some(f) => Some(ChannelNorm::fit_sharded(
+                raw.as_ref(),
+                f.sharding,
+                f.comm,
+                cancel,
+                progress,
+            )?),
+            None => self.norms.get(l).cloned().flatten(),
         };
         Ok(match norm {
             Some(n) => (Arc::new(ops::Normed::new(raw, n.clone())?), Some(n)),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::spec::{LinkSpec, MapEncoding, PoolKind, PoolSpec};
 use crate::cancel::CancelToken;
 use crate::data::{DataError, Dataset, ImageSource, check_request};
+use crate::dist::{Comm, Sharding, Solo};
 use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::prior::Prior;
@@ -92,6 +93,23 @@ pub fn pool_image(p: &PoolSpec, (k, ho, wo): (usize, usize, usize), x: &[f32], o
     }
 }
 
+/// Where a link's standardisation is fitted: over the images of this process (`solo`), or over
+/// the whole data from one rank's shard of it.
+pub(crate) struct NormFit<'a> {
+    pub sharding: Sharding,
+    pub comm: &'a dyn Comm,
+}
+
+impl NormFit<'static> {
+    /// All `n` images here, summed in batches of `batch` (see [`ChannelNorm::fit`]).
+    pub fn solo(n: usize, batch: usize) -> Result<Self> {
+        Ok(Self {
+            sharding: Sharding::new(n, batch, 0, 1)?,
+            comm: &Solo,
+        })
+    }
+}
+
 /// A per-channel standardisation `(x - mean[c]) / scale[c]`, fitted on the training maps.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChannelNorm {
@@ -103,37 +121,78 @@ pub struct ChannelNorm {
 }
 
 impl ChannelNorm {
-    /// The means and variances of `source`'s channels over all images and positions, in f64
-    /// in image order (the same bits on any machine).
+    /// The means and variances of `source`'s channels over all images and positions: summed in
+    /// f64 in image order within each batch of `batch` images, from zero, and the batches' sums
+    /// then added in order (the same bits on any machine, and for any number of ranks through
+    /// [`ChannelNorm::fit_sharded`]).
     pub fn fit(
         source: &dyn ImageSource,
+        batch: usize,
         cancel: &CancelToken,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Self> {
-        let (c, h, w) = source.shape();
         let n = source.len();
-        let per = c * h * w;
-        let batch = ((64 << 20) / (per * 4).max(1)).clamp(1, 1000);
-        let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+        if n == 0 {
+            return Err(crate::CalmError::Invalid(
+                "a standardisation needs at least one image".into(),
+            ));
+        }
+        let sharding = Sharding::new(n, batch, 0, 1)?;
+        Self::fit_sharded(source, sharding, &Solo, cancel, progress)
+    }
+
+    /// [`ChannelNorm::fit`] of the whole data from one rank's `shard` of it: every rank of
+    /// `comm` calls it alike and gets the same bits as [`ChannelNorm::fit`] on all the images.
+    /// `cancel` stops this rank alone, so in a job of several ranks give one that is never
+    /// cancelled and agree on stopping afterwards.
+    pub fn fit_sharded(
+        shard: &dyn ImageSource,
+        sharding: Sharding,
+        comm: &dyn Comm,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
+        let (c, h, w) = shard.shape();
+        let (per, rounds) = (c * h * w, sharding.rounds());
+        // Each round's batch sums [s1 (C), s2 (C)], this rank's, then everyone's.
+        let mut send = vec![0f64; rounds * 2 * c];
+        let chunk = ((64 << 20) / (per * 4).max(1)).clamp(1, sharding.batch);
         let mut buf = Vec::new();
-        let mut start = 0;
-        while start < n {
-            cancel.check()?;
-            let nb = batch.min(n - start);
-            buf.resize(nb * per, 0.0);
-            source.read_into(start, nb, &mut buf)?;
-            for img in buf.chunks_exact(per) {
-                for (ch, plane) in img.chunks_exact(h * w).enumerate() {
-                    for &v in plane {
-                        s1[ch] += v as f64;
-                        s2[ch] += v as f64 * v as f64;
+        let mut done = 0;
+        for j in 0..rounds {
+            let Some((first, nb)) = sharding.local_batch(j) else {
+                break;
+            };
+            let (s1, s2) = send[j * 2 * c..(j + 1) * 2 * c].split_at_mut(c);
+            let mut start = first;
+            while start < first + nb {
+                cancel.check()?;
+                let m = chunk.min(first + nb - start);
+                buf.resize(m * per, 0.0);
+                shard.read_into(start, m, &mut buf)?;
+                for img in buf.chunks_exact(per) {
+                    for (ch, plane) in img.chunks_exact(h * w).enumerate() {
+                        for &v in plane {
+                            s1[ch] += v as f64;
+                            s2[ch] += v as f64 * v as f64;
+                        }
                     }
                 }
+                start += m;
+                done += m;
+                progress(done);
             }
-            start += nb;
-            progress(start);
         }
-        let count = (n * h * w).max(1) as f64;
+        let mut all = vec![0f64; sharding.size * send.len()];
+        comm.all_gather(&send, &mut all)?;
+        let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+        for b in 0..sharding.batches() {
+            let (q, j) = (b % sharding.size, b / sharding.size);
+            let sums = &all[(q * rounds + j) * 2 * c..(q * rounds + j + 1) * 2 * c];
+            s1.iter_mut().zip(&sums[..c]).for_each(|(a, v)| *a += v);
+            s2.iter_mut().zip(&sums[c..]).for_each(|(a, v)| *a += v);
+        }
+        let count = (sharding.n * h * w).max(1) as f64;
         let mean: Vec<f64> = s1.iter().map(|s| s / count).collect();
         let var: Vec<f64> = s2
             .iter()
@@ -448,7 +507,7 @@ mod tests {
             ndarray::Array4::from_shape_vec((2, 2, 2, 2), x).unwrap(),
             None,
         );
-        let norm = ChannelNorm::fit(&d, &CancelToken::new(), &mut |_| {}).unwrap();
+        let norm = ChannelNorm::fit(&d, 7, &CancelToken::new(), &mut |_| {}).unwrap();
         let mut all = d.images.as_slice().unwrap().to_vec();
         all.chunks_exact_mut(8).for_each(|img| norm.apply(img));
         for ch in 0..2 {

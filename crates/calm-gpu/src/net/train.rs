@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{NetSpec, Network};
+use super::{NetSpec, Network, NormFit};
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
+use crate::dist::{Comm, Sharding, Solo};
 use crate::em::Event;
 use crate::error::{CalmError, Result};
 use crate::fit::{CalmParams, Checkpoint, DataInfo, Trainer};
@@ -123,6 +124,9 @@ pub struct NetTrainer {
     data: DataInfo,
     checkpoint_dir: Option<PathBuf>,
     checkpoint_extra: BTreeMap<String, String>,
+    /// A data-parallel fit: the ranks, and the images of all of them (`source` is this rank's
+    /// shard).
+    dist: Option<(Arc<dyn Comm>, usize)>,
 }
 
 /// The file of a network checkpoint directory holding the layers fitted so far.
@@ -152,7 +156,56 @@ impl NetTrainer {
             data: DataInfo::default(),
             checkpoint_dir: None,
             checkpoint_extra: BTreeMap::new(),
+            dist: None,
         })
+    }
+
+    /// One rank's part of a data-parallel fit ([`crate::dist`], as [`Trainer::sharded`]):
+    /// `shard` holds this rank's batches of the `n` training images, and every rank of `comm`
+    /// calls this, then [`NetTrainer::run`], alike; `resume`, a checkpoint directory to
+    /// continue (written with any number of ranks). Every rank computes its own images' links,
+    /// each standardisation is fitted on the sums of all ranks, and every rank ends with the
+    /// network a single process fits, bit for bit. Only rank 0 writes. A cancellation stops
+    /// every rank within the next layer's first batch: a link's images, once begun, are
+    /// finished (a rank cannot stop there alone).
+    pub fn sharded(
+        params: &NetParams,
+        shard: Arc<dyn ImageSource>,
+        n: usize,
+        comm: Arc<dyn Comm>,
+        resume: Option<&Path>,
+    ) -> Result<Self> {
+        let sharding = Sharding::new(n, params.base.batch, comm.rank(), comm.size())?;
+        if shard.len() != sharding.local_len() {
+            return Err(CalmError::Invalid(format!(
+                "rank {} of {} holds {} images, but its shard of {n} in batches of {} has {}",
+                sharding.rank,
+                sharding.size,
+                shard.len(),
+                params.base.batch,
+                sharding.local_len()
+            )));
+        }
+        let mut t = match resume {
+            Some(dir) => Self::resume(params, shard, dir)?,
+            None => Self::new(params, shard)?,
+        };
+        t.dist = Some((comm, n));
+        Ok(t)
+    }
+
+    /// True where this process writes (rank 0, or a fit of one process).
+    fn root(&self) -> bool {
+        self.dist.as_ref().is_none_or(|(c, _)| c.rank() == 0)
+    }
+
+    /// The token the links' computations stop on: this trainer's, except on the ranks of a
+    /// data-parallel fit, where one rank cannot stop alone (see [`NetTrainer::sharded`]).
+    fn link_cancel(&self) -> CancelToken {
+        match self.dist {
+            Some(_) => CancelToken::new(),
+            None => self.cancel.clone(),
+        }
     }
 
     /// Continues a fit kept in `dir` by [`NetTrainer::save_checkpoint`] (or after every epoch):
@@ -246,15 +299,18 @@ impl NetTrainer {
             let input = match self.stage.take() {
                 Some((at, x)) if at == l => x,
                 _ => {
-                    let input =
-                        self.net
-                            .input_of(l, self.source.clone(), &self.cancel, &mut |i, d| {
-                                observer(&NetEvent::Input {
-                                    layer: i + 1,
-                                    images: d,
-                                    of: n,
-                                })
-                            });
+                    let input = self.net.input_of(
+                        l,
+                        self.source.clone(),
+                        &self.link_cancel(),
+                        &mut |i, d| {
+                            observer(&NetEvent::Input {
+                                layer: i + 1,
+                                images: d,
+                                of: n,
+                            })
+                        },
+                    );
                     match input {
                         Err(CalmError::Interrupted) => {
                             return Ok(NetOutcome { interrupted: true });
@@ -266,9 +322,12 @@ impl NetTrainer {
             let params = self.params.layer_params(l);
             let mut extra = self.checkpoint_extra.clone();
             extra.insert("net_layer".into(), (l + 1).to_string());
-            let mut trainer = match self.resume.take() {
-                Some(ck) => Trainer::resume(&params, input.clone(), ck)?,
-                None => Trainer::new(&params, input.clone())?,
+            let mut trainer = match (self.resume.take(), &self.dist) {
+                (ck, Some((comm, n))) => {
+                    Trainer::sharded(&params, input.clone(), *n, comm.clone(), ck)?
+                }
+                (Some(ck), None) => Trainer::resume(&params, input.clone(), ck)?,
+                (None, None) => Trainer::new(&params, input.clone())?,
             }
             .with_cancel(self.cancel.clone())
             .with_data_info(self.layer_data(l))
@@ -300,13 +359,23 @@ impl NetTrainer {
             self.net.layers.push(model);
             let link = self.params.spec.links.get(l);
             if l + 1 < layers || link.is_some_and(|k| k.norm) {
-                let stage = self.net.link_stage(l, input, true, &self.cancel, &mut |d| {
-                    observer(&NetEvent::Input {
-                        layer: l + 2,
-                        images: d,
-                        of: n,
-                    })
-                });
+                let comm: &dyn Comm = match &self.dist {
+                    Some((c, _)) => c.as_ref(),
+                    None => &Solo,
+                };
+                let fit = NormFit {
+                    sharding: self.sharding()?,
+                    comm,
+                };
+                let stage =
+                    self.net
+                        .link_stage(l, input, Some(&fit), &self.link_cancel(), &mut |d| {
+                            observer(&NetEvent::Input {
+                                layer: l + 2,
+                                images: d,
+                                of: n,
+                            })
+                        });
                 let (next, norm) = match stage {
                     Ok(s) => s,
                     // The layer is fitted again from its checkpoint on resume.
@@ -327,12 +396,23 @@ impl NetTrainer {
                 self.net.norms.push(None);
             }
             self.current = None;
-            if let Some(dir) = &self.checkpoint_dir {
+            if let Some(dir) = &self.checkpoint_dir
+                && self.root()
+            {
                 self.save_network(dir)?;
             }
             observer(&NetEvent::LayerEnd { layer: l + 1 });
         }
         Ok(NetOutcome { interrupted: false })
+    }
+
+    /// The batches of the fit over its ranks (one rank: all of them here).
+    fn sharding(&self) -> Result<Sharding> {
+        let batch = self.params.base.batch;
+        match &self.dist {
+            Some((c, n)) => Sharding::new(*n, batch, c.rank(), c.size()),
+            None => Sharding::new(self.source.len(), batch, 0, 1),
+        }
     }
 
     fn layer_data(&self, l: usize) -> DataInfo {
@@ -361,8 +441,12 @@ impl NetTrainer {
     }
 
     /// Writes a checkpoint of the state now into `dir`: the layers fitted so far, and the layer
-    /// under way (after a cancellation, say).
+    /// under way (after a cancellation, say). On the ranks of a data-parallel fit but rank 0 it
+    /// writes nothing.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        if !self.root() {
+            return Ok(());
+        }
         if !self.net.layers.is_empty() {
             self.save_network(dir)?;
         }

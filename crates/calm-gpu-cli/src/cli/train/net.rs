@@ -14,7 +14,7 @@ use super::{
     MetricsLog, Outputs, RunConfig, cached, calm_flag_error, data_info, flag_error, report,
     run_entries,
 };
-use crate::cli::{install_ctrl_c, load_data, progress_bar, stop_token};
+use crate::cli::{install_ctrl_c, load_data, load_shard, parallel, progress_bar, stop_token};
 
 /// Fits the network `params` describes on the run's data, continuing the checkpoint directory
 /// `resume` where given, and writes it to `--out`.
@@ -25,31 +25,46 @@ pub(super) fn fit_net(
     quiet: bool,
 ) -> Result<()> {
     params.base.check().map_err(flag_error)?;
-    if crate::cli::parallel::world().is_some() {
-        bail!("--net does not run under MPI yet; run it as one process");
-    }
     if cfg.plot.is_some() {
         bail!(
             "--plot draws one layer's LL; a network's epochs go to --metrics (a line per epoch, with its layer)"
         );
     }
-    let outputs = Outputs::claim(&cfg, resume.is_some(), quiet)?;
+    // In an MPI job only rank 0 prints and writes.
+    let world = parallel::world();
+    let outputs = match parallel::is_root() {
+        true => Some(Outputs::claim(&cfg, resume.is_some(), quiet)?),
+        false => None,
+    };
+    let quiet = quiet || outputs.is_none();
     let say = |s: String| {
         if !quiet {
             println!("{s}");
         }
     };
-    let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+    let (data, names, pre, n) = match &world {
+        Some(w) => {
+            if cfg.cache.is_some() {
+                bail!("--cache is not available under MPI: each rank reads only its own images");
+            }
+            load_shard(&cfg.data, cfg.preprocess, params.base.batch, w.as_ref())?
+        }
+        None => {
+            let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+            let n = data.len();
+            (data, names, pre, n)
+        }
+    };
     let (c, h, w) = data.shape();
     let shapes = params.check_shape(c, h, w).map_err(calm_flag_error)?;
     let data = match &cfg.cache {
         Some(p) => cached(p, data, &names, pre, quiet)?,
         None => data,
     };
-    let n = data.len();
-    let trainer = match &resume {
-        Some(dir) => NetTrainer::resume(&params, data, dir),
-        None => NetTrainer::new(&params, data),
+    let trainer = match (&world, &resume) {
+        (Some(w), dir) => NetTrainer::sharded(&params, data, n, w.clone(), dir.as_deref()),
+        (None, Some(dir)) => NetTrainer::resume(&params, data, dir),
+        (None, None) => NetTrainer::new(&params, data),
     }
     .map_err(calm_flag_error)?;
     let mut trainer = trainer
@@ -62,6 +77,14 @@ pub(super) fn fit_net(
     for l in plan(&params, &shapes, &names, n, cfg.epochs) {
         say(l);
     }
+    if let Some(w) = &world {
+        say(format!(
+            "MPI: {} processes; batch b of {} images is rank b % {}'s in every layer, and each layer's statistics and standardisation are summed in batch order",
+            w.size(),
+            params.base.batch,
+            w.size()
+        ));
+    }
     let resumed_layer = trainer.layers_done() + 1;
     let resumed_epochs = trainer.resumed_records().len();
     if resume.is_some() {
@@ -69,7 +92,10 @@ pub(super) fn fit_net(
             "resuming at layer {resumed_layer}, after {resumed_epochs} of its epochs"
         ));
     }
-    let mut metrics = open_metrics(&cfg, resume.is_some(), &trainer)?;
+    let mut metrics = match outputs {
+        Some(_) => open_metrics(&cfg, resume.is_some(), &trainer)?,
+        None => None,
+    };
     let bar = progress_bar(quiet, n);
     install_ctrl_c();
     let mut io_err: Option<std::io::Error> = None;
@@ -123,17 +149,24 @@ pub(super) fn fit_net(
         bail!("writing --metrics failed: {e}");
     }
     if outcome.interrupted {
-        trainer.save_checkpoint(&outputs.checkpoint_dir)?;
-        let dir = outputs.checkpoint_dir.clone();
-        drop(metrics);
-        drop(outputs);
-        eprintln!(
-            "error: interrupted in layer {} after {} complete layers; resume with: calm-gpu train --resume {}",
-            trainer.layers_done() + 1,
-            trainer.layers_done(),
-            dir.display()
-        );
-        crate::cli::parallel::exit(130);
+        // exit() runs no destructors: the metrics and the locks go here.
+        if let Some(outputs) = outputs {
+            trainer.save_checkpoint(&outputs.checkpoint_dir)?;
+            let dir = outputs.checkpoint_dir.clone();
+            drop(metrics);
+            drop(outputs);
+            eprintln!(
+                "error: interrupted in layer {} after {} complete layers; resume with: calm-gpu train --resume {}",
+                trainer.layers_done() + 1,
+                trainer.layers_done(),
+                dir.display()
+            );
+        }
+        parallel::exit(130);
+    }
+    if outputs.is_none() {
+        // Another rank of an MPI job: rank 0 writes the network, the same as this one's.
+        return Ok(());
     }
     let net = trainer.into_network();
     net.save(&cfg.out, cfg.force)?;
