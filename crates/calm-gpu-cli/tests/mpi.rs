@@ -83,7 +83,7 @@ fn digits_npy(dir: &Path) -> PathBuf {
     let d = calm_gpu::data::embedded_digits(calm_gpu::data::Split::Train);
     let dict = "{'descr': '|u1', 'fortran_order': False, 'shape': (1001, 28, 28), }";
     let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

@@ -196,6 +196,21 @@ impl Sharding {
         self.local_batches().map(|b| self.batch_len(b)).sum()
     }
 
+    /// An error unless a shard of `len` images is this rank's.
+    pub fn check_shard(&self, len: usize) -> Result<()> {
+        if len != self.local_len() {
+            return Err(CalmError::Invalid(format!(
+                "rank {} of {} holds {len} images, but its shard of {} in batches of {} has {}",
+                self.rank,
+                self.size,
+                self.n,
+                self.batch,
+                self.local_len()
+            )));
+        }
+        Ok(())
+    }
+
     /// The rank holding global image `i`, and its index in that rank's shard.
     pub fn locate(&self, i: usize) -> (usize, usize) {
         let b = i / self.batch;

@@ -443,16 +443,7 @@ impl Trainer {
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self> {
         let sharding = Sharding::new(n, params.batch, comm.rank(), comm.size())?;
-        if shard.len() != sharding.local_len() {
-            return Err(CalmError::Invalid(format!(
-                "rank {} of {} holds {} images, but its shard of {n} in batches of {} has {}",
-                sharding.rank,
-                sharding.size,
-                shard.len(),
-                params.batch,
-                sharding.local_len()
-            )));
-        }
+        sharding.check_shard(shard.len())?;
         let global: Arc<dyn ImageSource> =
             Arc::new(Gathered::new(shard.clone(), sharding, comm.clone()));
         let mut traffic = None;

@@ -176,16 +176,7 @@ impl NetTrainer {
         resume: Option<&Path>,
     ) -> Result<Self> {
         let sharding = Sharding::new(n, params.base.batch, comm.rank(), comm.size())?;
-        if shard.len() != sharding.local_len() {
-            return Err(CalmError::Invalid(format!(
-                "rank {} of {} holds {} images, but its shard of {n} in batches of {} has {}",
-                sharding.rank,
-                sharding.size,
-                shard.len(),
-                params.base.batch,
-                sharding.local_len()
-            )));
-        }
+        sharding.check_shard(shard.len())?;
         let mut t = match resume {
             Some(dir) => Self::resume(params, shard, dir)?,
             None => Self::new(params, shard)?,
