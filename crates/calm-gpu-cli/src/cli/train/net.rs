@@ -3,9 +3,11 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
+use calm_gpu::dist::Comm;
 use calm_gpu::em::Event;
 use calm_gpu::model::EpochRecord;
 use calm_gpu::net::{LayerShape, NetEvent, NetParams, NetTrainer};
@@ -14,7 +16,9 @@ use super::{
     MetricsLog, Outputs, RunConfig, cached, calm_flag_error, data_info, flag_error, report,
     run_entries,
 };
-use crate::cli::{install_ctrl_c, load_data, load_shard, parallel, progress_bar, stop_token};
+use crate::cli::{
+    Inputs, install_ctrl_c, load_data, load_shard, parallel, progress_bar, stop_token,
+};
 
 /// Fits the network `params` describes on the run's data, continuing the checkpoint directory
 /// `resume` where given, and writes it to `--out`.
@@ -42,25 +46,7 @@ pub(super) fn fit_net(
             println!("{s}");
         }
     };
-    let (data, names, pre, n) = match &world {
-        Some(w) => {
-            if cfg.cache.is_some() {
-                bail!("--cache is not available under MPI: each rank reads only its own images");
-            }
-            load_shard(&cfg.data, cfg.preprocess, params.base.batch, w.as_ref())?
-        }
-        None => {
-            let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
-            let n = data.len();
-            (data, names, pre, n)
-        }
-    };
-    let (c, h, w) = data.shape();
-    let shapes = params.check_shape(c, h, w).map_err(calm_flag_error)?;
-    let data = match &cfg.cache {
-        Some(p) => cached(p, data, &names, pre, quiet)?,
-        None => data,
-    };
+    let ((data, names, pre, n), shapes) = net_data(&cfg, &params, world.as_ref(), quiet)?;
     let trainer = match (&world, &resume) {
         (Some(w), dir) => NetTrainer::sharded(&params, data, n, w.clone(), dir.as_deref()),
         (None, Some(dir)) => NetTrainer::resume(&params, data, dir),
@@ -168,6 +154,46 @@ pub(super) fn fit_net(
         // Another rank of an MPI job: rank 0 writes the network, the same as this one's.
         return Ok(());
     }
+    write_network(&cfg, trainer, metrics, say)
+}
+
+/// The run's images (under MPI, this rank's shard) with their names, preprocessing and total
+/// count, and each layer's shape on them (a spec that does not fit is refused here).
+fn net_data(
+    cfg: &RunConfig,
+    params: &NetParams,
+    world: Option<&Arc<dyn Comm>>,
+    quiet: bool,
+) -> Result<(Inputs, Vec<LayerShape>)> {
+    let (data, names, pre, n) = match world {
+        Some(w) => {
+            if cfg.cache.is_some() {
+                bail!("--cache is not available under MPI: each rank reads only its own images");
+            }
+            load_shard(&cfg.data, cfg.preprocess, params.base.batch, w.as_ref())?
+        }
+        None => {
+            let (data, names, pre) = load_data(&cfg.data, cfg.preprocess)?;
+            let n = data.len();
+            (data, names, pre, n)
+        }
+    };
+    let (c, h, w) = data.shape();
+    let shapes = params.check_shape(c, h, w).map_err(calm_flag_error)?;
+    let data = match &cfg.cache {
+        Some(p) => cached(p, data, &names, pre, quiet)?,
+        None => data,
+    };
+    Ok(((data, names, pre, n), shapes))
+}
+
+/// Writes the fitted network to `--out`, closes the metrics file and says what was written.
+fn write_network(
+    cfg: &RunConfig,
+    trainer: NetTrainer,
+    metrics: Option<MetricsLog>,
+    say: impl Fn(String),
+) -> Result<()> {
     let net = trainer.into_network();
     net.save(&cfg.out, cfg.force)?;
     if let Some(m) = metrics {
