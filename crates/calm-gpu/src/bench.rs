@@ -18,6 +18,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::gpu::{GpuContext, GpuEngine, GpuOptions};
+use crate::peak::FmaPeak;
 
 /// `n` unlabelled images of `c x h x w` pixels drawn uniformly from `[0, 1)` with `seed`; panics
 /// where [`try_random_images`] gives an error.
@@ -86,6 +87,9 @@ pub struct Row {
     pub first_loglik: Option<f64>,
     /// Seconds of the warm-up epoch, pipeline compilation included (GPU only).
     pub warmup_s: Option<f64>,
+    /// The machine's FP32 FMA peak on the engine's threads, measured before its epochs (CPU
+    /// only): `epoch_gflops` is read against it.
+    pub fma_peak: Option<FmaPeak>,
 }
 
 impl Row {
@@ -104,6 +108,19 @@ impl Row {
             "GFLOP/s",
             "device MB"
         )
+    }
+    /// For a CPU row: its epoch's GFLOP/s as a fraction of the machine's FMA peak, in a line.
+    pub fn peak_line(&self) -> Option<String> {
+        let p = self.fma_peak.as_ref()?;
+        Some(format!(
+            "{}: FP32 FMA peak {:.1} GFLOP/s ({}, {} threads); the epoch's {:.1} GFLOP/s is {:.0}% of it",
+            self.engine,
+            p.gflops,
+            p.isa,
+            p.threads,
+            self.epoch_gflops,
+            100.0 * p.fraction(self.epoch_gflops)
+        ))
     }
     /// This row as a line of the table under [`Row::header`].
     pub fn line(&self) -> String {
@@ -194,11 +211,13 @@ pub fn time_gpu(
         kernels: Some(eng.describe_kernels()),
         first_loglik: Some(first.loglik),
         warmup_s: Some(warmup_s),
+        fma_peak: None,
     })
 }
 
 /// Times the fast CPU engine over `epochs` epochs (at least one), reading `batch` images at a time;
-/// no warm-up epoch, and no E-step or M-step times of their own.
+/// no warm-up epoch, and no E-step or M-step times of their own. The machine's FMA peak on the
+/// same threads is measured first (about a second), for [`Row::peak_line`].
 pub fn time_cpu(
     g: Geometry,
     data: Arc<Dataset>,
@@ -207,6 +226,7 @@ pub fn time_cpu(
     epochs: usize,
 ) -> Result<Row> {
     let n = data.images.shape()[0];
+    let peak = crate::peak::fma_peak(std::time::Duration::from_secs(1));
     let mut eng = CpuEngine::new(g, data, theta.to_vec(), batch);
     let mut ep = Vec::new();
     for _ in 0..epochs.max(1) {
@@ -233,5 +253,6 @@ pub fn time_cpu(
         kernels: None,
         first_loglik: None,
         warmup_s: None,
+        fma_peak: Some(peak),
     })
 }

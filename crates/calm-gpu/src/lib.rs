@@ -46,6 +46,7 @@ pub mod interrupt;
 pub mod kmeans;
 pub mod model;
 pub mod net;
+pub mod peak;
 pub mod prior;
 pub mod probe;
 pub mod run;

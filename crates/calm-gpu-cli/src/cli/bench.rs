@@ -136,6 +136,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for k in rows.iter().filter_map(|r| r.kernels.as_ref()) {
         println!("kernels: {k}");
     }
+    for l in rows.iter().filter_map(|r| r.peak_line()) {
+        println!("{l}");
+    }
     if let Some(p) = &a.json {
         let mut s = String::new();
         for r in &rows {
