@@ -261,3 +261,65 @@ fn partial_prefetch_loads_are_clamped() {
     let full = source(calm_gpu::gpu::kernels::ESTEP, &Tiles::default());
     assert!(!full.contains("min(lid"), "a full share needs no clamp");
 }
+
+/// What the tensor-core E-step needs of an adapter: f16, cooperative matrices and subgroups
+/// (wgpu's SHADER_F16, EXPERIMENTAL_COOPERATIVE_MATRIX and SUBGROUP).
+fn coop_capabilities() -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    C::SHADER_FLOAT16 | C::COOPERATIVE_MATRIX | C::SUBGROUP
+}
+
+fn coop_module(subgroup: u32) -> (naga::Module, naga::valid::ModuleInfo) {
+    let text = calm_gpu::gpu::codegen::coop_estep_source(subgroup);
+    let module = naga::front::wgsl::parse_str(&text)
+        .unwrap_or_else(|e| panic!("estep_coop SG {subgroup}: {}", e.emit_to_string(&text)));
+    let info =
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), coop_capabilities())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("estep_coop SG {subgroup}: {:?}", e.into_inner()));
+    (module, info)
+}
+
+/// The tensor-core E-step validates for the subgroup sizes of real GPUs (NVIDIA's 32, AMD's 64,
+/// Intel's 16), and naga writes it as SPIR-V, what wgpu hands Vulkan, with its cooperative-matrix
+/// instructions in it. Without the capabilities it is refused: an adapter that lacks them never
+/// gets it.
+#[test]
+fn the_tensor_core_estep_validates_and_becomes_spirv() {
+    for sg in [16, 32, 64] {
+        let (module, info) = coop_module(sg);
+        let words = naga::back::spv::write_vec(
+            &module,
+            &info,
+            &naga::back::spv::Options {
+                lang_version: (1, 6),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_or_else(|e| panic!("estep_coop SG {sg} to SPIR-V: {e}"));
+        // The instructions after the 5-word header, each `word count << 16 | opcode`:
+        // OpCooperativeMatrixMulAddKHR (4459), twelve per stage, written once in the loop body.
+        let mut muladds = 0;
+        let mut at = 5;
+        while at < words.len() {
+            muladds += (words[at] & 0xffff == 4459) as usize;
+            at += (words[at] >> 16).max(1) as usize;
+        }
+        assert!(
+            muladds >= 12,
+            "SG {sg}: {muladds} cooperative multiply-adds in the SPIR-V"
+        );
+    }
+    let text = calm_gpu::gpu::codegen::coop_estep_source(32);
+    let module = naga::front::wgsl::parse_str(&text).unwrap();
+    assert!(
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::default()
+        )
+        .validate(&module)
+        .is_err(),
+        "the tensor-core kernel validated without f16 and cooperative matrices"
+    );
+}

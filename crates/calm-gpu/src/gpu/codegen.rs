@@ -8,7 +8,9 @@
 //! tests/shaders.rs checks that the files are this module's output for the default tiles and
 //! keeps a snapshot of its output for the built-in tiles of the MNIST protocol.
 
-use super::kernels::{ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, Tiles, UBO_M_THREADS};
+use super::kernels::{
+    ESTEP, ESTEP_COOP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, Tiles, UBO_M_THREADS,
+};
 
 /// The register block of the two GEMM kernels, written out for `rm` rows along `a` and `rn`
 /// columns along `b` (both multiples of 4): `rm * rn / 4` vec4 accumulators `acc_i_q`, the
@@ -366,7 +368,22 @@ fn ubo_blocks(
 
 /// The full WGSL text of a kernel: the shared `Params` header, then [`kernel_text`].
 pub fn source(kernel: &str, tiles: &Tiles) -> String {
-    format!("{PARAMS}\n{}", kernel_text(kernel, tiles))
+    let text = kernel_text(kernel, tiles);
+    // A kernel's `enable` directives (estep_coop.wgsl's f16 and cooperative matrices) must come
+    // before every declaration, so before the shared part.
+    let (enables, rest): (Vec<&str>, Vec<&str>) = text
+        .lines()
+        .partition(|line| line.trim_start().starts_with("enable "));
+    if enables.is_empty() {
+        return format!("{PARAMS}\n{text}");
+    }
+    format!("{}\n{PARAMS}\n{}\n", enables.join("\n"), rest.join("\n"))
+}
+
+/// The tensor-core E-step (`estep_coop.wgsl`) for an adapter whose subgroups have `subgroup`
+/// invocations (its workgroup is four of them), with the shared part.
+pub fn coop_estep_source(subgroup: u32) -> String {
+    source(&set_const(ESTEP_COOP, "SG", subgroup), &Tiles::default())
 }
 
 /// A kernel's own text for `tiles`: the file with its tile constants set ([`set_const`]) and,

@@ -38,6 +38,12 @@ pub const ESTEP_UBO: &str = include_str!("../../shaders/estep_ubo.wgsl");
 /// `shaders/mstep_ubo.wgsl`: the M-step reading `G` from uniform buffers ([`Variant::Uniform`]).
 pub const MSTEP_UBO: &str = include_str!("../../shaders/mstep_ubo.wgsl");
 
+/// `shaders/estep_coop.wgsl`: the E-step on the tensor cores through cooperative matrices, each
+/// operand split into two f16 parts ([`Variant::Coop`]; its CPU twin is [`crate::cpu::coop`]).
+/// Not in [`ALL`]: it needs the f16, cooperative-matrix and subgroup capabilities, which only
+/// some adapters have (tests/shaders.rs validates it with them).
+pub const ESTEP_COOP: &str = include_str!("../../shaders/estep_coop.wgsl");
+
 /// Every kernel with its name, for validation and tests.
 pub const ALL: [(&str, &str); 14] = [
     ("estep", ESTEP),
