@@ -146,6 +146,31 @@ pub fn run_case(
         rel_err(&st.l_last, &l_all[(n - last) * per..]),
         TOL_LINEAR,
     );
+    if eng.variant() == crate::gpu::kernels::Variant::Coop {
+        // The tensor-core E-step against its twin (the same f16 splits and 16-step chunks),
+        // relative to the scale of each output's terms, within what the hardware's own order
+        // and rounding inside a chunk allow (cpu::coop::tolerance).
+        let first = n - last;
+        let xb = &xpad[first * g.padded_len()..];
+        let bias = g.bias_f32(&theta);
+        let twin = crate::cpu::coop::estep(&g, xb, last, &theta, &bias);
+        let scale = crate::cpu::coop::term_scale(&g, xb, last, &theta, &bias);
+        let err = st
+            .l_last
+            .iter()
+            .zip(&twin)
+            .zip(&scale)
+            .fold(0f64, |m, ((a, b), s)| {
+                let d = (*a as f64 - *b as f64).abs() / s.max(1e-30);
+                if d.is_nan() { f64::INFINITY } else { m.max(d) }
+            });
+        let err = if st.l_last.len() == twin.len() {
+            err
+        } else {
+            f64::INFINITY
+        };
+        row("estep coop twin", err, crate::cpu::coop::tolerance(g.r()));
+    }
     let logp = reference::logp(&g, &l_all, n);
     row("logsumexp", rel_err(&st.logp_all, &logp), TOL_LINEAR);
 

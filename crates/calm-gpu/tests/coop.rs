@@ -290,10 +290,37 @@ fn fifteen_epochs_keep_the_fp32_paths_ll() {
     }
 }
 
-/// A value the splits cannot hold is reported, so the engine can refuse the path.
+/// A value the splits cannot hold is reported, so the engine can refuse the path: weights by
+/// `fits`, pixels as the GPU engine reads them (resident or streamed), with the image named.
 #[test]
 fn operands_beyond_f16_are_refused() {
+    use calm_gpu::gpu::buffers::{pixel_bound, read_padded};
+    use calm_gpu::gpu::kernels::Variant;
     assert!(coop::fits(&[0.0, 1.0, -300.0, 65504.0]));
     assert!(!coop::fits(&[1.0, 1e5]));
     assert!(!coop::fits(&[f32::INFINITY]));
+    let g = Geometry::new(
+        LayerConfig {
+            kernels: 4,
+            width: 3,
+            pad: 1,
+        },
+        1,
+        6,
+        6,
+    )
+    .unwrap();
+    let mut d = random_images(1, 3, 1, 6, 6);
+    d.images[[2, 0, 4, 1]] = -7.0e4;
+    let mut host = Vec::new();
+    let fp32 = read_padded(&g, &d, 0, 3, &mut host, pixel_bound(Variant::Staged));
+    assert_eq!(fp32.unwrap().len(), 3 * 64);
+    let err = read_padded(&g, &d, 0, 3, &mut host, pixel_bound(Variant::Coop))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("image 2") && err.contains("-70000") && err.contains("staged"),
+        "{err}"
+    );
+    assert!(read_padded(&g, &d, 0, 2, &mut host, pixel_bound(Variant::Coop)).is_ok());
 }

@@ -271,6 +271,46 @@ fn uniform_kernels_only_where_their_windows_fit() {
     assert!(err.to_string().contains("uniform-buffer kernels"), "{err}");
 }
 
+/// The tensor-core kernels: where the adapter has what they need (a real GPU with cooperative
+/// matrices), every kernel of an engine that runs them against the twins, `validate`'s checks
+/// (the E-step against its CPU twin `cpu::coop` and the f64 reference, the rest of the epoch on
+/// it); elsewhere (lavapipe, llvmpipe), asking for them is refused with the reason.
+#[test]
+fn tensor_core_kernels_where_the_adapter_has_them() {
+    let config = calm_gpu::GpuConfig {
+        cooperative_matrices: true,
+        ..Default::default()
+    };
+    let Some(ctx) = gpu_with(&config) else { return };
+    println!("{}: {}", ctx.info.name, ctx.describe_coop());
+    let base = GpuOptions {
+        variant: Some(Variant::Coop),
+        ..Default::default()
+    };
+    if ctx.coop.is_none() {
+        let err = calm_gpu::validate::run_case(&ctx, 1, calm_gpu::validate::cases()[0], &base)
+            .expect_err("the tensor-core kernels ran on an adapter without cooperative matrices");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tensor-core kernels") && !msg.contains('\n'),
+            "{msg}"
+        );
+        return;
+    }
+    let rows = calm_gpu::validate::run_with(&ctx, &base).unwrap();
+    assert!(rows.iter().any(|r| r.kernel == "estep coop twin"));
+    for r in &rows {
+        assert!(
+            r.pass(),
+            "{} {}: {:e} > {:e}",
+            r.kernel,
+            r.shape,
+            r.error,
+            r.tolerance
+        );
+    }
+}
+
 /// 9 images of 2 x 13 x 11, K 7, w 4, p 1: odd sizes, padding, several regions per grid.
 fn small_case() -> (usize, Geometry) {
     let g = Geometry::new(

@@ -311,6 +311,17 @@ fn the_tensor_core_estep_validates_and_becomes_spirv() {
             "SG {sg}: {muladds} cooperative multiply-adds in the SPIR-V"
         );
     }
+    // Its workgroup memory is what the host checks against the adapter's limit.
+    let (module, _) = coop_module(32);
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).unwrap();
+    let bytes: u32 = module
+        .global_variables
+        .iter()
+        .filter(|(_, v)| v.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, v)| layouter[v.ty].size)
+        .sum();
+    assert_eq!(bytes, calm_gpu::gpu::kernels::COOP_WORKGROUP_BYTES);
     let text = calm_gpu::gpu::codegen::coop_estep_source(32);
     let module = naga::front::wgsl::parse_str(&text).unwrap();
     assert!(

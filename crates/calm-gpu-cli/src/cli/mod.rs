@@ -260,8 +260,8 @@ fn stop_token() -> &'static calm_gpu::CancelToken {
 }
 
 /// The GPU configuration the environment asks for (docs/tuning.md): `CALM_KERNELS`,
-/// `CALM_TILES`, `CALM_CHECKS=on`, `CALM_GPU_MEMORY` (MiB), `CALM_TUNE_FILE` and
-/// `WGPU_ADAPTER_NAME`. The library reads none of them itself.
+/// `CALM_TILES`, `CALM_CHECKS=on`, `CALM_GPU_MEMORY` (MiB), `CALM_TUNE_FILE`,
+/// `CALM_TENSOR_CORES=0` and `WGPU_ADAPTER_NAME`. The library reads none of them itself.
 fn gpu_config() -> Result<calm_gpu::GpuConfig> {
     let var = |name: &str| std::env::var(name).ok();
     let kernels = match var("CALM_KERNELS") {
@@ -296,6 +296,11 @@ fn gpu_config() -> Result<calm_gpu::GpuConfig> {
         chosen_by: by_env.then(|| "CALM_TILES / CALM_KERNELS".to_string()),
         // wgpu's own variables (WGPU_BACKEND, WGPU_VALIDATION, ...) hold for the CLI.
         wgpu_env: true,
+        // The tensor-core kernels where the adapter has what they need, unless turned off.
+        cooperative_matrices: !matches!(
+            var("CALM_TENSOR_CORES").as_deref().map(str::trim),
+            Some("0" | "off" | "OFF" | "no")
+        ),
     })
 }
 

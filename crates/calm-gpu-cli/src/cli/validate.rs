@@ -26,8 +26,9 @@ pub(super) fn validate(a: ValidateArgs) -> Result<()> {
     let cfg = super::gpu_config()?;
     let ctx = Arc::new(GpuContext::open(b, false, &cfg)?);
     println!("adapter: {}", ctx.describe());
+    println!("{}", ctx.describe_coop());
     println!(
-        "kernels: {:?} (CALM_KERNELS=staged, direct or uniform chooses)",
+        "kernels: {:?} (CALM_KERNELS=staged, direct, uniform or coop chooses)",
         cfg.kernels
             .unwrap_or_else(|| calm_gpu::gpu::kernels::Variant::builtin(&ctx.info))
     );
@@ -60,7 +61,20 @@ pub(super) fn validate(a: ValidateArgs) -> Result<()> {
         cancel: super::stop_token().clone(),
         ..calm_gpu::gpu::GpuOptions::from_config(&cfg, 1000)
     };
-    let rows = calm_gpu::validate::run_with(&ctx, &base)?;
+    let mut rows = calm_gpu::validate::run_with(&ctx, &base)?;
+    // Where the tensor-core kernels run and were not the ones asked for, they are checked too.
+    let coop = calm_gpu::gpu::kernels::Variant::Coop;
+    if ctx.coop.is_some() && cfg.kernels != Some(coop) {
+        let with_coop = calm_gpu::gpu::GpuOptions {
+            variant: Some(coop),
+            chosen_by: Some("validate".into()),
+            ..base.clone()
+        };
+        for mut r in calm_gpu::validate::run_with(&ctx, &with_coop)? {
+            r.shape = format!("coop {}", r.shape);
+            rows.push(r);
+        }
+    }
     println!(
         "{:<14} {:<34} {:>12} {:>10}  result",
         "kernel", "shape", "max rel err", "tolerance"

@@ -4,7 +4,7 @@
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{Params, UBO_FLOATS};
+use super::kernels::{Params, UBO_FLOATS, Variant};
 use super::plan::MemoryPlan;
 use crate::data::ImageSource;
 use crate::error::{CalmError, Result};
@@ -100,14 +100,24 @@ pub fn bind(
     )
 }
 
-/// Images `start .. start + count` of `source`, checked finite and zero-padded (`host` is
-/// scratch space, reused).
+/// The largest pixel magnitude `variant`'s kernels take: f16's range for the tensor-core
+/// E-step's splits ([`crate::cpu::coop::MAX_OPERAND`]), else any finite value.
+pub fn pixel_bound(variant: Variant) -> f32 {
+    match variant {
+        Variant::Coop => crate::cpu::coop::MAX_OPERAND,
+        _ => f32::MAX,
+    }
+}
+
+/// Images `start .. start + count` of `source`, checked finite and within `bound`
+/// ([`pixel_bound`]) and zero-padded (`host` is scratch space, reused).
 pub fn read_padded(
     g: &Geometry,
     source: &dyn ImageSource,
     start: usize,
     count: usize,
     host: &mut Vec<f32>,
+    bound: f32,
 ) -> Result<Vec<f32>> {
     let per = g.c * g.h * g.w;
     host.resize(count * per, 0.0);
@@ -116,6 +126,13 @@ pub fn read_padded(
         return Err(CalmError::Invalid(format!(
             "image {} holds a non-finite value (NaN or infinity); clean the data first",
             start + i / per
+        )));
+    }
+    if let Some(i) = host.iter().position(|v| v.abs() > bound) {
+        return Err(CalmError::Invalid(format!(
+            "image {} holds {}, beyond the {bound} the tensor-core kernels take (f16's range); scale the data or choose the FP32 kernels (CALM_KERNELS=staged)",
+            start + i / per,
+            host[i]
         )));
     }
     Ok(g.pad_images(host, count))
@@ -189,16 +206,18 @@ pub struct Resident {
 
 impl Resident {
     /// Allocates the plan's buffers, uploads `theta` and (unless the plan streams) the padded
-    /// dataset. `uniform`: the uniform-buffer kernels run, whose 64 KiB windows need zero tails
-    /// after `theta_t`, `G` and the offset table.
+    /// dataset. With the uniform-buffer kernels ([`Variant::Uniform`]) their 64 KiB windows need
+    /// zero tails after `theta_t`, `G` and the offset table; the tensor-core kernels take pixels
+    /// within f16's range only ([`pixel_bound`]).
     pub fn allocate(
         ctx: &GpuContext,
         g: &Geometry,
         plan: &MemoryPlan,
         theta: &[f32],
         source: &dyn ImageSource,
-        uniform: bool,
+        variant: Variant,
     ) -> Result<Self> {
+        let uniform = variant == Variant::Uniform;
         let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);
         let kp = g.kpad() as u64;
         let img_bytes = g.padded_len() as u64 * 4;
@@ -211,7 +230,7 @@ impl Resident {
                 .map(|&count| storage(ctx, "x-slot", count as u64 * img_bytes))
                 .collect()
         } else {
-            upload_dataset(ctx, g, plan, source)?
+            upload_dataset(ctx, g, plan, source, pixel_bound(variant))?
         };
         let mut off: Vec<u32> = g
             .patch_offsets()
@@ -353,6 +372,7 @@ fn upload_dataset(
     g: &Geometry,
     plan: &MemoryPlan,
     source: &dyn ImageSource,
+    bound: f32,
 ) -> Result<Vec<wgpu::Buffer>> {
     let img_bytes = g.padded_len() as u64 * 4;
     let piece = ((64 << 20) / img_bytes as usize).max(1);
@@ -364,7 +384,7 @@ fn upload_dataset(
         let mut done = 0;
         while done < count {
             let m = piece.min(count - done);
-            let padded = read_padded(g, source, start + done, m, &mut host)?;
+            let padded = read_padded(g, source, start + done, m, &mut host, bound)?;
             ctx.queue
                 .write_buffer(&buf, done as u64 * img_bytes, bytemuck::cast_slice(&padded));
             // Flush the staging memory now and then so a large upload stays bounded.

@@ -40,4 +40,9 @@ pub struct GpuConfig {
     /// `WGPU_VALIDATION`, `WGPU_DX12_COMPILER`, ...), as the CLI asks; off, the library reads
     /// no environment variable at all and wgpu's defaults hold.
     pub wgpu_env: bool,
+    /// Open the device with what the tensor-core E-step needs ([`super::kernels::Variant::Coop`]: f16,
+    /// subgroups and wgpu's experimental cooperative matrices) where the adapter offers all of it
+    /// ([`super::GpuContext::coop`]); off (the default), the device has none of them and the
+    /// tensor-core kernels are refused. The CLI turns it on unless `CALM_TENSOR_CORES=0`.
+    pub cooperative_matrices: bool,
 }

@@ -120,10 +120,75 @@ pub struct GpuContext {
     pub budget_source: &'static str,
     /// naga's runtime checks in the two GEMM kernels too ([`GpuConfig::checks`]).
     pub gemm_checks: bool,
+    /// The adapter's cooperative-matrix configurations (what `calm-gpu devices` prints; empty
+    /// where it offers none).
+    pub coop_properties: Vec<wgpu::CooperativeMatrixProperties>,
+    /// Where the device was opened for the tensor-core E-step ([`GpuConfig::cooperative_matrices`]
+    /// and an adapter that offers it all): its one subgroup size.
+    pub coop: Option<CoopSupport>,
+    /// The features the adapter offers (the device may have been opened with fewer).
+    pub adapter_features: wgpu::Features,
     /// Every compute pipeline built on this device, by kernel name and WGSL text: `validate`
     /// and `tune` build one engine after another with the same kernels, and each engine would
     /// otherwise translate and compile all ten again.
     pipelines: Mutex<HashMap<(String, String), wgpu::ComputePipeline>>,
+}
+
+/// What the tensor-core E-step found on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopSupport {
+    /// Invocations per subgroup, the same for every dispatch (the adapter's minimum and maximum
+    /// agree): the kernel's workgroup is four subgroups.
+    pub subgroup: u32,
+}
+
+/// The features the tensor-core E-step needs.
+fn coop_features() -> wgpu::Features {
+    wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+}
+
+/// Whether `adapter` can run the tensor-core E-step, and why not: the features, a 16x16x16
+/// configuration with f16 inputs and f32 accumulators, one subgroup size dividing 256, and the
+/// workgroup memory and size its workgroup of four subgroups needs.
+pub fn coop_support(
+    features: wgpu::Features,
+    properties: &[wgpu::CooperativeMatrixProperties],
+    info: &wgpu::AdapterInfo,
+    limits: &wgpu::Limits,
+) -> std::result::Result<CoopSupport, String> {
+    use wgpu::CooperativeScalarType as T;
+    let missing = coop_features() - features;
+    if !missing.is_empty() {
+        return Err(format!("the adapter lacks {missing:?}"));
+    }
+    if !properties.iter().any(|p| {
+        (p.m_size, p.n_size, p.k_size) == (16, 16, 16) && p.ab_type == T::F16 && p.cr_type == T::F32
+    }) {
+        return Err(
+            "the adapter offers no 16x16x16 cooperative matrices of f16 with f32 accumulators"
+                .into(),
+        );
+    }
+    let sg = info.subgroup_min_size;
+    if sg != info.subgroup_max_size || sg == 0 || 256 % sg != 0 {
+        return Err(format!(
+            "the adapter's subgroups have {}..{} invocations; the kernel needs one size that divides 256",
+            info.subgroup_min_size, info.subgroup_max_size
+        ));
+    }
+    let bytes = super::kernels::COOP_WORKGROUP_BYTES;
+    if limits.max_compute_workgroup_storage_size < bytes
+        || limits.max_compute_invocations_per_workgroup < 4 * sg
+        || limits.max_compute_workgroup_size_x < 4 * sg
+    {
+        return Err(format!(
+            "the kernel needs {bytes} bytes of workgroup memory and workgroups of {} invocations",
+            4 * sg
+        ));
+    }
+    Ok(CoopSupport { subgroup: sg })
 }
 
 /// The largest device-local heap of a Vulkan adapter, in bytes.
@@ -198,15 +263,42 @@ impl GpuContext {
         // Ask for everything the adapter allows: bigger bindings and workgroup memory than
         // wgpu's portable defaults (128 MiB, 16 KiB) mean bigger batches and tiles.
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("calm-gpu"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| {
+        let coop_properties = adapter.cooperative_matrix_properties();
+        let adapter_features = adapter.features();
+        let mut coop = match config.cooperative_matrices {
+            true => coop_support(adapter.features(), &coop_properties, &info, &limits).ok(),
+            false => None,
+        };
+        let open = |coop: bool| {
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("calm-gpu"),
+                required_features: match coop {
+                    true => coop_features(),
+                    false => wgpu::Features::empty(),
+                },
+                required_limits: limits.clone(),
+                experimental_features: match coop {
+                    // SAFETY: wgpu's token for its experimental features (here the cooperative
+                    // matrices): only the tensor-core E-step uses them, `validate` checks its
+                    // results against the f64 reference, and GpuConfig::cooperative_matrices
+                    // (CALM_TENSOR_CORES=0) opens the device without them.
+                    true => unsafe { wgpu::ExperimentalFeatures::enabled() },
+                    false => wgpu::ExperimentalFeatures::disabled(),
+                },
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
+        };
+        let opened = match coop {
+            // A driver that offers the features and then fails to open with them gets the
+            // device without them.
+            Some(_) => open(true).or_else(|_| {
+                coop = None;
+                open(false)
+            }),
+            None => open(false),
+        };
+        let (device, queue) = opened.map_err(|e| {
             CalmError::Gpu(format!(
                 "could not open {} ({:?}): {e}",
                 info.name, info.backend
@@ -221,6 +313,9 @@ impl GpuContext {
             budget,
             budget_source,
             gemm_checks: config.checks,
+            coop_properties,
+            coop,
+            adapter_features,
             pipelines: Mutex::default(),
         })
     }
@@ -258,6 +353,61 @@ impl GpuContext {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// The adapter's cooperative matrices and subgroups in one line, for `calm-gpu devices` and
+    /// the device script: each configuration as `MxNxK in->acc`, and whether the tensor-core
+    /// E-step runs here.
+    pub fn describe_coop(&self) -> String {
+        let configs: Vec<String> = self
+            .coop_properties
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}{}",
+                    p.m_size,
+                    p.n_size,
+                    p.k_size,
+                    p.ab_type,
+                    p.cr_type,
+                    if p.saturating_accumulation {
+                        " sat"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        format!(
+            "subgroups {}..{}; cooperative matrices: {}; tensor-core E-step: {}",
+            self.info.subgroup_min_size,
+            self.info.subgroup_max_size,
+            if configs.is_empty() {
+                "none".to_string()
+            } else {
+                configs.join(", ")
+            },
+            match self.coop {
+                Some(c) => format!("yes (subgroup {})", c.subgroup),
+                None => "no".into(),
+            }
+        )
+    }
+
+    /// Why the tensor-core E-step does not run on this device (for errors).
+    pub fn coop_missing(&self) -> String {
+        if self.coop.is_some() {
+            return "it does".into();
+        }
+        match coop_support(
+            self.device.features() | self.adapter_features,
+            &self.coop_properties,
+            &self.info,
+            &self.limits,
+        ) {
+            Err(why) => why,
+            Ok(_) => "the device was opened without cooperative matrices (CALM_TENSOR_CORES=0, GpuConfig::cooperative_matrices off, or the driver refused them)".into(),
+        }
     }
 
     /// One line naming the adapter, for the user.
@@ -325,5 +475,90 @@ impl GpuContext {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| CalmError::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An adapter as NVIDIA's Vulkan driver describes an H100/H200: the three features, 16x16x16
+    /// f16 -> f16 and f16 -> f32 configurations, subgroups of 32.
+    fn nvidia() -> (
+        wgpu::Features,
+        Vec<wgpu::CooperativeMatrixProperties>,
+        wgpu::AdapterInfo,
+        wgpu::Limits,
+    ) {
+        use wgpu::CooperativeScalarType as T;
+        let config = |cr| wgpu::CooperativeMatrixProperties {
+            m_size: 16,
+            n_size: 16,
+            k_size: 16,
+            ab_type: T::F16,
+            cr_type: cr,
+            saturating_accumulation: false,
+        };
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
+        info.subgroup_min_size = 32;
+        info.subgroup_max_size = 32;
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: 49152,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..wgpu::Limits::default()
+        };
+        (
+            coop_features() | wgpu::Features::TIMESTAMP_QUERY,
+            vec![config(T::F16), config(T::F32)],
+            info,
+            limits,
+        )
+    }
+
+    #[test]
+    fn the_tensor_core_estep_needs_every_part() {
+        let (f, p, i, l) = nvidia();
+        assert_eq!(
+            coop_support(f, &p, &i, &l),
+            Ok(CoopSupport { subgroup: 32 })
+        );
+        // Each missing part is named.
+        let no_f16 = coop_support(f - wgpu::Features::SHADER_F16, &p, &i, &l).unwrap_err();
+        assert!(no_f16.contains("SHADER_F16"), "{no_f16}");
+        let only_f16_acc: Vec<_> = p
+            .iter()
+            .filter(|c| c.cr_type != wgpu::CooperativeScalarType::F32)
+            .copied()
+            .collect();
+        assert!(
+            coop_support(f, &only_f16_acc, &i, &l)
+                .unwrap_err()
+                .contains("f32 accumulators")
+        );
+        assert!(coop_support(f, &[], &i, &l).is_err());
+        let mut intel = i.clone();
+        (intel.subgroup_min_size, intel.subgroup_max_size) = (8, 32);
+        assert!(
+            coop_support(f, &p, &intel, &l)
+                .unwrap_err()
+                .contains("8..32")
+        );
+        let small = wgpu::Limits {
+            max_compute_workgroup_storage_size: 16384,
+            ..l.clone()
+        };
+        assert!(
+            coop_support(f, &p, &i, &small)
+                .unwrap_err()
+                .contains("workgroup memory")
+        );
+        // AMD's 64-wide subgroups: workgroups of 256.
+        let mut amd = i.clone();
+        (amd.subgroup_min_size, amd.subgroup_max_size) = (64, 64);
+        assert_eq!(
+            coop_support(f, &p, &amd, &l),
+            Ok(CoopSupport { subgroup: 64 })
+        );
     }
 }

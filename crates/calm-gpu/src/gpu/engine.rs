@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::Array2;
 
-use super::buffers::{Resident, read_padded, transpose_padded};
+use super::buffers::{Resident, pixel_bound, read_padded, transpose_padded};
 use super::context::GpuContext;
 use super::kernels::{Tiles, Variant};
 use super::pipelines::Pipelines;
@@ -185,6 +185,12 @@ impl GpuEngine {
             opts.chosen_by.clone(),
         )?;
         let (tiles, variant) = (chosen.tiles, chosen.variant);
+        if variant == Variant::Coop && !crate::cpu::coop::fits(theta) {
+            return Err(CalmError::Invalid(format!(
+                "the starting weights hold values beyond the {} the tensor-core kernels take (f16's range); choose the FP32 kernels (CALM_KERNELS=staged)",
+                crate::cpu::coop::MAX_OPERAND
+            )));
+        }
         let pipes = Pipelines::new(&ctx, &tiles, variant)?;
         let budget = match opts.memory_budget {
             Some(b) => Some((b, "the budget GpuOptions set")),
@@ -207,8 +213,7 @@ impl GpuEngine {
             },
         )?;
         let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let uniform = variant == Variant::Uniform;
-        let buf = Resident::allocate(&ctx, &g, &plan, theta, source.as_ref(), uniform)?;
+        let buf = Resident::allocate(&ctx, &g, &plan, theta, source.as_ref(), variant)?;
         let s = Setup {
             ctx: &ctx,
             g: &g,
@@ -321,10 +326,11 @@ impl GpuEngine {
             // Two batches read ahead bound the host memory.
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(2);
             let source = source.clone();
+            let bound = pixel_bound(self.variant);
             scope.spawn(move || {
                 let mut host = Vec::new();
                 for (first, count) in ranges {
-                    let r = read_padded(&g, source.as_ref(), first, count, &mut host);
+                    let r = read_padded(&g, source.as_ref(), first, count, &mut host, bound);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         break;

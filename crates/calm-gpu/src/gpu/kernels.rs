@@ -552,6 +552,13 @@ pub fn ubo_rows(kp: usize, tn: u32) -> usize {
     (UBO_FLOATS.saturating_sub(tn as usize) / kp) / 8 * 8
 }
 
+/// Positions and kernels of one tensor-core E-step workgroup (`TM`, `TN` of estep_coop.wgsl).
+pub const COOP_TILE: u32 = 64;
+
+/// Workgroup memory of the tensor-core E-step: the f16 halves of a 64 x 16 A tile and a 16 x 64
+/// theta tile, the tile's 64 patch starts, and two 16x16 f32 results per subgroup (four).
+pub const COOP_WORKGROUP_BYTES: u32 = 4 * 64 * 16 * 2 + 64 * 4 + 2 * 4 * 256 * 4;
+
 /// Which implementation of the two GEMM kernels to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -566,16 +573,32 @@ pub enum Variant {
     /// llvmpipe, where a load from a storage buffer or workgroup memory inside a loop costs a
     /// loop over the lanes and a uniform-buffer load does not (docs/perf.md).
     Uniform,
+    /// The E-step on the tensor cores (`estep_coop.wgsl`: cooperative 16x16 f16 matrices, each
+    /// operand split in two, f32 accumulators) and the staged M-step: for adapters that offer
+    /// 16x16x16 f16 x f16 -> f32 cooperative matrices and one subgroup size
+    /// ([`super::GpuContext::coop`]).
+    Coop,
 }
 
 impl Variant {
-    /// `staged`, `direct` or `uniform` (the CLI's `CALM_KERNELS`).
+    /// `staged`, `direct`, `uniform` or `coop` (the CLI's `CALM_KERNELS`).
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
             "staged" => Ok(Variant::Staged),
             "direct" => Ok(Variant::Direct),
             "uniform" => Ok(Variant::Uniform),
-            other => Err(format!("`{other}`: expected staged, direct or uniform")),
+            "coop" => Ok(Variant::Coop),
+            other => Err(format!(
+                "`{other}`: expected staged, direct, uniform or coop"
+            )),
+        }
+    }
+
+    /// The family of its M-step: the tensor-core variant runs the staged one.
+    pub fn mstep(self) -> Self {
+        match self {
+            Variant::Coop => Variant::Staged,
+            v => v,
         }
     }
 
@@ -596,6 +619,7 @@ impl Variant {
             Variant::Staged => tiles.e_tm() as usize,
             Variant::Direct => 8 * 64,
             Variant::Uniform => 64 * tiles.u_rm as usize,
+            Variant::Coop => COOP_TILE as usize,
         }
     }
 }

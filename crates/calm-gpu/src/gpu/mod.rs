@@ -23,6 +23,8 @@ pub mod steps;
 pub mod tune;
 
 pub use config::GpuConfig;
-pub use context::{GpuBackend, GpuContext, is_real_gpu, list_adapters, list_adapters_with};
+pub use context::{
+    CoopSupport, GpuBackend, GpuContext, is_real_gpu, list_adapters, list_adapters_with,
+};
 pub use engine::{GpuEngine, GpuOptions, GpuState};
 pub use kernels::Tiles;

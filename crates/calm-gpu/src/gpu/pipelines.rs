@@ -1,7 +1,7 @@
 //! The compute pipelines of an engine: each kernel's WGSL generated for the tiles
 //! ([`super::codegen`]) and built once per device ([`GpuContext::pipeline`] keeps them).
 
-use super::codegen::source;
+use super::codegen::{coop_estep_source, source};
 use super::kernels::{
     ESTEP, ESTEP_DIRECT, ESTEP_UBO, FEATURES, FEATURES_TRI, LOGSUMEXP, MSTEP, MSTEP_DIRECT,
     MSTEP_UBO, POSTERIOR, REDUCE_STATS, SUMMARY, TRI_MEAN, Tiles, UPDATE, Variant,
@@ -106,6 +106,20 @@ impl Pipelines {
                 b("mstep_direct", MSTEP_DIRECT)?,
             ),
             Variant::Uniform => (b("estep_ubo", ESTEP_UBO)?, b("mstep_ubo", MSTEP_UBO)?),
+            Variant::Coop => {
+                let Some(coop) = ctx.coop else {
+                    return Err(CalmError::Gpu(format!(
+                        "the tensor-core kernels do not run on {}: {}",
+                        ctx.info.name,
+                        ctx.coop_missing()
+                    )));
+                };
+                let text = coop_estep_source(coop.subgroup);
+                let estep = ctx.pipeline(("estep_coop".into(), text.clone()), |device| {
+                    build(device, "estep_coop", &text, true)
+                })?;
+                (estep, b("mstep", MSTEP)?)
+            }
         };
         Ok(Self {
             variant,

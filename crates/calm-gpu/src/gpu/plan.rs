@@ -91,7 +91,7 @@ impl MemoryPlan {
         } else {
             0
         };
-        let uses_g = !(variant == Variant::Staged && tiles.m_fused);
+        let uses_g = !(variant.mstep() == Variant::Staged && tiles.m_fused);
         let offset_pad = (tiles.m_tr() as usize).max(1100);
         let limits = input.limits;
         let (k, r, p) = (g.k as u64, g.r() as u64, g.positions() as u64);

@@ -132,6 +132,7 @@ impl EStep {
             Variant::Staged => tiles.e_tn() as usize,
             Variant::Direct => 8,
             Variant::Uniform => tiles.u_tn as usize,
+            Variant::Coop => super::kernels::COOP_TILE as usize,
         };
         let tm = s.variant().estep_positions(tiles);
         let y = g.k.div_ceil(tn) as u32;
@@ -262,27 +263,30 @@ impl MStep {
         let pipe = &s.pipes.mstep;
         let n_chunks = |i: usize| plan.n_chunks(g, plan.batches[i].n_images);
         let kp = g.kpad();
-        match s.variant() {
-            Variant::Staged | Variant::Direct => Self(s.each_batch(pipe, |i, x| {
-                // The staged M-step reads G, or (Tiles::m_fused) L and logp.
-                let g_src = if plan.uses_g { &buf.gpost } else { &buf.l };
-                let mut bufs = vec![&buf.params[i], g_src, x, &buf.off, &buf.pos, &buf.partials];
-                if !plan.uses_g {
-                    bufs.push(&buf.logp_all);
-                }
-                let workgroups = if s.variant() == Variant::Staged {
-                    // R columns: B (column R of the partial sums) is summed by column tile 0.
-                    [
-                        g.r().div_ceil(tiles.m_tr() as usize) as u32,
-                        g.k.div_ceil(tiles.m_tk() as usize) as u32,
-                        n_chunks(i),
-                    ]
-                } else {
-                    let blocks = (g.r() + 1).div_ceil(8) * (kp / 8);
-                    [blocks.div_ceil(64) as u32, 1, n_chunks(i)]
-                };
-                vec![(bind(s.ctx, pipe, &bufs), workgroups)]
-            })),
+        match s.variant().mstep() {
+            Variant::Staged | Variant::Direct | Variant::Coop => {
+                Self(s.each_batch(pipe, |i, x| {
+                    // The staged M-step reads G, or (Tiles::m_fused) L and logp.
+                    let g_src = if plan.uses_g { &buf.gpost } else { &buf.l };
+                    let mut bufs =
+                        vec![&buf.params[i], g_src, x, &buf.off, &buf.pos, &buf.partials];
+                    if !plan.uses_g {
+                        bufs.push(&buf.logp_all);
+                    }
+                    let workgroups = if s.variant().mstep() == Variant::Staged {
+                        // R columns: B (column R of the partial sums) is summed by column tile 0.
+                        [
+                            g.r().div_ceil(tiles.m_tr() as usize) as u32,
+                            g.k.div_ceil(tiles.m_tk() as usize) as u32,
+                            n_chunks(i),
+                        ]
+                    } else {
+                        let blocks = (g.r() + 1).div_ceil(8) * (kp / 8);
+                        [blocks.div_ceil(64) as u32, 1, n_chunks(i)]
+                    };
+                    vec![(bind(s.ctx, pipe, &bufs), workgroups)]
+                }))
+            }
             Variant::Uniform => {
                 let rows = plan.window_rows;
                 // Every batch's windows, one after another.

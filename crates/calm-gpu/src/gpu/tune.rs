@@ -47,7 +47,8 @@ impl Choice {
     pub fn new(variant: Variant, tiles: Tiles) -> Self {
         let d = Tiles::default();
         let tiles = match variant {
-            Variant::Staged => Tiles {
+            // The tensor-core variant's M-step is the staged one, with its tiles.
+            Variant::Staged | Variant::Coop => Tiles {
                 u_rm: d.u_rm,
                 u_rr: d.u_rr,
                 u_tn: d.u_tn,
@@ -63,11 +64,12 @@ impl Choice {
         Self { variant, tiles }
     }
 
-    /// `staged:TILES` (TILES in `CALM_TILES`' syntax), `uniform[:u=RMxRR]` or `direct`.
+    /// `staged:TILES` (TILES in `CALM_TILES`' syntax), `uniform[:u=RMxRR]`, `direct` or
+    /// `coop:TILES` (the tensor-core E-step, the staged M-step with TILES).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             CalmError::Invalid(format!(
-                "kernel choice `{s}`: {why}; expected staged:TILES (the tile syntax of docs/tuning.md, e.g. staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR] or direct"
+                "kernel choice `{s}`: {why}; expected staged:TILES (the tile syntax of docs/tuning.md, e.g. staged:e=8x8x16@32,m=4x4x16@20x16p), uniform[:u=RMxRR], direct or coop:TILES"
             ))
         };
         let (name, rest) = match s.trim().split_once(':') {
@@ -82,6 +84,10 @@ impl Choice {
                 Ok(Self::new(Variant::Staged, tiles(r)?))
             }
             ("staged", _) => Err(bad("the staged kernels need their tiles")),
+            ("coop", Some(r)) if r.starts_with("e=") || r.starts_with("m=") => {
+                Ok(Self::new(Variant::Coop, tiles(r)?))
+            }
+            ("coop", _) => Err(bad("the tensor-core kernels need their M-step's tiles")),
             ("uniform", None) => Ok(Self {
                 variant: Variant::Uniform,
                 tiles: Tiles::default(),
@@ -110,6 +116,7 @@ impl Choice {
             Variant::Staged => (kernels::ESTEP, kernels::MSTEP),
             Variant::Direct => (kernels::ESTEP_DIRECT, kernels::MSTEP_DIRECT),
             Variant::Uniform => (kernels::ESTEP_UBO, kernels::MSTEP_UBO),
+            Variant::Coop => (kernels::ESTEP_COOP, kernels::MSTEP),
         };
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let layout = HOST_LAYOUT.to_string();
@@ -134,6 +141,7 @@ impl std::fmt::Display for Choice {
             Variant::Staged => write!(f, "staged:{}", self.tiles),
             Variant::Uniform => write!(f, "uniform:u={}x{}", self.tiles.u_rm, self.tiles.u_rr),
             Variant::Direct => f.write_str("direct"),
+            Variant::Coop => write!(f, "coop:{}", self.tiles),
         }
     }
 }
@@ -452,6 +460,12 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
             SHAPES_LARGE_K
         };
         list.extend(shapes.iter().map(|s| staged(s)));
+        if ctx.coop.is_some() {
+            // The tensor-core E-step beside the built-in staged M-step and the fastest ones.
+            let m_step = |t: Tiles| Choice::new(Variant::Coop, t);
+            list.push(m_step(builtin.tiles));
+            list.extend(shapes.iter().take(3).map(|s| m_step(staged(s).tiles)));
+        }
         list.extend([
             uniform(4, 4),
             Choice::new(Variant::Direct, Tiles::default()),
@@ -612,7 +626,7 @@ pub fn choose(
         Some(v) => resolve_variant(ctx, g, &tiles, v, true)?,
         None => resolve_variant(ctx, g, &tiles, Variant::builtin(&ctx.info), false)?,
     };
-    if variant == Variant::Staged {
+    if variant.mstep() == Variant::Staged {
         staged_tiles_fit(ctx, &tiles)?;
     }
     Ok(Chosen {
@@ -653,6 +667,13 @@ fn resolve_variant(
     wanted: Variant,
     asked: bool,
 ) -> Result<Variant> {
+    if wanted == Variant::Coop && ctx.coop.is_none() {
+        return Err(CalmError::Gpu(format!(
+            "the tensor-core kernels (coop) do not run on {}: {}; choose staged",
+            ctx.info.name,
+            ctx.coop_missing()
+        )));
+    }
     if wanted != Variant::Uniform {
         return Ok(wanted);
     }

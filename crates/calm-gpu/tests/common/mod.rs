@@ -22,13 +22,18 @@ pub fn backend_name() -> &'static str {
 /// the test is skipped with a message, unless `CALM_REQUIRE_GPU=1` (set by `.ci/run`), which
 /// makes a missing adapter a failure.
 pub fn gpu() -> Option<Arc<GpuContext>> {
+    gpu_with(&calm_gpu::GpuConfig::default())
+}
+
+/// [`gpu`] opened with `config`.
+pub fn gpu_with(config: &calm_gpu::GpuConfig) -> Option<Arc<GpuContext>> {
     let backend = match backend_name() {
         "gl" => GpuBackend::Gl,
         "metal" => GpuBackend::Metal,
         "dx12" => GpuBackend::Dx12,
         _ => GpuBackend::Vulkan,
     };
-    match GpuContext::new(backend, false) {
+    match GpuContext::open(backend, false, config) {
         Ok(ctx) => Some(Arc::new(ctx)),
         Err(e) => {
             if std::env::var("CALM_REQUIRE_GPU").as_deref() == Ok("1") {
