@@ -4,7 +4,8 @@
 //   L^T[m, k] = sum_r A[m, r] theta[k, r] + bias[k]     (the GEMM of estep.wgsl, same layouts)
 //
 // An operand v (a pixel of the patch A[m, r], or theta[k, r]) is split as
-//   hi = f16(v),   lo = f16((v - hi) * 2^11),   v = hi + lo * 2^-11 (to about 2^-22 relative)
+//   hi = v to 11 significant bits,   lo = f16((v - hi) * 2^11),   v = hi + lo * 2^-11
+// (to 2^-21 relative, see split)
 // and the product as three f16 x f16 -> f32 products on the tensor cores:
 //   main = sum_r hi_A hi_B,   corr = sum_r (hi_A lo_B + lo_A hi_B),   L = main + corr * 2^-11 + bias
 // (the lo x lo term, 2^-22 of the product, is left out). lo is scaled by 2^11 so that it keeps
@@ -36,6 +37,7 @@ const TN: u32 = 64u;        // kernels per workgroup
 const BK: u32 = 16u;        // reduction steps per stage: one matrix's depth
 const LO_SCALE: f32 = 2048.0;          // 2^11
 const LO_UNSCALE: f32 = 0.00048828125; // 2^-11
+const F16_MIN_NORMAL: f32 = 6.103515625e-5; // 2^-14
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> theta_t: array<f32>;
@@ -51,11 +53,15 @@ var<workgroup> row_base: array<u32, TM>;
 var<workgroup> out_main: array<f32, 4u * 256u>;  // one 16x16 result per subgroup, [m][n]
 var<workgroup> out_corr: array<f32, 4u * 256u>;
 
-// v as (hi, lo): hi = f16(v), lo = f16((v - hi) 2^11). v - hi is exact in f32.
+// v as (hi, lo). hi is v truncated to f16's 11 significant bits by clearing the low 13
+// mantissa bits of its f32 form: exactly an f16 where |v| >= 2^-14 (f16's normal range; below
+// it hi = 0, and lo carries v alone). lo = f16((v - hi) 2^11), v - hi exact in f32. Bits, not
+// f16(v) and back: a compiler may fold f32(f16(v)) into v (NVIDIA's Vulkan driver did, and lo
+// came out zero), which this leaves nothing to fold.
 fn split(v: f32) -> vec2<f16> {
-    let hi = f16(v);
-    let lo = f16((v - f32(hi)) * LO_SCALE);
-    return vec2<f16>(hi, lo);
+    let small = abs(v) < F16_MIN_NORMAL;
+    let hi = select(bitcast<f32>(bitcast<u32>(v) & 0xffffe000u), 0.0, small);
+    return vec2<f16>(f16(hi), f16((v - hi) * LO_SCALE));
 }
 
 // One 16x16 result of subgroup `s`, matrix (i, j) of its quarter, out to l with the bias.
