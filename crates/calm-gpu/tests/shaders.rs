@@ -5,7 +5,7 @@ use std::path::Path;
 
 use calm_gpu::gpu::Tiles;
 use calm_gpu::gpu::codegen::{kernel_text, set_block, set_const, source};
-use calm_gpu::gpu::kernels::{ALL, ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS};
+use calm_gpu::gpu::kernels::{ALL, CoopTiles, ESTEP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS};
 
 /// Set to rewrite the files these snapshot tests compare against (the generated blocks of
 /// `shaders/*.wgsl` and `tests/snapshots/`) after a deliberate change of the generator; review
@@ -269,8 +269,8 @@ fn coop_capabilities() -> naga::valid::Capabilities {
     C::SHADER_FLOAT16 | C::COOPERATIVE_MATRIX | C::SUBGROUP
 }
 
-fn coop_module(subgroup: u32) -> (naga::Module, naga::valid::ModuleInfo) {
-    let text = calm_gpu::gpu::codegen::coop_estep_source(subgroup);
+fn coop_module(subgroup: u32, tiles: &CoopTiles) -> (naga::Module, naga::valid::ModuleInfo) {
+    let text = calm_gpu::gpu::codegen::coop_estep_source(subgroup, tiles);
     let module = naga::front::wgsl::parse_str(&text)
         .unwrap_or_else(|e| panic!("estep_coop SG {subgroup}: {}", e.emit_to_string(&text)));
     let info =
@@ -280,49 +280,70 @@ fn coop_module(subgroup: u32) -> (naga::Module, naga::valid::ModuleInfo) {
     (module, info)
 }
 
+/// The tensor-core E-step's shapes the tests and `calm-gpu tune` use.
+fn coop_shapes() -> Vec<CoopTiles> {
+    let mut list = vec![CoopTiles::default()];
+    list.extend(calm_gpu::gpu::tune::COOP_SHAPES.iter().map(|s| {
+        Tiles::parse(&format!("e=8x4x16,m=4x4x16,c={s}"))
+            .unwrap()
+            .coop
+    }));
+    list
+}
+
+/// The file is the generator's text for the default shape and subgroups of 32.
+#[test]
+fn the_tensor_core_file_is_its_generated_default() {
+    let text = calm_gpu::gpu::codegen::coop_text(32, &CoopTiles::default());
+    snapshot("shaders/estep_coop.wgsl", &text);
+}
+
 /// The tensor-core E-step validates for the subgroup sizes of real GPUs (NVIDIA's 32, AMD's 64,
-/// Intel's 16), and naga writes it as SPIR-V, what wgpu hands Vulkan, with its cooperative-matrix
-/// instructions in it. Without the capabilities it is refused: an adapter that lacks them never
-/// gets it.
+/// Intel's 16) and every shape tune tries, and naga writes it as SPIR-V, what wgpu hands Vulkan,
+/// with its cooperative-matrix instructions in it; its workgroup memory is what the host checks
+/// against the adapter's limit. Without the capabilities it is refused: an adapter that lacks
+/// them never gets it.
 #[test]
 fn the_tensor_core_estep_validates_and_becomes_spirv() {
-    for sg in [16, 32, 64] {
-        let (module, info) = coop_module(sg);
-        let words = naga::back::spv::write_vec(
-            &module,
-            &info,
-            &naga::back::spv::Options {
-                lang_version: (1, 6),
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap_or_else(|e| panic!("estep_coop SG {sg} to SPIR-V: {e}"));
-        // The instructions after the 5-word header, each `word count << 16 | opcode`:
-        // OpCooperativeMatrixMulAddKHR (4459), twelve per stage, written once in the loop body.
-        let mut muladds = 0;
-        let mut at = 5;
-        while at < words.len() {
-            muladds += (words[at] & 0xffff == 4459) as usize;
-            at += (words[at] >> 16).max(1) as usize;
+    for tiles in coop_shapes() {
+        for sg in [16, 32, 64] {
+            let (module, info) = coop_module(sg, &tiles);
+            let words = naga::back::spv::write_vec(
+                &module,
+                &info,
+                &naga::back::spv::Options {
+                    lang_version: (1, 6),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap_or_else(|e| panic!("estep_coop c={tiles} SG {sg} to SPIR-V: {e}"));
+            // The instructions after the 5-word header, each `word count << 16 | opcode`:
+            // OpCooperativeMatrixMulAddKHR (4459), three per matrix of a subgroup's block,
+            // written once in the loop body.
+            let mut muladds = 0;
+            let mut at = 5;
+            while at < words.len() {
+                muladds += (words[at] & 0xffff == 4459) as usize;
+                at += (words[at] >> 16).max(1) as usize;
+            }
+            let want = 3 * (tiles.mi * tiles.nj) as usize;
+            assert_eq!(
+                muladds, want,
+                "c={tiles} SG {sg}: cooperative multiply-adds in the SPIR-V"
+            );
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(module.to_ctx()).unwrap();
+            let bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(_, v)| v.space == naga::AddressSpace::WorkGroup)
+                .map(|(_, v)| layouter[v.ty].size)
+                .sum();
+            assert_eq!(bytes, tiles.workgroup_bytes(), "c={tiles}");
         }
-        assert!(
-            muladds >= 12,
-            "SG {sg}: {muladds} cooperative multiply-adds in the SPIR-V"
-        );
     }
-    // Its workgroup memory is what the host checks against the adapter's limit.
-    let (module, _) = coop_module(32);
-    let mut layouter = naga::proc::Layouter::default();
-    layouter.update(module.to_ctx()).unwrap();
-    let bytes: u32 = module
-        .global_variables
-        .iter()
-        .filter(|(_, v)| v.space == naga::AddressSpace::WorkGroup)
-        .map(|(_, v)| layouter[v.ty].size)
-        .sum();
-    assert_eq!(bytes, calm_gpu::gpu::kernels::COOP_WORKGROUP_BYTES);
-    let text = calm_gpu::gpu::codegen::coop_estep_source(32);
+    let text = calm_gpu::gpu::codegen::coop_estep_source(32, &CoopTiles::default());
     let module = naga::front::wgsl::parse_str(&text).unwrap();
     assert!(
         naga::valid::Validator::new(
@@ -333,4 +354,36 @@ fn the_tensor_core_estep_validates_and_becomes_spirv() {
         .is_err(),
         "the tensor-core kernel validated without f16 and cooperative matrices"
     );
+}
+
+/// `c=` in a tile string round-trips, is left out of the string when it is the default, and
+/// shapes outside the rules are refused.
+#[test]
+fn tensor_core_tiles_parse_and_are_checked() {
+    let t = Tiles::parse("e=8x8x16@32su,m=4x4x16@16u,c=4x2x32@2x4").unwrap();
+    assert_eq!(
+        t.coop,
+        CoopTiles {
+            wm: 2,
+            wn: 4,
+            mi: 4,
+            nj: 2,
+            bk: 32
+        }
+    );
+    assert_eq!(t.to_string(), "e=8x8x16@32su,m=4x4x16@16u,c=4x2x32@2x4");
+    assert_eq!(Tiles::parse(&t.to_string()).unwrap(), t);
+    assert!(!Tiles::default().to_string().contains("c="));
+    for bad in [
+        "c=4x4x16@2x2",
+        "c=2x2x24@2x2",
+        "c=2x2x16@5x1",
+        "c=2x2x16",
+        "c=2x2@2x2",
+    ] {
+        assert!(
+            Tiles::parse(&format!("e=8x8x16,m=4x4x16,{bad}")).is_err(),
+            "{bad} was taken"
+        );
+    }
 }

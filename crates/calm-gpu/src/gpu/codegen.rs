@@ -9,7 +9,7 @@
 //! keeps a snapshot of its output for the built-in tiles of the MNIST protocol.
 
 use super::kernels::{
-    ESTEP, ESTEP_COOP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, Tiles, UBO_M_THREADS,
+    CoopTiles, ESTEP, ESTEP_COOP, ESTEP_UBO, MSTEP, MSTEP_UBO, PARAMS, Tiles, UBO_M_THREADS,
 };
 
 /// The register block of the two GEMM kernels, written out for `rm` rows along `a` and `rn`
@@ -381,9 +381,78 @@ pub fn source(kernel: &str, tiles: &Tiles) -> String {
 }
 
 /// The tensor-core E-step (`estep_coop.wgsl`) for an adapter whose subgroups have `subgroup`
-/// invocations (its workgroup is four of them), with the shared part.
-pub fn coop_estep_source(subgroup: u32) -> String {
-    source(&set_const(ESTEP_COOP, "SG", subgroup), &Tiles::default())
+/// invocations and the shape `tiles`, with the shared part.
+pub fn coop_estep_source(subgroup: u32, tiles: &CoopTiles) -> String {
+    source(&coop_text(subgroup, tiles), &Tiles::default())
+}
+
+/// The tensor-core E-step's own text: its constants and its three generated blocks (the
+/// accumulators, a 16-step slice's loads and multiply-adds, the stores) for `tiles`. The file
+/// holds the text for `CoopTiles::default()` and subgroups of 32 (tests/shaders.rs checks it).
+pub fn coop_text(subgroup: u32, tiles: &CoopTiles) -> String {
+    let mut text = ESTEP_COOP.to_string();
+    for (name, v) in [
+        ("SG", subgroup),
+        ("WM", tiles.wm),
+        ("WN", tiles.wn),
+        ("MI", tiles.mi),
+        ("NJ", tiles.nj),
+        ("BK", tiles.bk),
+    ] {
+        text = set_const(&text, name, v);
+    }
+    let (mut acc, mut mma, mut store) = (String::new(), String::new(), String::new());
+    let ij: Vec<(u32, u32)> = (0..tiles.mi)
+        .flat_map(|i| (0..tiles.nj).map(move |j| (i, j)))
+        .collect();
+    for &(i, j) in &ij {
+        acc.push_str(&format!(
+            "    var main_{i}_{j} = coop_mat16x16<f32, C>();\n    var corr_{i}_{j} = coop_mat16x16<f32, C>();\n"
+        ));
+    }
+    for i in 0..tiles.mi {
+        for half in ["hi", "lo"] {
+            mma.push_str(&format!(
+                "            let a{}{i} = coopLoadT<coop_mat16x16<f16, A>>(&a_{half}[(sm * MI * 16u + {}u) * BK + t], BK);\n",
+                &half[..1],
+                16 * i
+            ));
+        }
+    }
+    for j in 0..tiles.nj {
+        for half in ["hi", "lo"] {
+            mma.push_str(&format!(
+                "            let b{}{j} = coopLoadT<coop_mat16x16<f16, B>>(&b_{half}[t * TN + sn * NJ * 16u + {}u], TN);\n",
+                &half[..1],
+                16 * j
+            ));
+        }
+    }
+    for &(i, j) in &ij {
+        mma.push_str(&format!(
+            "            main_{i}_{j} = coopMultiplyAdd(ah{i}, bh{j}, main_{i}_{j});\n"
+        ));
+    }
+    for (a, b) in [("h", "l"), ("l", "h")] {
+        for &(i, j) in &ij {
+            mma.push_str(&format!(
+                "            corr_{i}_{j} = coopMultiplyAdd(a{a}{i}, b{b}{j}, corr_{i}_{j});\n"
+            ));
+        }
+    }
+    for (n, &(i, j)) in ij.iter().enumerate() {
+        if n > 0 {
+            store.push_str("    workgroupBarrier();\n");
+        }
+        store.push_str(&format!(
+            "    coopStoreT(main_{i}_{j}, &out_main[at], 16u);\n    coopStoreT(corr_{i}_{j}, &out_corr[at], 16u);\n    workgroupBarrier();\n    store_result(s, lane, mq + {}u, kq + {}u, mtot);\n",
+            16 * i,
+            16 * j
+        ));
+    }
+    let text = set_block(&text, "coop_acc", &acc);
+    let text = set_block(&text, "coop_mma", &mma);
+    set_block(&text, "coop_store", &store)
 }
 
 /// A kernel's own text for `tiles`: the file with its tile constants set ([`set_const`]) and,

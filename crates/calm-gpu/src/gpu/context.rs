@@ -142,6 +142,30 @@ pub struct CoopSupport {
     pub subgroup: u32,
 }
 
+impl CoopSupport {
+    /// Whether the tensor-core E-step with `tiles` fits the device's limits: its workgroup
+    /// memory, and workgroups of `tiles.subgroups()` subgroups.
+    pub fn fits(
+        &self,
+        tiles: &super::kernels::CoopTiles,
+        limits: &wgpu::Limits,
+    ) -> std::result::Result<(), String> {
+        let bytes = tiles.workgroup_bytes();
+        let threads = tiles.subgroups() * self.subgroup;
+        if limits.max_compute_workgroup_storage_size < bytes
+            || limits.max_compute_invocations_per_workgroup < threads
+            || limits.max_compute_workgroup_size_x < threads
+        {
+            return Err(format!(
+                "the tensor-core kernel with tiles c={tiles} needs {bytes} bytes of workgroup memory (the device allows {}) and workgroups of {threads} invocations (it allows {})",
+                limits.max_compute_workgroup_storage_size,
+                limits.max_compute_invocations_per_workgroup
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The features the tensor-core E-step needs.
 fn coop_features() -> wgpu::Features {
     wgpu::Features::SHADER_F16
@@ -159,9 +183,20 @@ pub fn coop_support(
     limits: &wgpu::Limits,
 ) -> std::result::Result<CoopSupport, String> {
     use wgpu::CooperativeScalarType as T;
-    let missing = coop_features() - features;
+    let missing: Vec<&str> = [
+        (wgpu::Features::SHADER_F16, "SHADER_F16"),
+        (wgpu::Features::SUBGROUP, "SUBGROUP"),
+        (
+            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            "EXPERIMENTAL_COOPERATIVE_MATRIX",
+        ),
+    ]
+    .into_iter()
+    .filter(|(f, _)| !features.contains(*f))
+    .map(|(_, name)| name)
+    .collect();
     if !missing.is_empty() {
-        return Err(format!("the adapter lacks {missing:?}"));
+        return Err(format!("the adapter lacks {}", missing.join(", ")));
     }
     if !properties.iter().any(|p| {
         (p.m_size, p.n_size, p.k_size) == (16, 16, 16) && p.ab_type == T::F16 && p.cr_type == T::F32
@@ -178,17 +213,9 @@ pub fn coop_support(
             info.subgroup_min_size, info.subgroup_max_size
         ));
     }
-    let bytes = super::kernels::COOP_WORKGROUP_BYTES;
-    if limits.max_compute_workgroup_storage_size < bytes
-        || limits.max_compute_invocations_per_workgroup < 4 * sg
-        || limits.max_compute_workgroup_size_x < 4 * sg
-    {
-        return Err(format!(
-            "the kernel needs {bytes} bytes of workgroup memory and workgroups of {} invocations",
-            4 * sg
-        ));
-    }
-    Ok(CoopSupport { subgroup: sg })
+    let support = CoopSupport { subgroup: sg };
+    support.fits(&super::kernels::CoopTiles::default(), limits)?;
+    Ok(support)
 }
 
 /// The largest device-local heap of a Vulkan adapter, in bytes.

@@ -173,6 +173,100 @@ pub struct Tiles {
     /// Uniform-buffer kernels: kernels per workgroup (both steps; a multiple of 4), set from K by
     /// [`Tiles::for_shape`] whatever the tiles' origin, and not part of the `CALM_TILES` string.
     pub u_tn: u32,
+    /// The tensor-core E-step's shape ([`Variant::Coop`]; `c=` in `CALM_TILES`).
+    pub coop: CoopTiles,
+}
+
+/// The shape of the tensor-core E-step (`estep_coop.wgsl`): a workgroup of `wm x wn` subgroups,
+/// each a block of `mi x nj` 16x16 result matrices (positions x kernels), `bk` reduction steps
+/// staged per barrier. `c=MIxNJxBK@WMxWN` in `CALM_TILES`; the default `2x2x16@2x2` is 64 x 64
+/// results per workgroup of four subgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopTiles {
+    /// Subgroups along positions.
+    pub wm: u32,
+    /// Subgroups along kernels.
+    pub wn: u32,
+    /// Matrices per subgroup along positions.
+    pub mi: u32,
+    /// Matrices per subgroup along kernels.
+    pub nj: u32,
+    /// Reduction steps per stage, a multiple of 16.
+    pub bk: u32,
+}
+
+impl Default for CoopTiles {
+    fn default() -> Self {
+        Self {
+            wm: 2,
+            wn: 2,
+            mi: 2,
+            nj: 2,
+            bk: 16,
+        }
+    }
+}
+
+impl CoopTiles {
+    /// Positions per workgroup, `TM = WM MI 16`.
+    pub fn tm(&self) -> u32 {
+        self.wm * self.mi * 16
+    }
+
+    /// Kernels per workgroup, `TN = WN NJ 16`.
+    pub fn tn(&self) -> u32 {
+        self.wn * self.nj * 16
+    }
+
+    /// Subgroups per workgroup.
+    pub fn subgroups(&self) -> u32 {
+        self.wm * self.wn
+    }
+
+    /// Workgroup memory: the f16 halves of the A and theta tiles, the tile's patch starts, and
+    /// two 16x16 f32 results per subgroup.
+    pub fn workgroup_bytes(&self) -> u32 {
+        2 * 2 * self.tm() * self.bk
+            + 2 * 2 * self.bk * self.tn()
+            + 4 * self.tm()
+            + 2 * 4 * 256 * self.subgroups()
+    }
+
+    /// Its rules: 1 to 4 subgroups and 1 to 4 matrices along each axis, at most 8 matrices per
+    /// subgroup (two f32 accumulators each: 16 of 8 registers a lane on a 32-wide subgroup), BK
+    /// 16 to 64 in steps of 16.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let in_range = |v: u32| (1..=4).contains(&v);
+        if ![self.wm, self.wn, self.mi, self.nj]
+            .into_iter()
+            .all(in_range)
+        {
+            return Err(format!(
+                "tensor-core tiles {self}: 1 to 4 subgroups and matrices along each axis are allowed"
+            ));
+        }
+        if self.mi * self.nj > 8 {
+            return Err(format!(
+                "tensor-core tiles {self}: at most 8 matrices per subgroup are allowed"
+            ));
+        }
+        if !(16..=64).contains(&self.bk) || self.bk % 16 != 0 {
+            return Err(format!(
+                "tensor-core tiles {self}: BK 16, 32, 48 or 64 is allowed"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for CoopTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{}@{}x{}",
+            self.mi, self.nj, self.bk, self.wm, self.wn
+        )
+    }
 }
 
 impl Default for Tiles {
@@ -204,6 +298,7 @@ impl Default for Tiles {
             u_rm: 4,
             u_rr: 4,
             u_tn: 64,
+            coop: CoopTiles::default(),
         }
     }
 }
@@ -328,12 +423,26 @@ impl Tiles {
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             CalmError::Invalid(format!(
-                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles, g for the A tile's transposed layout, (E-step only) c for stores through workgroup memory and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8"
+                "tiles `{s}`: expected e=RMxRNxBK[@WX[xWY][s][u][d][g][c]],m=RKxRRxBK[@WX[xWY][s][u][d][g][p]][,u=RMxRR][,c=MIxNJxBK@WMxWN] with RM, RN, RK, RR multiples of 4 up to 64, BK 1 to 64, WX threads along positions or columns and WY along kernels (WX x WY from 32 to 1024; WY = 256 / WX if left out), s for lane-strided blocks, u for written-out steps, d for double-buffered tiles, g for the A tile's transposed layout, (E-step only) c for stores through workgroup memory and (M-step only) p for posteriors computed while loading; u= sets the uniform-buffer kernels' positions and columns per thread, 1 to 8; c=MIxNJxBK@WMxWN the tensor-core E-step's matrices per subgroup, reduction steps per stage and subgroups"
             ))
         };
         let mut t = Tiles::default();
         for part in s.split(',') {
             let (name, v) = part.split_once('=').ok_or_else(bad)?;
+            if name.trim() == "c" {
+                // The tensor-core E-step: MIxNJxBK@WMxWN.
+                let (v, w) = v.split_once('@').ok_or_else(bad)?;
+                let nums = |v: &str| -> Result<Vec<u32>> {
+                    v.split('x')
+                        .map(|n| n.trim().parse().map_err(|_| bad()))
+                        .collect()
+                };
+                match (&nums(v)?[..], &nums(w)?[..]) {
+                    (&[mi, nj, bk], &[wm, wn]) => t.coop = CoopTiles { wm, wn, mi, nj, bk },
+                    _ => return Err(bad()),
+                }
+                continue;
+            }
             if name.trim() == "u" {
                 // The uniform-buffer kernels: positions (E) and columns (M) per thread, 1 to 8.
                 let nums: Vec<u32> = v
@@ -430,6 +539,7 @@ impl Tiles {
     /// the sum of B needs (each thread adds the same four kernels at every step). Whether the
     /// adapter allows the threads and the workgroup memory is the engine's check.
     pub fn check(&self) -> std::result::Result<(), String> {
+        self.coop.check()?;
         let parts = [
             (
                 "E-step", self.e_rm, self.e_rn, self.e_bk, self.e_wx, self.e_wy,
@@ -533,6 +643,9 @@ impl std::fmt::Display for Tiles {
         if (self.u_rm, self.u_rr) != (d.u_rm, d.u_rr) {
             write!(f, ",u={}x{}", self.u_rm, self.u_rr)?;
         }
+        if self.coop != d.coop {
+            write!(f, ",c={}", self.coop)?;
+        }
         Ok(())
     }
 }
@@ -551,13 +664,6 @@ pub const UBO_M_THREADS: u32 = 8;
 pub fn ubo_rows(kp: usize, tn: u32) -> usize {
     (UBO_FLOATS.saturating_sub(tn as usize) / kp) / 8 * 8
 }
-
-/// Positions and kernels of one tensor-core E-step workgroup (`TM`, `TN` of estep_coop.wgsl).
-pub const COOP_TILE: u32 = 64;
-
-/// Workgroup memory of the tensor-core E-step: the f16 halves of a 64 x 16 A tile and a 16 x 64
-/// theta tile, the tile's 64 patch starts, and two 16x16 f32 results per subgroup (four).
-pub const COOP_WORKGROUP_BYTES: u32 = 4 * 64 * 16 * 2 + 64 * 4 + 2 * 4 * 256 * 4;
 
 /// Which implementation of the two GEMM kernels to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -619,7 +725,7 @@ impl Variant {
             Variant::Staged => tiles.e_tm() as usize,
             Variant::Direct => 8 * 64,
             Variant::Uniform => 64 * tiles.u_rm as usize,
-            Variant::Coop => COOP_TILE as usize,
+            Variant::Coop => tiles.coop.tm() as usize,
         }
     }
 }

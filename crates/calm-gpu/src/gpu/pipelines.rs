@@ -114,7 +114,9 @@ impl Pipelines {
                         ctx.coop_missing()
                     )));
                 };
-                let text = coop_estep_source(coop.subgroup);
+                coop.fits(&tiles.coop, &ctx.limits)
+                    .map_err(CalmError::Gpu)?;
+                let text = coop_estep_source(coop.subgroup, &tiles.coop);
                 let estep = ctx.pipeline(("estep_coop".into(), text.clone()), |device| {
                     build(device, "estep_coop", &text, true)
                 })?;

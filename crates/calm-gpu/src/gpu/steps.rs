@@ -132,7 +132,7 @@ impl EStep {
             Variant::Staged => tiles.e_tn() as usize,
             Variant::Direct => 8,
             Variant::Uniform => tiles.u_tn as usize,
-            Variant::Coop => super::kernels::COOP_TILE as usize,
+            Variant::Coop => tiles.coop.tn() as usize,
         };
         let tm = s.variant().estep_positions(tiles);
         let y = g.k.div_ceil(tn) as u32;

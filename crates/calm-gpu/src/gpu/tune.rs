@@ -47,8 +47,15 @@ impl Choice {
     pub fn new(variant: Variant, tiles: Tiles) -> Self {
         let d = Tiles::default();
         let tiles = match variant {
+            Variant::Staged => Tiles {
+                u_rm: d.u_rm,
+                u_rr: d.u_rr,
+                u_tn: d.u_tn,
+                coop: d.coop,
+                ..tiles
+            },
             // The tensor-core variant's M-step is the staged one, with its tiles.
-            Variant::Staged | Variant::Coop => Tiles {
+            Variant::Coop => Tiles {
                 u_rm: d.u_rm,
                 u_rr: d.u_rr,
                 u_tn: d.u_tn,
@@ -420,6 +427,21 @@ pub const SHAPES_LARGE_K: &[&str] = &[
     "e=8x8x16@16,m=8x8x16@16",
 ];
 
+/// The tensor-core E-step's shapes `calm-gpu tune` times where it runs (`c=` of `CALM_TILES`),
+/// beside the default 2x2x16@2x2 (64 x 64 results per workgroup of four subgroups): the stage
+/// twice as deep (fewer barriers per product), and blocks of 4 x 2 and 2 x 4 matrices per
+/// subgroup (more products per operand loaded), on four and eight subgroups.
+pub const COOP_SHAPES: &[&str] = &[
+    "2x2x32@2x2",
+    "4x2x16@2x2",
+    "2x4x16@2x2",
+    "4x2x32@2x2",
+    "2x4x32@2x2",
+    "2x2x32@4x2",
+    "4x2x16@2x4",
+    "4x2x32@2x4",
+];
+
 /// The candidates `calm-gpu tune` times by default for `k` kernels on `ctx`'s adapter: the
 /// built-in choice first, then the shapes that fit K and R (docs/perf.md says why each), the
 /// uniform-buffer kernels and the direct ones. On a software adapter (llvmpipe), where the
@@ -460,11 +482,20 @@ pub fn candidates(ctx: &GpuContext, g: &Geometry) -> Result<Vec<Choice>> {
             SHAPES_LARGE_K
         };
         list.extend(shapes.iter().map(|s| staged(s)));
-        if ctx.coop.is_some() {
-            // The tensor-core E-step beside the built-in staged M-step and the fastest ones.
-            let m_step = |t: Tiles| Choice::new(Variant::Coop, t);
-            list.push(m_step(builtin.tiles));
-            list.extend(shapes.iter().take(3).map(|s| m_step(staged(s).tiles)));
+        if let Some(coop) = ctx.coop {
+            // The tensor-core E-step's shapes that fit, beside the built-in staged M-step.
+            let with = |c: &str| {
+                let t = Tiles::parse(&format!("{},c={c}", builtin.tiles))
+                    .expect("a built-in tensor-core shape parses");
+                Choice::new(Variant::Coop, t)
+            };
+            list.push(Choice::new(Variant::Coop, builtin.tiles));
+            list.extend(
+                COOP_SHAPES
+                    .iter()
+                    .map(|c| with(c))
+                    .filter(|c| coop.fits(&c.tiles.coop, &ctx.limits).is_ok()),
+            );
         }
         list.extend([
             uniform(4, 4),
