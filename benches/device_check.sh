@@ -11,7 +11,9 @@
 # on the MNIST protocol's 60,000 images and the STL-10 protocol on a subset; 5. the PyTorch baseline
 # (benches/torch_baseline.py, the paper's conv2d + grouped conv3d EM) on the same card and shapes;
 # 6. the MNIST epoch of calm-gpu (tune's choice) and of PyTorch, alternating, ROUNDS (2) times;
-# 7. one table. The steps run in the order of their worth (the judged MNIST comparison right after
+# 7. the strongest PyTorch formulations (SKIP_STRONG=1 leaves them out); 8. one table. Where the
+# card has cooperative matrices, validate and tune cover the tensor-core E-step too;
+# benches/device_tensor.sh is the short check of that path alone. The steps run in the order of their worth (the judged MNIST comparison right after
 # the MNIST sweep, STL-10 next, GL's validate and the TF32 baseline last), each with its own
 # timeout, and all within DEADLINE seconds (540 unless set; give it what the machine allows, less
 # a minute for its start): a step that would outrun it is cut short or
@@ -120,6 +122,17 @@ within 120 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
 within 90 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
 
+if [ -z "${SKIP_STRONG:-}" ]; then
+  # The strongest PyTorch formulations (benches/torch_baseline.py --formulation), each with its LL
+  # agreement with the FP32 paper formulation, run in the same call (docs/perf.md).
+  echo "== PyTorch, strongest formulations, mnist protocol"
+  S="python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 3 --no-split"
+  within 60 $S --formulation conv2d --cudnn-benchmark --json "$J/torch_mnist_conv2d.json" 2>&1 | tail -1
+  within 60 $S --formulation wgrad --cudnn-benchmark --channels-last --json "$J/torch_mnist_wgrad_cl.json" 2>&1 | tail -1
+  within 60 $S --formulation conv2d --tf32 on --cudnn-benchmark --channels-last --json "$J/torch_mnist_conv2d_tf32_cl.json" 2>&1 | tail -1
+  within 60 $S --formulation unfold --autocast bf16 --json "$J/torch_mnist_unfold_bf16.json" 2>&1 | tail -1
+  within 150 $S --formulation conv2d --cudnn-benchmark --compile --json "$J/torch_mnist_conv2d_compile.json" 2>&1 | tail -1
+fi
 if [ -z "${SKIP_TF32:-}" ]; then
   echo "== PyTorch baseline with TF32 on, mnist protocol"
   within 60 python3 benches/torch_baseline.py --protocol mnist --images $MNIST_IMAGES --device $TORCH_DEVICE --warmup --epochs 2 --tf32 on --no-split --json "$J/torch_mnist_tf32.json" 2>&1 | tail -3
@@ -189,6 +202,12 @@ def torch_rows(f, name):
 dev = os.environ.get("TORCH_DEVICE", "cuda")
 torch_rows(os.path.join(out, "torch_mnist_tf32.json"), f"pytorch {dev} tf32 (mnist)")
 torch_rows(os.path.join(out, "torch_stl10.json"), f"pytorch {dev} fp32 (stl10)")
+for f in sorted(glob.glob(os.path.join(out, "torch_mnist_*.json"))):
+    j = json.load(open(f))
+    if j.get("formulation", "paper") == "paper":
+        continue
+    agree = "" if j.get("ll_agrees") is None else (" LL ok" if j["ll_agrees"] else " LL off")
+    torch_rows(f, f"pytorch {dev} {os.path.basename(f)[12:-5]}{agree}")
 rounds = int(os.environ.get("ROUNDS", "2"))
 for i in range(1, rounds + 1):
     calm_rows(f"alt_calm_{i}.json", f"round {i}: ")
