@@ -1,7 +1,7 @@
 //! `mpirun -n R calm-gpu train` (the `mpi` feature) against the plain binary: the same model bytes
 //! on the CPU engine for R = 1, 2, 3 on data no R divides, the GPU's within its tolerance, a job
-//! killed mid-run resumed with another R, a rank given a damaged file, and commands other than
-//! `train`. Run by `.ci/run`: `cargo test --release --features mpi --test mpi` (needs Open MPI's
+//! killed mid-run resumed with another R, SIGTERM to the ranks and to mpirun (a checkpoint,
+//! resumed with another R), a rank given a damaged file, and commands other than `train`. Run by `.ci/run`: `cargo test --release --features mpi --test mpi` (needs Open MPI's
 //! `mpirun`).
 #![cfg(feature = "mpi")]
 
@@ -207,8 +207,23 @@ fn ranks_on_lavapipe_match_the_plain_gpu_run() {
     }
 }
 
-/// SIGKILL to every process of session `sid` (read from /proc), mpirun and its ranks together.
+/// SIGKILL to every process of session `sid` (read from /proc), mpirun and its ranks together,
+/// then waits until none is left (a rank that is still dying holds its output lock).
 fn kill_session(sid: u32) {
+    let t0 = Instant::now();
+    while signal_session(sid) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the job's processes outlived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL to every live process of session `sid`; how many there were (zombies, already dead
+/// and holding nothing, are not counted).
+fn signal_session(sid: u32) -> usize {
+    let mut n = 0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -218,11 +233,14 @@ fn kill_session(sid: u32) {
         };
         // Fields after the command's closing parenthesis: state, ppid, pgrp, session.
         let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-        if rest.split_whitespace().nth(3) == Some(sid.to_string().as_str()) {
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(3) == Some(&sid.to_string().as_str()) && fields.first() != Some(&"Z") {
             // SAFETY: kill(2) on a process of the job this test started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            n += 1;
         }
     }
+    n
 }
 
 /// The epochs a checkpoint holds, once it can be read.
@@ -286,6 +304,120 @@ fn a_job_killed_mid_run_resumes_with_another_number_of_ranks() {
         assert!(
             std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap(),
             "killed on {first} ranks after {kept} epochs, resumed on {then}: another model"
+        );
+    }
+}
+
+/// The live processes whose parent is `ppid` (the ranks mpirun started).
+fn children(ppid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&ppid.to_string().as_str()) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGTERM, the signal of a job's time limit and of `scancel`, two ways. Sent to every rank (as
+/// Slurm delivers it to a job's tasks): the ranks stop together after the current batch, rank 0
+/// keeps the checkpoint and says how to resume. Sent to mpirun alone: Open MPI passes it to the
+/// ranks one at a time and SIGKILLs each 1 s later (`odls_base_sigkill_timeout`,
+/// docs/scaling.md), so the stop is graceful only if it is quick; either way the job ends
+/// non-zero without a model, its last checkpoint intact. Each stopped job, resumed on 3 ranks,
+/// writes the uninterrupted model's bytes.
+#[test]
+fn sigterm_stops_the_job_and_it_resumes_on_other_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits_idx(dir.path());
+    // Enough epochs (about 13 ms each on 2 ranks here) that the signal lands mid-run, not after
+    // the last one (then the job, done, writes its model).
+    let flags = "--backend cpu --kernels 16 --width 7 --pad 0 --epochs 150 --batch 150 --seed 5 --init-method patches";
+    let want = dir.path().join("plain.safetensors");
+    run({
+        let mut c = plain();
+        c.args(train_args(&data, &want, flags));
+        c
+    });
+    for to_ranks in [true, false] {
+        let tag = if to_ranks { "ranks" } else { "mpirun" };
+        let ck = dir.path().join(format!("ck-{tag}"));
+        let out = dir.path().join(format!("model-{tag}.safetensors"));
+        let mut args = train_args(&data, &out, flags);
+        args.extend(["--checkpoint-dir".into(), ck.display().to_string()]);
+        let err_path = dir.path().join(format!("stderr-{tag}.txt"));
+        let mut job = mpirun(2);
+        job.arg(bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap());
+        let mut child = job.spawn().unwrap();
+        let t0 = Instant::now();
+        while checkpoint_epochs(&ck) < 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{tag}: no checkpoint"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{tag}: the job ended early"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let targets = match to_ranks {
+            true => children(child.id()),
+            false => vec![child.id() as i32],
+        };
+        assert!(!targets.is_empty(), "{tag}: no rank found");
+        for pid in targets {
+            // SAFETY: kill(2) on a process of the job this test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "{tag}: the job did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = std::fs::read_to_string(&err_path).unwrap();
+        assert!(
+            !status.success(),
+            "{tag}: the job ended well after SIGTERM: {err}"
+        );
+        if to_ranks {
+            assert!(
+                err.contains("interrupted during epoch") && err.contains("train --resume"),
+                "{tag}: {err}"
+            );
+        }
+        let kept = checkpoint_epochs(&ck);
+        assert!(
+            (1..150).contains(&kept),
+            "{tag}: stopped after {kept} epochs"
+        );
+        assert!(
+            !out.exists(),
+            "{tag}: a model was written by an interrupted job"
+        );
+        let mut c = mpirun(3);
+        c.arg(bin())
+            .args(["train", "--resume", &ck.display().to_string(), "-q"]);
+        run(c);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap(),
+            "SIGTERM to {tag} on 2 ranks after {kept} epochs, resumed on 3: another model"
         );
     }
 }

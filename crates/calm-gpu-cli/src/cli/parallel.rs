@@ -131,10 +131,19 @@ pub fn finalize() {
 
 /// Ends this process with `code`: in a job of more than one rank, ends the whole job (MPI_Abort),
 /// so that no rank waits for one that failed.
+/// An interruption (code 130) is agreed by every rank in the same round of the fit, so every rank
+/// comes here: they wait for each other first, so that no rank's non-zero exit can make the
+/// launcher end the job while rank 0 still writes its checkpoint and says how to resume.
 pub fn exit(code: u8) -> ! {
     #[cfg(feature = "mpi")]
     if world().is_some_and(|w| w.size() > 1) && code != 0 && code != 130 {
         imp::abort(i32::from(code));
+    }
+    if code == 130
+        && let Some(w) = world().filter(|w| w.size() > 1)
+    {
+        let mut all = vec![0.0; w.size()];
+        let _ = w.all_gather(&[0.0], &mut all);
     }
     finalize();
     std::process::exit(i32::from(code))

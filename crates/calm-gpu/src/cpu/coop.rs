@@ -38,7 +38,7 @@ pub const MAX_OPERAND: f32 = 65504.0;
 pub const L_CONTRACT: f64 = 4e-5;
 
 /// f16's smallest normal value, `2^-14`: below it the kernel's `hi` is 0.
-pub const F16_MIN_NORMAL: f32 = 6.103515625e-5;
+pub const F16_MIN_NORMAL: f32 = 1.0 / 16384.0;
 
 /// `v` as the kernel splits it: `hi` is `v` truncated to f16's 11 significant bits (the low 13
 /// mantissa bits of its f32 form cleared: exactly an f16 where `|v| >= 2^-14`, and 0 below),

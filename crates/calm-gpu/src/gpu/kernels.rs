@@ -250,7 +250,7 @@ impl CoopTiles {
                 "tensor-core tiles {self}: at most 8 matrices per subgroup are allowed"
             ));
         }
-        if !(16..=64).contains(&self.bk) || self.bk % 16 != 0 {
+        if !(16..=64).contains(&self.bk) || !self.bk.is_multiple_of(16) {
             return Err(format!(
                 "tensor-core tiles {self}: BK 16, 32, 48 or 64 is allowed"
             ));
