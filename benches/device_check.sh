@@ -40,26 +40,8 @@ TILES=${TILES:-}
 STL_TILES=${STL_TILES:-}
 DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
-# budget N: N seconds, or what is left before the deadline (less 15 s kept for the summary) if
-# that is shorter.
-budget() {
-  local left=$((DEADLINE - SECONDS - 15))
-  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
-}
-# within N CMD...: run CMD with a timeout of budget N; skip it when that is cut under 10 s.
-within() {
-  local n
-  n=$(budget "$1")
-  if [ "$n" -lt 10 ] && [ "$n" -lt "$1" ]; then
-    echo "skipped, ${DEADLINE} s deadline reached: ${*:2:3} ..." >&2
-    return 124
-  fi
-  shift
-  timeout "$n" "$@"
-  local rc=$?
-  [ "$rc" -eq 124 ] && printf '\ncut after %s s (the step'"'"'s limit or the %s s deadline)\n' "$n" "$DEADLINE" >&2
-  return "$rc"
-}
+# budget and within (the deadline and each step's timeout): benches/within.sh.
+. "$(dirname "$0")/within.sh"
 # The whole log goes to $OUT as it is written, and so do tune's tables and the tuning file after
 # each step: a run stopped from outside (a time limit) still leaves what it measured in $OUT.
 exec > >(tee "$OUT/log.txt") 2>&1

@@ -18,20 +18,8 @@ STL_IMAGES=${STL_IMAGES:-1000}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
 DEADLINE=${DEADLINE:-300}
 mkdir -p "$OUT"
-budget() {
-  local left=$((DEADLINE - SECONDS - 10))
-  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
-}
-within() {
-  local n
-  n=$(budget "$1")
-  if [ "$n" -lt 10 ] && [ "$n" -lt "$1" ]; then
-    echo "skipped, ${DEADLINE} s deadline reached: ${*:2:3} ..." >&2
-    return 124
-  fi
-  shift
-  timeout "$n" "$@"
-}
+RESERVE=10
+. "$(dirname "$0")/within.sh"
 exec > >(tee "$OUT/tensor_log.txt") 2>&1
 if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done

@@ -220,10 +220,10 @@ fn kill_session(sid: u32) {
     }
 }
 
-/// SIGKILL to every live process of session `sid`; how many there were (zombies, already dead
-/// and holding nothing, are not counted).
-fn signal_session(sid: u32) -> usize {
-    let mut n = 0;
+/// Every live process (zombies, already dead and holding nothing, left out) as
+/// `(pid, parent, session)`, read from /proc.
+fn processes() -> Vec<(i32, u32, u32)> {
+    let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -233,14 +233,31 @@ fn signal_session(sid: u32) -> usize {
         };
         // Fields after the command's closing parenthesis: state, ppid, pgrp, session.
         let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(3) == Some(&sid.to_string().as_str()) && fields.first() != Some(&"Z") {
-            // SAFETY: kill(2) on a process of the job this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            n += 1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if let (Some(&state), Some(Ok(ppid)), Some(Ok(sid))) = (
+            f.first(),
+            f.get(1).map(|v| v.parse()),
+            f.get(3).map(|v| v.parse()),
+        ) && state != "Z"
+        {
+            out.push((pid, ppid, sid));
         }
     }
-    n
+    out
+}
+
+/// SIGKILL to every live process of session `sid`; how many there were.
+fn signal_session(sid: u32) -> usize {
+    let job: Vec<i32> = processes()
+        .into_iter()
+        .filter(|p| p.2 == sid)
+        .map(|p| p.0)
+        .collect();
+    for &pid in &job {
+        // SAFETY: kill(2) on a process of the job this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    job.len()
 }
 
 /// The epochs a checkpoint holds, once it can be read.
@@ -310,21 +327,11 @@ fn a_job_killed_mid_run_resumes_with_another_number_of_ranks() {
 
 /// The live processes whose parent is `ppid` (the ranks mpirun started).
 fn children(ppid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(1) == Some(&ppid.to_string().as_str()) && fields.first() != Some(&"Z") {
-            out.push(pid);
-        }
-    }
-    out
+    processes()
+        .into_iter()
+        .filter(|p| p.1 == ppid)
+        .map(|p| p.0)
+        .collect()
 }
 
 /// SIGTERM, the signal of a job's time limit and of `scancel`, two ways. Sent to every rank (as

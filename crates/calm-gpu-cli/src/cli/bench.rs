@@ -49,6 +49,11 @@ pub struct BenchArgs {
     /// what a GPU with less memory than the data pays; the epoch includes the copies)
     #[arg(long)]
     pub stream: bool,
+    /// Time each layer of a deep network (train --net's grammar) on the protocol's images: every
+    /// layer's EM epoch on random inputs of its shape (the links are computed once per layer,
+    /// not per epoch, and are not timed), one row per layer
+    #[arg(long, value_name = "SPEC", value_parser = values::net_spec())]
+    pub net: Option<calm_gpu::net::NetSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -99,50 +104,117 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(p) = &a.json {
         check_output(p, a.force)?;
     }
-    let g = Geometry::new(layer, c, h, w)?;
-    let data = Arc::new(random_images(n, c, h, w)?);
-    let theta = em::init_theta(&g, 0);
+    // The layers to time: the protocol's, or each layer of --net on the protocol's images.
+    let layers: Vec<Geometry> = match &a.net {
+        None => vec![Geometry::new(layer, c, h, w)?],
+        Some(spec) => spec
+            .shapes(c, h, w)?
+            .into_iter()
+            .map(|s| s.geometry)
+            .collect(),
+    };
     let mut rows = Vec::new();
     let cfg = super::gpu_config()?;
     let gpu = a.backend.context_with(&cfg)?;
-    if let Some(ctx) = &gpu {
-        rows.push(calm_gpu::bench::time_gpu(
-            ctx,
-            g,
-            &data,
-            &theta,
-            a.epochs,
-            calm_gpu::gpu::GpuOptions {
-                stream: a.stream,
-                cancel: super::stop_token().clone(),
-                ..calm_gpu::gpu::GpuOptions::from_config(&cfg, batch)
-            },
-            None,
-        )?);
+    for (i, &g) in layers.iter().enumerate() {
+        if layers.len() > 1 {
+            eprintln!(
+                "layer {} of {}: {}",
+                i + 1,
+                layers.len(),
+                calm_gpu::gpu::tune::shape_key(&g)
+            );
+        }
+        let data = Arc::new(random_images(n, g.c, g.h, g.w)?);
+        let theta = em::init_theta(&g, 0);
+        let mut layer_rows = Vec::new();
+        if let Some(ctx) = &gpu {
+            layer_rows.push(calm_gpu::bench::time_gpu(
+                ctx,
+                g,
+                &data,
+                &theta,
+                a.epochs,
+                calm_gpu::gpu::GpuOptions {
+                    stream: a.stream,
+                    cancel: super::stop_token().clone(),
+                    ..calm_gpu::gpu::GpuOptions::from_config(&cfg, batch)
+                },
+                None,
+            )?);
+        }
+        if a.with_cpu || gpu.is_none() {
+            layer_rows.push(calm_gpu::bench::time_cpu(
+                g,
+                data.clone(),
+                &theta,
+                batch,
+                a.epochs,
+            )?);
+        }
+        rows.extend(layer_rows.into_iter().map(|r| (i + 1, r)));
     }
-    if a.with_cpu || gpu.is_none() {
-        rows.push(calm_gpu::bench::time_cpu(
-            g,
-            data.clone(),
-            &theta,
-            batch,
-            a.epochs,
-        )?);
+    let deep = layers.len() > 1;
+    let layer_col = |l: usize| {
+        if deep {
+            format!("{l:<6}")
+        } else {
+            String::new()
+        }
+    };
+    println!(
+        "{}{}",
+        if deep { "layer " } else { "" },
+        calm_gpu::bench::Row::header()
+    );
+    for (l, r) in &rows {
+        println!("{}{}", layer_col(*l), r.line());
     }
-    println!("{}", calm_gpu::bench::Row::header());
-    for r in &rows {
-        println!("{}", r.line());
+    if deep {
+        // The network's epochs, one of each layer's, by engine.
+        let mut engines: Vec<&str> = rows.iter().map(|(_, r)| r.engine.as_str()).collect();
+        engines.dedup();
+        for e in engines {
+            let (s, f): (f64, f64) = rows
+                .iter()
+                .filter(|(_, r)| r.engine == e)
+                .fold((0.0, 0.0), |(s, f), (_, r)| {
+                    (s + r.epoch_s, f + r.epoch_s * r.epoch_gflops)
+                });
+            println!(
+                "{e}: one epoch of every layer {:.1} ms, {:.1} GFLOP/s",
+                s * 1e3,
+                f / s
+            );
+        }
     }
-    for k in rows.iter().filter_map(|r| r.kernels.as_ref()) {
-        println!("kernels: {k}");
+    for (l, k) in rows
+        .iter()
+        .filter_map(|(l, r)| Some((l, r.kernels.as_ref()?)))
+    {
+        println!(
+            "kernels{}: {k}",
+            if deep {
+                format!(" (layer {l})")
+            } else {
+                String::new()
+            }
+        );
     }
-    for l in rows.iter().filter_map(|r| r.peak_line()) {
-        println!("{l}");
+    for (l, line) in rows.iter().filter_map(|(l, r)| Some((l, r.peak_line()?))) {
+        match deep {
+            true => println!("layer {l}: {line}"),
+            false => println!("{line}"),
+        }
     }
     if let Some(p) = &a.json {
         let mut s = String::new();
-        for r in &rows {
-            s.push_str(&serde_json::to_string(r)?);
+        for (l, r) in &rows {
+            let mut v = serde_json::to_value(r)?;
+            if deep && let Some(o) = v.as_object_mut() {
+                o.insert("layer".into(), (*l).into());
+            }
+            s.push_str(&serde_json::to_string(&v)?);
             s.push('\n');
         }
         model::write_atomic(p, s.as_bytes(), true)?;

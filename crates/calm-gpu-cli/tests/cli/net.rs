@@ -361,3 +361,48 @@ fn bad_net_specs_are_refused_naming_their_part() {
         "--metrics",
     );
 }
+
+/// `bench --net` times every layer of a network on its own input shape, a row each (the table
+/// and the JSON lines name the layer), and the network's epoch; a spec that does not fit the
+/// protocol's images is refused with one line naming its part.
+#[test]
+fn bench_times_each_layer_of_a_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.jsonl");
+    let out = calm()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--images",
+            "12",
+            "--epochs",
+            "1",
+            "--net",
+            SPEC,
+            "--json",
+            &s(&json),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cpu: one epoch of every layer"), "{text}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    // Layer 1 on the digits' 1x28x28; layer 2 on its link's 8 channels of 14x14 (max 4, stride
+    // 2, padding 1).
+    assert_eq!(rows[0]["layer"], 1);
+    assert_eq!(rows[0]["shape"], "12x1x28x28 K8 w5 p2");
+    assert_eq!(rows[1]["layer"], 2);
+    assert_eq!(rows[1]["shape"], "12x8x14x14 K12 w3 p1");
+    assert!(rows.iter().all(|r| r["epoch_gflops"].as_f64().unwrap() > 0.0));
+    fails_with(
+        &["bench", "--backend", "cpu", "--net", "8x5p2 | tri max30"],
+        "part 2",
+    );
+}
