@@ -104,6 +104,8 @@ within 120 python3 benches/torch_baseline.py --protocol stl10 --shape 3 96 96 --
 echo "== bench stl10 protocol, $STL_IMAGES images, data streamed (what a smaller GPU pays)"
 within 90 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 --stream --json "$J/stl10_stream.json" 2>&1 | tail -2
 
+echo "== bench a deep network per layer (8,000 images)"
+within 60 "$BIN" bench --backend vulkan --images 8000 --epochs 2 --net "64x5p2 | tri max4s2p1 norm | 256x3p1 | tri avg4s3" 2>&1 | tail -6
 if [ -z "${SKIP_STRONG:-}" ]; then
   # The strongest PyTorch formulations (benches/torch_baseline.py --formulation), each with its LL
   # agreement with the FP32 paper formulation, run in the same call (docs/perf.md).

@@ -56,6 +56,8 @@ within 40 "$BIN" bench --backend vulkan --protocol mnist --images "$MNIST_IMAGES
 within 40 "$BIN" bench --backend vulkan --protocol stl10 --images "$STL_IMAGES" --epochs 1 2>&1 | tail -2
 cp "$CALM_TUNE_FILE" "$OUT/" 2>/dev/null
 
+echo "== bench a deep network per layer (8,000 images)"
+within 40 "$BIN" bench --backend vulkan --images 8000 --epochs 2 --net "64x5p2 | tri max4s2p1 norm | 256x3p1 | tri avg4s3" 2>&1 | tail -6
 echo "== the same model with either E-step: LL per epoch on the embedded digits (15 epochs)"
 within 40 "$BIN" train --backend vulkan --epochs 15 --out /tmp/fp32.safetensors --force 2>&1 | grep -iE "epoch +1[45]|^ *1[45] |LL" | tail -3
 CALM_KERNELS=coop within 40 "$BIN" train --backend vulkan --epochs 15 --out /tmp/coop.safetensors --force 2>&1 | grep -iE "epoch +1[45]|^ *1[45] |LL" | tail -3
