@@ -2436,3 +2436,87 @@ fn a_recommended_model_carries_its_feature_recipe() {
     );
     assert!(calm_gpu::Model::load(&p).unwrap().meta.features.is_none());
 }
+
+/// `train --posterior patch`: the model says so in `info` and resumes only with the same
+/// posterior; the GPU engines, which do not have it yet, refuse it in one line.
+#[test]
+fn per_patch_posterior_is_kept_and_refused_where_it_does_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let out = dir.path().join("m.safetensors");
+    let ck = dir.path().join("ck");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "train",
+            "--backend",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--kernels",
+            "4",
+            "--width",
+            "3",
+            "--pad",
+            "0",
+            "--epochs",
+            "3",
+            "--posterior",
+            "patch",
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+            "-q",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    assert_ok(
+        &calm()
+            .args(args(&["--checkpoint-dir", ck.to_str().unwrap()]))
+            .output()
+            .unwrap(),
+    );
+    let info = calm()
+        .args(["info", "--model", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&info);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("posterior:   per patch"));
+    fails_with(
+        &[
+            "train",
+            "--resume",
+            ck.to_str().unwrap(),
+            "--posterior",
+            "image",
+        ],
+        "--posterior",
+    );
+    if common::backend_name() == "vulkan" {
+        let gpu_out = dir.path().join("g.safetensors");
+        fails_with(
+            &[
+                "train",
+                "--backend",
+                "vulkan",
+                "--data",
+                data.to_str().unwrap(),
+                "--kernels",
+                "4",
+                "--width",
+                "3",
+                "--epochs",
+                "1",
+                "--posterior",
+                "patch",
+                "--out",
+                gpu_out.to_str().unwrap(),
+            ],
+            "CPU engine only",
+        );
+        assert!(!gpu_out.exists());
+    }
+}

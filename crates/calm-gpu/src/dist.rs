@@ -548,6 +548,9 @@ impl Engine for DistEngine {
         self.inner.prior()
     }
     /// Kept here, not given to the inner engine: a rank must not leave a round the others are in.
+    fn set_posterior(&mut self, posterior: crate::engine::Posterior) -> Result<()> {
+        self.inner.set_posterior(posterior)
+    }
     fn set_cancel(&mut self, cancel: CancelToken) {
         self.cancel = cancel;
     }

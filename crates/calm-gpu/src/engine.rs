@@ -7,6 +7,36 @@ use crate::prior::Prior;
 
 pub use crate::cpu::reference::Stats;
 
+/// Over what each posterior is normalised, which is the model's likelihood.
+///
+/// - `Image` (SPEC's model): one mixture over (kernel, position) per image, `gamma[n,k,u] =
+///   exp(L[n,k,u] - logp[n])` with `logp[n] = logsumexp over (k,u)`, `LL = sum_n logp[n]`. An
+///   image's posterior mass is 1, and it usually falls on about one (kernel, position) pair.
+/// - `Patch`: every patch its own draw from a mixture over the kernels, a Gaussian mixture over
+///   patches (whose hard limit is k-means), `gamma[n,k,u] = exp(L[n,k,u] - logp[n,u])` with
+///   `logp[n,u] = logsumexp over k`, `LL = sum_{n,u} logp[n,u]`. Each patch's mass is 1, so
+///   every patch moves the kernels. The E-step's `L` and the features are the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Posterior {
+    /// Per image, over kernels and positions (SPEC).
+    #[default]
+    Image,
+    /// Per patch, over kernels.
+    Patch,
+}
+
+impl Posterior {
+    /// `image` or `patch`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "image" => Ok(Posterior::Image),
+            "patch" => Ok(Posterior::Patch),
+            other => Err(format!("`{other}`: expected image or patch")),
+        }
+    }
+}
+
 /// The scalars one epoch produces, under the `theta` used during that epoch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EpochStats {
@@ -71,6 +101,17 @@ pub trait Engine {
     fn set_prior(&mut self, prior: &Prior) -> Result<()>;
     /// The mixing weights and variance of the next epoch.
     fn prior(&self) -> Prior;
+    /// The posterior's normalisation from the next epoch on ([`Posterior`]). Engines that have
+    /// only SPEC's per-image posterior refuse the other.
+    fn set_posterior(&mut self, posterior: Posterior) -> Result<()> {
+        match posterior {
+            Posterior::Image => Ok(()),
+            Posterior::Patch => Err(crate::error::CalmError::Invalid(format!(
+                "the per-patch posterior runs on the CPU engine only, not on {} (use --backend cpu)",
+                self.describe()
+            ))),
+        }
+    }
     /// Stops [`Engine::epoch`] after the batch in progress once `cancel` is cancelled (with
     /// [`crate::CalmError::Interrupted`], `theta` left as the last complete epoch made it).
     fn set_cancel(&mut self, cancel: CancelToken);

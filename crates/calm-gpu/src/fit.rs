@@ -25,7 +25,7 @@ use crate::cancel::CancelToken;
 use crate::data::{Dataset, ImageSource, Whitened, Whitening};
 use crate::dist::{Comm, DistEngine, Gathered, Sharding, Traffic};
 use crate::em::{self, Event, InitMethod, Outcome, Schedule};
-use crate::engine::Engine;
+use crate::engine::{Engine, Posterior};
 use crate::error::{CalmError, Result};
 use crate::features::Pooling;
 use crate::geometry::{Geometry, LayerConfig};
@@ -73,6 +73,8 @@ pub struct CalmParams {
     pub variance: Option<f64>,
     /// Patch-whitening width `W`: a ZCA filter fitted on `W x W` patches of the training data.
     pub whiten: Option<usize>,
+    /// Over what each posterior is normalised (SPEC: per image; [`Posterior`]).
+    pub posterior: Posterior,
     /// Where the fit runs.
     pub device: Device,
     /// A GPU run's choices (kernels, tiles, memory, tuning file).
@@ -99,6 +101,7 @@ impl CalmParams {
             tol: None,
             prior: PriorOptions::default(),
             variance: None,
+            posterior: Posterior::Image,
             whiten: None,
             device: Device::Auto,
             gpu: Default::default(),
@@ -173,6 +176,13 @@ impl CalmParams {
         self.prior = prior;
         self
     }
+    /// Normalise each posterior per image (SPEC) or per patch ([`Posterior`]; the CPU engine
+    /// only, for now).
+    pub fn posterior(mut self, posterior: Posterior) -> Self {
+        self.posterior = posterior;
+        self
+    }
+
     /// Start from the variance `sigma^2` (SPEC: 1), kept unless the prior learns it.
     pub fn variance(mut self, variance: f64) -> Self {
         self.variance = Some(variance);
@@ -270,6 +280,7 @@ impl CalmParams {
         self.init_method == InitMethod::Normal
             && self.whiten.is_none()
             && self.variance.is_none()
+            && self.posterior == Posterior::Image
             && self.schedule()
                 == Schedule {
                     seed: self.seed,
@@ -534,6 +545,7 @@ impl Trainer {
         if let Some(p) = &prior {
             engine.set_prior(p)?;
         }
+        engine.set_posterior(params.posterior)?;
         Ok(Self {
             params: params.clone(),
             g,
@@ -715,17 +727,22 @@ fn build_model(
         || schedule.revive
         || schedule.tol.is_some()
         || schedule.prior.any()
-        || params.variance.is_some())
-    .then(|| {
-        let mut o = serde_json::json!({ "init_method": params.init_method, "schedule": schedule });
-        if let Some(wd) = params.whiten {
-            o["whiten"] = wd.into();
-        }
-        if let Some(v) = params.variance {
-            o["variance"] = v.into();
-        }
-        o
-    });
+        || params.variance.is_some()
+        || params.posterior != Posterior::Image)
+        .then(|| {
+            let mut o =
+                serde_json::json!({ "init_method": params.init_method, "schedule": schedule });
+            if let Some(wd) = params.whiten {
+                o["whiten"] = wd.into();
+            }
+            if let Some(v) = params.variance {
+                o["variance"] = v.into();
+            }
+            if params.posterior != Posterior::Image {
+                o["posterior"] = serde_json::to_value(params.posterior).unwrap_or_default();
+            }
+            o
+        });
     Ok(Model {
         meta: ModelMeta {
             layer: params.layer,

@@ -56,7 +56,7 @@ pub mod validate;
 pub mod viz;
 
 pub use cancel::CancelToken;
-pub use engine::{Engine, EpochStats};
+pub use engine::{Engine, EpochStats, Posterior};
 pub use error::{CalmError, Result};
 pub use features::{Encoding, Pooling};
 pub use fit::{Calm, CalmParams, Checkpoint, DataInfo, Layer, Observer, ParamError, Trainer};

@@ -1048,3 +1048,65 @@ proptest::proptest! {
         }
     }
 }
+
+/// The per-patch posterior ([`calm_gpu::Posterior::Patch`]): the fast engine's epoch against the
+/// f64 reference's per-patch loops on three shapes (padding, C = 3, batches that do not divide
+/// N), and EM's LL, now a sum over patches, non-decreasing over 8 epochs with every patch's
+/// mass 1 (S = N P).
+#[test]
+fn per_patch_posterior_matches_its_reference_and_climbs() {
+    let l = |k, w, p| LayerConfig {
+        kernels: k,
+        width: w,
+        pad: p,
+    };
+    for (seed, (n, c, h, layer, batch)) in [
+        (5, 1, 12, l(6, 5, 2), 4),
+        (7, 3, 9, l(5, 4, 0), 3),
+        (11, 1, 14, l(9, 3, 1), 11),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let g = Geometry::new(layer, c, h, h).unwrap();
+        let d = random_images(seed as u64, n, c, h, h);
+        let x = d.images.as_slice().unwrap().to_vec();
+        let theta = random_theta(seed as u64 + 40, g.k * g.r(), 0.1);
+        let xpad = g.pad_images(&x, n);
+        let lf = reference::estep(&g, &xpad, n, &theta);
+        let lp = reference::logp_patches(&g, &lf, n);
+        let mut want = reference::Stats::zeros(&g);
+        reference::accumulate_patches(&g, &xpad, n, &lf, &lp, &mut want);
+        let mut eng = CpuEngine::new(g, Arc::new(d.clone()), theta.clone(), batch);
+        eng.set_posterior(calm_gpu::Posterior::Patch).unwrap();
+        let got = eng.stats(0, n, &mut |_| {}).unwrap();
+        let rel = |a: &[f64], b: &[f64]| {
+            let s = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / s
+        };
+        // f32 E-step and posteriors against f64 (the tolerance of the per-image path's test).
+        assert!(rel(&got.b, &want.b) < 1e-4, "case {seed}: B");
+        assert!(rel(&got.t, &want.t) < 1e-4, "case {seed}: T");
+        assert!(
+            (got.ll - want.ll).abs() <= 1e-5 * want.ll.abs(),
+            "case {seed}: LL {} vs {}",
+            got.ll,
+            want.ll
+        );
+        let b_sum: f64 = got.b.iter().sum();
+        assert!(
+            (b_sum - (n * g.positions()) as f64).abs() < 1e-6 * b_sum,
+            "case {seed}"
+        );
+        // EM over the per-patch mixture climbs.
+        let mut eng = CpuEngine::new(g, Arc::new(d), theta, batch);
+        eng.set_posterior(calm_gpu::Posterior::Patch).unwrap();
+        let lls = run_epochs(&mut eng, 8);
+        for w in lls.windows(2) {
+            assert!(
+                w[1].0 >= w[0].0 - 1e-6 * w[0].0.abs(),
+                "case {seed}: {lls:?}"
+            );
+        }
+    }
+}

@@ -229,6 +229,17 @@ pub(super) fn info(a: InfoArgs) -> Result<()> {
             wh.width
         );
     }
+    if m.meta
+        .options
+        .as_ref()
+        .and_then(|o| o.get("posterior"))
+        .and_then(|v| v.as_str())
+        == Some("patch")
+    {
+        println!(
+            "posterior:   per patch (each patch a mixture over the kernels; LL sums over patches)"
+        );
+    }
     println!("LL history (per image):");
     let n = m.meta.images.max(1) as f64;
     for h in &m.meta.history {

@@ -104,6 +104,11 @@ pub struct TrainArgs {
     /// --learn-variance: the posterior's temperature (L is divided by it); kept in the model
     #[arg(long, value_name = "F")]
     pub variance: Option<f64>,
+    /// Over what each posterior is normalised: image (SPEC: one mixture over kernels and
+    /// positions per image) or patch (every patch its own mixture over the kernels, a Gaussian
+    /// mixture over patches; the CPU engine only, for now); kept in the model
+    #[arg(long, value_enum)]
+    pub posterior: Option<PosteriorArg>,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
     /// options that would change that
     #[arg(long, value_enum, conflicts_with = "preset")]
@@ -186,6 +191,8 @@ pub(super) struct RunConfig {
     whiten: Option<usize>,
     #[serde(default)]
     variance: Option<f64>,
+    #[serde(default)]
+    posterior: calm_gpu::Posterior,
     /// The size in bytes of each `data` file when the run started (`None` for the shipped
     /// digits), so that `--resume` does not go on with other data under the same names.
     #[serde(default)]
@@ -311,6 +318,24 @@ fn cached(
     Ok(Arc::new(file))
 }
 
+/// `--posterior`'s values ([`calm_gpu::Posterior`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PosteriorArg {
+    /// SPEC's: per image, over kernels and positions
+    Image,
+    /// Per patch, over kernels (a Gaussian mixture over patches)
+    Patch,
+}
+
+impl From<PosteriorArg> for calm_gpu::Posterior {
+    fn from(p: PosteriorArg) -> Self {
+        match p {
+            PosteriorArg::Image => calm_gpu::Posterior::Image,
+            PosteriorArg::Patch => calm_gpu::Posterior::Patch,
+        }
+    }
+}
+
 /// `calm-gpu train`: the run's outputs checked and locked, then its trainer built, then run and
 /// written, in the order in which a refused run leaves nothing behind (tests/cli.rs checks it).
 pub(super) fn train(a: TrainArgs) -> Result<()> {
@@ -320,7 +345,7 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
     let params = cfg.params()?;
     if protocol == Some(TrainProtocol::Paper) && !params.is_spec_protocol() {
         bail!(
-            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance and --variance"
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance, --variance and --posterior"
         );
     }
     match (&cfg.net, resume) {
@@ -711,6 +736,7 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
         cache: a.cache.as_ref().map(|p| absolute(p)),
         whiten: a.whiten,
         variance: a.variance,
+        posterior: a.posterior.map(Into::into).unwrap_or_default(),
         data_bytes: Some(data_bytes(&a.data)),
         features: rec.recipe.filter(|_| recommended),
         net: a.net.clone(),
@@ -890,6 +916,12 @@ fn check_same_run(
         ck.variance,
     )?;
     same(
+        a.posterior.is_some(),
+        "--posterior",
+        fresh.posterior,
+        ck.posterior,
+    )?;
+    same(
         a.preprocess.is_some(),
         "--preprocess",
         fresh.preprocess,
@@ -1038,6 +1070,7 @@ impl RunConfig {
             cache: None,
             whiten: p.whiten,
             variance: p.variance,
+            posterior: p.posterior,
             data_bytes: Some(data_bytes(data)),
             features: p.recipe,
             net: None,
@@ -1064,6 +1097,7 @@ impl RunConfig {
             prior: self.schedule.prior,
             whiten: self.whiten,
             variance: self.variance,
+            posterior: self.posterior,
             recipe: self.features,
             device,
             // The CPU engine has no use for the GPU variables (a bad one must not stop it).
@@ -1199,6 +1233,7 @@ mod tests {
             learn_weights: false,
             learn_variance: false,
             variance: None,
+            posterior: None,
             protocol: preset.is_none().then_some(TrainProtocol::Paper),
             preset,
             cache: None,

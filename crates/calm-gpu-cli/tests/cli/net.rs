@@ -400,7 +400,10 @@ fn bench_times_each_layer_of_a_network() {
     assert_eq!(rows[0]["shape"], "12x1x28x28 K8 w5 p2");
     assert_eq!(rows[1]["layer"], 2);
     assert_eq!(rows[1]["shape"], "12x8x14x14 K12 w3 p1");
-    assert!(rows.iter().all(|r| r["epoch_gflops"].as_f64().unwrap() > 0.0));
+    assert!(
+        rows.iter()
+            .all(|r| r["epoch_gflops"].as_f64().unwrap() > 0.0)
+    );
     fails_with(
         &["bench", "--backend", "cpu", "--net", "8x5p2 | tri max30"],
         "part 2",

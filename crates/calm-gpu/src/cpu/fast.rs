@@ -6,7 +6,7 @@
 //! - E-step `L = A theta^T + bias`, `(n*P) x K`;
 //! - per image `m = max L`, `E = exp(L - m)` in place (f32, `exp_nonpos`), `s = sum E` (f64),
 //!   `logp = m + ln s`, then `G = E / s` in place, which is `exp(L - logp)` with one `exp` per
-//!   element instead of two;
+//!   element instead of two (with [`Posterior::Patch`] the same per patch, a row of K);
 //! - M-step `T_chunk = G^T A`, `K x R`, and `B_chunk[k] = sum_m G[m,k]` (f64).
 //!
 //! Chunks are fixed-size and their partial sums are added in chunk order in f64, so the result
@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::cancel::CancelToken;
 use crate::data::ImageSource;
-use crate::engine::{Engine, EpochStats, Stats};
+use crate::engine::{Engine, EpochStats, Posterior, Stats};
 use crate::error::Result;
 use crate::features::{Encoding, Pooling};
 use crate::geometry::Geometry;
@@ -99,6 +99,7 @@ pub struct CpuEngine {
     theta: Vec<f32>,
     counts: Vec<f32>,
     prior: Prior,
+    posterior: Posterior,
     batch: usize,
     /// Chunks per wave ([`wave_chunks`]).
     wave: usize,
@@ -113,6 +114,7 @@ impl CpuEngine {
         Self {
             counts: vec![0.0; g.k],
             prior: Prior::uniform(g.k),
+            posterior: Posterior::Image,
             g,
             source,
             theta,
@@ -137,6 +139,7 @@ impl CpuEngine {
         out.b.iter_mut().for_each(|v| *v = 0.0);
         out.t.iter_mut().for_each(|v| *v = 0.0);
         let pool = &self.pool;
+        let posterior = self.posterior;
         let (ci, wave) = (chunk_images(&g), self.wave);
         // The batch's chunks in waves of `wave` chunks, so that only a wave's T are held.
         let mut done = 0;
@@ -148,7 +151,7 @@ impl CpuEngine {
             let nw = (wave * ci).min(nb - done);
             let parts = for_chunks(&g, self.source.as_ref(), pool, start + done, nw, |s, ni| {
                 let spare = lock(&pool.t).pop().unwrap_or_default();
-                stats_chunk(s, &g, ni, theta, bias, spare)
+                stats_chunk(s, &g, ni, (theta, bias), posterior, spare)
             })?;
             for part in &parts {
                 out.ll += part.ll;
@@ -485,8 +488,8 @@ fn stats_chunk(
     s: &mut Scratch,
     g: &Geometry,
     n: usize,
-    theta: &[f32],
-    bias: &[f32],
+    (theta, bias): (&[f32], &[f32]),
+    posterior: Posterior,
     t: Vec<f32>,
 ) -> ChunkStats {
     let (r, k, p) = (g.r(), g.k, g.positions());
@@ -494,7 +497,12 @@ fn stats_chunk(
     s.estep(g, n, theta, bias);
     let mut b = vec![0f64; k];
     let mut ll = 0f64;
-    for li in s.l[..rows * k].chunks_exact_mut(p * k) {
+    // One normalisation per image (P x K values), or per patch (a row of K).
+    let per = match posterior {
+        Posterior::Image => p * k,
+        Posterior::Patch => k,
+    };
+    for li in s.l[..rows * k].chunks_exact_mut(per) {
         ll += posterior_image(li, &mut b);
     }
     let mut t = t;
@@ -670,6 +678,10 @@ impl Engine for CpuEngine {
     fn set_prior(&mut self, prior: &Prior) -> Result<()> {
         prior.check(self.g.k).map_err(crate::CalmError::Invalid)?;
         self.prior = prior.clone();
+        Ok(())
+    }
+    fn set_posterior(&mut self, posterior: Posterior) -> Result<()> {
+        self.posterior = posterior;
         Ok(())
     }
 }

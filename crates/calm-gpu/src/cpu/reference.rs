@@ -52,6 +52,52 @@ pub fn logp(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// [`logp`] for [`crate::engine::Posterior::Patch`]: `logp[n,u] = logsumexp over k of
+/// L[n,k,u]`, laid out `(n, u)` (the CPU engine's twin; no GPU kernel has it yet).
+pub fn logp_patches(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
+    let (k_, p_) = (g.k, g.positions());
+    (0..n * p_)
+        .map(|nu| {
+            let (img, u) = (nu / p_, nu % p_);
+            logsumexp((0..k_).map(move |k| l[(img * k_ + k) * p_ + u]))
+        })
+        .collect()
+}
+
+/// [`accumulate`] for [`crate::engine::Posterior::Patch`], with `logp` of [`logp_patches`]:
+/// `gamma[n,k,u] = exp(L[n,k,u] - logp[n,u])`, `LL += sum_{n,u} logp[n,u]`.
+pub fn accumulate_patches(
+    g: &Geometry,
+    xpad: &[f32],
+    n: usize,
+    l: &[f64],
+    logp: &[f64],
+    stats: &mut Stats,
+) {
+    let (k_, kw, p_, r) = (g.k, g.kw, g.positions(), g.r());
+    stats.ll += logp[..n * p_].iter().sum::<f64>();
+    for img in 0..n {
+        for k in 0..k_ {
+            for h in 0..g.ho {
+                for w in 0..g.wo {
+                    let u = h * g.wo + w;
+                    let gam = (l[(img * k_ + k) * p_ + u] - logp[img * p_ + u]).exp();
+                    stats.b[k] += gam;
+                    for c in 0..g.c {
+                        for i in 0..kw {
+                            for j in 0..kw {
+                                let x =
+                                    xpad[((img * g.c + c) * g.hp + h + i) * g.wp + w + j] as f64;
+                                stats.t[k * r + (c * kw + i) * kw + j] += gam * x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Twin of `shaders/features.wgsl`: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]`, laid out
 /// `(n, k)`.
 pub fn features(g: &Geometry, l: &[f64], n: usize) -> Vec<f64> {
