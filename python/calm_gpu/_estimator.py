@@ -28,6 +28,7 @@ _FIT_OPTIONS = (
     "learn_variance",
     "learn_weights",
     "variance",
+    "posterior",
     "pool",
     "encode",
 )
@@ -70,6 +71,10 @@ class CALM(TransformerMixin, BaseEstimator):
     variance : float, optional
         The patches' variance sigma^2 the fit starts from (SPEC: 1), fixed unless
         learn_variance: the posterior's temperature.
+    posterior : {"image", "patch"}, optional
+        Over what each posterior is normalised: "image" (SPEC: an image's kernels and
+        positions) or "patch" (the kernels at every patch, a Gaussian mixture over patches;
+        the CPU engine only, for now).
     pool : int, optional
         The features' grid: the encoding is pooled over pool x pool regions (SPEC: 1).
     encode : {"lse", "triangle"}, optional
@@ -129,6 +134,7 @@ class CALM(TransformerMixin, BaseEstimator):
         learn_variance=None,
         learn_weights=None,
         variance=None,
+        posterior=None,
         pool=None,
         encode=None,
         image_shape=None,
@@ -151,6 +157,7 @@ class CALM(TransformerMixin, BaseEstimator):
         self.learn_variance = learn_variance
         self.learn_weights = learn_weights
         self.variance = variance
+        self.posterior = posterior
         self.pool = pool
         self.encode = encode
         self.image_shape = image_shape
@@ -244,7 +251,7 @@ class CALM(TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} must be True, False or None, not {v!r}")
             if v is not None:
                 opts[name] = bool(v)
-        for name in ("preset", "backend", "init_method", "encode"):
+        for name in ("preset", "backend", "init_method", "encode", "posterior"):
             v = opts[name]
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{name} must be a string, not {v!r}")

@@ -188,6 +188,7 @@ struct FitOptions {
     learn_variance: Option<bool>,
     learn_weights: Option<bool>,
     variance: Option<f64>,
+    posterior: Option<String>,
     pool: Option<usize>,
     encode: Option<String>,
 }
@@ -236,6 +237,11 @@ fn params(o: &FitOptions) -> PyResult<CalmParams> {
     }
     p.tol = o.tol.or(p.tol);
     p.variance = o.variance.or(p.variance);
+    if let Some(v) = &o.posterior {
+        p.posterior = calm_gpu::Posterior::parse(v).map_err(|e| {
+            PyValueError::new_err(format!("posterior must be 'image' or 'patch': {e}"))
+        })?;
+    }
     p.prior = PriorOptions {
         variance: o.learn_variance.unwrap_or(p.prior.variance),
         weights: o.learn_weights.unwrap_or(p.prior.weights),

@@ -34,6 +34,8 @@ def one_line(excinfo):
         (dict(backend=3), "backend must be a string"),
         (dict(tol=-1.0), "tol must be a non-negative number"),
         (dict(pool=0), "pool must be at least 1"),
+        (dict(posterior="pixel"), "posterior must be 'image' or 'patch'"),
+        (dict(posterior=1), "posterior must be a string"),
     ],
 )
 def test_bad_parameters(images, params, message):
@@ -99,3 +101,11 @@ def test_not_an_array(bad):
     with pytest.raises((ValueError, TypeError)) as e:
         CALM(kernels=2, width=1, pad=0, epochs=1, backend="cpu", image_shape=(1, -1)).fit(bad)
     assert str(e.value).splitlines()[0]
+
+
+def test_per_patch_posterior_fits_other_kernels(images):
+    opts = dict(kernels=4, width=5, pad=0, epochs=2, backend="cpu")
+    spec = CALM(**opts).fit(images)
+    patch = CALM(posterior="patch", **opts).fit(images)
+    assert patch.transform(images).shape == spec.transform(images).shape
+    assert not np.allclose(patch.theta_, spec.theta_)
