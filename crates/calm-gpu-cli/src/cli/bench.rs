@@ -172,8 +172,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     if deep {
         // The network's epochs, one of each layer's, by engine.
-        let mut engines: Vec<&str> = rows.iter().map(|(_, r)| r.engine.as_str()).collect();
-        engines.dedup();
+        // Each engine once, in the order the rows name them (a layer's GPU row, then its CPU row).
+        let mut engines: Vec<&str> = Vec::new();
+        for (_, r) in &rows {
+            if !engines.contains(&r.engine.as_str()) {
+                engines.push(&r.engine);
+            }
+        }
         for e in engines {
             let (s, f): (f64, f64) = rows
                 .iter()

@@ -68,24 +68,35 @@ pub fn fits(values: &[f32]) -> bool {
 /// The tensor-core E-step's `L` for `n` padded images `xpad` under weights `theta` `(K, R)` and
 /// the f32 bias `bias` (K), laid out `(n, k, h, w)` as [`super::reference::estep`].
 pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32], bias: &[f32]) -> Vec<f32> {
-    let (k_, p_, r) = (g.k, g.positions(), g.r());
+    let r = g.r();
+    let th: Vec<(f16, f16)> = theta[..g.k * r].iter().map(|&v| split(v)).collect();
+    per_output(g, xpad, n, |k, patch| {
+        let a: Vec<(f16, f16)> = patch.map(split).collect();
+        dot(&a, &th[k * r..(k + 1) * r]) + bias[k]
+    })
+}
+
+/// `f(k, the patch's R values)` for every output `(n, k, u)` of `n` padded images, laid out as
+/// `L`, in parallel over the rows `(n, k)`.
+fn per_output<T: Send + Default + Clone>(
+    g: &Geometry,
+    xpad: &[f32],
+    n: usize,
+    f: impl Fn(usize, &mut dyn Iterator<Item = f32>) -> T + Sync,
+) -> Vec<T> {
+    let (k_, p_) = (g.k, g.positions());
     let offsets: Vec<usize> = g.patch_offsets().collect();
     let corners: Vec<usize> = g.position_offsets().collect();
-    let th: Vec<(f16, f16)> = theta[..k_ * r].iter().map(|&v| split(v)).collect();
-    let mut l = vec![0f32; n * k_ * p_];
-    l.par_chunks_mut(p_).enumerate().for_each(|(nk, row)| {
+    let mut out = vec![T::default(); n * k_ * p_];
+    out.par_chunks_mut(p_).enumerate().for_each(|(nk, row)| {
         let (img, k) = (nk / k_, nk % k_);
-        let tk = &th[k * r..(k + 1) * r];
         let base = img * g.padded_len();
-        let mut a = vec![(f16::ZERO, f16::ZERO); r];
-        for (pos, out) in row.iter_mut().enumerate() {
-            for (e, &o) in a.iter_mut().zip(&offsets) {
-                *e = split(xpad[base + corners[pos] + o]);
-            }
-            *out = dot(&a, tk) + bias[k];
+        for (pos, o) in row.iter_mut().enumerate() {
+            let at = base + corners[pos];
+            *o = f(k, &mut offsets.iter().map(|&d| xpad[at + d]));
         }
     });
-    l
+    out
 }
 
 /// One output of the kernel: `main + corr 2^-11` over R, in chunks of 16 steps, each chunk's
@@ -109,25 +120,14 @@ fn dot(a: &[(f16, f16)], b: &[(f16, f16)]) -> f32 {
 /// The scale of `L[m, k]`'s terms, `sum_r |A[m, r] theta[k, r]| + |bias[k]|`, laid out as `L`:
 /// what [`L_CONTRACT`] and [`tolerance`] are relative to.
 pub fn term_scale(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32], bias: &[f32]) -> Vec<f64> {
-    let (k_, p_, r) = (g.k, g.positions(), g.r());
-    let offsets: Vec<usize> = g.patch_offsets().collect();
-    let corners: Vec<usize> = g.position_offsets().collect();
-    let mut s = vec![0f64; n * k_ * p_];
-    s.par_chunks_mut(p_).enumerate().for_each(|(nk, row)| {
-        let (img, k) = (nk / k_, nk % k_);
-        let tk = &theta[k * r..(k + 1) * r];
-        let base = img * g.padded_len();
-        for (pos, out) in row.iter_mut().enumerate() {
-            let at = base + corners[pos];
-            *out = offsets
-                .iter()
-                .zip(tk)
-                .map(|(&o, &t)| (xpad[at + o] as f64 * t as f64).abs())
-                .sum::<f64>()
-                + (bias[k] as f64).abs();
-        }
-    });
-    s
+    let r = g.r();
+    per_output(g, xpad, n, |k, patch| {
+        patch
+            .zip(&theta[k * r..(k + 1) * r])
+            .map(|(x, &t)| (x as f64 * t as f64).abs())
+            .sum::<f64>()
+            + (bias[k] as f64).abs()
+    })
 }
 
 /// How far a GPU's tensor-core `L` may lie from this twin's, relative to [`term_scale`]: the

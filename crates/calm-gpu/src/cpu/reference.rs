@@ -74,28 +74,9 @@ pub fn accumulate_patches(
     logp: &[f64],
     stats: &mut Stats,
 ) {
-    let (k_, kw, p_, r) = (g.k, g.kw, g.positions(), g.r());
+    let p_ = g.positions();
     stats.ll += logp[..n * p_].iter().sum::<f64>();
-    for img in 0..n {
-        for k in 0..k_ {
-            for h in 0..g.ho {
-                for w in 0..g.wo {
-                    let u = h * g.wo + w;
-                    let gam = (l[(img * k_ + k) * p_ + u] - logp[img * p_ + u]).exp();
-                    stats.b[k] += gam;
-                    for c in 0..g.c {
-                        for i in 0..kw {
-                            for j in 0..kw {
-                                let x =
-                                    xpad[((img * g.c + c) * g.hp + h + i) * g.wp + w + j] as f64;
-                                stats.t[k * r + (c * kw + i) * kw + j] += gam * x;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    accumulate_with(g, xpad, n, l, |img, u| logp[img * p_ + u], stats);
 }
 
 /// Twin of `shaders/features.wgsl`: `f[n,k] = logsumexp over (h,w) of L[n,k,h,w]`, laid out
@@ -232,13 +213,28 @@ pub fn accumulate(
     logp: &[f64],
     stats: &mut Stats,
 ) {
+    // One image at a time into LL, in image order (as the loops always added it).
+    logp[..n].iter().for_each(|v| stats.ll += v);
+    accumulate_with(g, xpad, n, l, |img, _| logp[img], stats);
+}
+
+/// `B` and `T` of one batch under the posteriors `gamma[n,k,u] = exp(L[n,k,u] - logp(n, u))`
+/// (`u = h Wo + w`), shared by both normalisations ([`accumulate`], [`accumulate_patches`]).
+fn accumulate_with(
+    g: &Geometry,
+    xpad: &[f32],
+    n: usize,
+    l: &[f64],
+    logp: impl Fn(usize, usize) -> f64,
+    stats: &mut Stats,
+) {
     let (k_, kw, p_, r) = (g.k, g.kw, g.positions(), g.r());
     for img in 0..n {
-        stats.ll += logp[img];
         for k in 0..k_ {
             for h in 0..g.ho {
                 for w in 0..g.wo {
-                    let gam = (l[(img * k_ + k) * p_ + h * g.wo + w] - logp[img]).exp();
+                    let u = h * g.wo + w;
+                    let gam = (l[(img * k_ + k) * p_ + u] - logp(img, u)).exp();
                     stats.b[k] += gam;
                     for c in 0..g.c {
                         for i in 0..kw {
