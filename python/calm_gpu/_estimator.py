@@ -29,6 +29,7 @@ _FIT_OPTIONS = (
     "learn_weights",
     "variance",
     "posterior",
+    "patch_norm",
     "pool",
     "encode",
 )
@@ -75,6 +76,10 @@ class CALM(TransformerMixin, BaseEstimator):
         Over what each posterior is normalised: "image" (SPEC: an image's kernels and
         positions) or "patch" (the kernels at every patch, a Gaussian mixture over patches;
         the CPU engine only, for now).
+    patch_norm : float, optional
+        Contrast-normalise every patch, (x - mean) / sqrt(var + patch_norm), in training and
+        in the features (Coates, Lee & Ng 2011; the CPU engine only, for now; ``to_torch``
+        refuses such a model).
     pool : int, optional
         The features' grid: the encoding is pooled over pool x pool regions (SPEC: 1).
     encode : {"lse", "triangle"}, optional
@@ -135,6 +140,7 @@ class CALM(TransformerMixin, BaseEstimator):
         learn_weights=None,
         variance=None,
         posterior=None,
+        patch_norm=None,
         pool=None,
         encode=None,
         image_shape=None,
@@ -158,6 +164,7 @@ class CALM(TransformerMixin, BaseEstimator):
         self.learn_weights = learn_weights
         self.variance = variance
         self.posterior = posterior
+        self.patch_norm = patch_norm
         self.pool = pool
         self.encode = encode
         self.image_shape = image_shape
@@ -255,7 +262,7 @@ class CALM(TransformerMixin, BaseEstimator):
             v = opts[name]
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{name} must be a string, not {v!r}")
-        for name in ("tol", "variance"):
+        for name in ("tol", "variance", "patch_norm"):
             if opts[name] is not None:
                 try:
                     opts[name] = float(opts[name])

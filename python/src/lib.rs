@@ -189,6 +189,7 @@ struct FitOptions {
     learn_weights: Option<bool>,
     variance: Option<f64>,
     posterior: Option<String>,
+    patch_norm: Option<f64>,
     pool: Option<usize>,
     encode: Option<String>,
 }
@@ -242,6 +243,7 @@ fn params(o: &FitOptions) -> PyResult<CalmParams> {
             PyValueError::new_err(format!("posterior must be 'image' or 'patch': {e}"))
         })?;
     }
+    p.patch_norm = o.patch_norm.or(p.patch_norm);
     p.prior = PriorOptions {
         variance: o.learn_variance.unwrap_or(p.prior.variance),
         weights: o.learn_weights.unwrap_or(p.prior.weights),
@@ -457,6 +459,11 @@ impl NativeLayer {
         Option<Bound<'py, PyArray4<f32>>>,
     )> {
         let m = self.layer.model();
+        if m.patch_norm().is_some() {
+            return Err(PyValueError::new_err(
+                "the model contrast-normalises its patches (patch_norm), which its PyTorch module does not compute yet",
+            ));
+        }
         let g = m.geometry().map_err(py_err)?;
         let (w, b) = m.prior_or_uniform().effective(&g, &m.theta);
         let shape = self.layer.theta().raw_dim();

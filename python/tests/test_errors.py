@@ -36,6 +36,9 @@ def one_line(excinfo):
         (dict(pool=0), "pool must be at least 1"),
         (dict(posterior="pixel"), "posterior must be 'image' or 'patch'"),
         (dict(posterior=1), "posterior must be a string"),
+        (dict(patch_norm="x"), "patch_norm must be a number"),
+        (dict(patch_norm=0.0), "patch_norm must be a positive number"),
+        (dict(patch_norm=-1), "patch_norm must be a positive number"),
     ],
 )
 def test_bad_parameters(images, params, message):
@@ -109,3 +112,19 @@ def test_per_patch_posterior_fits_other_kernels(images):
     patch = CALM(posterior="patch", **opts).fit(images)
     assert patch.transform(images).shape == spec.transform(images).shape
     assert not np.allclose(patch.theta_, spec.theta_)
+
+
+def test_patch_norm_features_ignore_contrast(images):
+    # eps far below the patches' variance (the noise alone gives about 1e-3), so that the
+    # contrast's change moves the features only through eps, by about 1e-4 of them.
+    opts = dict(kernels=4, width=5, pad=0, epochs=2, backend="cpu", patch_norm=1e-7)
+    x = images.astype(np.float32) / 255
+    est = CALM(**opts).fit(x)
+    raw = CALM(**{**opts, "patch_norm": None}).fit(x)
+    brighter = x * 3.0 + 0.5
+    f, g = est.transform(x), est.transform(brighter)
+    assert np.abs(f - g).max() < 1e-3 * np.abs(f).max()
+    assert not np.allclose(raw.transform(x), raw.transform(brighter), rtol=1e-2)
+    with pytest.raises(ValueError) as e:
+        est.to_torch()
+    assert "patch_norm" in str(e.value)

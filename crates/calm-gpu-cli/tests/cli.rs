@@ -2437,6 +2437,33 @@ fn a_recommended_model_carries_its_feature_recipe() {
     assert!(calm_gpu::Model::load(&p).unwrap().meta.features.is_none());
 }
 
+/// `train` on the CPU engine of 4 kernels of 3 x 3, no padding, 3 epochs, quiet, forced, with
+/// `extra` options.
+fn small_train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train",
+        "--backend",
+        "cpu",
+        "--kernels",
+        "4",
+        "--width",
+        "3",
+        "--pad",
+        "0",
+        "--epochs",
+        "3",
+        "--force",
+        "-q",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(["--data".into(), data.to_str().unwrap().into()]);
+    v.extend(["--out".into(), out.to_str().unwrap().into()]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
 /// `train --posterior patch`: the model says so in `info` and resumes only with the same
 /// posterior; the GPU engines, which do not have it yet, refuse it in one line.
 #[test]
@@ -2446,32 +2473,9 @@ fn per_patch_posterior_is_kept_and_refused_where_it_does_not_run() {
     let out = dir.path().join("m.safetensors");
     let ck = dir.path().join("ck");
     let args = |extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "train",
-            "--backend",
-            "cpu",
-            "--data",
-            data.to_str().unwrap(),
-            "--kernels",
-            "4",
-            "--width",
-            "3",
-            "--pad",
-            "0",
-            "--epochs",
-            "3",
-            "--posterior",
-            "patch",
-            "--out",
-            out.to_str().unwrap(),
-            "--force",
-            "-q",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+        let mut v = vec!["--posterior", "patch"];
+        v.extend(extra);
+        small_train_args(&data, &out, &v)
     };
     assert_ok(
         &calm()
@@ -2518,5 +2522,99 @@ fn per_patch_posterior_is_kept_and_refused_where_it_does_not_run() {
             "CPU engine only",
         );
         assert!(!gpu_out.exists());
+    }
+}
+
+/// `train --patch-norm EPS`: kept in the model (`info` says so), carried into `features` (whose
+/// values then ignore each image's contrast and brightness), checked on resume; bad values, a
+/// learned variance beside it, and the GPU engines (which do not have it yet) are refused in
+/// one line before any file is written.
+#[test]
+fn patch_norm_is_kept_carried_into_features_and_refused_where_it_does_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_data(dir.path());
+    let d = common::random_images(1, 20, 1, 10, 10);
+    let brighter = dir.path().join("b.npy");
+    write_npy_f32(&brighter, &d.images.mapv(|v| 3.0 * v + 0.5));
+    let out = dir.path().join("m.safetensors");
+    let ck = dir.path().join("ck");
+    let args = |eps: &str, extra: &[&str]| {
+        let mut v = vec!["--patch-norm", eps];
+        v.extend(extra);
+        small_train_args(&data, &out, &v)
+    };
+    assert_ok(
+        &calm()
+            .args(args("0.0001", &["--checkpoint-dir", ck.to_str().unwrap()]))
+            .output()
+            .unwrap(),
+    );
+    let m = calm_gpu::Model::load(&out).unwrap();
+    assert_eq!(m.patch_norm(), Some(1e-4));
+    assert_eq!(m.geometry().unwrap().patch_norm, Some(1e-4));
+    let info = calm()
+        .args(["info", "--model", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&info);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("contrast-normalised"));
+    let features = |input: &Path, name: &str| {
+        let f = dir.path().join(name);
+        assert_ok(
+            &calm()
+                .args(["features", "--backend", "cpu", "--model"])
+                .arg(&out)
+                .arg("--data")
+                .arg(input)
+                .arg("--out")
+                .arg(&f)
+                .output()
+                .unwrap(),
+        );
+        let f: ndarray::Array2<f32> = ndarray_npy::read_npy(&f).unwrap();
+        f
+    };
+    let (f0, f1) = (features(&data, "f0.npy"), features(&brighter, "f1.npy"));
+    let scale = f0.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = (&f0 - &f1).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(diff < 1e-3 * scale, "{diff} of {scale}");
+    fails_with(
+        &[
+            "train",
+            "--resume",
+            ck.to_str().unwrap(),
+            "--patch-norm",
+            "0.1",
+        ],
+        "--patch-norm",
+    );
+    let fresh = dir.path().join("fresh.safetensors");
+    for (eps, extra, needle) in [
+        ("0", &[][..], "--patch-norm"),
+        ("-1", &[], "--patch-norm"),
+        ("NaN", &[], "--patch-norm"),
+        ("abc", &[], "--patch-norm"),
+        ("0.01", &["--learn-variance"], "learned variance"),
+    ] {
+        let mut v = args(eps, extra);
+        let at = v.iter().position(|a| a == "--out").unwrap();
+        v[at + 1] = fresh.to_str().unwrap().into();
+        let v: Vec<&str> = v
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "-q")
+            .collect();
+        fails_with(&v, needle);
+        assert!(!fresh.exists(), "{eps} {extra:?}");
+    }
+    if common::backend_name() == "vulkan" {
+        let mut v = args("0.01", &[]);
+        let at = v.iter().position(|a| a == "cpu").unwrap();
+        v[at] = "vulkan".into();
+        let at = v.iter().position(|a| a == "--out").unwrap();
+        v[at + 1] = fresh.to_str().unwrap().into();
+        let v: Vec<&str> = v.iter().map(String::as_str).collect();
+        fails_with(&v, "CPU engine only");
+        assert!(!fresh.exists());
     }
 }

@@ -43,7 +43,8 @@ impl std::fmt::Display for InitMethod {
     }
 }
 
-/// Copies the padded patch of image `n` at position `(h, w)` into `out` (`C * w * w`).
+/// Copies the padded patch of image `n` at position `(h, w)` into `out` (`C * w * w`),
+/// contrast-normalised if the layer normalises patches ([`Geometry::patch_norm`]).
 pub(crate) fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f32]) {
     let p = g.pad as isize;
     for c in 0..g.c {
@@ -59,6 +60,7 @@ pub(crate) fn patch(g: &Geometry, img: &[f32], h: usize, w: usize, out: &mut [f3
             }
         }
     }
+    g.normalize(&mut out[..g.r()]);
 }
 
 /// Draws of a patch before a near-copy of an earlier one is accepted (e.g. images that are

@@ -75,6 +75,9 @@ pub struct CalmParams {
     pub whiten: Option<usize>,
     /// Over what each posterior is normalised (SPEC: per image; [`Posterior`]).
     pub posterior: Posterior,
+    /// Contrast-normalise every patch with this `eps` before the layer sees it
+    /// ([`Geometry::patch_norm`]; SPEC: raw patches; the CPU engine only, for now).
+    pub patch_norm: Option<f64>,
     /// Where the fit runs.
     pub device: Device,
     /// A GPU run's choices (kernels, tiles, memory, tuning file).
@@ -102,6 +105,7 @@ impl CalmParams {
             prior: PriorOptions::default(),
             variance: None,
             posterior: Posterior::Image,
+            patch_norm: None,
             whiten: None,
             device: Device::Auto,
             gpu: Default::default(),
@@ -183,6 +187,13 @@ impl CalmParams {
         self
     }
 
+    /// Contrast-normalise every patch, `(x - mean) / sqrt(var + eps)` over its values, in
+    /// training and in the model's features ([`Geometry::patch_norm`]; the CPU engine only).
+    pub fn patch_norm(mut self, eps: f64) -> Self {
+        self.patch_norm = Some(eps);
+        self
+    }
+
     /// Start from the variance `sigma^2` (SPEC: 1), kept unless the prior learns it.
     pub fn variance(mut self, variance: f64) -> Self {
         self.variance = Some(variance);
@@ -244,6 +255,20 @@ impl CalmParams {
                 ),
             ));
         }
+        if let Some(eps) = self.patch_norm {
+            if !(eps.is_finite() && eps > 0.0 && eps <= f32::MAX as f64) {
+                return Err(ParamError::new(
+                    "patch_norm",
+                    format!("must be a positive number (got {eps}): the variance's floor"),
+                ));
+            }
+            if self.prior.variance {
+                return Err(ParamError::new(
+                    "patch_norm",
+                    "cannot be combined with a learned variance (its M-step counts the image's pixels, not the normalised patches)",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -251,7 +276,7 @@ impl CalmParams {
     /// `init_theta` must be `(K, C, w, w)` and finite, the whitening patch must fit.
     pub fn check_shape(&self, c: usize, h: usize, w: usize) -> Result<Geometry> {
         self.check()?;
-        let g = Geometry::new(self.layer, c, h, w)?;
+        let g = Geometry::new(self.layer, c, h, w)?.with_patch_norm(self.patch_norm_f32());
         if let Some(theta) = &self.init_theta {
             if theta.len() != g.k * g.r() {
                 return Err(ParamError::new(
@@ -274,6 +299,11 @@ impl CalmParams {
         Ok(g)
     }
 
+    /// [`CalmParams::patch_norm`] as the engines use it.
+    pub fn patch_norm_f32(&self) -> Option<f32> {
+        self.patch_norm.map(|e| e as f32)
+    }
+
     /// True when every choice is SPEC's protocol (N(0,1) init, no revival, no early stop, no
     /// whitening, SPEC's uniform prior): the paper's model.
     pub fn is_spec_protocol(&self) -> bool {
@@ -281,6 +311,7 @@ impl CalmParams {
             && self.whiten.is_none()
             && self.variance.is_none()
             && self.posterior == Posterior::Image
+            && self.patch_norm.is_none()
             && self.schedule()
                 == Schedule {
                     seed: self.seed,
@@ -728,21 +759,24 @@ fn build_model(
         || schedule.tol.is_some()
         || schedule.prior.any()
         || params.variance.is_some()
-        || params.posterior != Posterior::Image)
-        .then(|| {
-            let mut o =
-                serde_json::json!({ "init_method": params.init_method, "schedule": schedule });
-            if let Some(wd) = params.whiten {
-                o["whiten"] = wd.into();
-            }
-            if let Some(v) = params.variance {
-                o["variance"] = v.into();
-            }
-            if params.posterior != Posterior::Image {
-                o["posterior"] = serde_json::to_value(params.posterior).unwrap_or_default();
-            }
-            o
-        });
+        || params.posterior != Posterior::Image
+        || params.patch_norm.is_some())
+    .then(|| {
+        let mut o = serde_json::json!({ "init_method": params.init_method, "schedule": schedule });
+        if let Some(wd) = params.whiten {
+            o["whiten"] = wd.into();
+        }
+        if let Some(v) = params.variance {
+            o["variance"] = v.into();
+        }
+        if params.posterior != Posterior::Image {
+            o["posterior"] = serde_json::to_value(params.posterior).unwrap_or_default();
+        }
+        if let Some(eps) = params.patch_norm {
+            o["patch_norm"] = eps.into();
+        }
+        o
+    });
     Ok(Model {
         meta: ModelMeta {
             layer: params.layer,

@@ -13,8 +13,9 @@ pub struct LayerConfig {
     pub pad: usize,
 }
 
-/// Everything derived from a layer and an image shape `C x H x W`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Everything derived from a layer and an image shape `C x H x W`, and how the layer sees a
+/// patch ([`Geometry::patch_norm`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Geometry {
     /// Channels `C`.
     pub c: usize,
@@ -36,6 +37,22 @@ pub struct Geometry {
     pub ho: usize,
     /// Patch positions horizontally, `Wo = W + 2p - w + 1`.
     pub wo: usize,
+    /// `Some(eps)`: every patch the layer sees (E-step, M-step, features, initial patches,
+    /// k-means) is first contrast-normalised, `(x - mean(x)) / sqrt(var(x) + eps)` over its `R`
+    /// values ([`normalize_patch`]; Coates, Lee & Ng, AISTATS 2011). `None` (SPEC): raw patches.
+    pub patch_norm: Option<f32>,
+}
+
+/// Contrast-normalises one patch in place: `(x - mean) / sqrt(var + eps)`, mean and variance
+/// over its values (f32 sums in order, the same bits on every engine that calls this).
+pub fn normalize_patch(eps: f32, patch: &mut [f32]) {
+    let n = patch.len() as f32;
+    let mean = patch.iter().sum::<f32>() / n;
+    let var = patch.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+    let scale = 1.0 / (var + eps).sqrt();
+    for x in patch.iter_mut() {
+        *x = (*x - mean) * scale;
+    }
 }
 
 /// Why a layer cannot be applied to images of a shape, or pooled on a grid.
@@ -203,7 +220,21 @@ impl Geometry {
             wp,
             ho: hp - layer.width + 1,
             wo: wp - layer.width + 1,
+            patch_norm: None,
         })
+    }
+
+    /// The same geometry with patches contrast-normalised by `eps` ([`Geometry::patch_norm`]).
+    pub fn with_patch_norm(mut self, eps: Option<f32>) -> Self {
+        self.patch_norm = eps;
+        self
+    }
+
+    /// [`normalize_patch`] of one patch if the layer normalises patches, else nothing.
+    pub fn normalize(&self, patch: &mut [f32]) {
+        if let Some(eps) = self.patch_norm {
+            normalize_patch(eps, patch);
+        }
     }
 
     /// The layer's hyper-parameters.

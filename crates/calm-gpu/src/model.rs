@@ -195,7 +195,13 @@ impl Model {
                 self.meta.channels
             )));
         }
-        Ok(Geometry::new(self.meta.layer, c, h, w)?)
+        Ok(Geometry::new(self.meta.layer, c, h, w)?.with_patch_norm(self.patch_norm()))
+    }
+
+    /// The `eps` of the model's contrast normalisation of patches (`options.patch_norm`,
+    /// [`Geometry::patch_norm`]), `None` for raw patches (SPEC).
+    pub fn patch_norm(&self) -> Option<f32> {
+        patch_norm_of(&self.meta)
     }
 
     /// `source` through the model's patch-whitening filter, if it has one.
@@ -249,7 +255,8 @@ impl Model {
             self.meta.channels,
             self.meta.height,
             self.meta.width,
-        )?)
+        )?
+        .with_patch_norm(self.patch_norm()))
     }
 
     /// The mixing weights and variance the layer's `L` uses (uniform, unit: SPEC's).
@@ -471,6 +478,14 @@ pub(crate) fn read_layer(
                 ),
             )
         })?;
+    if let Some(v) = meta.options.as_ref().and_then(|o| o.get("patch_norm"))
+        && !v.as_f64().is_some_and(|e| e > 0.0 && e <= f32::MAX as f64)
+    {
+        return Err(model_err(
+            path,
+            format!("its options.patch_norm is {v}, not a positive number"),
+        ));
+    }
     let theta = read("theta", &[l.kernels, meta.channels, l.width, l.width])?;
     let counts = read("counts", &[l.kernels])?;
     // calm-gpu never writes non-finite weights (the precision limit keeps the last finite
@@ -628,6 +643,15 @@ pub fn near_copy(a: &[f32], b: &[f32]) -> bool {
         .sum::<f64>()
         .sqrt();
     d <= 0.01 * norm(a).max(norm(b))
+}
+
+/// `options.patch_norm` of a model's metadata (checked positive when the file is read).
+fn patch_norm_of(meta: &ModelMeta) -> Option<f32> {
+    meta.options
+        .as_ref()
+        .and_then(|o| o.get("patch_norm"))
+        .and_then(|v| v.as_f64())
+        .map(|e| e as f32)
 }
 
 #[cfg(test)]

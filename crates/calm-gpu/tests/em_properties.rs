@@ -1110,3 +1110,141 @@ fn per_patch_posterior_matches_its_reference_and_climbs() {
         }
     }
 }
+
+/// Contrast-normalised patches ([`Geometry::patch_norm`]): the fast engine, which normalises
+/// each patch before its GEMMs, against the f64 reference, which normalises after the product
+/// (`(theta . x - m sum(theta)) / s + bias`), for both posteriors on three shapes (padding,
+/// C = 3, batches that do not divide N); then EM's LL non-decreasing over 8 epochs.
+#[test]
+fn normalised_patches_match_their_reference_and_climb() {
+    let l = |k, w, p| LayerConfig {
+        kernels: k,
+        width: w,
+        pad: p,
+    };
+    for (case, (n, c, h, layer, batch, eps)) in [
+        (5, 1, 12, l(6, 5, 2), 4, 0.01f32),
+        (7, 3, 9, l(5, 4, 0), 3, 0.1),
+        (11, 1, 14, l(9, 3, 1), 11, 1.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let g = Geometry::new(layer, c, h, h)
+            .unwrap()
+            .with_patch_norm(Some(eps));
+        let d = random_images(case as u64 + 60, n, c, h, h);
+        let x = d.images.as_slice().unwrap().to_vec();
+        // Kernels of the normalised patches' scale (unit variance per value).
+        let theta = random_theta(case as u64 + 70, g.k * g.r(), 1.0);
+        let xpad = g.pad_images(&x, n);
+        let lf = reference::estep(&g, &xpad, n, &theta);
+        for posterior in [calm_gpu::Posterior::Image, calm_gpu::Posterior::Patch] {
+            let mut want = reference::Stats::zeros(&g);
+            match posterior {
+                calm_gpu::Posterior::Image => {
+                    let lp = reference::logp(&g, &lf, n);
+                    reference::accumulate(&g, &xpad, n, &lf, &lp, &mut want);
+                }
+                calm_gpu::Posterior::Patch => {
+                    let lp = reference::logp_patches(&g, &lf, n);
+                    reference::accumulate_patches(&g, &xpad, n, &lf, &lp, &mut want);
+                }
+            }
+            let mut eng = CpuEngine::new(g, Arc::new(d.clone()), theta.clone(), batch);
+            eng.set_posterior(posterior).unwrap();
+            let got = eng.stats(0, n, &mut |_| {}).unwrap();
+            let rel = |a: &[f64], b: &[f64]| {
+                let s = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+                a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / s
+            };
+            // f32 normalisation, E-step and posteriors against f64: the per-patch posterior's
+            // tolerance (an f32 error in L, of size |L| ~ R here, moves posteriors relatively).
+            assert!(rel(&got.b, &want.b) < 1e-4, "case {case} {posterior:?}: B");
+            assert!(rel(&got.t, &want.t) < 1e-4, "case {case} {posterior:?}: T");
+            assert!(
+                (got.ll - want.ll).abs() <= 1e-5 * want.ll.abs(),
+                "case {case} {posterior:?}: LL {} vs {}",
+                got.ll,
+                want.ll
+            );
+            let mut eng = CpuEngine::new(g, Arc::new(d.clone()), theta.clone(), batch);
+            eng.set_posterior(posterior).unwrap();
+            let lls = run_epochs(&mut eng, 8);
+            for w in lls.windows(2) {
+                assert!(
+                    w[1].0 >= w[0].0 - 1e-6 * w[0].0.abs(),
+                    "case {case} {posterior:?}: {lls:?}"
+                );
+            }
+        }
+        // Without normalisation the statistics differ (the test can fail).
+        let mut raw = CpuEngine::new(g.with_patch_norm(None), Arc::new(d), theta, batch);
+        let got = raw.stats(0, n, &mut |_| {}).unwrap();
+        let lp = reference::logp(&g, &lf, n);
+        let mut want = reference::Stats::zeros(&g);
+        reference::accumulate(&g, &xpad, n, &lf, &lp, &mut want);
+        assert!(
+            (got.ll - want.ll).abs() > 1e-3 * want.ll.abs(),
+            "case {case}"
+        );
+    }
+}
+
+/// The features of a model with normalised patches: the fast engine's triangle and
+/// log-sum-exp encodings against the f64 twins, and unchanged (to the eps's effect) when every
+/// image's contrast and brightness change, `3 x + 0.5`, which moves raw patches' features.
+#[test]
+fn normalised_patch_features_match_the_twins_and_ignore_contrast() {
+    use calm_gpu::features::{Encoding, Pooling};
+    let (n, c, h) = (6, 2, 10);
+    let layer = LayerConfig {
+        kernels: 7,
+        width: 4,
+        pad: 0,
+    };
+    let g = Geometry::new(layer, c, h, h)
+        .unwrap()
+        .with_patch_norm(Some(1e-4));
+    let d = random_images(81, n, c, h, h);
+    let theta = random_theta(82, g.k * g.r(), 1.0);
+    let x = d.images.as_slice().unwrap().to_vec();
+    let xpad = g.pad_images(&x, n);
+    let l = reference::estep(&g, &xpad, n, &theta);
+    let norms = reference::patch_norms(&g, &xpad, n);
+    let feats = |g: &Geometry, d: &Dataset, encoding| {
+        calm_gpu::cpu::fast::features(
+            g,
+            d,
+            &theta,
+            &g.bias_f32(&theta),
+            4,
+            Pooling { grid: 2, encoding },
+            &Default::default(),
+            &mut |_| {},
+        )
+        .unwrap()
+        .into_raw_vec_and_offset()
+        .0
+    };
+    let mut brighter = d.clone();
+    brighter.images.mapv_inplace(|v| 3.0 * v + 0.5);
+    for encoding in [Encoding::Lse, Encoding::Triangle] {
+        let want = match encoding {
+            Encoding::Lse => reference::features_grid(&g, &l, n, 2),
+            Encoding::Triangle => reference::features_triangle(&g, &l, &norms, n, 2),
+        };
+        let got = feats(&g, &d, encoding);
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-4, "{encoding}: {e}");
+        let e = rel_err(&feats(&g, &brighter, encoding), &want);
+        assert!(e < 1e-3, "{encoding}, 3x + 0.5: {e}");
+        let raw = g.with_patch_norm(None);
+        let base: Vec<f64> = feats(&raw, &d, encoding)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let e = rel_err(&feats(&raw, &brighter, encoding), &base);
+        assert!(e > 1e-2, "{encoding}, raw patches: {e}");
+    }
+}

@@ -411,13 +411,7 @@ fn model_preprocess(model: &Model) -> Result<Preprocess> {
 /// The model's layer on images of `data`'s size (features work on any H, W; C must match).
 fn model_geometry_for(model: &Model, data: &dyn ImageSource) -> Result<Geometry> {
     let (c, h, w) = data.shape();
-    if c != model.meta.channels {
-        bail!(
-            "the model was trained on {}-channel images but the data has {c} channels",
-            model.meta.channels
-        );
-    }
-    Ok(Geometry::new(model.meta.layer, c, h, w)?)
+    Ok(model.geometry_for(c, h, w)?)
 }
 
 fn embedded(split: data::Split) -> Arc<dyn ImageSource> {

@@ -240,6 +240,11 @@ pub(super) fn info(a: InfoArgs) -> Result<()> {
             "posterior:   per patch (each patch a mixture over the kernels; LL sums over patches)"
         );
     }
+    if let Some(eps) = m.patch_norm() {
+        println!(
+            "patches:     contrast-normalised, (x - mean) / sqrt(var + {eps}), in training and in every image the model encodes"
+        );
+    }
     println!("LL history (per image):");
     let n = m.meta.images.max(1) as f64;
     for h in &m.meta.history {

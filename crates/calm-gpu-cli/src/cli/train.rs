@@ -109,6 +109,12 @@ pub struct TrainArgs {
     /// mixture over patches; the CPU engine only, for now); kept in the model
     #[arg(long, value_enum)]
     pub posterior: Option<PosteriorArg>,
+    /// Contrast-normalise every patch before the layer sees it, (x - mean) / sqrt(var + EPS)
+    /// over its values (Coates, Lee & Ng 2011), in training and in the model's features (the
+    /// CPU engine only, for now); kept in the model. EPS is in the units of the patches'
+    /// variance: 0.01 suits pixels / 255 whitened over 7x7 patches
+    #[arg(long, value_name = "EPS")]
+    pub patch_norm: Option<f64>,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
     /// options that would change that
     #[arg(long, value_enum, conflicts_with = "preset")]
@@ -193,6 +199,8 @@ pub(super) struct RunConfig {
     variance: Option<f64>,
     #[serde(default)]
     posterior: calm_gpu::Posterior,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    patch_norm: Option<f64>,
     /// The size in bytes of each `data` file when the run started (`None` for the shipped
     /// digits), so that `--resume` does not go on with other data under the same names.
     #[serde(default)]
@@ -345,7 +353,7 @@ pub(super) fn train(a: TrainArgs) -> Result<()> {
     let params = cfg.params()?;
     if protocol == Some(TrainProtocol::Paper) && !params.is_spec_protocol() {
         bail!(
-            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance, --variance and --posterior"
+            "--protocol paper keeps SPEC's choices: drop --init-method, --revive, --tol, --whiten, --learn-weights, --learn-variance, --variance, --posterior and --patch-norm"
         );
     }
     match (&cfg.net, resume) {
@@ -737,6 +745,7 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
         whiten: a.whiten,
         variance: a.variance,
         posterior: a.posterior.map(Into::into).unwrap_or_default(),
+        patch_norm: a.patch_norm,
         data_bytes: Some(data_bytes(&a.data)),
         features: rec.recipe.filter(|_| recommended),
         net: a.net.clone(),
@@ -922,6 +931,12 @@ fn check_same_run(
         ck.posterior,
     )?;
     same(
+        a.patch_norm.is_some(),
+        "--patch-norm",
+        fresh.patch_norm,
+        ck.patch_norm,
+    )?;
+    same(
         a.preprocess.is_some(),
         "--preprocess",
         fresh.preprocess,
@@ -1071,6 +1086,7 @@ impl RunConfig {
             whiten: p.whiten,
             variance: p.variance,
             posterior: p.posterior,
+            patch_norm: p.patch_norm,
             data_bytes: Some(data_bytes(data)),
             features: p.recipe,
             net: None,
@@ -1098,6 +1114,7 @@ impl RunConfig {
             whiten: self.whiten,
             variance: self.variance,
             posterior: self.posterior,
+            patch_norm: self.patch_norm,
             recipe: self.features,
             device,
             // The CPU engine has no use for the GPU variables (a bad one must not stop it).
@@ -1234,6 +1251,7 @@ mod tests {
             learn_variance: false,
             variance: None,
             posterior: None,
+            patch_norm: None,
             protocol: preset.is_none().then_some(TrainProtocol::Paper),
             preset,
             cache: None,

@@ -416,6 +416,11 @@ impl Scratch {
         // Every element of `a` is written by im2col, so a resize (no clear) is enough.
         self.a.resize(n * g.positions() * g.r(), 0.0);
         im2col_padded(g, &self.xpad, n, &mut self.a);
+        if g.patch_norm.is_some() {
+            for row in self.a.chunks_exact_mut(g.r()) {
+                g.normalize(row);
+            }
+        }
         Ok(())
     }
 

@@ -8,6 +8,11 @@ use crate::prior::Prior;
 /// Twin of `shaders/estep.wgsl`:
 /// `L[n,k,h,w] = sum_{c,i,j} theta[k,c,i,j] Xpad[n,c,h+i,w+j] + bias[k]`, laid out
 /// `(n, k, h, w)`.
+///
+/// With [`Geometry::patch_norm`] the patch `x_u` is `(x_u - m_u) / s_u` (its mean `m_u`, and
+/// `s_u = sqrt(var_u + eps)`, from [`patch_moments`]): computed here the other way round from
+/// the engines, which normalise each patch before the product, as
+/// `(theta_k . x_u - m_u sum(theta_k)) / s_u + bias[k]`.
 pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32]) -> Vec<f64> {
     let b = g.bias(theta);
     let (k_, kw, p_) = (g.k, g.kw, g.positions());
@@ -32,7 +37,43 @@ pub fn estep(g: &Geometry, xpad: &[f32], n: usize, theta: &[f32]) -> Vec<f64> {
             }
         }
     }
+    if let Some(mom) = patch_moments(g, xpad, n) {
+        let r = g.r();
+        for img in 0..n {
+            for k in 0..k_ {
+                let sum: f64 = theta[k * r..(k + 1) * r].iter().map(|&t| t as f64).sum();
+                for u in 0..p_ {
+                    let (m, sd) = mom[img * p_ + u];
+                    let v = &mut l[(img * k_ + k) * p_ + u];
+                    *v = (*v - b[k] - m * sum) / sd + b[k];
+                }
+            }
+        }
+    }
     l
+}
+
+/// The mean `m_u` and `s_u = sqrt(var_u + eps)` of every patch, `(n, P)`, in f64, when the
+/// layer contrast-normalises its patches ([`Geometry::patch_norm`]); `None` otherwise.
+pub fn patch_moments(g: &Geometry, xpad: &[f32], n: usize) -> Option<Vec<(f64, f64)>> {
+    let eps = g.patch_norm? as f64;
+    let r = g.r() as f64;
+    let mut out = Vec::with_capacity(n * g.positions());
+    for img in 0..n {
+        let x = &xpad[img * g.padded_len()..(img + 1) * g.padded_len()];
+        for h in 0..g.ho {
+            for w in 0..g.wo {
+                let vals: Vec<f64> = g
+                    .patch_offsets()
+                    .map(|o| x[h * g.wp + w + o] as f64)
+                    .collect();
+                let m = vals.iter().sum::<f64>() / r;
+                let var = vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / r;
+                out.push((m, (var + eps).sqrt()));
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Numerically stable `log(sum(exp(v)))`.
@@ -109,8 +150,17 @@ pub fn features_grid(g: &Geometry, l: &[f64], n: usize, grid: usize) -> Vec<f64>
 }
 
 /// `||x_u||^2` of every patch, `(n, P)`: the squared norm of the padded image's `C x w x w`
-/// window at each position (twin of `shaders/tri_mean.wgsl`'s first loop).
+/// window at each position (twin of `shaders/tri_mean.wgsl`'s first loop); of the normalised
+/// patch, `R var_u / (var_u + eps)`, with [`Geometry::patch_norm`].
 pub fn patch_norms(g: &Geometry, xpad: &[f32], n: usize) -> Vec<f64> {
+    if let Some(mom) = patch_moments(g, xpad, n) {
+        let eps = g.patch_norm.expect("moments need it") as f64;
+        let r = g.r() as f64;
+        return mom
+            .iter()
+            .map(|&(_, sd)| r * (sd * sd - eps) / (sd * sd))
+            .collect();
+    }
     let mut out = Vec::with_capacity(n * g.positions());
     for img in 0..n {
         let x = &xpad[img * g.padded_len()..(img + 1) * g.padded_len()];
@@ -229,11 +279,14 @@ fn accumulate_with(
     stats: &mut Stats,
 ) {
     let (k_, kw, p_, r) = (g.k, g.kw, g.positions(), g.r());
+    // The normalised patch is (x - m_u) / s_u ([`patch_moments`]); raw patches: m 0, s 1.
+    let mom = patch_moments(g, xpad, n);
     for img in 0..n {
         for k in 0..k_ {
             for h in 0..g.ho {
                 for w in 0..g.wo {
                     let u = h * g.wo + w;
+                    let (m, sd) = mom.as_ref().map_or((0.0, 1.0), |v| v[img * p_ + u]);
                     let gam = (l[(img * k_ + k) * p_ + u] - logp(img, u)).exp();
                     stats.b[k] += gam;
                     for c in 0..g.c {
@@ -241,7 +294,7 @@ fn accumulate_with(
                             for j in 0..kw {
                                 let x =
                                     xpad[((img * g.c + c) * g.hp + h + i) * g.wp + w + j] as f64;
-                                stats.t[k * r + (c * kw + i) * kw + j] += gam * x;
+                                stats.t[k * r + (c * kw + i) * kw + j] += gam * (x - m) / sd;
                             }
                         }
                     }

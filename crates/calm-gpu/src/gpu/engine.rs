@@ -150,6 +150,12 @@ impl GpuEngine {
         theta: &[f32],
         opts: GpuOptions,
     ) -> Result<Self> {
+        if g.patch_norm.is_some() {
+            return Err(CalmError::Invalid(format!(
+                "contrast-normalised patches (patch_norm) run on the CPU engine only, not on {} (use --backend cpu)",
+                ctx.describe()
+            )));
+        }
         let budget_known = opts.memory_budget.is_some() || ctx.budget.is_some();
         match Self::build(ctx.clone(), g, source.clone(), theta, &opts, opts.stream) {
             // The API does not report its memory: try to keep the data resident, and stream
