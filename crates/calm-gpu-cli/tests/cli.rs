@@ -2440,27 +2440,13 @@ fn a_recommended_model_carries_its_feature_recipe() {
 /// `train` on the CPU engine of 4 kernels of 3 x 3, no padding, 3 epochs, quiet, forced, with
 /// `extra` options.
 fn small_train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--backend",
-        "cpu",
-        "--kernels",
-        "4",
-        "--width",
-        "3",
-        "--pad",
-        "0",
-        "--epochs",
-        "3",
-        "--force",
-        "-q",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(["--data".into(), data.to_str().unwrap().into()]);
-    v.extend(["--out".into(), out.to_str().unwrap().into()]);
-    v.extend(extra.iter().map(|s| s.to_string()));
+    let mut v = train_argv(data, out, "4 3 0 1000 3 0");
+    v.extend(
+        ["--force", "-q"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from),
+    );
     v
 }
 
