@@ -1732,12 +1732,9 @@ fn outputs_are_checked_before_work_and_never_overwrite_inputs() {
     }
 }
 
-/// `reproduce` refuses an out-dir holding earlier results, and unreadable label files, before
-/// it trains.
-#[test]
-fn reproduce_checks_its_outputs_and_labels_before_training() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mnist");
+/// The shipped digits as the four MNIST IDX files in `dir/mnist`, for `reproduce mnist`.
+fn digits_as_mnist(dir: &Path) -> PathBuf {
+    let data = dir.join("mnist");
     std::fs::create_dir(&data).unwrap();
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets");
     for (from, to) in [
@@ -1760,6 +1757,15 @@ fn reproduce_checks_its_outputs_and_labels_before_training() {
     ] {
         std::fs::copy(assets.join(from), data.join(to)).unwrap();
     }
+    data
+}
+
+/// `reproduce` refuses an out-dir holding earlier results, and unreadable label files, before
+/// it trains.
+#[test]
+fn reproduce_checks_its_outputs_and_labels_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits_as_mnist(dir.path());
     let out = dir.path().join("r");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("results.md"), b"precious").unwrap();
@@ -2603,4 +2609,53 @@ fn patch_norm_is_kept_carried_into_features_and_refused_where_it_does_not_run() 
         fails_with(&v, "CPU engine only");
         assert!(!fresh.exists());
     }
+}
+
+/// `reproduce --preset recommended --patch-norm EPS` trains with contrast-normalised patches
+/// and says so in results.md; a bad EPS, or the flag without the preset, is refused before any
+/// folder is made.
+#[test]
+fn reproduce_takes_patch_norm_with_the_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits_as_mnist(dir.path());
+    let out = dir.path().join("r");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "reproduce",
+            "mnist",
+            "--backend",
+            "cpu",
+            "--epochs",
+            "1",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend([data.to_string_lossy().into(), "--out-dir".into()]);
+        v.push(out.to_string_lossy().into());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    for (extra, needle) in [
+        (
+            &["--preset", "recommended", "--patch-norm", "0"][..],
+            "--patch-norm",
+        ),
+        (&["--patch-norm", "0.01"], "--preset"),
+    ] {
+        let a = args(extra);
+        fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+        assert!(!out.exists(), "{extra:?}");
+    }
+    assert_ok(
+        &calm()
+            .args(args(&["--preset", "recommended", "--patch-norm", "0.01"]))
+            .output()
+            .unwrap(),
+    );
+    let m = calm_gpu::Model::load(&out.join("model.safetensors")).unwrap();
+    assert_eq!(m.patch_norm(), Some(0.01));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("--patch-norm 0.01"), "{md}");
 }

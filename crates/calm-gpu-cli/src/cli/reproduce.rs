@@ -57,6 +57,10 @@ pub struct ReproduceArgs {
     /// Seed of the initial weights (and of data-patch draws and revival)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// With --preset recommended: contrast-normalise every patch, (x - mean) / sqrt(var + EPS),
+    /// as `train --patch-norm` (the CPU engine only, for now)
+    #[arg(long, value_name = "EPS", requires = "preset")]
+    pub patch_norm: Option<f64>,
     /// Replace earlier results in --out-dir
     #[arg(long)]
     pub force: bool,
@@ -132,6 +136,14 @@ fn plan(a: &ReproduceArgs) -> Result<Plan> {
         if let Some(v) = v {
             check_positive(name, v)?;
         }
+    }
+    if let Some(eps) = a.patch_norm
+        && let Err(e) = CalmParams::new(1).patch_norm(eps).check()
+    {
+        bail!(
+            "--{}",
+            e.to_string().replacen("patch_norm", "patch-norm", 1)
+        );
     }
     let model_path = out.join("model.safetensors");
     // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)
@@ -271,6 +283,10 @@ fn run_config(a: &ReproduceArgs, plan: &Plan) -> RunConfig {
     .epochs(plan.epochs)
     .seed(a.seed)
     .device(a.backend);
+    let params = match a.patch_norm {
+        Some(eps) => params.patch_norm(eps),
+        None => params,
+    };
     RunConfig::from_params(
         &params,
         &plan.train_data,
@@ -363,11 +379,15 @@ fn results_md(
     let mut md = match a.preset {
         None => format!("# calm-gpu: the {name} protocol\n\n"),
         Some(_) => format!(
-            "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nImages whitened over 7x7 patches, data-patch initialisation, revival{}; the probe sees the triangle encoding summed over a 4x4 grid, standardised.\n\n",
+            "# calm-gpu: the {name} protocol, calm-gpu's recommended configuration\n\nImages whitened over 7x7 patches, data-patch initialisation, revival{}{}; the probe sees the triangle encoding summed over a 4x4 grid, standardised.\n\n",
             if *mnist_preset {
                 ", K 128 kernels of 8x8 without padding"
             } else {
                 ", the protocol's layer"
+            },
+            match m.patch_norm() {
+                Some(eps) => format!(", every patch contrast-normalised (--patch-norm {eps})"),
+                None => String::new(),
             }
         ),
     };
