@@ -276,7 +276,8 @@ impl CalmParams {
     /// `init_theta` must be `(K, C, w, w)` and finite, the whitening patch must fit.
     pub fn check_shape(&self, c: usize, h: usize, w: usize) -> Result<Geometry> {
         self.check()?;
-        let g = Geometry::new(self.layer, c, h, w)?.with_patch_norm(self.patch_norm_f32());
+        let g =
+            Geometry::new(self.layer, c, h, w)?.with_patch_norm(self.patch_norm.map(|e| e as f32));
         if let Some(theta) = &self.init_theta {
             if theta.len() != g.k * g.r() {
                 return Err(ParamError::new(
@@ -297,11 +298,6 @@ impl CalmParams {
             Whitening::check_width(width, h, w)?;
         }
         Ok(g)
-    }
-
-    /// [`CalmParams::patch_norm`] as the engines use it.
-    pub fn patch_norm_f32(&self) -> Option<f32> {
-        self.patch_norm.map(|e| e as f32)
     }
 
     /// True when every choice is SPEC's protocol (N(0,1) init, no revival, no early stop, no

@@ -137,13 +137,11 @@ fn plan(a: &ReproduceArgs) -> Result<Plan> {
             check_positive(name, v)?;
         }
     }
-    if let Some(eps) = a.patch_norm
-        && let Err(e) = CalmParams::new(1).patch_norm(eps).check()
-    {
-        bail!(
-            "--{}",
-            e.to_string().replacen("patch_norm", "patch-norm", 1)
-        );
+    if let Some(eps) = a.patch_norm {
+        CalmParams::new(1)
+            .patch_norm(eps)
+            .check()
+            .map_err(super::train::flag_error)?;
     }
     let model_path = out.join("model.safetensors");
     // (train data, train images + labels for the probe, test images + labels, K, w, p, batch, epochs, preprocess)

@@ -668,7 +668,7 @@ fn run_and_write(
 }
 
 /// A library parameter error in the CLI's words: `--kernels must be at least 1`.
-fn flag_error(e: calm_gpu::ParamError) -> anyhow::Error {
+pub(super) fn flag_error(e: calm_gpu::ParamError) -> anyhow::Error {
     anyhow::anyhow!("--{} {}", e.field.replace('_', "-"), e.reason)
 }
 
