@@ -78,8 +78,7 @@ class CALM(TransformerMixin, BaseEstimator):
         the CPU engine only, for now).
     patch_norm : float, optional
         Contrast-normalise every patch, (x - mean) / sqrt(var + patch_norm), in training and
-        in the features (Coates, Lee & Ng 2011; the CPU engine only, for now; ``to_torch``
-        refuses such a model).
+        in the features (Coates, Lee & Ng 2011; ``to_torch`` refuses such a model).
     pool : int, optional
         The features' grid: the encoding is pooled over pool x pool regions (SPEC: 1).
     encode : {"lse", "triangle"}, optional

@@ -2518,11 +2518,11 @@ fn per_patch_posterior_is_kept_and_refused_where_it_does_not_run() {
 }
 
 /// `train --patch-norm EPS`: kept in the model (`info` says so), carried into `features` (whose
-/// values then ignore each image's contrast and brightness), checked on resume; bad values, a
-/// learned variance beside it, and the GPU engines (which do not have it yet) are refused in
-/// one line before any file is written.
+/// values then ignore each image's contrast and brightness), checked on resume; bad values and
+/// a learned variance beside it are refused in one line before any file is written; on the GPU
+/// engine the same layer and features as on the CPU engine.
 #[test]
-fn patch_norm_is_kept_carried_into_features_and_refused_where_it_does_not_run() {
+fn patch_norm_is_kept_carried_into_features_and_runs_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_data(dir.path());
     let d = common::random_images(1, 20, 1, 10, 10);
@@ -2567,9 +2567,9 @@ fn patch_norm_is_kept_carried_into_features_and_refused_where_it_does_not_run() 
         f
     };
     let (f0, f1) = (features(&data, "f0.npy"), features(&brighter, "f1.npy"));
-    let scale = f0.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale_f = f0.iter().fold(0f32, |m, v| m.max(v.abs()));
     let diff = (&f0 - &f1).iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(diff < 1e-3 * scale, "{diff} of {scale}");
+    assert!(diff < 1e-3 * scale_f, "{diff} of {scale_f}");
     fails_with(
         &[
             "train",
@@ -2599,15 +2599,33 @@ fn patch_norm_is_kept_carried_into_features_and_refused_where_it_does_not_run() 
         fails_with(&v, needle);
         assert!(!fresh.exists(), "{eps} {extra:?}");
     }
+    // The GPU engine trains the same layer and computes the same features, to f32 rounding.
     if common::backend_name() == "vulkan" {
-        let mut v = args("0.01", &[]);
+        let mut v = args("0.0001", &[]);
         let at = v.iter().position(|a| a == "cpu").unwrap();
         v[at] = "vulkan".into();
         let at = v.iter().position(|a| a == "--out").unwrap();
         v[at + 1] = fresh.to_str().unwrap().into();
-        let v: Vec<&str> = v.iter().map(String::as_str).collect();
-        fails_with(&v, "CPU engine only");
-        assert!(!fresh.exists());
+        assert_ok(&calm().args(&v).output().unwrap());
+        let (a, b) = (m.theta(), calm_gpu::Model::load(&fresh).unwrap().theta());
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = (&a - &b).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(diff < 1e-3 * scale, "GPU weights {diff} of {scale}");
+        let f = dir.path().join("fv.npy");
+        assert_ok(
+            &calm()
+                .args(["features", "--backend", "vulkan", "--model"])
+                .arg(&out)
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&f)
+                .output()
+                .unwrap(),
+        );
+        let f: ndarray::Array2<f32> = ndarray_npy::read_npy(&f).unwrap();
+        let diff = (&f0 - &f).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(diff < 1e-3 * scale_f, "GPU features {diff} of {scale_f}");
     }
 }
 

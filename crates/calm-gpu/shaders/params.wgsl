@@ -14,7 +14,7 @@ struct Params {
     n_chunks: u32,       // M-step: number of chunks in this batch
     n_total: u32,        // images in the whole dataset
     grid: u32,           // features: pooling regions per axis (1: image-wide, SPEC's features)
-    pad0: u32,
+    norm_eps: f32,       // contrast-normalised patches' eps (norm_*.wgsl); 0: raw patches
     pad1: u32,
     pad2: u32,
 }

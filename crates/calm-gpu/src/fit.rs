@@ -76,7 +76,7 @@ pub struct CalmParams {
     /// Over what each posterior is normalised (SPEC: per image; [`Posterior`]).
     pub posterior: Posterior,
     /// Contrast-normalise every patch with this `eps` before the layer sees it
-    /// ([`Geometry::patch_norm`]; SPEC: raw patches; the CPU engine only, for now).
+    /// ([`Geometry::patch_norm`]; SPEC: raw patches).
     pub patch_norm: Option<f64>,
     /// Where the fit runs.
     pub device: Device,
@@ -188,7 +188,7 @@ impl CalmParams {
     }
 
     /// Contrast-normalise every patch, `(x - mean) / sqrt(var + eps)` over its values, in
-    /// training and in the model's features ([`Geometry::patch_norm`]; the CPU engine only).
+    /// training and in the model's features ([`Geometry::patch_norm`]).
     pub fn patch_norm(mut self, eps: f64) -> Self {
         self.patch_norm = Some(eps);
         self

@@ -121,15 +121,6 @@ pub fn engine(
     engine_with(backend, &GpuConfig::default(), g, source, theta, batch)
 }
 
-/// The GPU `backend` names, or `None` for the CPU engine. [`Device::Auto`] takes the CPU engine
-/// for a layer only it runs (contrast-normalised patches), where a named GPU refuses it.
-fn context_for(backend: Device, gpu: &GpuConfig, g: &Geometry) -> Result<Option<Arc<GpuContext>>> {
-    if backend == Device::Auto && g.patch_norm.is_some() {
-        return Ok(None);
-    }
-    backend.context_with(gpu)
-}
-
 /// [`engine`] with a GPU configured by `gpu`.
 pub fn engine_with(
     backend: Device,
@@ -139,7 +130,7 @@ pub fn engine_with(
     theta: Vec<f32>,
     batch: usize,
 ) -> Result<Box<dyn Engine>> {
-    Ok(match context_for(backend, gpu, &g)? {
+    Ok(match backend.context_with(gpu)? {
         Some(ctx) => Box::new(GpuEngine::new(
             ctx,
             g,
@@ -179,7 +170,7 @@ pub fn features(
     } else {
         &uniform
     };
-    match context_for(backend, gpu, &g)? {
+    match backend.context_with(gpu)? {
         Some(ctx) => {
             let mut e = GpuEngine::new(
                 ctx,
@@ -213,32 +204,5 @@ pub fn features(
                 progress,
             )
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `auto` never opens a GPU for contrast-normalised patches (the GPU engines refuse them),
-    /// so a run with `--patch-norm` on a machine with a GPU takes the CPU engine.
-    #[test]
-    fn auto_takes_the_cpu_engine_for_normalised_patches() {
-        let layer = crate::LayerConfig {
-            kernels: 2,
-            width: 3,
-            pad: 0,
-        };
-        let g = Geometry::new(layer, 1, 8, 8)
-            .unwrap()
-            .with_patch_norm(Some(0.01));
-        let cfg = GpuConfig::default();
-        assert!(context_for(Device::Auto, &cfg, &g).unwrap().is_none());
-        let src: Arc<dyn ImageSource> = Arc::new(crate::data::Dataset::new(
-            ndarray::Array4::from_shape_fn((3, 1, 8, 8), |(n, _, y, x)| (n + y * x) as f32),
-            None,
-        ));
-        let e = engine_with(Device::Auto, &cfg, g, src, vec![0.5; 2 * 9], 2).unwrap();
-        assert!(e.describe().starts_with("CPU engine"), "{}", e.describe());
     }
 }

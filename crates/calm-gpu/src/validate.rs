@@ -108,15 +108,7 @@ pub fn run_case(
             g,
             source.clone(),
             theta,
-            GpuOptions {
-                batch,
-                tiles: base.tiles,
-                variant: base.variant,
-                tune_file: base.tune_file.clone(),
-                chosen_by: base.chosen_by.clone(),
-                cancel: base.cancel.clone(),
-                ..opts
-            },
+            case_options(base, batch, opts),
         )
     };
     let mut eng = engine(&theta, GpuOptions::default())?;
@@ -206,6 +198,25 @@ pub fn run_case(
     );
 
     check_features(&g, n, &xpad, &mut eng, &engine, &mut row)?;
+    let normalised = g.with_patch_norm(Some(0.01));
+    let mut norm_engine = |encoding| {
+        let opts = case_options(
+            base,
+            batch,
+            GpuOptions {
+                encoding,
+                ..Default::default()
+            },
+        );
+        GpuEngine::new(Arc::clone(ctx), normalised, source.clone(), &theta, opts)
+    };
+    check_patch_norm(
+        &normalised,
+        (&x, n, batch),
+        &theta,
+        &mut norm_engine,
+        &mut row,
+    )?;
     let max_batch = eng.max_batch();
     check_prior_and_streaming(
         &g,
@@ -218,6 +229,58 @@ pub fn run_case(
         &mut row,
     )?;
     Ok(rows)
+}
+
+/// `opts` with the case's batch and `base`'s choice of kernels (tiles, variant, tuning file).
+fn case_options(base: &GpuOptions, batch: usize, opts: GpuOptions) -> GpuOptions {
+    GpuOptions {
+        batch,
+        tiles: base.tiles,
+        variant: base.variant,
+        tune_file: base.tune_file.clone(),
+        chosen_by: base.chosen_by.clone(),
+        cancel: base.cancel.clone(),
+        ..opts
+    }
+}
+
+/// Contrast-normalised patches (`g.patch_norm`; the `norm_*.wgsl` passes around the same
+/// kernels): an epoch's LL and update, and the triangle features (whose norms read the patches'
+/// moments), against the twin, which normalises from the moments in f64. `engine` builds an
+/// engine of `g` with the case's weights and the encoding given.
+fn check_patch_norm(
+    g: &Geometry,
+    (x, n, batch): (&[f32], usize, usize),
+    theta: &[f32],
+    engine: &mut dyn FnMut(Encoding) -> Result<GpuEngine>,
+    row: &mut Record,
+) -> Result<()> {
+    let mut eng = engine(Encoding::Lse)?;
+    let stats = eng.epoch(&mut |_| {})?;
+    let (want, up) = reference::epoch(g, x, n, theta, batch);
+    row(
+        "norm LL",
+        rel_err(&[stats.loglik as f32], &[want.ll]),
+        TOL_LINEAR,
+    );
+    row(
+        "norm theta",
+        rel_err(&eng.theta()?, &up.theta),
+        TOL_POSTERIOR,
+    );
+    let f = engine(Encoding::Triangle)?.features(&mut |_| {})?;
+    let xpad = g.pad_images(x, n);
+    let l = reference::estep(g, &xpad, n, theta);
+    let norms = reference::patch_norms(g, &xpad, n);
+    row(
+        "norm triangle",
+        rel_err(
+            f.as_slice().expect("standard layout"),
+            &reference::features_triangle(g, &l, &norms, n, 1),
+        ),
+        TOL_POSTERIOR,
+    );
+    Ok(())
 }
 
 /// A check's name, its error and its tolerance, as [`run_case`] collects them.

@@ -30,10 +30,14 @@ fn check_variant(
     batch: usize,
 ) {
     let Some(ctx) = gpu() else { return };
-    check_on(&ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch);
+    check_on(
+        &ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch, None,
+    );
 }
 
-/// [`check_variant`] on a given device.
+/// [`check_variant`] on a given device, the patches contrast-normalised by `eps` where given
+/// (`Geometry::patch_norm`; the f64 twin normalises them the other way round, from each
+/// patch's moments).
 #[allow(clippy::too_many_arguments)]
 fn check_on(
     ctx: &Arc<GpuContext>,
@@ -48,6 +52,7 @@ fn check_on(
     kw: usize,
     pad: usize,
     batch: usize,
+    eps: Option<f32>,
 ) {
     let g = Geometry::new(
         LayerConfig {
@@ -59,7 +64,8 @@ fn check_on(
         h,
         w,
     )
-    .unwrap();
+    .unwrap()
+    .with_patch_norm(eps);
     let data = random_images(seed, n, c, h, w);
     // Scaled so that posteriors spread over several kernels (N(0,1) weights put all mass on one).
     let theta = random_theta(seed + 1, g.k * g.r(), 0.1);
@@ -100,9 +106,16 @@ fn check_on(
     };
     let per = c * h * w;
     let xpad = g.pad_images(&x[(n - last) * per..], last);
-    let l_ref = reference::estep(&g, &xpad, last, &theta);
+    let mut l_ref = reference::estep(&g, &xpad, last, &theta);
+    if let Some(mom) = reference::patch_moments(&g, &xpad, last) {
+        // The engine leaves L shifted by log(1 / s_u) for its M-step (norm_shift.wgsl).
+        let p = g.positions();
+        for (i, v) in l_ref.iter_mut().enumerate() {
+            *v -= mom[i / (k * p) * p + i % p].1.ln();
+        }
+    }
     let shape = format!(
-        "{variant:?} {} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch}",
+        "{variant:?} {} n={n} c={c} {h}x{w} k={k} w={kw} p={pad} batch={batch} patch_norm={eps:?}",
         eng.tiles()
     );
     let e = rel_err(&st.l_last, &l_ref);
@@ -327,60 +340,128 @@ fn small_case() -> (usize, Geometry) {
     (9, g)
 }
 
-/// Pooled features, both encodings, on 1x1, 2x2 and 3x3 grids: the GPU kernels and the CPU
-/// engine against the f64 twins (`reference::features_grid`, `reference::features_triangle`).
-/// Triangle distances come from `||x_u||^2 - 2 L` in f32 on both engines: TOL, as the posterior.
+/// Pooled features, both encodings, on 1x1, 2x2 and 3x3 grids, of raw and of contrast-normalised
+/// patches (`Geometry::patch_norm`): the GPU kernels and the CPU engine against the f64 twins
+/// (`reference::features_grid`, `reference::features_triangle`, which normalise the other way
+/// round, from each patch's moments). Triangle distances come from `||x_u||^2 - 2 L` in f32 on
+/// both engines: TOL, as the posterior.
 #[test]
 fn pooled_features_both_encodings_match_the_twins() {
     use calm_gpu::features::Encoding;
-    let (n, g) = small_case();
-    let (c, h, w) = (g.c, g.h, g.w);
+    let (n, raw) = small_case();
+    let (c, h, w) = (raw.c, raw.h, raw.w);
     let data = Arc::new(random_images(71, n, c, h, w));
-    let theta = random_theta(72, g.k * g.r(), 0.3);
+    let theta = random_theta(72, raw.k * raw.r(), 0.3);
     let x = data.images.as_slice().unwrap();
-    let xpad = g.pad_images(x, n);
-    let l = reference::estep(&g, &xpad, n, &theta);
-    let norms = reference::patch_norms(&g, &xpad, n);
     let ctx = gpu();
-    for encoding in [Encoding::Lse, Encoding::Triangle] {
-        for grid in [1, 2, 3] {
-            let want = match encoding {
-                Encoding::Lse => reference::features_grid(&g, &l, n, grid),
-                Encoding::Triangle => reference::features_triangle(&g, &l, &norms, n, grid),
-            };
-            let cpu = calm_gpu::cpu::fast::features(
-                &g,
-                data.as_ref(),
-                &theta,
-                &g.bias_f32(&theta),
-                4,
-                calm_gpu::features::Pooling { grid, encoding },
-                &Default::default(),
-                &mut |_| {},
-            )
-            .unwrap();
-            let e = rel_err(cpu.as_slice().unwrap(), &want);
-            assert!(e < TOL, "cpu {encoding} grid {grid}: {e}");
-            if let Some(ctx) = &ctx {
-                let mut eng = GpuEngine::new(
-                    ctx.clone(),
-                    g,
-                    data.clone(),
+    for g in [raw, raw.with_patch_norm(Some(0.05))] {
+        let xpad = g.pad_images(x, n);
+        let l = reference::estep(&g, &xpad, n, &theta);
+        let norms = reference::patch_norms(&g, &xpad, n);
+        for encoding in [Encoding::Lse, Encoding::Triangle] {
+            for grid in [1, 2, 3] {
+                let name = format!("{encoding} grid {grid} patch_norm {:?}", g.patch_norm);
+                let want = match encoding {
+                    Encoding::Lse => reference::features_grid(&g, &l, n, grid),
+                    Encoding::Triangle => reference::features_triangle(&g, &l, &norms, n, grid),
+                };
+                let cpu = calm_gpu::cpu::fast::features(
+                    &g,
+                    data.as_ref(),
                     &theta,
-                    GpuOptions {
-                        batch: 4,
-                        grid,
-                        encoding,
-                        ..Default::default()
-                    },
+                    &g.bias_f32(&theta),
+                    4,
+                    calm_gpu::features::Pooling { grid, encoding },
+                    &Default::default(),
+                    &mut |_| {},
                 )
                 .unwrap();
-                let f = eng.features(&mut |_| {}).unwrap();
-                let e = rel_err(f.as_slice().unwrap(), &want);
-                assert!(e < TOL, "gpu {encoding} grid {grid}: {e}");
+                let e = rel_err(cpu.as_slice().unwrap(), &want);
+                assert!(e < TOL, "cpu {name}: {e}");
+                if let Some(ctx) = &ctx {
+                    let mut eng = GpuEngine::new(
+                        ctx.clone(),
+                        g,
+                        data.clone(),
+                        &theta,
+                        GpuOptions {
+                            batch: 4,
+                            grid,
+                            encoding,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    let f = eng.features(&mut |_| {}).unwrap();
+                    let e = rel_err(f.as_slice().unwrap(), &want);
+                    assert!(e < TOL, "gpu {name}: {e}");
+                }
             }
         }
     }
+}
+
+/// Contrast-normalised patches through every implementation of the GEMM kernels, the staged
+/// M-step with its posteriors computed while loading (`p`, which reads the shifted `L` where
+/// the others read `G`) among them: the three `norm_*` passes around them against the f64 twin
+/// ([`check_on`]), padded and unpadded, one and three channels, batches that do not divide N.
+/// Then two epochs against the twin's two: the second needs the kernels' sums of the updated
+/// weights.
+#[test]
+fn normalised_patches_match_the_twin() {
+    let Some(ctx) = gpu() else { return };
+    for (seed, eps, [n, c, h, w, k, kw, pad, batch]) in [
+        (31, 0.01, [9, 1, 12, 12, 6, 5, 2, 4]),
+        (32, 0.1, [7, 3, 9, 11, 5, 4, 0, 3]),
+    ] {
+        for (variant, tiles) in [
+            (Variant::Staged, None),
+            (Variant::Staged, Some("m=4x4x16@16p")),
+            (Variant::Direct, None),
+            (Variant::Uniform, None),
+        ] {
+            let tiles = tiles.map(|t| Tiles::parse(t).unwrap());
+            check_on(
+                &ctx,
+                variant,
+                tiles,
+                seed,
+                n,
+                c,
+                h,
+                w,
+                k,
+                kw,
+                pad,
+                batch,
+                Some(eps),
+            );
+        }
+    }
+    let (n, raw) = small_case();
+    let g = raw.with_patch_norm(Some(0.01));
+    let data = Arc::new(random_images(33, n, g.c, g.h, g.w));
+    let x = data.images.as_slice().unwrap();
+    let theta = random_theta(34, g.k * g.r(), 0.3);
+    let (_, up) = reference::epoch(&g, x, n, &theta, 4);
+    let theta2: Vec<f32> = up.theta.iter().map(|&v| v as f32).collect();
+    let (want2, up2) = reference::epoch(&g, x, n, &theta2, 4);
+    let opts = GpuOptions {
+        batch: 4,
+        ..Default::default()
+    };
+    let mut eng = GpuEngine::new(ctx, g, data.clone(), &theta, opts).unwrap();
+    eng.epoch(&mut |_| {}).unwrap();
+    let st = eng.epoch(&mut |_| {}).unwrap();
+    assert!(st.finite);
+    assert!(
+        (st.loglik - want2.ll).abs() <= 1e-4 * want2.ll.abs(),
+        "second epoch LL {} vs {}",
+        st.loglik,
+        want2.ll
+    );
+    let e = rel_err(&eng.theta().unwrap(), &up2.theta);
+    assert!(e < TOL, "second epoch theta: {e}");
 }
 
 /// Mixing weights and a variance (`Prior`): two epochs and the log-sum-exp features of the CPU
@@ -743,7 +824,9 @@ proptest! {
             prop_assume!(te.max(tm) <= ctx.limits.max_compute_invocations_per_workgroup);
             prop_assume!(be.max(bm) <= ctx.limits.max_compute_workgroup_storage_size);
         }
-        check_on(&ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch);
+        // Every third case with contrast-normalised patches.
+        let eps = (seed % 3 == 0).then_some(0.1);
+        check_on(&ctx, variant, tiles, seed, n, c, h, w, k, kw, pad, batch, eps);
     }
 }
 

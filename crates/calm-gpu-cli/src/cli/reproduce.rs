@@ -58,7 +58,7 @@ pub struct ReproduceArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// With --preset recommended: contrast-normalise every patch, (x - mean) / sqrt(var + EPS),
-    /// as `train --patch-norm` (the CPU engine only, for now)
+    /// as `train --patch-norm`
     #[arg(long, value_name = "EPS", requires = "preset")]
     pub patch_norm: Option<f64>,
     /// Replace earlier results in --out-dir

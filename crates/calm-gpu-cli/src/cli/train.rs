@@ -110,9 +110,9 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub posterior: Option<PosteriorArg>,
     /// Contrast-normalise every patch before the layer sees it, (x - mean) / sqrt(var + EPS)
-    /// over its values (Coates, Lee & Ng 2011), in training and in the model's features (the
-    /// CPU engine only, for now); kept in the model. EPS is in the units of the patches'
-    /// variance: 0.01 suits pixels / 255 whitened over 7x7 patches
+    /// over its values (Coates, Lee & Ng 2011), in training and in the model's features; kept
+    /// in the model. EPS is in the units of the patches' variance: 0.01 suits pixels / 255
+    /// whitened over 7x7 patches
     #[arg(long, value_name = "EPS")]
     pub patch_norm: Option<f64>,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses

@@ -150,6 +150,15 @@ pub fn transpose_padded(g: &Geometry, theta: &[f32]) -> Vec<f32> {
     t
 }
 
+/// `sum_r theta[k, r]` of each kernel where the layer contrast-normalises its patches
+/// (`norm_estep.wgsl`), else a single 0.
+pub fn kernel_sums(g: &Geometry, theta: &[f32]) -> Vec<f32> {
+    match g.patch_norm {
+        Some(_) => theta.chunks_exact(g.r()).map(|t| t.iter().sum()).collect(),
+        None => vec![0.0],
+    }
+}
+
 /// Every buffer that lives for the whole run.
 pub struct Resident {
     /// `theta` `(K, R)` of the epoch in progress.
@@ -186,8 +195,11 @@ pub struct Resident {
     pub summary: wgpu::Buffer,
     /// A batch's features, `(batch, K, grid * grid)`.
     pub f: wgpu::Buffer,
-    /// Triangle features: `||x_u||^2` and the mean distance per patch, `(batch, P, 2)`.
+    /// Triangle features: `||x_u||^2` and the mean distance per patch; contrast-normalised
+    /// patches: each patch's mean and `1 / s` (`norm_estep.wgsl`); `(batch, P, 2)`.
     pub pm: wgpu::Buffer,
+    /// Contrast-normalised patches: `sum_r theta_t[r, k]`, `(K)` (written with `theta_t`).
+    pub ksum: wgpu::Buffer,
     /// The patch offset table ([`Geometry::patch_offsets`], zero-padded).
     pub off: wgpu::Buffer,
     /// The positions' offsets ([`Geometry::position_offsets`]), 128 zeros after them.
@@ -267,6 +279,7 @@ impl Resident {
             imgs_per_chunk: plan.images_per_chunk as u32,
             n_total: plan.n as u32,
             grid: plan.grid as u32,
+            norm_eps: g.patch_norm.unwrap_or(0.0),
             ..Default::default()
         };
         let params = plan
@@ -311,9 +324,10 @@ impl Resident {
             f: storage(ctx, "features", mb * k * grid * grid * 4),
             pm: storage(
                 ctx,
-                "tri-pm",
-                if plan.triangle { mb * p * 2 * 4 } else { 4 },
+                "per-patch",
+                if plan.per_patch { mb * p * 2 * 4 } else { 4 },
             ),
+            ksum: init(ctx, "ksum", bytemuck::cast_slice(&kernel_sums(g, theta))),
             off: init_as(ctx, "off", bytemuck::cast_slice(&off), RW_UNIFORM),
             pos: init(ctx, "pos_off", bytemuck::cast_slice(&pos)),
             partials: storage(ctx, "partials", plan.max_chunks() * stat_bytes),
@@ -343,6 +357,7 @@ impl Resident {
             &self.summary,
             &self.f,
             &self.pm,
+            &self.ksum,
             &self.off,
             &self.pos,
             &self.partials,

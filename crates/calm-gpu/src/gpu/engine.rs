@@ -1,7 +1,8 @@
 //! The GPU engine: uploads the dataset once, keeps data, `theta` and the statistics resident on
 //! the device for the whole run, and reads back four scalars per epoch.
 //!
-//! Per batch (one command buffer): `estep` -> `logsumexp` -> `mstep` -> `reduce_stats`.
+//! Per batch (one command buffer): `estep` -> `logsumexp` -> `mstep` -> `reduce_stats` (with
+//! contrast-normalised patches, the three `norm_*` passes around them).
 //! Per epoch: `update` -> `summary`, read `[LL hi, LL lo, S, finite]`; if finite, copy
 //! `theta_next` over `theta`.
 //!
@@ -18,13 +19,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::Array2;
 
-use super::buffers::{Resident, pixel_bound, read_padded, transpose_padded};
+use super::buffers::{Resident, kernel_sums, pixel_bound, read_padded, transpose_padded};
 use super::context::GpuContext;
 use super::kernels::{Tiles, Variant};
 use super::pipelines::Pipelines;
 use super::plan::{BatchRange, MemoryPlan, PlanInput};
 use super::steps::{
-    EStep, Features, LogSumExp, MStep, Posterior, ReduceStats, Setup, Summary, Update,
+    EStep, Features, LogSumExp, MStep, NormSteps, Posterior, ReduceStats, Setup, Summary, Update,
 };
 use super::tune::{self, Choice, Lookup};
 use crate::cancel::CancelToken;
@@ -98,6 +99,7 @@ struct Steps {
     update: Update,
     summary: Summary,
     features: Features,
+    norm: Option<NormSteps>,
 }
 
 /// The GPU engine: the data, `theta` and the statistics resident on one device, each EM step a
@@ -150,12 +152,6 @@ impl GpuEngine {
         theta: &[f32],
         opts: GpuOptions,
     ) -> Result<Self> {
-        if g.patch_norm.is_some() {
-            return Err(CalmError::Invalid(format!(
-                "contrast-normalised patches (patch_norm) run on the CPU engine only, not on {} (use --backend cpu)",
-                ctx.describe()
-            )));
-        }
         let budget_known = opts.memory_budget.is_some() || ctx.budget.is_some();
         match Self::build(ctx.clone(), g, source.clone(), theta, &opts, opts.stream) {
             // The API does not report its memory: try to keep the data resident, and stream
@@ -197,7 +193,7 @@ impl GpuEngine {
                 crate::cpu::coop::MAX_OPERAND
             )));
         }
-        let pipes = Pipelines::new(&ctx, &tiles, variant)?;
+        let pipes = Pipelines::new(&ctx, &tiles, variant, g.patch_norm.is_some())?;
         let budget = match opts.memory_budget {
             Some(b) => Some((b, "the budget GpuOptions set")),
             None => ctx.budget.map(|b| (b, ctx.budget_source)),
@@ -237,6 +233,7 @@ impl GpuEngine {
             update: Update::new(&s),
             summary: Summary::new(&s),
             features: Features::new(&s, opts.encoding),
+            norm: NormSteps::new(&s),
         };
         if let Some(e) = pollster::block_on(oom.pop()) {
             return Err(CalmError::GpuMemory(format!(
@@ -356,12 +353,26 @@ impl GpuEngine {
         })
     }
 
+    /// The E-step of batch `b`: `L`, made the normalised patches' where the layer has them.
+    fn record_estep(&self, pass: &mut wgpu::ComputePass, b: usize) {
+        self.steps.estep.record(pass, b);
+        if let Some(norm) = &self.steps.norm {
+            norm.record_estep(pass, b);
+        }
+    }
+
     /// The M-step of batch `b`: posteriors (unless fused), statistics, partial sums added.
     fn record_mstep(&self, pass: &mut wgpu::ComputePass, b: usize) {
+        if let Some(norm) = &self.steps.norm {
+            norm.record_shift(pass, b);
+        }
         if let Some(posterior) = &self.steps.posterior {
             posterior.record(pass, b);
         }
         self.steps.mstep.record(pass, b);
+        if let Some(norm) = &self.steps.norm {
+            norm.record_correct(pass, b);
+        }
         self.steps.reduce.record(pass, b);
     }
 
@@ -380,7 +391,7 @@ impl GpuEngine {
                 .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
             {
                 let mut pass = e.begin_compute_pass(&Default::default());
-                self.steps.estep.record(&mut pass, i);
+                self.record_estep(&mut pass, i);
                 self.steps.logsumexp.record(&mut pass, i);
                 self.record_mstep(&mut pass, i);
             }
@@ -433,8 +444,9 @@ impl GpuEngine {
     fn commit_if(&mut self, finite: bool) -> Result<()> {
         if finite {
             self.commit_update();
-            if !self.prior.is_uniform() {
-                // The update wrote SPEC's theta_t and bias; the E-step wants the prior's.
+            if !self.prior.is_uniform() || self.g.patch_norm.is_some() {
+                // The update wrote SPEC's theta_t and bias; the E-step wants the prior's (and
+                // the normalisation the kernels' sums, written with them).
                 let theta = self.theta()?;
                 self.write_effective(&theta);
             }
@@ -468,6 +480,11 @@ impl GpuEngine {
             bytemuck::cast_slice(&transpose_padded(&self.g, &t)),
         );
         q.write_buffer(&self.buf.bias, 0, bytemuck::cast_slice(&b));
+        q.write_buffer(
+            &self.buf.ksum,
+            0,
+            bytemuck::cast_slice(&kernel_sums(&self.g, &t)),
+        );
         q.submit([]);
     }
 
@@ -537,7 +554,7 @@ impl GpuEngine {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                self.steps.estep.record(&mut pass, i);
+                self.record_estep(&mut pass, i);
                 self.steps.features.record(&mut pass, i);
             }
             self.ctx.queue.submit([enc.finish()]);

@@ -44,8 +44,16 @@ pub const MSTEP_UBO: &str = include_str!("../../shaders/mstep_ubo.wgsl");
 /// some adapters have (tests/shaders.rs validates it with them).
 pub const ESTEP_COOP: &str = include_str!("../../shaders/estep_coop.wgsl");
 
+/// `shaders/norm_estep.wgsl`: contrast-normalised patches, `L` made the normalised patches'.
+pub const NORM_ESTEP: &str = include_str!("../../shaders/norm_estep.wgsl");
+/// `shaders/norm_shift.wgsl`: contrast-normalised patches, `L` shifted by `log(1 / s)` for the
+/// M-step.
+pub const NORM_SHIFT: &str = include_str!("../../shaders/norm_shift.wgsl");
+/// `shaders/norm_correct.wgsl`: contrast-normalised patches, the M-step's sums corrected.
+pub const NORM_CORRECT: &str = include_str!("../../shaders/norm_correct.wgsl");
+
 /// Every kernel with its name, for validation and tests.
-pub const ALL: [(&str, &str); 14] = [
+pub const ALL: [(&str, &str); 17] = [
     ("estep", ESTEP),
     ("estep_direct", ESTEP_DIRECT),
     ("estep_ubo", ESTEP_UBO),
@@ -60,6 +68,9 @@ pub const ALL: [(&str, &str); 14] = [
     ("features", FEATURES),
     ("tri_mean", TRI_MEAN),
     ("features_tri", FEATURES_TRI),
+    ("norm_estep", NORM_ESTEP),
+    ("norm_shift", NORM_SHIFT),
+    ("norm_correct", NORM_CORRECT),
 ];
 
 /// Mirrors `struct Params` in `shaders/params.wgsl`.
@@ -92,8 +103,10 @@ pub struct Params {
     pub n_total: u32,
     /// Features: pooling regions per axis (1: image-wide, SPEC's features).
     pub grid: u32,
+    /// Contrast-normalised patches' `eps` ([`crate::Geometry::patch_norm`]); 0: raw patches.
+    pub norm_eps: f32,
     /// Padding to 64 bytes.
-    pub pad: [u32; 3],
+    pub pad: [u32; 2],
 }
 
 /// Register-tile shape of the two GEMM kernels. Each workgroup has `wx` threads along the tile's

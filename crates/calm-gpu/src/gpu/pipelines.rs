@@ -4,12 +4,13 @@
 use super::codegen::{coop_estep_source, source};
 use super::kernels::{
     ESTEP, ESTEP_DIRECT, ESTEP_UBO, FEATURES, FEATURES_TRI, LOGSUMEXP, MSTEP, MSTEP_DIRECT,
-    MSTEP_UBO, POSTERIOR, REDUCE_STATS, SUMMARY, TRI_MEAN, Tiles, UPDATE, Variant,
+    MSTEP_UBO, NORM_CORRECT, NORM_ESTEP, NORM_SHIFT, POSTERIOR, REDUCE_STATS, SUMMARY, TRI_MEAN,
+    Tiles, UPDATE, Variant,
 };
 use crate::error::{CalmError, Result};
 use crate::gpu::GpuContext;
 
-/// The ten compute pipelines of one engine: the GEMM kernels of its [`Variant`] and the others.
+/// The compute pipelines of one engine: the GEMM kernels of its [`Variant`] and the others.
 pub struct Pipelines {
     /// The implementation of the two GEMM kernels.
     pub variant: Variant,
@@ -33,6 +34,19 @@ pub struct Pipelines {
     pub tri_mean: wgpu::ComputePipeline,
     /// Triangle features, pass 2.
     pub features_tri: wgpu::ComputePipeline,
+    /// The three passes of contrast-normalised patches, where the layer has them.
+    pub norm: Option<NormPipelines>,
+}
+
+/// The passes that make the raw patches' E-step and M-step the contrast-normalised patches'
+/// ([`crate::Geometry::patch_norm`]; `shaders/norm_*.wgsl`).
+pub struct NormPipelines {
+    /// Moments of every patch, `L` made the normalised patches'.
+    pub estep: wgpu::ComputePipeline,
+    /// `L` shifted by `log(1 / s)` for the M-step.
+    pub shift: wgpu::ComputePipeline,
+    /// The M-step's partial sums corrected.
+    pub correct: wgpu::ComputePipeline,
 }
 
 /// Builds kernel `name` from `text`. naga's runtime checks (index clamping, loop bounding) are
@@ -90,8 +104,14 @@ fn build(
 }
 
 impl Pipelines {
-    /// The ten kernels for `tiles` and `variant`, from `ctx`'s pipelines where it has them.
-    pub fn new(ctx: &GpuContext, tiles: &Tiles, variant: Variant) -> Result<Self> {
+    /// The kernels for `tiles` and `variant` (and the normalisation's where `patch_norm`), from
+    /// `ctx`'s pipelines where it has them.
+    pub fn new(
+        ctx: &GpuContext,
+        tiles: &Tiles,
+        variant: Variant,
+        patch_norm: bool,
+    ) -> Result<Self> {
         let checks = if ctx.gemm_checks { " checked" } else { "" };
         let b = |name: &str, kernel| {
             let text = source(kernel, tiles);
@@ -135,6 +155,14 @@ impl Pipelines {
             features: b("features", FEATURES)?,
             tri_mean: b("tri_mean", TRI_MEAN)?,
             features_tri: b("features_tri", FEATURES_TRI)?,
+            norm: match patch_norm {
+                true => Some(NormPipelines {
+                    estep: b("norm_estep", NORM_ESTEP)?,
+                    shift: b("norm_shift", NORM_SHIFT)?,
+                    correct: b("norm_correct", NORM_CORRECT)?,
+                }),
+                false => None,
+            },
         })
     }
 }

@@ -76,6 +76,9 @@ pub struct MemoryPlan {
     pub grid: usize,
     /// Whether the features use the triangle encoding.
     pub triangle: bool,
+    /// Whether the engine holds a value pair per patch of a batch (`pm`, `(batch, P, 2)`): the
+    /// triangle features' norms and means, or the moments of contrast-normalised patches.
+    pub per_patch: bool,
     /// Bytes of device memory planned, the data included.
     pub bytes: u64,
 }
@@ -150,6 +153,7 @@ impl MemoryPlan {
             256 * ((n as u64 * p).div_ceil(window_rows as u64) + batches * (e_windows + 1))
         };
         let grid = input.grid.max(1) as u64;
+        let per_patch = input.triangle || g.patch_norm.is_some();
         let fixed = |mb: usize| -> u64 {
             let mb64 = mb as u64;
             let chunks = mb64.div_ceil(ipc as u64);
@@ -158,7 +162,8 @@ impl MemoryPlan {
                 + if uses_g { mb64 * p * kp * 4 } else { 0 } // G
                 + mb64 * k * p * 4 // L
                 + mb64 * k * grid * grid * 4 // features
-                + if input.triangle { mb64 * p * 2 * 4 } else { 0 } // triangle: norms and means
+                + if per_patch { mb64 * p * 2 * 4 } else { 0 } // triangle's norms and means, or moments
+                + if g.patch_norm.is_some() { k * 4 } else { 0 } // the kernels' sums
                 + (2 + chunks) * stat_bytes // t_acc, t_comp, partials
                 + n as u64 * 4 // logp_all
                 + (r + offset_pad as u64 + p + 128) * 4 + 16 // offsets, summary
@@ -209,6 +214,7 @@ impl MemoryPlan {
             offset_pad,
             grid: input.grid.max(1),
             triangle: input.triangle,
+            per_patch,
         })
     }
 

@@ -3,7 +3,9 @@
 //! wgpu's `repeated_compute` example. [`super::GpuEngine`] only sequences them:
 //!
 //! per batch `EStep` -> `LogSumExp` -> (`Posterior`) -> `MStep` -> `ReduceStats`;
-//! per epoch `Update` -> `Summary`; for features `EStep` -> `Features`.
+//! per epoch `Update` -> `Summary`; for features `EStep` -> `Features`. A layer with
+//! contrast-normalised patches adds the three passes of [`NormSteps`]: after `EStep`, after
+//! `LogSumExp`, and after `MStep`.
 
 use super::buffers::{Resident, bind, bind_parts, init_as, part};
 use super::context::GpuContext;
@@ -466,5 +468,78 @@ impl Features {
         for kernel in &self.0 {
             kernel.record(pass, batch);
         }
+    }
+}
+
+/// The three passes of contrast-normalised patches (`norm_*.wgsl`), around the raw patches'
+/// kernels: after the E-step its `L` becomes the normalised patches' (and each patch's mean and
+/// `1 / s` are kept in `pm`); after the log-sum-exp `L` is shifted by `log(1 / s)`, so that the
+/// M-step sums `gamma x / s`; after the M-step its partial sums are corrected to
+/// `sum gamma (x - m) / s` and `sum gamma`.
+pub struct NormSteps {
+    estep: Recorded,
+    shift: Recorded,
+    correct: Recorded,
+}
+
+impl NormSteps {
+    /// Builds the three passes for every batch; `None` where the layer has raw patches.
+    pub fn new(s: &Setup) -> Option<Self> {
+        let pipes = s.pipes.norm.as_ref()?;
+        let (g, buf, plan) = (s.g, s.buf, s.plan);
+        let per_patch = |i: usize| {
+            [
+                g.positions().div_ceil(64) as u32,
+                plan.batches[i].n_images as u32,
+                1,
+            ]
+        };
+        let estep = s.each_batch(&pipes.estep, |i, x| {
+            let bufs = [
+                &buf.params[i],
+                x,
+                &buf.off,
+                &buf.ksum,
+                &buf.bias,
+                &buf.l,
+                &buf.pm,
+            ];
+            vec![(bind(s.ctx, &pipes.estep, &bufs), per_patch(i))]
+        });
+        let shift = s.each_batch(&pipes.shift, |i, _| {
+            let bufs = [&buf.params[i], &buf.pm, &buf.l];
+            vec![(bind(s.ctx, &pipes.shift, &bufs), per_patch(i))]
+        });
+        let correct = s.each_batch(&pipes.correct, |i, _| {
+            let bufs = [
+                &buf.params[i],
+                &buf.l,
+                &buf.logp_all,
+                &buf.pm,
+                &buf.partials,
+            ];
+            let chunks = plan.n_chunks(g, plan.batches[i].n_images);
+            vec![(bind(s.ctx, &pipes.correct, &bufs), [g.k as u32, chunks, 1])]
+        });
+        Some(Self {
+            estep,
+            shift,
+            correct,
+        })
+    }
+
+    /// Records batch `batch`'s pass after the E-step.
+    pub fn record_estep(&self, pass: &mut wgpu::ComputePass, batch: usize) {
+        self.estep.record(pass, batch)
+    }
+
+    /// Records batch `batch`'s pass between the log-sum-exp and the M-step.
+    pub fn record_shift(&self, pass: &mut wgpu::ComputePass, batch: usize) {
+        self.shift.record(pass, batch)
+    }
+
+    /// Records batch `batch`'s pass after the M-step.
+    pub fn record_correct(&self, pass: &mut wgpu::ComputePass, batch: usize) {
+        self.correct.record(pass, batch)
     }
 }
