@@ -42,7 +42,8 @@ class CALM(TransformerMixin, BaseEstimator):
     preset's value: SPEC's (the paper's protocol: K 64 kernels of 20 x 20, padding 2, 15
     epochs, N(0, 1) initialisation) or, with ``preset="recommended"``, the layer
     docs/results.md chose (K 128, 8 x 8, no padding, 10 epochs, data-patch initialisation with
-    revival, 7 x 7 whitening, the triangle encoding on a 4 x 4 grid).
+    revival, 7 x 7 whitening, patches contrast-normalised with eps 0.01, the triangle encoding
+    on a 4 x 4 grid).
 
     Parameters
     ----------
@@ -78,7 +79,8 @@ class CALM(TransformerMixin, BaseEstimator):
         the CPU engine only, for now).
     patch_norm : float, optional
         Contrast-normalise every patch, (x - mean) / sqrt(var + patch_norm), in training and
-        in the features (Coates, Lee & Ng 2011; ``to_torch`` refuses such a model).
+        in the features (Coates, Lee & Ng 2011; the recommended preset's is 0.01; 0: raw
+        patches).
     pool : int, optional
         The features' grid: the encoding is pooled over pool x pool regions (SPEC: 1).
     encode : {"lse", "triangle"}, optional

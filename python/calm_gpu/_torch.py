@@ -9,6 +9,11 @@ regions (rows ``a * Ho // G`` to ``(a + 1) * Ho // G``, columns alike), laid out
 - ``lse``: the log-sum-exp of ``L[k]`` over the region;
 - ``triangle``: with ``d_k(u) = sqrt(max(0, ||x_u||^2 - 2 L[k, u]))``, the sum over the
   region of ``max(0, mean_j d_j(u) - d_k(u))``.
+
+A model with contrast-normalised patches (``patch_norm`` eps) sees each patch ``x_u`` as
+``z_u = (x_u - m_u) / s_u``, its mean ``m_u`` and ``s_u = sqrt(var_u + eps)`` over its
+``C w w`` values: ``L = (conv2d(x, W) - m_u sum(W_k)) / s_u + b`` and
+``||z_u||^2 = C w w var_u / s_u^2``, the moments summed by convolutions in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def module(layer):
             self.pad = int(meta["pad"])
             self.grid = int(meta.get("pool") or 1)
             self.encode = meta.get("encode") or "lse"
+            self.patch_norm = meta.get("patch_norm")
             self.register_buffer("weight", torch.from_numpy(np.array(weight)))
             self.register_buffer("bias", torch.from_numpy(np.array(bias)))
             if whiten is not None:
@@ -44,7 +50,8 @@ def module(layer):
             k, c, w, _ = self.weight.shape
             return (
                 f"kernels={k}, channels={c}, width={w}, pad={self.pad}, "
-                f"grid={self.grid}, encode={self.encode!r}, whiten={self.whiten is not None}"
+                f"grid={self.grid}, encode={self.encode!r}, whiten={self.whiten is not None}, "
+                f"patch_norm={self.patch_norm}"
             )
 
         def forward(self, x):
@@ -57,11 +64,23 @@ def module(layer):
                 x = F.conv2d(F.pad(x, (lo, hi, lo, hi)), self.whiten)
             p = self.pad
             xp = F.pad(x, (p, p, p, p))
-            big_l = F.conv2d(xp, self.weight) + self.bias[None, :, None, None]
-            if self.encode == "triangle":
-                c, w = self.weight.shape[1], self.weight.shape[-1]
-                ones = torch.ones((1, c, w, w), dtype=xp.dtype, device=xp.device)
+            c, w = self.weight.shape[1], self.weight.shape[-1]
+            ones = torch.ones((1, c, w, w), dtype=xp.dtype, device=xp.device)
+            bias = self.bias[None, :, None, None]
+            big_l = F.conv2d(xp, self.weight)
+            if self.patch_norm is not None:
+                r = float(c * w * w)
+                xd = xp.double()
+                mean = F.conv2d(xd, ones.double()) / r
+                var = torch.clamp(F.conv2d(xd * xd, ones.double()) / r - mean * mean, min=0.0)
+                inv_s = 1.0 / torch.sqrt(var + float(self.patch_norm))
+                ksum = self.weight.double().sum(dim=(1, 2, 3))[None, :, None, None]
+                big_l = ((big_l.double() - mean * ksum) * inv_s).to(xp.dtype) + bias
+                norm = (r * var * inv_s * inv_s).to(xp.dtype)
+            else:
+                big_l = big_l + bias
                 norm = F.conv2d(xp * xp, ones)
+            if self.encode == "triangle":
                 d = torch.sqrt(torch.clamp(norm - 2.0 * big_l, min=0.0))
                 enc = torch.relu(d.mean(dim=1, keepdim=True) - d)
             else:

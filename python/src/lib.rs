@@ -243,7 +243,10 @@ fn params(o: &FitOptions) -> PyResult<CalmParams> {
             PyValueError::new_err(format!("posterior must be 'image' or 'patch': {e}"))
         })?;
     }
-    p.patch_norm = o.patch_norm.or(p.patch_norm);
+    if let Some(v) = o.patch_norm {
+        // 0 turns the preset's normalisation off.
+        p.patch_norm = (v != 0.0).then_some(v);
+    }
     p.prior = PriorOptions {
         variance: o.learn_variance.unwrap_or(p.prior.variance),
         weights: o.learn_weights.unwrap_or(p.prior.weights),
@@ -434,6 +437,7 @@ impl NativeLayer {
         d.set_item("seed", m.meta.seed)?;
         d.set_item("preprocess", &m.meta.preprocess)?;
         d.set_item("whiten", m.whiten.as_ref().map(|w| w.width))?;
+        d.set_item("patch_norm", m.patch_norm())?;
         if let Some(r) = m.meta.features {
             d.set_item("pool", r.grid)?;
             d.set_item("encode", r.encoding.to_string())?;
@@ -459,11 +463,6 @@ impl NativeLayer {
         Option<Bound<'py, PyArray4<f32>>>,
     )> {
         let m = self.layer.model();
-        if m.patch_norm().is_some() {
-            return Err(PyValueError::new_err(
-                "the model contrast-normalises its patches (patch_norm), which its PyTorch module does not compute yet",
-            ));
-        }
         let g = m.geometry().map_err(py_err)?;
         let (w, b) = m.prior_or_uniform().effective(&g, &m.theta);
         let shape = self.layer.theta().raw_dim();

@@ -37,7 +37,6 @@ def one_line(excinfo):
         (dict(posterior="pixel"), "posterior must be 'image' or 'patch'"),
         (dict(posterior=1), "posterior must be a string"),
         (dict(patch_norm="x"), "patch_norm must be a number"),
-        (dict(patch_norm=0.0), "patch_norm must be a positive number"),
         (dict(patch_norm=-1), "patch_norm must be a positive number"),
     ],
 )
@@ -125,6 +124,7 @@ def test_patch_norm_features_ignore_contrast(images):
     f, g = est.transform(x), est.transform(brighter)
     assert np.abs(f - g).max() < 1e-3 * np.abs(f).max()
     assert not np.allclose(raw.transform(x), raw.transform(brighter), rtol=1e-2)
-    with pytest.raises(ValueError) as e:
-        est.to_torch()
-    assert "patch_norm" in str(e.value)
+    # The recommended preset normalises with 0.01; 0 turns that off.
+    rec = dict(preset="recommended", kernels=4, epochs=1, backend="cpu")
+    assert CALM(**rec).fit(x)._layer.meta()["patch_norm"] == pytest.approx(0.01)
+    assert CALM(patch_norm=0, **rec).fit(x)._layer.meta()["patch_norm"] is None

@@ -14,6 +14,9 @@ from calm_gpu import CALM
         dict(preset="recommended", kernels=8, epochs=2),  # whitening, triangle, 4 x 4
         dict(kernels=8, width=4, pad=1, whiten=4, pool=3, encode="lse"),  # even widths
         dict(kernels=6, width=5, pad=0, learn_variance=True, learn_weights=True, pool=2),
+        # Contrast-normalised patches (the recommended preset's too), padding, both encodings.
+        dict(kernels=6, width=4, pad=1, patch_norm=0.05, pool=2, encode="triangle"),
+        dict(kernels=6, width=3, pad=0, patch_norm=0.01, whiten=3, pool=3, encode="lse"),
     ],
 )
 def test_module_matches_transform(images, params):
@@ -41,3 +44,16 @@ def test_module_on_three_channels():
         got = calm.to_torch()(torch.from_numpy(rgb.astype(np.float32) / 255.0)).numpy()
     expected = calm.transform(rgb)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_normalised_module_sees_only_the_normalised_patches(images):
+    # A normalised patch sums to 0, so a constant added to every weight leaves L unchanged: the
+    # module must take each patch's mean out (fitted kernels sum to about 0, which hides it).
+    calm = CALM(kernels=6, width=4, pad=1, epochs=2, backend="cpu", patch_norm=0.05).fit(images)
+    module = calm.to_torch()
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    with torch.no_grad():
+        before = module(x).numpy()
+        module.weight += 0.5
+        after = module(x).numpy()
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())

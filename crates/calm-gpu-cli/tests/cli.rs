@@ -2580,6 +2580,27 @@ fn patch_norm_is_kept_carried_into_features_and_runs_on_the_gpu() {
         ],
         "--patch-norm",
     );
+    // `--preset recommended` normalises with 0.01; `--patch-norm off` turns that off.
+    for (extra, want) in [
+        (&["--preset", "recommended"][..], Some(0.01)),
+        (&["--preset", "recommended", "--patch-norm", "off"], None),
+    ] {
+        let p = dir.path().join("preset.safetensors");
+        assert_ok(
+            &calm()
+                .args(small_train_args(&data, &p, extra))
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(calm_gpu::Model::load(&p).unwrap().patch_norm(), want);
+    }
+    let v = small_train_args(
+        &data,
+        &out,
+        &["--preset", "recommended", "--learn-variance"],
+    );
+    let v: Vec<&str> = v.iter().map(String::as_str).collect();
+    fails_with(&v, "--patch-norm off");
     let fresh = dir.path().join("fresh.safetensors");
     for (eps, extra, needle) in [
         ("0", &[][..], "--patch-norm"),

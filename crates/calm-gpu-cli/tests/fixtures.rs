@@ -15,7 +15,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ),
     (
         "recommended-k16.safetensors",
-        "--preset recommended --kernels 16 --epochs 2 --learn-weights --learn-variance --seed 3",
+        "--preset recommended --patch-norm off --kernels 16 --epochs 2 --learn-weights --learn-variance --seed 3",
     ),
     (
         "patches-revive-k12.safetensors",

@@ -115,7 +115,8 @@ impl CalmParams {
     /// The single layer docs/results.md's ablation chose on validation splits of the digits
     /// and Fashion-MNIST (`calm-gpu train --preset recommended`): K 128 kernels of 8 x 8, no
     /// padding, 10 epochs, data-patch initialisation with revival, images whitened over 7 x 7
-    /// patches, and the recipe of the triangle encoding on a 4 x 4 grid, standardised.
+    /// patches, every patch then contrast-normalised with eps 0.01, and the recipe of the
+    /// triangle encoding on a 4 x 4 grid, standardised.
     pub fn recommended() -> Self {
         Self::new(128)
             .width(8)
@@ -124,6 +125,7 @@ impl CalmParams {
             .init_method(InitMethod::Patches)
             .revive(true)
             .whiten(7)
+            .patch_norm(0.01)
             .recipe(FeatureRecipe {
                 grid: 4,
                 encoding: crate::Encoding::Triangle,

@@ -78,9 +78,10 @@ pub enum Command {
 /// A named configuration beyond SPEC's protocol, chosen by measurement (docs/results.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// train: images whitened over 7x7 patches, K 128 kernels of 8x8 without padding,
-    /// data-patch init, revival, 10 epochs; eval: the triangle encoding over a 4x4 grid,
-    /// standardised (reproduce stl10 keeps the protocol's layer)
+    /// train: images whitened over 7x7 patches, K 128 kernels of 8x8 without padding, every
+    /// patch contrast-normalised (eps 0.01), data-patch init, revival, 10 epochs; eval: the
+    /// triangle encoding over a 4x4 grid, standardised (reproduce stl10 keeps the protocol's
+    /// layer and raw patches)
     Recommended,
 }
 

@@ -57,10 +57,10 @@ pub struct ReproduceArgs {
     /// Seed of the initial weights (and of data-patch draws and revival)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// With --preset recommended: contrast-normalise every patch, (x - mean) / sqrt(var + EPS),
-    /// as `train --patch-norm`
-    #[arg(long, value_name = "EPS", requires = "preset")]
-    pub patch_norm: Option<f64>,
+    /// With --preset recommended: the eps of its contrast-normalised patches (0.01), or off for
+    /// raw patches, as `train --patch-norm`
+    #[arg(long, value_name = "EPS|off", requires = "preset", value_parser = values::patch_norm())]
+    pub patch_norm: Option<values::PatchNorm>,
     /// Replace earlier results in --out-dir
     #[arg(long)]
     pub force: bool,
@@ -137,7 +137,7 @@ fn plan(a: &ReproduceArgs) -> Result<Plan> {
             check_positive(name, v)?;
         }
     }
-    if let Some(eps) = a.patch_norm {
+    if let Some(values::PatchNorm(Some(eps))) = a.patch_norm {
         CalmParams::new(1)
             .patch_norm(eps)
             .check()
@@ -281,9 +281,15 @@ fn run_config(a: &ReproduceArgs, plan: &Plan) -> RunConfig {
     .epochs(plan.epochs)
     .seed(a.seed)
     .device(a.backend);
-    let params = match a.patch_norm {
-        Some(eps) => params.patch_norm(eps),
-        None => params,
+    let patch_norm = match a.patch_norm {
+        Some(values::PatchNorm(eps)) => eps,
+        // STL-10 keeps raw patches, as its layer (nothing measured them normalised).
+        None if !plan.mnist_preset => None,
+        None => params.patch_norm,
+    };
+    let params = CalmParams {
+        patch_norm,
+        ..params
     };
     RunConfig::from_params(
         &params,

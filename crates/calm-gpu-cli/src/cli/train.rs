@@ -112,16 +112,17 @@ pub struct TrainArgs {
     /// Contrast-normalise every patch before the layer sees it, (x - mean) / sqrt(var + EPS)
     /// over its values (Coates, Lee & Ng 2011), in training and in the model's features; kept
     /// in the model. EPS is in the units of the patches' variance: 0.01 suits pixels / 255
-    /// whitened over 7x7 patches
-    #[arg(long, value_name = "EPS")]
-    pub patch_norm: Option<f64>,
+    /// whitened over 7x7 patches [default: off; 0.01 with --preset recommended]
+    #[arg(long, value_name = "EPS|off", value_parser = values::patch_norm())]
+    pub patch_norm: Option<values::PatchNorm>,
     /// paper: every choice exactly as SPEC.md (N(0,1) init, no revival, fixed epochs); refuses
     /// options that would change that
     #[arg(long, value_enum, conflicts_with = "preset")]
     pub protocol: Option<TrainProtocol>,
     /// recommended: the configuration docs/results.md's ablation chose: images whitened over
-    /// 7x7 patches, K 128 kernels of 8x8 without padding, data-patch initialisation with
-    /// revival, 10 epochs (explicit --kernels/--width/--pad/--epochs/--whiten still apply);
+    /// 7x7 patches, K 128 kernels of 8x8 without padding, every patch contrast-normalised
+    /// (--patch-norm 0.01), data-patch initialisation with revival, 10 epochs (explicit
+    /// --kernels/--width/--pad/--epochs/--whiten/--patch-norm still apply);
     /// evaluate with `eval --preset recommended`
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
@@ -690,6 +691,11 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
         if a.init_method.is_some_and(|m| m != rec.init_method) {
             bail!("--preset recommended sets --init-method patches; drop --init-method normal");
         }
+        if a.learn_variance && a.patch_norm.is_none() {
+            bail!(
+                "--preset recommended contrast-normalises every patch, which a learned variance cannot use: add --patch-norm off, or drop --learn-variance"
+            );
+        }
         a.init_method = Some(rec.init_method);
         a.revive = rec.revive;
         a.whiten = a.whiten.or(rec.whiten);
@@ -745,7 +751,10 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
         whiten: a.whiten,
         variance: a.variance,
         posterior: a.posterior.map(Into::into).unwrap_or_default(),
-        patch_norm: a.patch_norm,
+        patch_norm: match a.patch_norm {
+            Some(p) => p.0,
+            None => rec.patch_norm.filter(|_| recommended),
+        },
         data_bytes: Some(data_bytes(&a.data)),
         features: rec.recipe.filter(|_| recommended),
         net: a.net.clone(),
@@ -931,7 +940,7 @@ fn check_same_run(
         ck.posterior,
     )?;
     same(
-        a.patch_norm.is_some(),
+        a.patch_norm.is_some() || preset,
         "--patch-norm",
         fresh.patch_norm,
         ck.patch_norm,
@@ -1275,6 +1284,7 @@ mod tests {
             .init_method(em::InitMethod::Patches)
             .revive(true)
             .whiten(7)
+            .patch_norm(0.01)
             .recipe(FeatureRecipe {
                 grid: RECOMMENDED.pool,
                 encoding: RECOMMENDED.encoding,

@@ -102,6 +102,22 @@ pub fn encoding() -> impl clap::builder::TypedValueParser<Value = calm_gpu::Enco
     clap::builder::EnumValueParser::<Encoding>::new().map(calm_gpu::Encoding::from)
 }
 
+/// `--patch-norm EPS|off`: the `eps` of contrast-normalised patches, or `None` (`off`: raw
+/// patches, to turn off `--preset recommended`'s).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PatchNorm(pub Option<f64>);
+
+/// Parses `--patch-norm`: a number (the library checks its range) or `off`.
+pub fn patch_norm() -> impl clap::builder::TypedValueParser<Value = PatchNorm> {
+    |s: &str| match s {
+        "off" => Ok(PatchNorm(None)),
+        _ => s
+            .parse::<f64>()
+            .map(|v| PatchNorm(Some(v)))
+            .map_err(|_| "expected a positive number or off".to_string()),
+    }
+}
+
 /// Parses `--net` into the library's [`calm_gpu::net::NetSpec`]; the error names the part of
 /// the spec that is wrong.
 pub fn net_spec() -> impl clap::builder::TypedValueParser<Value = calm_gpu::net::NetSpec> {
