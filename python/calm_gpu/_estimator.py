@@ -60,8 +60,8 @@ class CALM(TransformerMixin, BaseEstimator):
         engine), "vulkan", "metal", "dx12", "gl" or "cpu".
     preset : {None, "spec", "recommended"}
         The values the other parameters take when None.
-    init_method : {"normal", "patches"}, optional
-        N(0, 1) weights (SPEC) or patches of the data.
+    init_method : {"normal", "patches", "kmeans"}, optional
+        N(0, 1) weights (SPEC), patches of the data, or the k-means centroids of its patches.
     revive : bool, optional
         Re-seed unused or duplicate kernels after each epoch.
     whiten : int, optional

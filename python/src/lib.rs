@@ -162,8 +162,9 @@ fn init_method(name: &str) -> PyResult<InitMethod> {
     match name {
         "normal" => Ok(InitMethod::Normal),
         "patches" => Ok(InitMethod::Patches),
+        "kmeans" => Ok(InitMethod::KMeans),
         other => Err(PyValueError::new_err(format!(
-            "init_method must be 'normal' or 'patches', not {other:?}"
+            "init_method must be 'normal', 'patches' or 'kmeans', not {other:?}"
         ))),
     }
 }

@@ -32,6 +32,12 @@ pub enum InitMethod {
     /// Each kernel a patch of the (padded) data at a random image and position, so every kernel
     /// starts where data is and gets a share of the posterior.
     Patches,
+    /// The k-means centroids of the data's patches ([`crate::kmeans::kmeans_patches`], its
+    /// default configuration and the run's seed): EM refines the classic dictionary, as a
+    /// Gaussian mixture is commonly started (scikit-learn's `GaussianMixture` does by default).
+    /// `eval`'s k-means twin of such a model is its starting point.
+    #[serde(rename = "kmeans")]
+    KMeans,
 }
 
 impl std::fmt::Display for InitMethod {
@@ -39,6 +45,7 @@ impl std::fmt::Display for InitMethod {
         f.write_str(match self {
             InitMethod::Normal => "normal",
             InitMethod::Patches => "patches",
+            InitMethod::KMeans => "kmeans",
         })
     }
 }
@@ -113,6 +120,9 @@ pub fn initial_theta(
     match method {
         InitMethod::Normal => Ok(init_theta(g, seed)),
         InitMethod::Patches => random_patches(g, source, seed, g.k),
+        InitMethod::KMeans => {
+            Ok(crate::kmeans::kmeans_patches(g, source, seed, &Default::default())?.theta)
+        }
     }
 }
 

@@ -272,39 +272,66 @@ fn labelled(split: Split, n: usize) -> calm_gpu::eval::Labelled {
     }
 }
 
-/// Every twin sees the images through the model's whitening: the N(0,1) baseline of a whitened
-/// model scores exactly as the model itself would with those N(0,1) weights (the same
-/// features, so the same probe to the bit).
-#[test]
-fn the_random_twin_goes_through_the_models_whitening() {
-    use calm_gpu::eval::{Baseline, EvalConfig, evaluate};
-    let layer = Calm::params(6)
+/// A 6-kernel layer of 5 x 5 whitened over 5 x 5 patches, one epoch from `init`, on the first
+/// 300 training digits.
+fn whitened_layer(init: calm_gpu::em::InitMethod) -> Model {
+    Calm::params(6)
         .width(5)
         .pad(0)
         .epochs(1)
         .seed(3)
         .whiten(5)
+        .init_method(init)
         .device(Device::Cpu)
         .fit_source(digits(300))
-        .unwrap();
-    let model = layer.into_model();
+        .unwrap()
+        .into_model()
+}
+
+/// `model`'s twin `baseline` scores, on 300 / 100 digits, exactly as the model itself does with
+/// the weights `theta` (the same features, so the same probe to the bit).
+fn twin_scores_as(model: &Model, baseline: calm_gpu::eval::Baseline, theta: Vec<f32>) {
+    use calm_gpu::eval::{EvalConfig, evaluate};
     let (train, test) = (labelled(Split::Train, 300), labelled(Split::Test, 100));
     let cfg = EvalConfig {
         device: Device::Cpu,
-        baselines: vec![Baseline::Random],
-        ..EvalConfig::for_model(&model)
+        baselines: vec![baseline],
+        ..EvalConfig::for_model(model)
     };
-    let rows = evaluate(&model, &train, &test, &cfg, &mut |_| {}).unwrap();
-    let mut untrained = model.clone();
-    untrained.theta = calm_gpu::em::init_theta(&model.geometry().unwrap(), model.meta.seed);
-    let own = evaluate(&untrained, &train, &test, &cfg, &mut |_| {}).unwrap();
+    let rows = evaluate(model, &train, &test, &cfg, &mut |_| {}).unwrap();
+    let mut other = model.clone();
+    other.theta = theta;
+    let own = evaluate(&other, &train, &test, &cfg, &mut |_| {}).unwrap();
     assert_eq!(
         rows[1].report.final_loss.to_bits(),
         own[0].report.final_loss.to_bits(),
-        "{} vs {}",
+        "{baseline:?}: {} vs {}",
         rows[1].report.final_loss,
         own[0].report.final_loss
     );
+}
+
+/// Every twin sees the images through the model's whitening: the N(0,1) baseline of a whitened
+/// model scores exactly as the model itself would with those N(0,1) weights.
+#[test]
+fn the_random_twin_goes_through_the_models_whitening() {
+    let model = whitened_layer(calm_gpu::em::InitMethod::Normal);
+    let theta = calm_gpu::em::init_theta(&model.geometry().unwrap(), model.meta.seed);
+    twin_scores_as(&model, calm_gpu::eval::Baseline::Random, theta);
+}
+
+/// A layer started from k-means (`InitMethod::KMeans`) on the probe's own training images: its
+/// k-means twin is where it started (the same centroids through the same whitening), and EM's
+/// epoch moved it from there.
+#[test]
+fn the_kmeans_twin_of_a_kmeans_start_is_its_start() {
+    use calm_gpu::em::{InitMethod, initial_theta};
+    let model = whitened_layer(InitMethod::KMeans);
+    let g = model.geometry().unwrap();
+    let whitened = model.whitened(digits(300)).unwrap();
+    let start = initial_theta(&g, InitMethod::KMeans, whitened.as_ref(), model.meta.seed).unwrap();
+    assert_ne!(bits(&start), bits(&model.theta), "EM moved the centroids");
+    twin_scores_as(&model, calm_gpu::eval::Baseline::KMeans, start);
 }
 
 /// `eval::evaluate` as a user calls it: the model's row then each baseline's, the sizes each

@@ -688,15 +688,17 @@ fn run_config(mut a: TrainArgs) -> Result<(RunConfig, Resume)> {
     let recommended = a.preset == Some(Preset::Recommended);
     let rec = calm_gpu::CalmParams::recommended();
     if recommended {
-        if a.init_method.is_some_and(|m| m != rec.init_method) {
-            bail!("--preset recommended sets --init-method patches; drop --init-method normal");
+        if a.init_method == Some(em::InitMethod::Normal) {
+            bail!(
+                "--preset recommended starts from data (--init-method patches, or kmeans); drop --init-method normal"
+            );
         }
         if a.learn_variance && a.patch_norm.is_none() {
             bail!(
                 "--preset recommended contrast-normalises every patch, which a learned variance cannot use: add --patch-norm off, or drop --learn-variance"
             );
         }
-        a.init_method = Some(rec.init_method);
+        a.init_method = a.init_method.or(Some(rec.init_method));
         a.revive = rec.revive;
         a.whiten = a.whiten.or(rec.whiten);
     }
